@@ -1,0 +1,1 @@
+"""llavadi.data."""
