@@ -1,0 +1,88 @@
+"""The `llavadi` command: demo, make-data, train, eval, score, report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cmd_train(args) -> int:
+    from llavadi.config import load_recipe
+    from llavadi.train.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    final = run_recipe(recipe, resume=not args.no_resume)
+    print(final)
+    return 0
+
+
+def _cmd_make_data(args) -> int:
+    from llavadi.data.synthetic import make_synthetic
+
+    paths = make_synthetic(args.out, seed=args.seed, **({"n_instruct": args.n_instruct} if args.n_instruct else {}))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from llavadi.demo import run_demo
+
+    run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    p = argparse.ArgumentParser(prog="llavadi", description="Distil LLaVA-style multimodal LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic task (CPU, minutes)")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--seeds", type=int, default=1, help="student seeds to run (mean and spread reported)")
+    d.add_argument("--fresh", action="store_true", help="ignore cached data, vision tower and teacher")
+    d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
+    d.set_defaults(func=_cmd_demo)
+
+    m = sub.add_parser("make-data", help="write a dataset")
+    m.add_argument("kind", choices=["synthetic"])
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--n-instruct", type=int, default=None, help="instruction samples (default: the demo's)")
+    m.set_defaults(func=_cmd_make_data)
+
+    t = sub.add_parser("train", help="run a recipe's stages")
+    t.add_argument("recipe", help="YAML recipe")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.finetune.train.learning_rate=1e-4")
+    t.add_argument("--output-dir", default=None)
+    t.add_argument("--no-resume", action="store_true", help="start stages afresh even if checkpoints exist")
+    t.set_defaults(func=_cmd_train)
+
+    from llavadi.eval import commands as eval_commands
+    from llavadi.eval import eval_command
+
+    eval_command.register(sub)
+    eval_commands.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llavadi` command."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from llavadi.config import ConfigError
+    from llavadi.data.encode import SampleError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, SampleError, FileNotFoundError) as e:
+        print(f"llavadi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

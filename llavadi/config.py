@@ -1,0 +1,336 @@
+"""Recipes: typed, validated configuration read from YAML with command-line overrides.
+
+A recipe names a student (and optionally a teacher) and a list of stages run in order; each
+stage has its own data, trainable modules, distillation terms and hyper-parameters. Every
+mistake is reported before any model loads, with the key's path and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe mistake; the message names the key path."""
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from: a local LLaVA dir, a vision+LLM composition, or a tiny preset."""
+
+    path: str | None = None
+    vision: str | None = None
+    llm: str | None = None
+    preset: str | None = None
+    vision_feature_layer: int = -2
+
+    def validate(self, where: str):
+        kinds = [k for k, v in (("path", self.path), ("vision+llm", self.vision or self.llm), ("preset", self.preset)) if v]
+        if len(kinds) != 1:
+            raise ConfigError(f"{where}: give exactly one of `path`, `vision` + `llm`, or `preset` (got {kinds or 'none'})")
+        if (self.vision or self.llm) and not (self.vision and self.llm):
+            raise ConfigError(f"{where}: a composed model needs both `vision` and `llm` paths")
+        if self.preset:
+            from llavadi.models.presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ConfigError(f"{where}.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+
+    def describe(self) -> str:
+        """Short human-readable source of the model."""
+        return self.path or self.preset or f"{self.vision} + {self.llm}"
+
+
+@dataclass
+class DataConfig:
+    """A training set in LLaVA format and how to render it."""
+
+    path: str | None = None
+    image_folder: str | None = None
+    template: str = "vicuna_v1"
+    system: str | None = None  # None: the template's default (LLaVA's system prompt)
+    max_length: int = 2048
+    on_error: str = "raise"  # or "skip": bad samples are left out and reported
+
+    def validate(self, where: str):
+        from llavadi.data.templates import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"{where}.template: unknown template {self.template!r}; choose one of {sorted(TEMPLATES)}")
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"{where}.on_error: must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.max_length < 8:
+            raise ConfigError(f"{where}.max_length: {self.max_length} is too small")
+
+
+@dataclass
+class TrainableConfig:
+    """Which modules a stage trains."""
+
+    projector: bool = True
+    llm: bool = True
+    vision_from_layer: int | None = None  # None: vision tower frozen
+
+
+@dataclass
+class TermConfig:
+    """One distillation term: registry name, weight, the token types it reads, options."""
+
+    name: str = ""
+    weight: float = 1.0
+    tokens: str = "response"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DistillConfig:
+    """The stage's objective: ce_weight * CE + sum of weighted terms."""
+
+    ce_weight: float = 1.0
+    terms: list[TermConfig] = field(default_factory=list)
+    chunk_size: int = 1024  # positions per LM-head chunk in logit terms
+
+    def validate(self, where: str):
+        from llavadi.data.token_types import TYPE_GROUPS
+
+        for i, t in enumerate(self.terms):
+            if t.tokens not in TYPE_GROUPS:
+                raise ConfigError(f"{where}.terms[{i}].tokens: {t.tokens!r}; choose one of {sorted(TYPE_GROUPS)}")
+            if not t.name:
+                raise ConfigError(f"{where}.terms[{i}]: missing `name`")
+        if self.ce_weight == 0 and not self.terms:
+            raise ConfigError(f"{where}: ce_weight is 0 and no term is given: nothing to train on")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation hyper-parameters of a stage (mapped onto transformers.TrainingArguments)."""
+
+    learning_rate: float = 2e-5
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = 0
+    group_by_length: bool = False
+    extra: dict = field(default_factory=dict)  # passed to TrainingArguments as is (e.g. fsdp, deepspeed)
+
+    def validate(self, where: str):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{where}.learning_rate must be > 0")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class StageConfig:
+    """One training stage (e.g. pretrain, finetune)."""
+
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, where: str, has_teacher: bool):
+        if not self.name:
+            raise ConfigError(f"{where}: every stage needs a `name`")
+        if not self.data.path:
+            raise ConfigError(f"{where}.data.path: no training data given")
+        self.data.validate(f"{where}.data")
+        self.distill.validate(f"{where}.distill")
+        self.train.validate(f"{where}.train")
+        if self.distill.terms and not has_teacher:
+            raise ConfigError(f"{where}.distill.terms: distillation terms need a `teacher` in the recipe")
+
+
+@dataclass
+class Recipe:
+    """A whole run: models and stages."""
+
+    student: ModelSpec = field(default_factory=ModelSpec)
+    teacher: ModelSpec | None = None
+    stages: list[StageConfig] = field(default_factory=list)
+    output_dir: str = "runs/llavadi"
+    seed: int = 0
+    device: str = "auto"
+    teacher_device: str | None = None  # None: the student's device
+    data: dict = field(default_factory=dict)  # defaults merged into every stage's data
+    meta: dict = field(default_factory=dict)  # free-form notes copied into outputs
+
+    def validate(self):
+        self.student.validate("student")
+        if self.teacher is not None:
+            self.teacher.validate("teacher")
+        if not self.stages:
+            raise ConfigError("stages: a recipe needs at least one stage (e.g. finetune)")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: stage names must be unique, got {names}")
+        for i, s in enumerate(self.stages):
+            s.validate(f"stages[{i}] ({s.name})", self.teacher is not None)
+        return self
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _build(cls, raw: Any, where: str):
+    """Construct dataclass `cls` from a dict, rejecting unknown keys with a helpful message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _convert(tp, value, where):
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else tp
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a raw recipe dict (value parsed as YAML).
+
+    Stages are addressed by name or index: `stages.finetune.train.learning_rate=1e-4`.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value")
+    key, _, text = assignment.partition("=")
+    value = yaml.safe_load(text) if text != "" else None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if part.isdigit():
+        i = int(part)
+        if i >= len(node):
+            raise ConfigError(f"override {where}: index {i} out of range ({len(node)} items)")
+        return i
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    raise ConfigError(f"override {where}: no item named {part!r}")
+
+
+def _child(node, part, where, create):
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {where}: cannot descend into a {type(node).__name__}")
+    if part not in node or node[part] is None:
+        if not create:
+            raise ConfigError(f"override {where}: no such key")
+        node[part] = {}
+    return node[part]
+
+
+def recipe_from_dict(raw: dict, base_dir: str | None = None) -> Recipe:
+    """A validated Recipe from a raw dict; relative data/model paths resolve against base_dir."""
+    raw = dict(raw)
+    defaults = raw.get("data") or {}
+    stages = []
+    for i, s in enumerate(raw.get("stages") or []):
+        if not isinstance(s, dict):
+            raise ConfigError(f"stages[{i}]: expected a mapping")
+        s = dict(s)
+        unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(DataConfig)})
+        if unknown:
+            raise ConfigError(f"data: unknown key(s) {unknown}")
+        s["data"] = {**defaults, **(s.get("data") or {})}
+        stages.append(s)
+    raw["stages"] = stages
+    recipe = _build(Recipe, raw, "")
+    if base_dir:
+        _resolve_paths(recipe, base_dir)
+    return recipe.validate()
+
+
+def _resolve_paths(recipe: Recipe, base_dir: str) -> None:
+    def fix(p):
+        return p if (p is None or os.path.isabs(p)) else os.path.normpath(os.path.join(base_dir, p))
+
+    for spec in (recipe.student, recipe.teacher):
+        if spec is not None:
+            spec.path, spec.vision, spec.llm = fix(spec.path), fix(spec.vision), fix(spec.llm)
+    for s in recipe.stages:
+        s.data.path, s.data.image_folder = fix(s.data.path), fix(s.data.image_folder)
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, validate. Paths are relative to the file."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe ({e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from e
+    for o in overrides or []:
+        apply_override(raw, o)
+    try:
+        return recipe_from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain dict of a recipe (for writing next to outputs)."""
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,48 @@
+"""Batch LLaVA samples: right padding, labels, token types, pixel values, sample ids."""
+
+from __future__ import annotations
+
+import torch
+
+from llavadi.data.encode import IGNORE_INDEX
+from llavadi.data.token_types import TokenType
+
+
+class LlavaCollator:
+    """Pads each view's sequences (keys with the view's prefix) to the batch's longest one."""
+
+    def __init__(self, pad_token_id: int, prefixes: tuple[str, ...] = ("",), pad_to_multiple_of: int | None = None,
+                 padding_side: str = "right"):
+        self.pad_token_id = int(pad_token_id)
+        self.prefixes = prefixes
+        self.pad_to_multiple_of = pad_to_multiple_of
+        if padding_side not in ("right", "left"):
+            raise ValueError("padding_side must be 'right' or 'left'")
+        self.padding_side = padding_side
+
+    def _pad(self, seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
+        out = torch.full((len(seqs), length), value, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if self.padding_side == "right":
+                out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            else:
+                out[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        return out
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch: dict = {"sample_ids": [it["sample_id"] for it in items]}
+        for p in self.prefixes:
+            ids = [it[p + "input_ids"] for it in items]
+            length = max(len(s) for s in ids)
+            if self.pad_to_multiple_of:
+                m = self.pad_to_multiple_of
+                length = (length + m - 1) // m * m
+            batch[p + "input_ids"] = self._pad(ids, self.pad_token_id, length)
+            batch[p + "attention_mask"] = self._pad([[1] * len(s) for s in ids], 0, length)
+            batch[p + "token_types"] = self._pad([it[p + "token_types"] for it in items], int(TokenType.PAD), length)
+            if p + "labels" in items[0]:
+                batch[p + "labels"] = self._pad([it[p + "labels"] for it in items], IGNORE_INDEX, length)
+            pix = [it[p + "pixel_values"] for it in items if p + "pixel_values" in it]
+            if pix:
+                batch[p + "pixel_values"] = torch.stack(pix)
+        return batch

@@ -1,0 +1,213 @@
+"""LLaVA-format datasets: validated up front, tokenized once, images loaded lazily.
+
+Format: a JSON list or JSONL file of
+`{"id", "image" (optional, relative to an image folder), "conversations": [{"from", "value"}]}`
+with `<image>` in a human turn when the sample has an image. Every problem is reported with the
+file, line (JSONL) and sample id; with `on_error="skip"` bad samples are left out and listed in
+`dataset.skipped`, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageStat
+
+from llavadi.data.encode import ConversationEncoder, SampleError
+from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Skipped:
+    """A sample left out under on_error='skip', and why."""
+
+    sample_id: str
+    where: str
+    reason: str
+
+
+@dataclass
+class Record:
+    """A validated raw sample."""
+
+    sample_id: str
+    turns: list[Turn]
+    image: str | None  # absolute path
+    where: str  # "file:line" for messages
+
+
+@dataclass
+class View:
+    """How one model sees a sample: its encoder and image processor; keys get `prefix`."""
+
+    encoder: ConversationEncoder
+    image_processor: object
+    prefix: str = ""
+    pad_to_square: bool = True
+
+
+def read_json_records(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """Raw objects of a JSON list or JSONL file, each with a 'file:line' (or 'file[i]') tag."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SampleError(f"{path}: cannot read data file ({e})") from e
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+        return [(f"{path}[{i}]", obj) for i, obj in enumerate(items)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from e
+    return out
+
+
+def parse_record(where: str, obj: object, image_folder: str | None) -> Record:
+    """Validate one raw LLaVA sample; raise SampleError naming it."""
+    if not isinstance(obj, dict):
+        raise SampleError(f"{where}: a sample must be a JSON object, got {type(obj).__name__}")
+    sid = obj.get("id")
+    if sid is None:
+        raise SampleError(f"{where}: sample has no 'id'")
+    sid = str(sid)
+    name = f"{where} (sample {sid!r})"
+    convs = obj.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise SampleError(f"{name}: 'conversations' must be a non-empty list")
+    turns: list[Turn] = []
+    for k, c in enumerate(convs):
+        if not isinstance(c, dict) or "from" not in c or "value" not in c:
+            raise SampleError(f"{name}: conversations[{k}] needs 'from' and 'value'")
+        role = ROLES.get(c["from"])
+        if role is None:
+            raise SampleError(f"{name}: conversations[{k}] has unknown role {c['from']!r} (use human/gpt)")
+        expected = "user" if k % 2 == 0 else "assistant"
+        if role != expected:
+            raise SampleError(f"{name}: conversations[{k}] should be a {'human' if expected == 'user' else 'gpt'} turn")
+        if not isinstance(c["value"], str):
+            raise SampleError(f"{name}: conversations[{k}]['value'] must be a string")
+        turns.append(Turn(role, c["value"]))
+    if turns[-1].role != "assistant":
+        raise SampleError(f"{name}: the conversation must end with a gpt turn")
+    n_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
+    if any(IMAGE_PLACEHOLDER in t.text for t in turns if t.role == "assistant"):
+        raise SampleError(f"{name}: {IMAGE_PLACEHOLDER} may only appear in a human turn")
+    image = obj.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise SampleError(f"{name}: 'image' must be one path (multi-image samples are not supported)")
+        if n_placeholders != 1:
+            raise SampleError(f"{name}: has an image but {n_placeholders} {IMAGE_PLACEHOLDER} placeholders (need 1)")
+        image = os.path.join(image_folder or "", image)
+        if not os.path.isfile(image):
+            raise SampleError(f"{name}: image file not found: {image}")
+        try:
+            with Image.open(image) as im:  # reads the header only: cheap, catches non-images
+                im.size
+        except Exception as e:  # PIL raises several types for unreadable files
+            raise SampleError(f"{name}: unreadable image {image} ({e})") from e
+    elif n_placeholders:
+        raise SampleError(f"{name}: has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image'")
+    return Record(sid, turns, image, where)
+
+
+def load_image(path: str, sample_id: str, pad_to_square: bool = True) -> Image.Image:
+    """An RGB image; padded to a square with the mean colour as LLaVA-1.5 does."""
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except Exception as e:
+        raise SampleError(f"sample {sample_id!r}: unreadable image {path} ({e})") from e
+    if pad_to_square and img.width != img.height:
+        side = max(img.size)
+        mean = tuple(int(m) for m in ImageStat.Stat(img).mean)
+        canvas = Image.new("RGB", (side, side), mean)
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = canvas
+    return img
+
+
+def pixel_values_for(image_processor, img: Image.Image) -> torch.Tensor:
+    """(3, H, W) float tensor from an image processor."""
+    return image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Validated, pre-tokenized LLaVA samples for one or more model views (student, teacher)."""
+
+    def __init__(self, path: str, image_folder: str | None, views: list[View], on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.path = str(path)
+        self.views = views
+        self.skipped: list[Skipped] = []
+        self.n_truncated = 0
+        self.records: list[Record] = []
+        self.encoded: list[list] = []
+        seen: dict[str, str] = {}
+        for where, obj in read_json_records(path):
+            try:
+                rec = parse_record(where, obj, image_folder)
+                if rec.sample_id in seen:
+                    raise SampleError(f"{where}: duplicate sample id {rec.sample_id!r} (first at {seen[rec.sample_id]})")
+                n_img = 1 if rec.image else 0
+                enc = [v.encoder.encode(rec.sample_id, rec.turns, n_img) for v in views]
+            except SampleError as e:
+                if on_error == "raise":
+                    msg = str(e)
+                    raise SampleError(msg if msg.startswith(self.path) else f"{where}: {msg}") from None
+                sid = obj.get("id") if isinstance(obj, dict) else None
+                self.skipped.append(Skipped(str(sid), where, str(e)))
+                continue
+            seen[rec.sample_id] = where
+            self.n_truncated += int(any(e.truncated for e in enc))
+            self.records.append(rec)
+            self.encoded.append(enc)
+        if not self.records:
+            raise SampleError(f"{self.path}: no usable sample ({len(self.skipped)} skipped)")
+
+    def __len__(self):
+        return len(self.records)
+
+    def lengths(self) -> list[int]:
+        """Token length of every sample (student view), for length-grouped batching."""
+        return [len(e[0].input_ids) for e in self.encoded]
+
+    def __getitem__(self, idx):
+        rec = self.records[idx]
+        item = {"sample_id": rec.sample_id}
+        img = None
+        for view, enc in zip(self.views, self.encoded[idx]):
+            p = view.prefix
+            item[p + "input_ids"] = enc.input_ids
+            item[p + "token_types"] = enc.token_types
+            item[p + "labels"] = enc.labels
+            if rec.image is not None:
+                if img is None:
+                    img = load_image(rec.image, rec.sample_id, view.pad_to_square)
+                item[p + "pixel_values"] = pixel_values_for(view.image_processor, img)
+        return item
+
+    def report(self) -> str:
+        """One-paragraph account of what was skipped or truncated."""
+        lines = [f"{self.path}: {len(self.records)} samples used, {len(self.skipped)} skipped, {self.n_truncated} truncated"]
+        for s in self.skipped[:20]:
+            lines.append(f"  skipped {s.sample_id} ({s.reason})")
+        if len(self.skipped) > 20:
+            lines.append(f"  ... and {len(self.skipped) - 20} more")
+        return "\n".join(lines)

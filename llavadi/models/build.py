@@ -1,0 +1,246 @@
+"""Build teacher and student LlavaForConditionalGeneration models, freeze modules, save them.
+
+A model spec (see `llavadi.config.ModelSpec`) is one of:
+- `path`: a local HF LLaVA checkpoint directory (e.g. a saved llava-hf model or a llavadi student);
+- `vision` + `llm`: a local CLIP/SigLIP vision checkpoint and a local causal-LM checkpoint composed
+  with a new 2-layer GELU MLP projector (LLaVA-1.5's), the image token added to the tokenizer;
+- `preset`: a named tiny preset built from config (llavadi.models.presets), no download.
+Nothing is ever fetched from a hub: every path must exist locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from llavadi.data.templates import IMAGE_PLACEHOLDER
+
+META_FILE = "llavadi.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model with what is needed to feed it: tokenizer, image processor, image-token count."""
+
+    model: LlavaForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    meta: dict
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Image placeholder tokens per image, as the model's vision config implies."""
+        return n_image_tokens(self.model.config)
+
+
+def n_image_tokens(config: LlavaConfig) -> int:
+    """Number of image tokens one image becomes (CLS dropped under the 'default' strategy)."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    if config.vision_feature_select_strategy == "full":
+        n += 1
+    return n
+
+
+def _require_dir(path: str, what: str) -> str:
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{what} {path!r} is not a local directory; llavadi never downloads models: "
+            "give the path of a checkpoint on disk"
+        )
+    return path
+
+
+def read_meta(model_dir: str) -> dict:
+    """The llavadi.json beside a saved model (template, system prompt), or {}."""
+    p = os.path.join(model_dir, META_FILE)
+    if os.path.isfile(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}
+
+
+def _image_processor_for(vision_config, path: str | None):
+    if path:
+        try:
+            return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    size = vision_config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def load_llava_dir(path: str, dtype=None) -> LoadedModel:
+    """A saved HF LLaVA checkpoint with its tokenizer and image processor."""
+    _require_dir(path, "model path")
+    kw = {"local_files_only": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor = _image_processor_for(model.config.vision_config, path)
+    return LoadedModel(model, tokenizer, image_processor, read_meta(path))
+
+
+def _load_vision(path: str, dtype):
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    kind = cfg.model_type
+    if kind in ("clip", "clip_vision_model"):
+        from transformers import CLIPVisionModel as cls
+    elif kind in ("siglip", "siglip_vision_model"):
+        from transformers import SiglipVisionModel as cls
+    else:
+        raise ValueError(f"vision checkpoint {path}: model_type {kind!r} is not CLIP or SigLIP")
+    kw = {"local_files_only": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return cls.from_pretrained(path, **kw)
+
+
+def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -2,
+                  select_strategy: str = "default", dtype=None, seed: int = 0) -> LoadedModel:
+    """A new LLaVA from a local vision encoder + a local causal LM + a fresh 2-layer GELU projector."""
+    _require_dir(vision_path, "vision encoder path")
+    _require_dir(llm_path, "language model path")
+    vision = _load_vision(vision_path, dtype)
+    kw = {"local_files_only": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path, local_files_only=True)
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    if tokenizer.pad_token is None:
+        # LLaVA pads with unk for Llama; any existing token works since padding is masked
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer))
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=llm.config,
+        image_token_id=image_token_id,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=select_strategy,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
+    model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    if dtype is not None:
+        model.to(dtype)
+    image_processor = _image_processor_for(vision.config, vision_path)
+    return LoadedModel(model, tokenizer, image_processor, {})
+
+
+def load_model(spec, dtype=None) -> LoadedModel:
+    """Build the model a `ModelSpec` describes."""
+    if spec.path:
+        return load_llava_dir(spec.path, dtype=dtype)
+    if spec.vision or spec.llm:
+        return compose_llava(spec.vision, spec.llm, spec.vision_feature_layer, dtype=dtype)
+    from llavadi.models.presets import build_preset
+
+    model, tokenizer, image_processor = build_preset(spec.preset)
+    if dtype is not None:
+        model.to(dtype)
+    return LoadedModel(model, tokenizer, image_processor, {})
+
+
+# ----------------------------------------------------------------------------- freezing
+
+def set_trainable(model: LlavaForConditionalGeneration, projector: bool = True, llm: bool = True,
+                  vision_from_layer: int | None = None) -> dict[str, int]:
+    """Per-module training rule; returns trainable parameter counts per module.
+
+    `vision_from_layer=None` freezes the vision tower; N tunes its encoder layers N.. (and the
+    layers after); layers LLaVA never reads (past vision_feature_layer) stay frozen, so DDP sees
+    no unused trainable parameter.
+    """
+    m = model.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in m.multi_modal_projector.parameters():
+        p.requires_grad_(projector)
+    for p in list(m.language_model.parameters()) + list(model.lm_head.parameters()):
+        p.requires_grad_(llm)
+    if vision_from_layer is not None:
+        layers = _vision_layers(m.vision_tower)
+        used = _used_vision_layers(model.config, len(layers))
+        if not 0 <= vision_from_layer < len(layers):
+            raise ValueError(f"vision_from_layer={vision_from_layer}: the vision tower has {len(layers)} layers")
+        for i in range(vision_from_layer, used):
+            for p in layers[i].parameters():
+                p.requires_grad_(True)
+    counts = {
+        "vision_tower": sum(p.numel() for p in m.vision_tower.parameters() if p.requires_grad),
+        "projector": sum(p.numel() for p in m.multi_modal_projector.parameters() if p.requires_grad),
+        "llm": sum(p.numel() for p in list(m.language_model.parameters()) + list(model.lm_head.parameters())
+                   if p.requires_grad),
+    }
+    if not any(counts.values()):
+        raise ValueError("the training rule leaves no trainable parameter; enable projector, llm or vision_from_layer")
+    return counts
+
+
+def _vision_layers(vision_tower):
+    vm = getattr(vision_tower, "vision_model", vision_tower)
+    return list(vm.encoder.layers)
+
+
+def _used_vision_layers(config, n_layers: int) -> int:
+    layer = config.vision_feature_layer
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    # hidden_states[k] is the output of layer k-1 (index 0 = embeddings)
+    return max((l if l >= 0 else n_layers + 1 + l) for l in layers)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> str:
+    """Save model, tokenizer, processor and llavadi.json as a plain HF directory, atomically."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+    try:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        cfg = loaded.model.config
+        processor = LlavaProcessor(
+            image_processor=loaded.image_processor,
+            tokenizer=loaded.tokenizer,
+            patch_size=cfg.vision_config.patch_size,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
+            image_token=IMAGE_PLACEHOLDER,
+        )
+        processor.save_pretrained(tmp)
+        info = dict(loaded.meta)
+        info.update(meta or {})
+        info["n_image_tokens"] = n_image_tokens(cfg)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

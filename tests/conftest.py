@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny tokenizer, tiny LLaVA models and images, all built offline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "USER ASSISTANT : what color shape is the in top left right bottom center middle how many "
+    "are there a red green blue yellow circle square triangle yes no one two three four of "
+    "describe image picture and , . ? ! 0 1 2 3 4 5 6 7 8 9 hello world cat dog"
+).split()
+
+
+def make_word_tokenizer():
+    """A tiny word-level fast tokenizer with <s>, </s>, <pad>, <unk>, <image>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return hf
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    return make_word_tokenizer()
+
+
+def make_tiny_llava(tokenizer, text_hidden=32, text_layers=2, heads=4, vision_hidden=32, vision_layers=2,
+                    image_size=32, patch_size=16, seed=0):
+    """A tiny random LlavaForConditionalGeneration matching the tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                              num_hidden_layers=vision_layers, num_attention_heads=heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text,
+                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(cfg)
+
+
+def make_image_processor(image_size=32):
+    """A CLIP image processor for square images of `image_size`."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+@pytest.fixture()
+def tiny_llava(word_tokenizer):
+    return make_tiny_llava(word_tokenizer)
+
+
+def write_images(folder, n=3, size=32):
+    """n small solid-colour PNGs named img{i}.png."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    for i in range(n):
+        Image.new("RGB", (size, size), colours[i % len(colours)]).save(os.path.join(folder, f"img{i}.png"))
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
