@@ -98,7 +98,6 @@ def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device:
         save_total_limit=t.save_total_limit,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_workers,
         remove_unused_columns=False,
         report_to=report_to,
@@ -107,6 +106,8 @@ def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device:
         ddp_find_unused_parameters=False,
         save_only_model=False,
     )
+    if t.gradient_checkpointing:
+        kwargs["gradient_checkpointing"] = True
     kwargs.update(t.extra)
     return TrainingArguments(**kwargs)
 

@@ -50,22 +50,34 @@ def forward_view(model, batch: dict, prefix: str, hidden: bool, attentions: bool
     )
 
 
-class _SyncObjectiveGrads(TrainerCallback):
-    """Average the objective's own trainable parameters' grads across processes, as DDP does for the model."""
+class _ObjectiveGrads(TrainerCallback):
+    """The objective's own parameters (projectors) live outside the model the Trainer manages:
+    average their grads across processes as DDP does for the model, clip them, and zero them
+    after each optimiser step (the Trainer only zeroes the model's)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
+    def _params(self):
+        return [p for p in self.trainer.objective.parameters() if p.requires_grad]
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        params = self._params()
+        if not params:
             return
-        world = dist.get_world_size()
-        for p in self.trainer.objective.parameters():
-            if p.requires_grad:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad /= world
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self._params():
+            p.grad = None
 
 
 class DistillTrainer(Trainer):
@@ -89,7 +101,7 @@ class DistillTrainer(Trainer):
         self._normalizers: dict[str, float] | None = None
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
-        self.add_callback(_SyncObjectiveGrads(self))
+        self.add_callback(_ObjectiveGrads(self))
 
     # -- optimiser: the objective's projectors train with the student
     def create_optimizer(self, model=None):
