@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (set up, run the embedded demo) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch (local wheel on this machine). GPU users: install the torch build for
+# your CUDA into the venv first (or `make setup TORCH_SPEC=torch`); an importable torch is kept.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.llavadi-installed
+
+$(VENV)/.llavadi-installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,plots,logging]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llavadi demo --out $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/distill_memory.py
+
+clean:
+	rm -rf $(VENV) runs
