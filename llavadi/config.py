@@ -83,7 +83,7 @@ class TermConfig:
 
     name: str = ""
     weight: float = 1.0
-    tokens: str = "response"
+    tokens: str | None = None  # None: the term's default ("image" for visual terms, else "response")
     options: dict = field(default_factory=dict)
 
 
@@ -93,16 +93,20 @@ class DistillConfig:
 
     ce_weight: float = 1.0
     terms: list[TermConfig] = field(default_factory=list)
-    chunk_size: int = 1024  # positions per LM-head chunk in logit terms
+    chunk_size: int | None = 1024  # positions per LM-head chunk in logit terms (null: one plain pass)
 
     def validate(self, where: str):
-        from llavadi.data.token_types import TYPE_GROUPS
+        from llavadi.distill.objective import TermSpec
 
         for i, t in enumerate(self.terms):
-            if t.tokens not in TYPE_GROUPS:
-                raise ConfigError(f"{where}.terms[{i}].tokens: {t.tokens!r}; choose one of {sorted(TYPE_GROUPS)}")
             if not t.name:
                 raise ConfigError(f"{where}.terms[{i}]: missing `name`")
+            try:  # the objective's own checks, run before any model loads
+                TermSpec(name=t.name, weight=t.weight, tokens=t.tokens, options=dict(t.options))
+            except ValueError as e:
+                raise ConfigError(f"{where}.terms[{i}]: {e}") from None
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"{where}.chunk_size must be >= 1")
         if self.ce_weight == 0 and not self.terms:
             raise ConfigError(f"{where}: ce_weight is 0 and no term is given: nothing to train on")
 
