@@ -14,7 +14,7 @@ def _cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir:
         recipe.output_dir = args.output_dir
-    final = run_recipe(recipe, resume=not args.no_resume)
+    final = run_recipe(recipe, resume=not args.no_resume, quiet=args.quiet)
     print(final)
     return 0
 
@@ -31,7 +31,7 @@ def _cmd_make_data(args) -> int:
 def _cmd_demo(args) -> int:
     from llavadi.demo import run_demo
 
-    run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill)
+    run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke)
     return 0
 
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=1, help="student seeds to run (mean and spread reported)")
     d.add_argument("--fresh", action="store_true", help="ignore cached data, vision tower and teacher")
     d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
+    d.add_argument("--smoke", action="store_true", help="a seconds-long run of every step (tiny data, 3 steps)")
     d.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("make-data", help="write a dataset")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.finetune.train.learning_rate=1e-4")
     t.add_argument("--output-dir", default=None)
     t.add_argument("--no-resume", action="store_true", help="start stages afresh even if checkpoints exist")
+    t.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
     t.set_defaults(func=_cmd_train)
 
     from llavadi.eval import commands as eval_commands
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llavadi` command."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("LLAVADI_THREADS"):  # set by the demo for its parallel one-thread runs
+        import torch
+
+        torch.set_num_threads(int(os.environ["LLAVADI_THREADS"]))
     parser = build_parser()
     args = parser.parse_args(argv)
     from llavadi.config import ConfigError

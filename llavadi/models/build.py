@@ -22,7 +22,6 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -82,7 +81,18 @@ def _image_processor_for(vision_config, path: str | None):
         except (OSError, ValueError):
             pass
     size = vision_config.image_size
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return default_image_processor(size)
+
+
+def default_image_processor(size: int):
+    """CLIP preprocessing for square `size` images (the PIL implementation when torchvision is absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import CLIPImageProcessor as cls
+    else:  # importing CLIPImageProcessor without torchvision only warns and falls back to this
+        from transformers import CLIPImageProcessorPil as cls
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def load_llava_dir(path: str, dtype=None) -> LoadedModel:

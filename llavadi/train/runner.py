@@ -77,7 +77,8 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device: str) -> TrainingArguments:
+def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device: str,
+                       quiet: bool = False) -> TrainingArguments:
     """TrainingArguments for a stage."""
     t = stage.train
     report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
@@ -105,6 +106,7 @@ def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device:
         use_cpu=device == "cpu",
         ddp_find_unused_parameters=False,
         save_only_model=False,
+        disable_tqdm=quiet,  # quiet: log lines instead of a progress bar (parallel runs, CI logs)
     )
     if t.gradient_checkpointing:
         kwargs["gradient_checkpointing"] = True
@@ -124,7 +126,7 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
-              log=print, resume: bool = True, callbacks=None) -> LoadedModel:
+              log=print, resume: bool = True, callbacks=None, quiet: bool = False) -> LoadedModel:
     """Train the student through one stage; returns the student after it (saved in <stage>/model)."""
     stage_dir = os.path.join(recipe.output_dir, stage.name)
     final_dir = os.path.join(stage_dir, "model")
@@ -169,7 +171,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
                                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
                                image_token="<image>")
-    args = training_arguments(recipe, stage, ckpt_dir, device)
+    args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
     trainer = DistillTrainer(
         model=student.model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, objective=objective,
@@ -195,7 +197,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     return out
 
 
-def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None) -> str:
+def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, quiet: bool = False) -> str:
     """Run every stage; returns the directory of the final student."""
     set_seed(recipe.seed)
     os.makedirs(recipe.output_dir, exist_ok=True)
@@ -207,7 +209,8 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None) -
     if teacher is not None:
         log(f"teacher: {recipe.teacher.describe()} ({sum(p.numel() for p in teacher.model.parameters()):,} params)")
     for stage in recipe.stages:
-        student = run_stage(recipe, stage, student, teacher, log=log, resume=resume, callbacks=callbacks)
+        student = run_stage(recipe, stage, student, teacher, log=log, resume=resume, callbacks=callbacks,
+                            quiet=quiet)
     final = os.path.join(recipe.output_dir, "final")
     save_model(student, final, student.meta)
     log(f"final student: {final}")

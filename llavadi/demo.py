@@ -1,0 +1,299 @@
+"""The embedded demo: synthetic data, tiny teacher, SFT student, distilled student, evaluation.
+
+Everything runs on a laptop CPU in minutes and nothing is downloaded:
+1. `make-data synthetic` writes images and LLaVA-format caption / instruction / eval sets;
+2. one tiny CLIP vision tower is pretrained per patch and shared by teacher and students
+   (as real LLaVADI teachers and students share a pretrained CLIP);
+3. the tiny teacher is trained with `llavadi train` (projector pretraining, then instruction
+   tuning); it is cached, so a second demo run starts from step 4;
+4. for each seed, the tiny student is instruction-tuned twice from the same initial weights:
+   with cross-entropy only (SFT) and with the paper's distillation recipe (CE + forward KL on
+   response logits + last-hidden-state MSE through a Linear-GELU-Linear projector). The two
+   runs go in parallel, one thread each;
+5. every model answers the held-out questions through the evaluation harness; a table is
+   printed and everything is written to `<out>/results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import yaml
+
+from llavadi.models.build import LoadedModel, save_model
+from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset
+
+DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is rebuilt
+
+# the student sees only part of the labelled instructions: the regime where a teacher that
+# knows more than the student's data matters (see STACK-NOTES); the teacher sees all of them
+DISTILL_TERMS = [
+    {"name": "forward_kl", "weight": 1.0, "tokens": "response", "options": {"temperature": 1.0}},
+    {"name": "hidden_mse", "weight": 1.0, "tokens": "response", "options": {"projector": "mlp", "loss": "mse"}},
+]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _stage(name, data_path, trainable, hp, terms=None, template="vicuna_v1"):
+    train = {
+        "learning_rate": hp["lr"], "max_steps": hp["steps"], "batch_size": hp["batch_size"],
+        "warmup_ratio": hp.get("warmup_ratio", 0.03), "scheduler": hp.get("lr_scheduler", "cosine"),
+        "logging_steps": hp.get("logging_steps", 50), "save_steps": 10_000, "save_total_limit": 1,
+    }
+    stage = {"name": name, "data": {"path": data_path, "template": template}, "trainable": trainable,
+             "train": train}
+    if terms:
+        stage["distill"] = {"terms": terms}
+    return stage
+
+
+def _recipe(out_dir, student_dir, stages, teacher_dir=None, seed=0, image_folder=None):
+    r = {"student": {"path": student_dir}, "output_dir": out_dir, "seed": seed, "device": "cpu",
+         "data": {"image_folder": image_folder, "system": "", "max_length": 256}, "stages": stages}
+    if teacher_dir:
+        r["teacher"] = {"path": teacher_dir}
+    return r
+
+
+def _write_recipe(path, recipe) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    return path
+
+
+def _run_trainings(jobs: list[tuple[str, str]], threads_each: int) -> None:
+    """Run `llavadi train RECIPE` jobs in parallel subprocesses, relaying their log lines with a prefix."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_each), MKL_NUM_THREADS=str(threads_each),
+               TOKENIZERS_PARALLELISM="false", LLAVADI_THREADS=str(threads_each))
+    procs = []
+    for name, recipe in jobs:
+        cmd = [sys.executable, "-m", "llavadi.cli", "train", recipe, "--quiet"]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        procs.append((name, p))
+
+    def relay(name, p, tail):
+        for line in p.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            del tail[:-30]
+            if line.startswith("{") or line.startswith("[") or "error" in line.lower():
+                print(f"  {name}: {line}", flush=True)
+
+    tails = {name: [] for name, _ in procs}
+    threads = [threading.Thread(target=relay, args=(n, p, tails[n]), daemon=True) for n, p in procs]
+    for t in threads:
+        t.start()
+    failed = []
+    for (name, p), t in zip(procs, threads):
+        p.wait()
+        t.join()
+        if p.returncode != 0:
+            failed.append(name)
+    if failed:
+        details = "\n".join(f"--- {n} (last lines)\n" + "\n".join(tails[n]) for n in failed)
+        raise RuntimeError(f"training failed for {failed}:\n{details}")
+
+
+def _vision_tower(out: str, data_root: str, fresh: bool, steps: int | None = None) -> dict:
+    path = os.path.join(out, "cache", "vision_tower.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    if os.path.isfile(path) and not fresh:
+        _say(f"vision tower: cached {path}")
+        return load_file(path)
+    from llavadi.train.vision_pretrain import pretrain_vision_tower
+
+    model, _, processor = build_preset("tiny-student", seed=0)
+    tower = model.model.vision_tower
+    t0 = time.time()
+    state, acc = pretrain_vision_tower(tower, data_root, processor, steps=steps or VISION_PRETRAIN["steps"],
+                                       lr=VISION_PRETRAIN["lr"], batch_size=VISION_PRETRAIN["batch_size"],
+                                       feature_layer=model.config.vision_feature_layer, seed=0)
+    _say(f"vision tower pretrained per patch in {time.time() - t0:.0f}s: held-out patch accuracy {acc:.3f}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+    return state
+
+
+def _init_model(preset: str, vision_state: dict, seed: int, path: str) -> str:
+    model, tok, _ = build_preset(preset, vision_tower_state=vision_state, seed=seed)
+    save_model(LoadedModel(model, tok, build_image_processor(PRESETS[preset].vision), {}), path)
+    return path
+
+
+def _student_subset(instruct: str, fraction: float, out_path: str, seed: int) -> str:
+    """The first `fraction` of the instruction set (same for every seed: the data is the constant)."""
+    with open(instruct) as f:
+        data = json.load(f)
+    n = max(1, int(len(data) * fraction))
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data[:n], f)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: str, teacher_dir: str | None):
+    from llavadi.eval.eval_command import evaluate
+
+    res = evaluate(model_dir, "synthetic", eval_file, image_dir, os.path.join(out, "eval", name),
+                   teacher_dir=teacher_dir, batch_size=64, max_new_tokens=8, device="cpu", name=name,
+                   progress=False)
+    return res
+
+
+SMOKE = {"data": {"n_caption": 64, "n_instruct": 96, "n_eval": 24}, "steps": 3, "vision_steps": 3}
+
+
+def _smoke_hp(hp: dict) -> dict:
+    return {stage: {**v, "steps": min(v.get("steps", 0), SMOKE["steps"]), "logging_steps": 1} if isinstance(v, dict) else v
+            for stage, v in hp.items()}
+
+
+def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
+             student_fraction: float | None = None, smoke: bool = False) -> dict:
+    """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check."""
+    t_start = time.time()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    from llavadi.data.synthetic import make_synthetic, synthetic_paths
+
+    data_root = os.path.join(out, f"data-v{DATA_VERSION}")
+    if fresh or not os.path.isfile(os.path.join(data_root, "meta.json")):
+        t0 = time.time()
+        make_synthetic(data_root, seed=0, overwrite=True, **(SMOKE["data"] if smoke else {}))
+        _say(f"synthetic data written to {data_root} in {time.time() - t0:.0f}s")
+    else:
+        _say(f"synthetic data: cached {data_root}")
+    paths = {k: str(v) for k, v in synthetic_paths(data_root).items()}
+
+    vision_state = _vision_tower(out, data_root, fresh, steps=SMOKE["vision_steps"] if smoke else None)
+
+    teacher_hp = PRESETS["tiny-teacher"].train
+    student_hp = PRESETS["tiny-student"].train
+    if smoke:
+        teacher_hp, student_hp = _smoke_hp(teacher_hp), _smoke_hp(student_hp)
+    fraction = student_fraction if student_fraction is not None else student_hp.get("data_fraction", 1.0)
+
+    # the teacher: trained once, cached in <out>/teacher/final
+    teacher_dir = os.path.join(out, "teacher", "final")
+    if fresh or not os.path.isfile(os.path.join(teacher_dir, "config.json")):
+        init = _init_model("tiny-teacher", vision_state, 0, os.path.join(out, "init", "teacher"))
+        stages = []
+        if teacher_hp.get("pretrain", {}).get("steps", 0) > 0:
+            stages.append(_stage("pretrain", paths["captions"], {"projector": True, "llm": False},
+                                 teacher_hp["pretrain"], template="plain"))
+        stages.append(_stage("finetune", paths["instruct"], {"projector": True, "llm": True}, teacher_hp["finetune"]))
+        recipe = _write_recipe(os.path.join(out, "recipes", "teacher.yaml"),
+                               _recipe(os.path.join(out, "teacher"), init, stages, image_folder=paths["image_dir"]))
+        _say(f"training the teacher ({recipe})")
+        t0 = time.time()
+        _run_trainings([("teacher", recipe)], threads_each=max(1, min(2, os.cpu_count() or 1)))
+        _say(f"teacher trained in {time.time() - t0:.0f}s")
+    else:
+        _say(f"teacher: cached {teacher_dir}")
+
+    student_data = paths["instruct"]
+    if fraction < 1.0:
+        student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, "student_instruct.json"), 0)
+    runs: dict[str, list[str]] = {"student_sft": [], "student_distilled": []}
+    for seed in range(seeds):
+        init = _init_model("tiny-student", vision_state, 1000 + seed, os.path.join(out, "init", f"student-s{seed}"))
+        jobs = []
+        for kind, terms in (("student_sft", None), ("student_distilled", DISTILL_TERMS)):
+            if kind == "student_distilled" and not distill:
+                continue
+            run_dir = os.path.join(out, f"{kind}-s{seed}")
+            if not fresh and os.path.isfile(os.path.join(run_dir, "final", "config.json")):
+                _say(f"{kind} seed {seed}: cached")
+            else:
+                stage = _stage("finetune", student_data, {"projector": True, "llm": True}, student_hp["finetune"], terms)
+                recipe = _recipe(run_dir, init, [stage], teacher_dir=teacher_dir if terms else None, seed=seed,
+                                 image_folder=paths["image_dir"])
+                jobs.append((f"{kind}-s{seed}", _write_recipe(os.path.join(out, "recipes", f"{kind}-s{seed}.yaml"), recipe)))
+            runs[kind].append(os.path.join(run_dir, "final"))
+        if jobs:
+            _say(f"training students for seed {seed}: {', '.join(n for n, _ in jobs)} (in parallel)")
+            t0 = time.time()
+            _run_trainings(jobs, threads_each=1 if len(jobs) > 1 else 2)
+            _say(f"students trained in {time.time() - t0:.0f}s")
+
+    _say("evaluating on the held-out questions")
+    results: dict = {"teacher": _evaluate("teacher", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
+    for kind, dirs in runs.items():
+        for seed, d in enumerate(dirs):
+            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}-s{seed}", d, paths["eval"], paths["image_dir"], out,
+                                                   teacher_dir)
+    summary = summarise(results, runs)
+    summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction, "distill_terms": DISTILL_TERMS,
+                           "teacher_hp": teacher_hp, "student_hp": student_hp,
+                           "wall_seconds": round(time.time() - t_start, 1)}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"summary": summary, "runs": results}, f, indent=2, default=str)
+    print(format_table(summary))
+    _say(f"done in {time.time() - t_start:.0f}s; results in {os.path.join(out, 'results.json')}")
+    return summary
+
+
+def _metrics(result: dict) -> dict:
+    return result.get("metrics", result)
+
+
+def summarise(results: dict, runs: dict) -> dict:
+    """Mean and spread over seeds of every metric, per model kind."""
+    rows = {"teacher": {k: [v] for k, v in _flat(_metrics(results["teacher"])).items()}}
+    for kind, dirs in runs.items():
+        if not dirs:
+            continue
+        per_seed = [_flat(_metrics(results[f"{kind}-s{s}"])) for s in range(len(dirs))]
+        rows[kind] = {k: [m[k] for m in per_seed if k in m] for k in per_seed[0]}
+    out = {}
+    for kind, metrics in rows.items():
+        out[kind] = {k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+                     for k, v in metrics.items() if v and all(isinstance(x, (int, float)) for x in v)}
+    return out
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
+
+
+def format_table(summary: dict) -> str:
+    """Markdown table: one row per model kind, accuracy overall and per question type."""
+    kinds = [k for k in ("teacher", "student_sft", "student_distilled") if k in summary]
+    present = {k for kind in kinds for k in summary[kind]}
+    cols = ["accuracy"] + sorted(k for k in present if k.startswith("category/"))
+    cols += [k for k in ("agreement", "teacher_student_kl") if k in present]
+    header = "| model | " + " | ".join(c.replace("category/", "") for c in cols) + " |"
+    lines = [header, "|" + "---|" * (len(cols) + 1)]
+    for kind in kinds:
+        cells = []
+        for c in cols:
+            m = summary[kind].get(c)
+            if m is None:
+                cells.append("")
+            else:
+                digits = 3 if c == "teacher_student_kl" else 1
+                cells.append(f"{m['mean']:.{digits}f}" + (f" ± {m['std']:.{digits}f}" if m["n"] > 1 else ""))
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
