@@ -1,0 +1,85 @@
+"""The `llavadi` command end to end: make-data, train, eval, score, report, demo (smoke)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from llavadi.cli import main
+
+
+def test_make_data_train_eval_score_report(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["make-data", "synthetic", "--out", str(data), "--n-instruct", "40"]) == 0
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["n_instruct"] == 40
+
+    # a student from a preset, trained two steps with cross-entropy only
+    recipe = {"student": {"preset": "tiny-student"}, "output_dir": str(tmp_path / "run"), "device": "cpu",
+              "data": {"image_folder": str(data / "images"), "system": "", "max_length": 128},
+              "stages": [{"name": "finetune", "data": {"path": str(data / "instruct.json")},
+                          "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "r.yaml"), "stages.finetune.train.max_steps=3", "--quiet"]) == 0
+    final = tmp_path / "run" / "final"
+    state = json.loads(next((tmp_path / "run" / "finetune" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["global_step"] == 3  # the override took effect
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(final), "--benchmark", "synthetic", "--questions", str(data / "eval_questions.jsonl"),
+                 "--images", str(data / "images"), "--out", str(out), "--limit", "12", "--device", "cpu"]) == 0
+    answers = [json.loads(l) for l in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 12 and all("question_id" in a and "text" in a for a in answers)
+
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"question_id": a["question_id"], "text": a["text"]}) + "\n" for a in answers))
+    capsys.readouterr()
+    assert main(["score", "--benchmark", "synthetic", "--predictions", str(preds),
+                 "--annotations", str(data / "eval_questions.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert '"accuracy"' in printed
+    metrics_files = list(out.glob("*.json"))
+    assert metrics_files
+    assert main(["report", *map(str, metrics_files), "--out", str(tmp_path / "table.md")]) == 0
+    assert "accuracy" in (tmp_path / "table.md").read_text()
+
+
+def test_train_reports_recipe_mistakes_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"student": {"preset": "tiny-student"},
+                                                     "stages": [{"name": "ft", "data": {"path": "d.json"}, "lr": 1}]}))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml" in err and "unknown key(s) ['lr']" in err and "Traceback" not in err
+
+
+def test_bad_data_is_reported_with_file_and_sample(tmp_path, capsys):
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a1", "image": "gone.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "red"}]}]))
+    recipe = {"student": {"preset": "tiny-student"}, "output_dir": str(tmp_path / "run"), "device": "cpu",
+              "stages": [{"name": "ft", "data": {"path": "d.json", "image_folder": "imgs"}, "train": {"max_steps": 1}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "d.json[0] (sample 'a1'): image file not found" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_demo_smoke_runs_every_step(tmp_path):
+    """The demo's whole pipeline in seconds (tiny data, 3 steps per stage) through the installed command."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "llavadi.cli", "demo", "--out", str(tmp_path / "demo"), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(res["summary"]) >= {"teacher", "student_sft", "student_distilled"}
+    for kind in ("teacher", "student_sft", "student_distilled"):
+        assert 0.0 <= res["summary"][kind]["accuracy"]["mean"] <= 100.0
+    assert "agreement" in res["summary"]["student_distilled"]
+    assert "| student_distilled |" in proc.stdout
+    for d in ("teacher/final", "student_sft-s0/final", "student_distilled-s0/final"):
+        assert (tmp_path / "demo" / d / "model.safetensors").is_file()
