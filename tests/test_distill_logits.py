@@ -1,0 +1,243 @@
+"""Divergences of llavadi.distill.logits against plain float64 numpy references."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llavadi.distill import logits as L
+
+torch.set_num_threads(1)
+
+N, V = 6, 13
+
+
+def _pair(seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, V, generator=g) * scale, torch.randn(N, V, generator=g) * scale
+
+
+def _softmax_np(x, temperature):
+    z = x.astype(np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _kl_np(p, q):
+    """KL(p||q) per row, written as a plain loop."""
+    out = np.zeros(p.shape[0])
+    for i in range(p.shape[0]):
+        for v in range(p.shape[1]):
+            if p[i, v] > 0:
+                out[i] += p[i, v] * np.log(p[i, v] / q[i, v])
+    return out
+
+
+def _reference(name, s, t, temperature, **opt):
+    ps, pt = _softmax_np(s.numpy(), temperature), _softmax_np(t.numpy(), temperature)
+    if name == "forward_kl":
+        return _kl_np(pt, ps)
+    if name == "reverse_kl":
+        return _kl_np(ps, pt)
+    if name == "jsd":
+        b = opt["beta"]
+        if b == 0:
+            return _kl_np(pt, ps)
+        if b == 1:
+            return _kl_np(ps, pt)
+        m = (1 - b) * ps + b * pt
+        return b * _kl_np(pt, m) + (1 - b) * _kl_np(ps, m)
+    if name == "tvd":
+        return 0.5 * np.abs(pt - ps).sum(-1)
+    if name == "skew_forward_kl":
+        a = opt["alpha"]
+        return _kl_np(pt, a * pt + (1 - a) * ps)
+    if name == "skew_reverse_kl":
+        a = opt["alpha"]
+        return _kl_np(ps, a * ps + (1 - a) * pt)
+    if name == "logit_mse":
+        zs, zt = s.numpy().astype(np.float64) / temperature, t.numpy().astype(np.float64) / temperature
+        if opt.get("zscore"):
+            zs = (zs - zs.mean(-1, keepdims=True)) / zs.std(-1, keepdims=True)
+            zt = (zt - zt.mean(-1, keepdims=True)) / zt.std(-1, keepdims=True)
+        return ((zs - zt) ** 2).mean(-1)
+    raise KeyError(name)
+
+
+CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.9}),
+    ("jsd", {"beta": 1.0}),
+    ("tvd", {}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_forward_kl", {"alpha": 0.1}),
+    ("skew_forward_kl", {"alpha": 0.6}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.6}),
+    ("logit_mse", {}),
+    ("logit_mse", {"zscore": True}),
+]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+@pytest.mark.parametrize("name,opt", CASES)
+def test_divergence_matches_reference(name, opt, temperature):
+    s, t = _pair(seed=3)
+    got = L.DIVERGENCES[name](s, t, temperature=temperature, **opt)
+    assert got.shape == (N,) and got.dtype == torch.float32
+    want = _reference(name, s, t, temperature, **opt)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    scaled = L.DIVERGENCES[name](s, t, temperature=temperature, scale_t2=True, **opt)
+    np.testing.assert_allclose(scaled.numpy(), want * temperature**2, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_kl_matches_torch_kl_div():
+    s, t = _pair(seed=5)
+    want = F.kl_div(F.log_softmax(s / 1.5, -1), F.log_softmax(t / 1.5, -1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(L.forward_kl(s, t, temperature=1.5), want, rtol=1e-5, atol=1e-6)
+
+
+def test_jsd_endpoints_are_the_kls_exactly_and_interior_vanishes_towards_them():
+    s, t = _pair(seed=7)
+    assert torch.equal(L.jsd(s, t, beta=0.0, temperature=2.0), L.forward_kl(s, t, temperature=2.0))
+    assert torch.equal(L.jsd(s, t, beta=1.0, temperature=2.0), L.reverse_kl(s, t, temperature=2.0))
+    # the generalised formula itself tends to beta * KL(p_T||p_S): documented jump at the endpoints
+    near = L.jsd(s, t, beta=1e-4) / 1e-4
+    torch.testing.assert_close(near, L.forward_kl(s, t), rtol=2e-3, atol=1e-4)
+
+
+def test_low_precision_inputs_give_float32_close_to_float32_inputs():
+    s, t = _pair(seed=9)
+    s16, t16 = s.bfloat16(), t.bfloat16()
+    for name, opt in CASES:
+        got = L.DIVERGENCES[name](s16, t16, **opt)
+        assert got.dtype == torch.float32
+        want = L.DIVERGENCES[name](s16.float(), t16.float(), **opt)
+        torch.testing.assert_close(got, want)
+
+
+def test_extreme_logits_stay_finite():
+    s = torch.tensor([[1000.0, -1000.0, 0.0], [-80.0, 80.0, 0.0]])
+    t = torch.tensor([[-1000.0, 1000.0, 0.0], [80.0, -80.0, 0.0]])
+    for name, opt in CASES:
+        assert torch.isfinite(L.DIVERGENCES[name](s, t, **opt)).all(), name
+
+
+@pytest.mark.parametrize("name,opt", CASES)
+def test_gradients_flow_to_student(name, opt):
+    s, t = _pair(seed=11)
+    s.requires_grad_(True)
+    L.DIVERGENCES[name](s, t, temperature=1.3, **opt).sum().backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_registry_has_exact_names():
+    assert set(L.DIVERGENCES) == {
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "tvd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "logit_mse",
+    }
+    assert set(L.SPARSE_DIVERGENCES) == {"forward_kl", "jsd"}
+
+
+def test_bad_arguments_raise():
+    s, t = _pair()
+    with pytest.raises(ValueError, match="beta"):
+        L.jsd(s, t, beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        L.forward_kl(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        L.forward_kl(s, t[:, :5])
+
+
+# ---------------------------------------------------------------- sparse teacher
+def _topk(t, k, seed=0):
+    """Teacher top-k ids (in a shuffled order) and their full-vocabulary log-probs at T=1."""
+    logp = F.log_softmax(t, -1)
+    ids = logp.topk(k, dim=-1).indices
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    ids = ids[:, perm]
+    return ids, logp.gather(-1, ids)
+
+
+@pytest.mark.parametrize("missing_mass", ["renormalize", "rest"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(
+    "name,opt", [("forward_kl", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.4}), ("jsd", {"beta": 1.0})]
+)
+def test_sparse_equals_dense_when_k_is_vocab(name, opt, temperature, missing_mass):
+    s, t = _pair(seed=13)
+    ids, lp = _topk(t, V, seed=1)
+    got = L.SPARSE_DIVERGENCES[name](s, ids, lp, temperature=temperature, missing_mass=missing_mass, **opt)
+    want = L.DIVERGENCES[name](s, t, temperature=temperature, **opt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [None, 0.3])
+def test_sparse_renormalize_is_dense_against_truncated_teacher(beta):
+    s, t = _pair(seed=17)
+    k = 4
+    ids, lp = _topk(t, k)
+    truncated = torch.full_like(t, float("-inf")).scatter(-1, ids, t.gather(-1, ids))
+    ps = _softmax_np(s.numpy() / 1.0, 2.0)
+    pt = np.exp(np.nan_to_num(F.log_softmax(truncated / 2.0, -1).double().numpy(), neginf=-np.inf))
+    if beta is None:
+        got = L.sparse_forward_kl(s, ids, lp, temperature=2.0)
+        want = _kl_np(pt, ps)
+    else:
+        got = L.sparse_jsd(s, ids, lp, beta=beta, temperature=2.0)
+        m = (1 - beta) * ps + beta * pt
+        want = beta * _kl_np(pt, m) + (1 - beta) * _kl_np(ps, m)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_rest_bucket_matches_collapsed_reference():
+    s, t = _pair(seed=19)
+    k, temperature, beta = 5, 1.5, 0.5
+    ids, lp = _topk(t, k)
+    ps = _softmax_np(s.numpy(), temperature)
+    pt_full = _softmax_np(t.numpy(), 1.0)
+    want_fkl, want_jsd = np.zeros(N), np.zeros(N)
+    for i in range(N):
+        top = ids[i].numpy()
+        rest_t = 1.0 - pt_full[i, top].sum()
+        shape = np.exp(lp[i].double().numpy() / temperature)
+        shape /= shape.sum()
+        q = np.append((1 - rest_t) * shape, rest_t)  # teacher: tempered shape within top-k, mass r kept in the bucket
+        p = np.append(ps[i, top], 1.0 - ps[i, top].sum())  # student: its own mass outside the top-k
+        want_fkl[i] = _kl_np(q[None], p[None])[0]
+        m = (1 - beta) * p + beta * q
+        want_jsd[i] = beta * _kl_np(q[None], m[None])[0] + (1 - beta) * _kl_np(p[None], m[None])[0]
+    got_fkl = L.sparse_forward_kl(s, ids, lp, temperature=temperature, missing_mass="rest")
+    got_jsd = L.sparse_jsd(s, ids, lp, beta=beta, temperature=temperature, missing_mass="rest")
+    np.testing.assert_allclose(got_fkl.numpy(), want_fkl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_jsd.numpy(), want_jsd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("missing_mass", ["renormalize", "rest"])
+def test_sparse_gradients_finite_and_nonzero(missing_mass):
+    s, t = _pair(seed=23)
+    for k in (3, V):
+        ids, lp = _topk(t, k)
+        for fn, opt in ((L.sparse_forward_kl, {}), (L.sparse_jsd, {"beta": 0.5})):
+            x = s.clone().requires_grad_(True)
+            fn(x, ids, lp, missing_mass=missing_mass, **opt).sum().backward()
+            assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_sparse_reverse_direction_against_renormalised_teacher_is_refused():
+    s, t = _pair()
+    ids, lp = _topk(t, 3)
+    with pytest.raises(ValueError, match="missing_mass='rest'"):
+        L.sparse_jsd(s, ids, lp, beta=1.0)
+    assert torch.isfinite(L.sparse_jsd(s, ids, lp, beta=1.0, missing_mass="rest")).all()
