@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from llavadi.distill.objective import ModelView, save_objective
+from llavadi.distill.objective import ModelView, all_reduce_counts, save_objective, sum_counts
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values")
 
@@ -48,6 +48,20 @@ def forward_view(model, batch: dict, prefix: str, hidden: bool, attentions: bool
         attentions=out.attentions if attentions else None,
         image_features=image_features,
     )
+
+
+def _touch_image_path(model) -> torch.Tensor:
+    """0 * (sum of the trainable vision tower / projector weights): puts them in this rank's graph.
+
+    A micro-batch without images never runs them; DDP (find_unused_parameters=False) would then
+    all-reduce their gradient bucket on the ranks that had images but not on this one, a collective
+    mismatch that aborts gloo. With a zero gradient here every rank reduces the same buckets.
+    """
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad and ("vision_tower" in name or "multi_modal_projector" in name)]
+    if not params:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack([p.sum() for p in params]).sum() * 0.0
 
 
 class _ObjectiveGrads(TrainerCallback):
@@ -119,16 +133,7 @@ class DistillTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        totals: dict[str, float] = defaultdict(float)
-        for b in batch_samples:
-            for k, v in self._count(b).items():
-                totals[k] += float(v)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            keys = sorted(totals)
-            t = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.args.device)
-            dist.all_reduce(t)
-            totals = dict(zip(keys, t.tolist()))
-        self._normalizers = dict(totals)
+        self._normalizers = all_reduce_counts(sum_counts([self._count(b) for b in batch_samples]))
         return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -143,9 +148,11 @@ class DistillTrainer(Trainer):
         training = model.training and self._normalizers is not None
         normalizers = self._normalizers if training else self._count(inputs)
         loss, terms = obj(student, teacher, inputs["labels"], normalizers)
-        if training and dist.is_available() and dist.is_initialized():
+        if training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # DDP averages gradients over processes; our loss is already a global-batch mean
             loss = loss * dist.get_world_size()
+            if "pixel_values" not in inputs:
+                loss = loss + _touch_image_path(model)
         if model.training:
             for k, v in terms.items():
                 self._term_sums[k] += float(v)
