@@ -131,7 +131,6 @@ class TrainConfig:
     fp16: bool = False
     gradient_checkpointing: bool = False
     dataloader_workers: int = 0
-    group_by_length: bool = False
     extra: dict = field(default_factory=dict)  # passed to TrainingArguments as is (e.g. fsdp, deepspeed)
 
     def validate(self, where: str):

@@ -44,6 +44,15 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _trainable(hp: dict) -> dict:
+    """A preset's `train` string ("projector" or "projector+language_model") as a trainable rule."""
+    parts = set(hp.get("train", "projector+language_model").split("+"))
+    unknown = parts - {"projector", "language_model"}
+    if unknown:
+        raise ValueError(f"preset train rule {hp.get('train')!r}: unknown part(s) {sorted(unknown)}")
+    return {"projector": "projector" in parts, "llm": "language_model" in parts}
+
+
 def _stage(name, data_path, trainable, hp, terms=None, template="vicuna_v1"):
     train = {
         "learning_rate": hp["lr"], "max_steps": hp["steps"], "batch_size": hp["batch_size"],
@@ -195,9 +204,9 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
         init = _init_model("tiny-teacher", vision_state, 0, os.path.join(out, "init", "teacher"))
         stages = []
         if teacher_hp.get("pretrain", {}).get("steps", 0) > 0:
-            stages.append(_stage("pretrain", paths["captions"], {"projector": True, "llm": False},
-                                 teacher_hp["pretrain"], template="plain"))
-        stages.append(_stage("finetune", paths["instruct"], {"projector": True, "llm": True}, teacher_hp["finetune"]))
+            stages.append(_stage("pretrain", paths["captions"], _trainable(teacher_hp["pretrain"]),
+                                 teacher_hp["pretrain"], template=teacher_hp["pretrain"].get("template", "plain")))
+        stages.append(_stage("finetune", paths["instruct"], _trainable(teacher_hp["finetune"]), teacher_hp["finetune"]))
         recipe = _write_recipe(os.path.join(out, "recipes", "teacher.yaml"),
                                _recipe(os.path.join(out, "teacher"), init, stages, image_folder=paths["image_dir"]))
         _say(f"training the teacher ({recipe})")
@@ -221,8 +230,14 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
             if not fresh and os.path.isfile(os.path.join(run_dir, "final", "config.json")):
                 _say(f"{kind} seed {seed}: cached")
             else:
-                stage = _stage("finetune", student_data, {"projector": True, "llm": True}, student_hp["finetune"], terms)
-                recipe = _recipe(run_dir, init, [stage], teacher_dir=teacher_dir if terms else None, seed=seed,
+                stages = []
+                if student_hp.get("pretrain", {}).get("steps", 0) > 0:
+                    # the caption stage is the same for both students: no distillation there
+                    stages.append(_stage("pretrain", paths["captions"], _trainable(student_hp["pretrain"]),
+                                         student_hp["pretrain"], template=student_hp["pretrain"].get("template", "plain")))
+                stages.append(_stage("finetune", student_data, _trainable(student_hp["finetune"]),
+                                     student_hp["finetune"], terms))
+                recipe = _recipe(run_dir, init, stages, teacher_dir=teacher_dir if terms else None, seed=seed,
                                  image_folder=paths["image_dir"])
                 jobs.append((f"{kind}-s{seed}", _write_recipe(os.path.join(out, "recipes", f"{kind}-s{seed}.yaml"), recipe)))
             runs[kind].append(os.path.join(run_dir, "final"))

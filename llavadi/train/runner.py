@@ -197,12 +197,24 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     return out
 
 
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, quiet: bool = False) -> str:
     """Run every stage; returns the directory of the final student."""
     set_seed(recipe.seed)
+    main = _is_main_process()
+    if not main:
+        log = lambda *_: None  # noqa: E731 - one process speaks
     os.makedirs(recipe.output_dir, exist_ok=True)
-    with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w") as f:
-        yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
+    if main:
+        with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w") as f:
+            yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
     student = load_model(recipe.student)
     teacher = load_model(recipe.teacher) if recipe.teacher is not None else None
     log(f"student: {recipe.student.describe()} ({sum(p.numel() for p in student.model.parameters()):,} params)")
@@ -212,6 +224,7 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, q
         student = run_stage(recipe, stage, student, teacher, log=log, resume=resume, callbacks=callbacks,
                             quiet=quiet)
     final = os.path.join(recipe.output_dir, "final")
-    save_model(student, final, student.meta)
+    if _is_main_process():
+        save_model(student, final, student.meta)
     log(f"final student: {final}")
     return final
