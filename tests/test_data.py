@@ -218,3 +218,34 @@ def test_non_square_image_is_padded_to_square(word_tokenizer, tmp_path):
     # the padded rows are the mean colour (the image's own colour here): no black bars
     assert item["pixel_values"].std(dim=(1, 2)).max() < 1e-3
     assert os.path.exists(tmp_path / "img0.png")
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def test_tokenizer_chat_template_masks(word_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(word_tokenizer)
+    tok.chat_template = CHAT
+    enc = encoder(tok, template="chat_template")
+    e = enc.encode("c", [Turn("user", "<image>\nwhat color?"), Turn("assistant", "red"),
+                         Turn("user", "how many?"), Turn("assistant", "two")], 1)
+    words = toks(tok, e.input_ids)
+    trained = [w for w, l in zip(words, e.labels) if l != IGNORE_INDEX]
+    # the answer and the template's end-of-turn marker are trained; role tags and questions are not
+    assert trained == ["red", "</s>", "two", "</s>"]
+    assert e.token_types.count(I) == 4
+    prompt = enc.encode_prompt([Turn("user", "<image>\nwhat color?")], 1)
+    assert toks(tok, prompt.input_ids)[-2:] == ["<unk>", ":"]  # ends with the generation prompt "assistant :"
+
+
+def test_chat_template_that_is_not_prefix_stable_is_rejected(word_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(word_tokenizer)
+    # renders the number of messages first: a prefix renders differently from the whole
+    tok.chat_template = "{{ messages|length }} " + CHAT
+    with pytest.raises(ValueError, match="does not render conversation prefixes"):
+        encoder(tok, template="chat_template").encode("c", [Turn("user", "what?"), Turn("assistant", "red")], 0)
