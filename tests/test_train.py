@@ -156,3 +156,26 @@ def test_finished_stage_is_not_rerun(workspace, tmp_path):
     run_recipe(rec, log=msgs.append)
     assert os.path.getmtime(out / "finetune" / "model" / "model.safetensors") == stamp
     assert any("already done" in m for m in msgs)
+
+
+def test_teacher_with_other_image_layout_gets_its_own_inputs(workspace, tmp_path):
+    """A teacher with 16 image tokens (64 px) teaches a 4-token (32 px) student: own pixels, own ids."""
+    tok = make_word_tokenizer()
+    big = make_tiny_llava(tok, text_hidden=64, image_size=64, seed=2)
+    save_model(LoadedModel(big, tok, make_image_processor(64), {}), str(tmp_path / "teacher64"))
+    terms = [{"name": "forward_kl"}, {"name": "visual_align", "options": {"source": "projector"}},
+             {"name": "hidden_mse"}]
+    rec = _recipe(workspace, tmp_path / "run", [_finetune(workspace, steps=2, terms=terms)])
+    rec.teacher.path = str(tmp_path / "teacher64")
+
+    from llavadi.train.runner import build_dataset
+    from llavadi.models.build import load_llava_dir
+
+    ds = build_dataset(rec.stages[0], load_llava_dir(str(workspace / "student0")), load_llava_dir(str(tmp_path / "teacher64")))
+    item = ds[0]
+    assert item["pixel_values"].shape[-1] == 32 and item["teacher_pixel_values"].shape[-1] == 64
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert item["input_ids"].count(image_id) == 4 and item["teacher_input_ids"].count(image_id) == 16
+    run_recipe(rec, log=lambda *_: None)
+    logs = [h for h in _history(tmp_path / "run" / "finetune") if "loss" in h]
+    assert logs and all(h["loss/visual_align"] > 0 and h["loss/forward_kl"] >= 0 for h in logs)
