@@ -80,6 +80,8 @@ def test_sft_stage_learns_and_saves_plain_hf(workspace, tmp_path):
     meta = json.load(open(os.path.join(final, "llavadi.json")))
     assert meta["template"] == "vicuna_v1" and meta["system"] == "" and meta["n_image_tokens"] == 4
     report = json.load(open(out / "finetune" / "data_report.json"))
+    # TensorBoard logging when it is installed (it is, with the test extras)
+    assert list((out / "finetune" / "checkpoints").rglob("events.out.tfevents*"))
     assert report["used"] == 25 and report["skipped"] == [] and report["steps"] == 30
 
 

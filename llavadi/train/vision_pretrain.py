@@ -87,7 +87,7 @@ def patch_accuracy(vision_model, heads, pixel_values, labels, feature_layer, bat
 def pretrain_vision_tower(vision_model: nn.Module, data_dir: str | os.PathLike, image_processor,
                           steps: int = 150, lr: float = 3e-3, seed: int = 0, batch_size: int = 64,
                           feature_layer: int = -1, max_images: int | None = 2000,
-                          holdout_fraction: float = 0.1) -> tuple[dict, float]:
+                          holdout_fraction: float = 0.1, position_lr_scale: float = 10.0) -> tuple[dict, float]:
     """Train the tower's patch features in place; return its state_dict and held-out patch accuracy."""
     torch.manual_seed(seed)
     pixel_values, labels = load_patch_dataset(data_dir, image_processor, max_images=max_images)
@@ -97,8 +97,12 @@ def pretrain_vision_tower(vision_model: nn.Module, data_dir: str | os.PathLike, 
     device = next(vision_model.parameters()).device
     dtype = next(vision_model.parameters()).dtype
     heads = PatchHeads(vision_model.config.hidden_size, labels.shape[1]).to(device)
-    params = [p for p in vision_model.parameters() if p.requires_grad] + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # the position embedding starts ~50x smaller than the patch content: a larger lr lets the
+    # features learn which cell they are in within the same few hundred steps
+    pos = [p for n, p in vision_model.named_parameters() if "position_embedding" in n and p.requires_grad]
+    rest = [p for n, p in vision_model.named_parameters() if "position_embedding" not in n and p.requires_grad]
+    opt = torch.optim.AdamW([{"params": rest + list(heads.parameters()), "lr": lr},
+                             {"params": pos, "lr": lr * position_lr_scale}], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     rng = random.Random(seed)
     vision_model.train()
