@@ -57,8 +57,11 @@ def _stage(name, data_path, trainable, hp, terms=None, template="vicuna_v1"):
     train = {
         "learning_rate": hp["lr"], "max_steps": hp["steps"], "batch_size": hp["batch_size"],
         "warmup_ratio": hp.get("warmup_ratio", 0.03), "scheduler": hp.get("lr_scheduler", "cosine"),
+        "weight_decay": hp.get("weight_decay", 0.0), "max_grad_norm": hp.get("max_grad_norm", 1.0),
         "logging_steps": hp.get("logging_steps", 50), "save_steps": 10_000, "save_total_limit": 1,
     }
+    if "adam_beta2" in hp:
+        train["extra"] = {"adam_beta2": hp["adam_beta2"]}
     stage = {"name": name, "data": {"path": data_path, "template": template}, "trainable": trainable,
              "train": train}
     if terms:
@@ -126,9 +129,11 @@ def _vision_tower(out: str, data_root: str, fresh: bool, steps: int | None = Non
     model, _, processor = build_preset("tiny-student", seed=0)
     tower = model.model.vision_tower
     t0 = time.time()
-    state, acc = pretrain_vision_tower(tower, data_root, processor, steps=steps or VISION_PRETRAIN["steps"],
-                                       lr=VISION_PRETRAIN["lr"], batch_size=VISION_PRETRAIN["batch_size"],
-                                       feature_layer=model.config.vision_feature_layer, seed=0)
+    options = dict(VISION_PRETRAIN)
+    if steps:
+        options["steps"] = steps
+    state, acc = pretrain_vision_tower(tower, data_root, processor, feature_layer=model.config.vision_feature_layer,
+                                       seed=0, **options)
     _say(f"vision tower pretrained per patch in {time.time() - t0:.0f}s: held-out patch accuracy {acc:.3f}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
