@@ -1,0 +1,163 @@
+"""Teacher-student agreement: how often the student answers as the teacher does, and how far apart
+their next-token distributions are on the teacher's own answers.
+
+- agreement rate: exact match of the two greedy answers after `normalize_simple`.
+- mean KL(p_T || p_S): both models are teacher-forced on (their own prompt + the teacher's
+  generated answer tokens, eos included when the teacher emitted one); the KL is taken at every
+  position that predicts an answer token and averaged over all answer tokens of all questions.
+  Teacher and student may use different numbers of image tokens, so their prompts differ in
+  length: answer positions are matched by their order within the answer, never by index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llavadi.distill.logits import forward_kl
+from llavadi.eval.generate import (
+    EvalModel,
+    EvalQuestion,
+    _model_device_dtype,
+    _pad_id,
+    _pixel_batch,
+    decode_answer,
+    encode_question,
+    generate_answer_ids,
+)
+from llavadi.eval.normalize import normalize_simple
+
+
+@dataclass
+class AgreementResult:
+    """Both models' greedy answers, their agreement and the teacher-forced KL on the teacher's answers."""
+
+    teacher_answers: list[str]
+    student_answers: list[str]
+    agreement: float
+    mean_kl: float
+    n_answer_tokens: int
+    per_question_kl: list[float]  # mean KL over each question's answer tokens
+
+    def metrics(self) -> dict:
+        """The scalar metrics, with stable names for results files."""
+        return {"agreement": self.agreement, "teacher_student_kl": self.mean_kl,
+                "kl_answer_tokens": self.n_answer_tokens}
+
+
+def agreement_rate(teacher_answers: list[str], student_answers: list[str], normalize=normalize_simple) -> float:
+    """Fraction of questions whose two answers are equal after `normalize`."""
+    if len(teacher_answers) != len(student_answers):
+        raise ValueError(f"{len(teacher_answers)} teacher answers vs {len(student_answers)} student answers")
+    if not teacher_answers:
+        raise ValueError("agreement needs at least one question")
+    same = sum(normalize(t) == normalize(s) for t, s in zip(teacher_answers, student_answers))
+    return same / len(teacher_answers)
+
+
+def _check_compatible(student: EvalModel, teacher: EvalModel) -> None:
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise ValueError("the KL on the teacher's answer tokens needs teacher and student to share one "
+                         "tokenizer (same token ids); these two tokenizers differ")
+    v_s = student.model.get_output_embeddings().out_features
+    v_t = teacher.model.get_output_embeddings().out_features
+    if v_s != v_t:
+        raise ValueError(f"student and teacher output vocabularies differ ({v_s} vs {v_t} logits); "
+                         "resize the smaller model's embeddings to the same size")
+
+
+def _answer_hidden(bundle: EvalModel, questions: list[EvalQuestion], prompts: list[list[int]],
+                   answers: list[list[int]]) -> torch.Tensor:
+    """Last hidden states at the positions that predict each answer token, (sum of answer lengths, H), in order."""
+    device, dtype = _model_device_dtype(bundle.model)
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), _pad_id(bundle.tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    rows, cols = [], []
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        s = p + a
+        input_ids[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        attention_mask[b, :len(s)] = 1  # right padding: positions 0.. are the same as unpadded
+        rows += [b] * len(a)
+        cols += range(len(p) - 1, len(p) - 1 + len(a))  # the logit at t predicts token t+1
+    kwargs = {}
+    pixel_values = _pixel_batch(bundle, questions, device, dtype)
+    if pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values
+    hidden = bundle.model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                use_cache=False, **kwargs).last_hidden_state
+    # only the answer positions go through lm_head: no (B, T, V) logits tensor
+    return hidden[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)]
+
+
+@torch.no_grad()
+def teacher_forced_kl(student: EvalModel, teacher: EvalModel, questions: list[EvalQuestion],
+                      answer_ids: list[list[int]], batch_size: int = 16, temperature: float = 1.0,
+                      progress: bool = False) -> tuple[float, int, list[float]]:
+    """(mean KL(p_T||p_S) over all answer tokens, number of answer tokens, per-question mean KL)."""
+    if not questions:
+        raise ValueError("teacher-forced KL needs at least one question")
+    if len(questions) != len(answer_ids):
+        raise ValueError(f"{len(questions)} questions vs {len(answer_ids)} answers")
+    for q, a in zip(questions, answer_ids):
+        if not a:
+            raise ValueError(f"question {q.question_id!r}: empty teacher answer, no token to compare on")
+    _check_compatible(student, teacher)
+    prompts_t = [encode_question(teacher.encoder, q) for q in questions]
+    prompts_s = [encode_question(student.encoder, q) for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: -(len(prompts_t[i]) + len(answer_ids[i])))
+    per_question: list[float] = [0.0] * len(questions)
+    total, count = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(questions), desc="teacher-forced KL", unit="q")
+    modes = (student.model.training, teacher.model.training)
+    student.model.eval()
+    teacher.model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            qs = [questions[i] for i in idx]
+            ans = [answer_ids[i] for i in idx]
+            h_t = _answer_hidden(teacher, qs, [prompts_t[i] for i in idx], ans)
+            h_s = _answer_hidden(student, qs, [prompts_s[i] for i in idx], ans)
+            logits_t = teacher.model.get_output_embeddings()(h_t)
+            logits_s = student.model.get_output_embeddings()(h_s)
+            kl = forward_kl(logits_s, logits_t.to(logits_s.device), temperature=temperature).double().cpu()
+            offset = 0
+            for i, a in zip(idx, ans):
+                piece = kl[offset:offset + len(a)]
+                per_question[i] = float(piece.mean())
+                offset += len(a)
+            total += float(kl.sum())
+            count += kl.numel()
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+        student.model.train(modes[0])
+        teacher.model.train(modes[1])
+    return total / count, count, per_question
+
+
+def measure_agreement(student: EvalModel, teacher: EvalModel, questions: list[EvalQuestion],
+                      batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True,
+                      student_answer_ids: list[list[int]] | None = None) -> AgreementResult:
+    """Greedy answers of both models, their agreement rate and the mean KL on the teacher's answer tokens."""
+    teacher_ids = generate_answer_ids(teacher, None, None, None, questions, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
+    if student_answer_ids is None:
+        student_answer_ids = generate_answer_ids(student, None, None, None, questions, batch_size=batch_size,
+                                                 max_new_tokens=max_new_tokens, progress=progress,
+                                                 desc="student answers")
+    teacher_answers = [decode_answer(teacher.tokenizer, a) for a in teacher_ids]
+    student_answers = [decode_answer(student.tokenizer, a) for a in student_answer_ids]
+    mean_kl, n_tokens, per_question = teacher_forced_kl(student, teacher, questions, teacher_ids,
+                                                        batch_size=batch_size, progress=progress)
+    return AgreementResult(teacher_answers, student_answers, agreement_rate(teacher_answers, student_answers),
+                           mean_kl, n_tokens, per_question)

@@ -1,0 +1,299 @@
+"""Batched greedy generation, teacher-student agreement and the `llavadi eval` command (tiny random models)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images
+
+from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
+from llavadi.eval.generate import (
+    EvalModel,
+    EvalQuestion,
+    encode_question,
+    generate_answer_ids,
+    generate_answers,
+    make_encoder,
+    question_image,
+)
+from llavadi.data.dataset import pixel_values_for
+
+MAX_NEW = 8
+
+
+def _sharpen(model, scale=10.0):
+    """Random weights large enough that greedy answers depend on the prompt and image."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model.eval()
+
+
+def _bundle(model, tok, image_size, n_image_tokens):
+    encoder = make_encoder(tok, model.config, {"template": "vicuna_v1", "system": "", "n_image_tokens": n_image_tokens})
+    return EvalModel(model, tok, make_image_processor(image_size), encoder, model_dir="tiny")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = make_word_tokenizer()
+    folder = tmp_path_factory.mktemp("images")
+    write_images(str(folder), n=4, size=32)
+    # teacher: 32 px / 16 px patches = 4 image tokens
+    teacher = _sharpen(make_tiny_llava(tok, seed=0))
+    # make eos the greedy choice wherever token "cat" would have been: some answers stop early
+    with torch.no_grad():
+        w = teacher.lm_head.weight
+        w[tok.eos_token_id] = w[tok.convert_tokens_to_ids("cat")] * 1.001
+    questions = [
+        EvalQuestion("q0", "what color is the circle ?", str(folder / "img0.png")),
+        EvalQuestion("q1", "hello world"),  # text-only, in the same batch as image questions
+        EvalQuestion("q2", "how many ?", str(folder / "img1.png")),
+        EvalQuestion("q3", "how many shape are there in the top left of the picture ?", str(folder / "img2.png")),
+        EvalQuestion("q4", "describe the image", str(folder / "img3.png")),
+        EvalQuestion("q5", "what is the opposite of left ?"),
+        EvalQuestion("q6", "is there a red square ?", str(folder / "img1.png")),
+    ]
+    return {"tok": tok, "folder": folder, "teacher": _bundle(teacher, tok, 32, 4), "questions": questions}
+
+
+@torch.no_grad()
+def reference_greedy(bundle, question, max_new=MAX_NEW):
+    """Plain greedy decoding of one question: full forward each step, no cache, no padding."""
+    ids = encode_question(bundle.encoder, question)
+    kwargs = {}
+    if question.has_image:
+        kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, question_image(question))[None]
+    out = []
+    for _ in range(max_new):
+        logits = bundle.model(input_ids=torch.tensor([ids + out]), **kwargs).logits[0, -1]
+        logits[bundle.model.config.image_token_id] = -float("inf")  # generation never emits the placeholder
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt == bundle.tokenizer.eos_token_id:
+            break
+    return out
+
+
+def test_batched_generation_equals_one_at_a_time(setup):
+    bundle, questions = setup["teacher"], setup["questions"]
+    expected_ids = [reference_greedy(bundle, q) for q in questions]
+    got_ids = generate_answer_ids(bundle, None, None, None, questions, batch_size=4, max_new_tokens=MAX_NEW,
+                                  progress=False)
+    assert got_ids == expected_ids
+    eos = setup["tok"].eos_token_id
+    assert any(a[-1] == eos and len(a) < MAX_NEW for a in expected_ids)  # some stopped at eos
+    assert any(eos not in a for a in expected_ids)  # some ran to max_new_tokens
+    texts = generate_answers(bundle.model, bundle.tokenizer, bundle.image_processor, bundle.encoder, questions,
+                             batch_size=3, max_new_tokens=MAX_NEW, progress=False)
+    tok = setup["tok"]
+    assert texts == [tok.decode(a, skip_special_tokens=True).strip() for a in expected_ids]
+    assert "</s>" not in " ".join(texts)
+    assert len(set(texts)) >= 4  # answers depend on the question: the comparison can fail
+
+
+def test_left_padding_and_pixel_values_per_batch(setup, monkeypatch):
+    bundle, questions = setup["teacher"], setup["questions"]
+    calls = []
+    original = bundle.model.generate
+
+    def spy(**kwargs):
+        calls.append({k: kwargs.get(k) for k in ("input_ids", "attention_mask", "pixel_values")})
+        return original(**kwargs)
+
+    monkeypatch.setattr(bundle.model, "generate", spy)
+    generate_answer_ids(bundle, None, None, None, questions, batch_size=4, max_new_tokens=2, progress=False)
+    lengths = [len(encode_question(bundle.encoder, q)) for q in questions]
+    assert [c["input_ids"].shape[0] for c in calls] == [4, 3]
+    assert [c["input_ids"].shape[1] for c in calls] == [max(lengths), sorted(lengths)[-5]]
+    n_pixels = 0
+    for c in calls:
+        mask = c["attention_mask"]
+        # left padding: each row's ones are a suffix, the pad token fills the rest
+        for row_ids, row_mask in zip(c["input_ids"], mask):
+            n = int(row_mask.sum())
+            assert row_mask[-n:].all() and not row_mask[:-n].any()
+            assert (row_ids[:-n] == setup["tok"].pad_token_id).all()
+        n_img_rows = int((c["input_ids"] == bundle.model.config.image_token_id).any(dim=1).sum())
+        pix = c["pixel_values"]
+        assert (0 if pix is None else pix.shape[0]) == n_img_rows
+        n_pixels += n_img_rows
+    assert n_pixels == sum(q.has_image for q in questions)
+
+
+def test_agreement_rate_known_values():
+    teacher = ["Red.", "two", "a circle", "yes"]
+    student = ["red", "2", "circle", "no"]
+    # simple normaliser: case, punctuation and articles go; number words stay words
+    assert agreement_rate(teacher, student) == pytest.approx(2 / 4)
+    with pytest.raises(ValueError):
+        agreement_rate(["a"], [])
+
+
+def test_model_against_itself_agrees_fully_with_zero_kl(setup):
+    bundle, questions = setup["teacher"], setup["questions"]
+    result = measure_agreement(bundle, bundle, questions, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
+    assert result.agreement == 1.0
+    assert abs(result.mean_kl) < 1e-6
+    assert result.n_answer_tokens == sum(len(reference_greedy(bundle, q)) for q in questions)
+
+
+@torch.no_grad()
+def _answer_logits(bundle, question, answer):
+    """Full-sequence logits of prompt + answer, rows predicting each answer token (plain reference)."""
+    ids = encode_question(bundle.encoder, question)
+    kwargs = {}
+    if question.has_image:
+        kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, question_image(question))[None]
+    logits = bundle.model(input_ids=torch.tensor([ids + answer]), **kwargs).logits[0]
+    return logits[len(ids) - 1: len(ids) - 1 + len(answer)].double()
+
+
+def test_kl_matches_plain_reference_with_different_image_token_counts(setup):
+    teacher, questions, tok = setup["teacher"], setup["questions"], setup["tok"]
+    # student: 64 px / 16 px patches = 16 image tokens, another seed and size
+    student = _bundle(_sharpen(make_tiny_llava(tok, text_hidden=48, image_size=64, seed=3), scale=3.0), tok, 64, 16)
+    answers = [reference_greedy(teacher, q) for q in questions]
+    kls = []
+    for q, a in zip(questions, answers):
+        log_t = torch.log_softmax(_answer_logits(teacher, q, a), -1)
+        log_s = torch.log_softmax(_answer_logits(student, q, a), -1)
+        kls.append((log_t.exp() * (log_t - log_s)).sum(-1))
+    expected = torch.cat(kls).mean().item()
+    mean_kl, n, per_question = teacher_forced_kl(student, teacher, questions, answers, batch_size=3)
+    assert n == sum(len(a) for a in answers)
+    assert expected > 0.05
+    assert mean_kl == pytest.approx(expected, rel=1e-4)
+    assert per_question == pytest.approx([k.mean().item() for k in kls], rel=1e-4)
+
+    # a student whose logits are all zero is uniform: KL(p_T || U) = log V - H(p_T)
+    uniform = make_tiny_llava(tok, image_size=64, seed=4).eval()
+    with torch.no_grad():
+        uniform.lm_head.weight.zero_()
+    uniform = _bundle(uniform, tok, 64, 16)
+    log_t = torch.cat([torch.log_softmax(_answer_logits(teacher, q, a), -1) for q, a in zip(questions, answers)])
+    entropy = -(log_t.exp() * log_t).sum(-1)
+    closed_form = (math.log(len(tok)) - entropy).mean().item()
+    got, _, _ = teacher_forced_kl(uniform, teacher, questions, answers, batch_size=4)
+    assert got == pytest.approx(closed_form, rel=1e-4)
+
+    result = measure_agreement(student, teacher, questions, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
+    student_texts = [tok.decode(reference_greedy(student, q), skip_special_tokens=True).strip()
+                     for q in questions]
+    teacher_texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+    assert result.student_answers == student_texts and result.teacher_answers == teacher_texts
+    assert result.agreement == sum(s == t for s, t in zip(student_texts, teacher_texts)) / len(questions)
+    assert result.mean_kl == pytest.approx(expected, rel=1e-4)
+
+
+def _save(model, tok, image_size, path, n_image_tokens):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    make_image_processor(image_size).save_pretrained(path)
+    (path / "llavadi.json").write_text(json.dumps({"template": "vicuna_v1", "system": "",
+                                                   "n_image_tokens": n_image_tokens}))
+
+
+def test_eval_command_end_to_end(setup, tmp_path):
+    from llavadi.eval import eval_command
+
+    tok, folder = setup["tok"], setup["folder"]
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    _save(setup["teacher"].model, tok, 32, teacher_dir, 4)
+    _save(_sharpen(make_tiny_llava(tok, seed=5), scale=5.0), tok, 32, student_dir, 4)
+    rows = [
+        {"question_id": "s0", "image": "img0.png", "text": "what color is the circle ?", "answer": "red", "category": "color"},
+        {"question_id": "s1", "image": "img1.png", "text": "how many ?", "answer": "2", "category": "count"},
+        {"question_id": "s2", "image": "img2.png", "text": "is there a red square ?", "answer": "no", "category": "exists"},
+        {"question_id": "s3", "image": "img3.png", "text": "describe the image", "answer": "x", "category": "color"},
+    ]
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+
+    parser = argparse.ArgumentParser()
+    eval_command.register(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--model", str(student_dir), "--benchmark", "synthetic", "--questions",
+                              str(qfile), "--images", str(folder), "--out", str(out), "--teacher", str(teacher_dir),
+                              "--batch-size", "2", "--max-new-tokens", "4", "--limit", "3", "--no-progress",
+                              "--device", "cpu"])
+    assert args.func(args) == 0
+
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == ["s0", "s1", "s2"]  # --limit 3, original order
+    assert all(set(a) == {"question_id", "prompt", "text", "model_id"} and a["model_id"] == "student" for a in answers)
+    assert answers[0]["prompt"] == rows[0]["text"]
+    teacher_answers = [json.loads(line) for line in (out / "teacher_answers.jsonl").read_text().splitlines()]
+    assert len(teacher_answers) == 3
+
+    metrics = json.loads((out / "synthetic.json").read_text())
+    m = metrics["metrics"]
+    assert {"accuracy", "agreement", "teacher_student_kl", "teacher/accuracy"} <= set(m)
+    assert metrics["counts"]["questions"] == 3
+    expected_acc = 100 * sum(a["text"].lower() == r["answer"] for a, r in zip(answers, rows)) / 3
+    assert m["accuracy"] == pytest.approx(expected_acc)
+    expected_agree = 100 * sum(a["text"] == t["text"] for a, t in zip(answers, teacher_answers)) / 3
+    assert m["agreement"] == pytest.approx(expected_agree)
+    assert m["teacher_student_kl"] > 0
+    assert "agreement" in (out / "synthetic.md").read_text()
+
+    # the in-process API gives the same answers
+    from llavadi.eval.eval_command import evaluate
+
+    result = evaluate(str(student_dir), "synthetic", str(qfile), str(folder), str(tmp_path / "out2"),
+                      batch_size=3, max_new_tokens=4, limit=3, progress=False, device="cpu")
+    assert result["metrics"]["accuracy"] == pytest.approx(expected_acc)
+    again = [json.loads(line)["text"] for line in (tmp_path / "out2" / "answers.jsonl").read_text().splitlines()]
+    assert again == [a["text"] for a in answers]
+
+
+def test_eval_command_reports_missing_image(setup, tmp_path):
+    from llavadi.eval.benchmarks import EvalDataError
+    from llavadi.eval.eval_command import evaluate
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question_id": "x7", "image": "nope.png", "text": "how many ?", "answer": "1",
+                                 "category": "count"}) + "\n")
+    with pytest.raises(EvalDataError, match="x7.*nope.png"):
+        evaluate(str(tmp_path / "no-model"), "synthetic", str(qfile), str(setup["folder"]), str(tmp_path / "o"))
+
+
+def test_base64_image_is_padded_to_square_and_bad_data_is_named():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from llavadi.data.encode import SampleError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(buf, format="PNG")
+    q = EvalQuestion("mmb-3", "which ?", image_base64=base64.b64encode(buf.getvalue()).decode())
+    img = question_image(q)
+    assert img.size == (20, 20)
+    assert img.getpixel((10, 10)) == (200, 10, 10) and img.getpixel((10, 1)) == (200, 10, 10)  # mean colour pad
+    assert question_image(q, pad_to_square=False).size == (20, 10)
+    with pytest.raises(SampleError, match="mmb-3"):
+        question_image(EvalQuestion("mmb-3", "which ?", image_base64="bm90IGFuIGltYWdl"))
+
+
+def test_model_info_defaults_and_mismatch(tmp_path, setup):
+    from llavadi.data.templates import LLAVA_SYSTEM
+    from llavadi.eval.generate import read_model_info
+
+    config = setup["teacher"].model.config  # 32 px / 16 px, "default" strategy: 4 tokens
+    info = read_model_info(tmp_path, config)
+    assert info == {"template": "vicuna_v1", "system": LLAVA_SYSTEM, "n_image_tokens": 4}
+    assert read_model_info(tmp_path, config, system="")["system"] == ""
+    import copy
+
+    full = copy.deepcopy(config)
+    full.vision_feature_select_strategy = "full"  # the CLS token is kept: one more token
+    assert read_model_info(tmp_path, full)["n_image_tokens"] == 5
+    (tmp_path / "llavadi.json").write_text(json.dumps({"template": "plain", "n_image_tokens": 5}))
+    with pytest.raises(ValueError, match="n_image_tokens 5"):
+        read_model_info(tmp_path, config)
