@@ -1,0 +1,165 @@
+"""Tiny LLaVA presets for the synthetic demo, by exact name, with their training hyper-parameters.
+
+Teacher and student share one tiny CLIP vision tower (as real LLaVADI teacher and student share
+a pretrained CLIP), pretrained once per patch (`llavadi.train.vision_pretrain`) and then frozen.
+Image 48 px, patch 16 px: each of the 3x3 = 9 image tokens sees exactly one grid cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from llavadi.models.tokenizer import build_tiny_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """Size of the tiny CLIP vision tower."""
+
+    image_size: int = 48
+    patch_size: int = 16
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    feature_layer: int = -1  # the last layer: every layer of the tiny tower is used
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Image tokens per image under the "default" strategy (CLS dropped)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Size of the tiny Llama language model."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 256
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named tiny model plus the training hyper-parameters that the demo uses for it."""
+
+    name: str
+    text: TextSpec
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    train: dict = field(default_factory=dict)
+
+
+SHARED_VISION = VisionSpec()
+# the vision tower's own per-patch pretraining (llavadi.train.vision_pretrain): ~6 s on 1 thread
+VISION_PRETRAIN = {"steps": 300, "lr": 3e-3, "batch_size": 64, "position_lr_scale": 10.0}
+
+# Shared by both presets (measured on the synthetic task, see the h3 report): AdamW with
+# betas (0.9, 0.98), no weight decay, grad-norm clip 1.0, 3% warmup then cosine, batch 32,
+# vision tower frozen. "pretrain" = captions, training projector AND language model: the tiny
+# LLM has no language pretraining, so a projector-only stage 1 (as in LLaVA) does not help it.
+_COMMON = {"batch_size": 32, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0,
+           "adam_beta2": 0.98, "max_grad_norm": 1.0, "train": "projector+language_model"}
+
+PRESETS: dict[str, Preset] = {
+    "tiny-teacher": Preset(
+        name="tiny-teacher",
+        text=TextSpec(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512),
+        train={"pretrain": {**_COMMON, "lr": 1.5e-3, "steps": 300},
+               "finetune": {**_COMMON, "lr": 1.5e-3, "steps": 600}},
+    ),
+    # one layer: the position-referenced questions need two attention hops (question words ->
+    # answer position -> the matching image token), so depth is what separates the models;
+    # a 2-layer 128-wide student matched the teacher at equal steps (.65-.68 vs .68)
+    "tiny-student": Preset(
+        name="tiny-student",
+        text=TextSpec(hidden_size=128, num_layers=1, num_heads=4, intermediate_size=384),
+        train={"pretrain": {**_COMMON, "lr": 2e-3, "steps": 300},
+               "finetune": {**_COMMON, "lr": 2e-3, "steps": 600}},
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset of that exact name."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def llava_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    """The LlavaConfig of a preset for this tokenizer."""
+    v, t = preset.vision, preset.text
+    vision_config = CLIPVisionConfig(
+        image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+        intermediate_size=v.intermediate_size, projection_dim=v.hidden_size,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
+        intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config, text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+        vision_feature_layer=v.feature_layer, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def build_image_processor(vision: VisionSpec = SHARED_VISION) -> CLIPImageProcessorPil:
+    """CLIP-normalising image processor for the tower's image size (a no-op resize for its own images)."""
+    side = vision.image_size
+    # the PIL class directly: CLIPImageProcessor needs torchvision and would fall back with a warning
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        do_resize=True, do_center_crop=True, do_convert_rgb=True,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+
+
+def build_preset(name: str, tokenizer: PreTrainedTokenizerFast | None = None,
+                 vision_tower_state: dict | None = None, seed: int | None = None):
+    """(LlavaForConditionalGeneration, tokenizer, image_processor) of a named tiny preset."""
+    import torch
+
+    preset = get_preset(name)
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(preset, tokenizer))
+    if vision_tower_state is not None:
+        missing, unexpected = model.model.vision_tower.load_state_dict(vision_tower_state, strict=False)
+        # post_layernorm / head of the pooled output are not read by LLaVA and may be absent
+        real_missing = [k for k in missing if "post_layernorm" not in k]
+        if real_missing or unexpected:
+            raise ValueError(f"vision tower state does not fit preset {name!r}: "
+                             f"missing {real_missing}, unexpected {unexpected}")
+    return model, tokenizer, build_image_processor(preset.vision)
+
+
+def build_llava_processor(tokenizer: PreTrainedTokenizerFast, image_processor,
+                          vision: VisionSpec = SHARED_VISION) -> LlavaProcessor:
+    """A LlavaProcessor that expands `<image>` to exactly the tower's number of image tokens."""
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+    )
