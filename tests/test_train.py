@@ -181,3 +181,18 @@ def test_teacher_with_other_image_layout_gets_its_own_inputs(workspace, tmp_path
     run_recipe(rec, log=lambda *_: None)
     logs = [h for h in _history(tmp_path / "run" / "finetune") if "loss" in h]
     assert logs and all(h["loss/visual_align"] > 0 and h["loss/forward_kl"] >= 0 for h in logs)
+
+
+def test_skipped_samples_are_reported_at_the_end(workspace, tmp_path):
+    data = json.load(open(workspace / "inst.json"))
+    data[3] = dict(data[3], image="missing.png")
+    data[5] = dict(data[5], id="bad5", conversations=data[5]["conversations"][:1])
+    write_json(tmp_path / "inst.json", data)
+    stage = _finetune(workspace, steps=1)
+    stage["data"] = {"path": str(tmp_path / "inst.json"), "on_error": "skip"}
+    msgs = []
+    run_recipe(_recipe(workspace, tmp_path / "run", [stage], teacher=False), log=msgs.append)
+    report = json.load(open(tmp_path / "run" / "finetune" / "data_report.json"))
+    assert report["used"] == len(data) - 2
+    assert [s["sample_id"] for s in report["skipped"]] == ["s3", "bad5"]
+    assert any("2 sample(s) skipped (s3, bad5)" in m for m in msgs[-3:])

@@ -226,5 +226,13 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, q
     final = os.path.join(recipe.output_dir, "final")
     if _is_main_process():
         save_model(student, final, student.meta)
+    for stage in recipe.stages:  # what was left out, said once more at the end of the run
+        report = os.path.join(recipe.output_dir, stage.name, "data_report.json")
+        if os.path.isfile(report):
+            with open(report) as f:
+                skipped = json.load(f)["skipped"]
+            if skipped:
+                ids = ", ".join(s["sample_id"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+                log(f"[{stage.name}] {len(skipped)} sample(s) skipped ({ids}); reasons in {report}")
     log(f"final student: {final}")
     return final
