@@ -1,4 +1,4 @@
-"""The `llavadi` command: demo, make-data, train, eval, score, report."""
+"""The `llavadi` command: demo, make-data, train, regenerate, eval, score, report."""
 
 from __future__ import annotations
 
@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
     t.set_defaults(func=_cmd_train)
 
+    from llavadi.data import regenerate
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import eval_command
 
+    regenerate.register(sub)
     eval_command.register(sub)
     eval_commands.register(sub)
     return p
