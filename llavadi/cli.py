@@ -31,7 +31,8 @@ def _cmd_make_data(args) -> int:
 def _cmd_demo(args) -> int:
     from llavadi.demo import run_demo
 
-    run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke)
+    run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke,
+             student_fraction=args.student_fraction)
     return 0
 
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=1, help="student seeds to run (mean and spread reported)")
     d.add_argument("--fresh", action="store_true", help="ignore cached data, vision tower and teacher")
     d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
+    d.add_argument("--student-fraction", type=float, default=None,
+                   help="fraction of the instruction set the students see (default: the preset's, all)")
     d.add_argument("--smoke", action="store_true", help="a seconds-long run of every step (tiny data, 3 steps)")
     d.set_defaults(func=_cmd_demo)
 
