@@ -148,7 +148,7 @@ def _init_model(preset: str, vision_state: dict, seed: int, path: str) -> str:
     return path
 
 
-def _student_subset(instruct: str, fraction: float, out_path: str, seed: int) -> str:
+def _student_subset(instruct: str, fraction: float, out_path: str) -> str:
     """The first `fraction` of the instruction set (same for every seed: the data is the constant)."""
     with open(instruct) as f:
         data = json.load(f)
@@ -222,8 +222,11 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
         _say(f"teacher: cached {teacher_dir}")
 
     student_data = paths["instruct"]
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"student fraction must be in (0, 1], got {fraction}")
+    tag = "" if fraction >= 1.0 else f"-f{fraction:g}"  # runs on a label subset are cached apart
     if fraction < 1.0:
-        student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, "student_instruct.json"), 0)
+        student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, f"student_instruct{tag}.json"))
     runs: dict[str, list[str]] = {"student_sft": [], "student_distilled": []}
     for seed in range(seeds):
         init = _init_model("tiny-student", vision_state, 1000 + seed, os.path.join(out, "init", f"student-s{seed}"))
@@ -231,7 +234,7 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
         for kind, terms in (("student_sft", None), ("student_distilled", DISTILL_TERMS)):
             if kind == "student_distilled" and not distill:
                 continue
-            run_dir = os.path.join(out, f"{kind}-s{seed}")
+            run_dir = os.path.join(out, f"{kind}{tag}-s{seed}")
             if not fresh and os.path.isfile(os.path.join(run_dir, "final", "config.json")):
                 _say(f"{kind} seed {seed}: cached")
             else:
@@ -244,7 +247,8 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
                                      student_hp["finetune"], terms))
                 recipe = _recipe(run_dir, init, stages, teacher_dir=teacher_dir if terms else None, seed=seed,
                                  image_folder=paths["image_dir"])
-                jobs.append((f"{kind}-s{seed}", _write_recipe(os.path.join(out, "recipes", f"{kind}-s{seed}.yaml"), recipe)))
+                jobs.append((f"{kind}{tag}-s{seed}",
+                             _write_recipe(os.path.join(out, "recipes", f"{kind}{tag}-s{seed}.yaml"), recipe)))
             runs[kind].append(os.path.join(run_dir, "final"))
         if jobs:
             _say(f"training students for seed {seed}: {', '.join(n for n, _ in jobs)} (in parallel)")
@@ -256,16 +260,16 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
     results: dict = {"teacher": _evaluate("teacher", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
     for kind, dirs in runs.items():
         for seed, d in enumerate(dirs):
-            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}-s{seed}", d, paths["eval"], paths["image_dir"], out,
+            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
                                                    teacher_dir)
     summary = summarise(results, runs)
     summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction, "distill_terms": DISTILL_TERMS,
                            "teacher_hp": teacher_hp, "student_hp": student_hp,
                            "wall_seconds": round(time.time() - t_start, 1)}
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, f"results{tag}.json"), "w") as f:
         json.dump({"summary": summary, "runs": results}, f, indent=2, default=str)
     print(format_table(summary))
-    _say(f"done in {time.time() - t_start:.0f}s; results in {os.path.join(out, 'results.json')}")
+    _say(f"done in {time.time() - t_start:.0f}s; results in {os.path.join(out, f'results{tag}.json')}")
     return summary
 
 

@@ -126,6 +126,16 @@ def parse_record(where: str, obj: object, image_folder: str | None) -> Record:
     return Record(sid, turns, image, where)
 
 
+def expand_to_square(img: Image.Image) -> Image.Image:
+    """Pad an RGB image to a square with its mean colour, centred (LLaVA-1.5's expand2square)."""
+    if img.width == img.height:
+        return img
+    side = max(img.size)
+    canvas = Image.new("RGB", (side, side), tuple(int(m) for m in ImageStat.Stat(img).mean))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
 def load_image(path: str, sample_id: str, pad_to_square: bool = True) -> Image.Image:
     """An RGB image; padded to a square with the mean colour as LLaVA-1.5 does."""
     try:
@@ -133,13 +143,7 @@ def load_image(path: str, sample_id: str, pad_to_square: bool = True) -> Image.I
             img = im.convert("RGB")
     except Exception as e:
         raise SampleError(f"sample {sample_id!r}: unreadable image {path} ({e})") from e
-    if pad_to_square and img.width != img.height:
-        side = max(img.size)
-        mean = tuple(int(m) for m in ImageStat.Stat(img).mean)
-        canvas = Image.new("RGB", (side, side), mean)
-        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        img = canvas
-    return img
+    return expand_to_square(img) if pad_to_square else img
 
 
 def pixel_values_for(image_processor, img: Image.Image) -> torch.Tensor:

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageStat
+from PIL import Image
 
-from llavadi.data.dataset import load_image, pixel_values_for
+from llavadi.data.dataset import expand_to_square, load_image, pixel_values_for
 from llavadi.data.encode import ConversationEncoder, SampleError
-from llavadi.data.templates import IMAGE_PLACEHOLDER, LLAVA_SYSTEM, Turn, get_template
+from llavadi.device import resolve_device
+from llavadi.models.build import encoder_for
+from llavadi.models.build import n_image_tokens as n_image_tokens_of
+from llavadi.data.templates import IMAGE_PLACEHOLDER, LLAVA_SYSTEM, Turn
 
 MODEL_INFO_FILE = "llavadi.json"
 DEFAULT_TEMPLATE = "vicuna_v1"
@@ -75,19 +78,6 @@ class EvalModel:
     pad_to_square: bool = True
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -105,13 +95,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def expected_image_tokens(config) -> int:
-    """Image tokens per image a LLaVA config's vision tower produces (CLS kept under 'full')."""
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
-
-
 def read_model_info(model_dir: str | os.PathLike, config, template: str | None = None,
                     system: str | None = None) -> dict:
     """How a saved model is prompted: llavadi.json if present, LLaVA-1.5 defaults otherwise, then overrides."""
@@ -127,7 +110,7 @@ def read_model_info(model_dir: str | os.PathLike, config, template: str | None =
     info = dict(info)
     info.setdefault("template", DEFAULT_TEMPLATE)
     info.setdefault("system", LLAVA_SYSTEM)
-    n_expected = expected_image_tokens(config)
+    n_expected = n_image_tokens_of(config)
     info.setdefault("n_image_tokens", n_expected)
     if template is not None:
         info["template"] = template
@@ -144,20 +127,17 @@ def read_model_info(model_dir: str | os.PathLike, config, template: str | None =
 
 def make_encoder(tokenizer, config, info: dict, max_length: int = 4096) -> ConversationEncoder:
     """The ConversationEncoder that builds this model's prompts (same code path as training)."""
-    eos = tokenizer.eos_token or "</s>"
-    template = get_template(info["template"], system=info.get("system"), eos=eos)
-    return ConversationEncoder(tokenizer, template, config.image_token_id, int(info["n_image_tokens"]),
-                               max_length=max_length)
+    return encoder_for(tokenizer, config, info["template"], info.get("system"), max_length)
 
 
 def make_eval_model(model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE, system: str | None = None,
                     n_image_tokens: int | None = None, name: str = "model", pad_to_square: bool = True) -> EvalModel:
     """An EvalModel from objects already in memory (e.g. a model just trained), prompted with `template`."""
     info = {"template": template, "system": LLAVA_SYSTEM if system is None else system,
-            "n_image_tokens": expected_image_tokens(model.config) if n_image_tokens is None else n_image_tokens}
-    if int(info["n_image_tokens"]) != expected_image_tokens(model.config):
+            "n_image_tokens": n_image_tokens_of(model.config) if n_image_tokens is None else n_image_tokens}
+    if int(info["n_image_tokens"]) != n_image_tokens_of(model.config):
         raise ValueError(f"n_image_tokens {n_image_tokens} does not match the model's vision tower "
-                         f"({expected_image_tokens(model.config)} tokens per image)")
+                         f"({n_image_tokens_of(model.config)} tokens per image)")
     return EvalModel(model, tokenizer, image_processor, make_encoder(tokenizer, model.config, info), model_dir=name,
                      info=info, pad_to_square=pad_to_square)
 
@@ -203,16 +183,6 @@ def encode_question(encoder: ConversationEncoder, question: EvalQuestion) -> lis
                                  sample_id=str(question.question_id)).input_ids
 
 
-def _square(img: Image.Image) -> Image.Image:
-    # same padding as llavadi.data.dataset.load_image (LLaVA-1.5's expand2square), for in-memory images
-    if img.width == img.height:
-        return img
-    side = max(img.size)
-    canvas = Image.new("RGB", (side, side), tuple(int(m) for m in ImageStat.Stat(img).mean))
-    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-    return canvas
-
-
 def question_image(question: EvalQuestion, pad_to_square: bool = True) -> Image.Image:
     """The question's RGB image (from its file or its base64 bytes), padded to a square as in training."""
     if question.image is not None:
@@ -222,7 +192,7 @@ def question_image(question: EvalQuestion, pad_to_square: bool = True) -> Image.
             img = im.convert("RGB")
     except Exception as e:  # binascii and PIL raise several types for bad data
         raise SampleError(f"question {question.question_id!r}: undecodable base64 image ({e})") from e
-    return _square(img) if pad_to_square else img
+    return expand_to_square(img) if pad_to_square else img
 
 
 def _pad_id(tokenizer) -> int:

@@ -56,6 +56,15 @@ def n_image_tokens(config: LlavaConfig) -> int:
     return n
 
 
+def encoder_for(tokenizer, config: LlavaConfig, template: str, system: str | None, max_length: int):
+    """The ConversationEncoder for one model: its tokenizer, image token and image-token count."""
+    from llavadi.data.encode import ConversationEncoder
+    from llavadi.data.templates import get_template
+
+    tmpl = get_template(template, system, eos=tokenizer.eos_token or "</s>")
+    return ConversationEncoder(tokenizer, tmpl, config.image_token_id, n_image_tokens(config), max_length)
+
+
 def _require_dir(path: str, what: str) -> str:
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(

@@ -88,6 +88,9 @@ PRESETS: dict[str, Preset] = {
     "tiny-student": Preset(
         name="tiny-student",
         text=TextSpec(hidden_size=128, num_layers=1, num_heads=4, intermediate_size=384),
+        # the demo's students see the teacher's data; `llavadi demo --student-fraction 0.15` gives them
+        # 15% of the instruct labels, the regime where distillation shows in probes (1-layer student:
+        # CE .60/.50/.45 vs CE+KL .67/.52/.51, seeds 0/1/2)
         train={"pretrain": {**_COMMON, "lr": 2e-3, "steps": 300},
                "finetune": {**_COMMON, "lr": 2e-3, "steps": 600}},
     ),

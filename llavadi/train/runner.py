@@ -23,33 +23,18 @@ from transformers import TrainingArguments, set_seed
 from llavadi.config import Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
-from llavadi.data.encode import ConversationEncoder
-from llavadi.data.templates import get_template
 from llavadi.distill.objective import DistillObjective, TermSpec, check_same_tokenizer, load_objective
-from llavadi.models.build import LoadedModel, load_llava_dir, load_model, save_model, set_trainable
+from llavadi.device import resolve_device
+from llavadi.models.build import LoadedModel, encoder_for, load_llava_dir, load_model, save_model, set_trainable
 from llavadi.train.trainer import DistillTrainer
 
 TEACHER_PREFIX = "teacher_"
 LOGIT_TERMS = {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "logit_mse"}
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda if available, else mps, else cpu."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def make_encoder(loaded: LoadedModel, data_cfg) -> ConversationEncoder:
+def make_encoder(loaded: LoadedModel, data_cfg):
     """A conversation encoder for one model's tokenizer and image layout."""
-    tok = loaded.tokenizer
-    template = get_template(data_cfg.template, data_cfg.system, eos=tok.eos_token or "</s>")
-    return ConversationEncoder(tok, template, loaded.model.config.image_token_id, loaded.n_image_tokens,
-                               data_cfg.max_length)
+    return encoder_for(loaded.tokenizer, loaded.model.config, data_cfg.template, data_cfg.system, data_cfg.max_length)
 
 
 def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
@@ -137,7 +122,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         log(f"[{stage.name}] already done: loading {final_dir}")
         done = load_llava_dir(final_dir)
         return done
-    device = resolve_device(recipe.device)
+    device = resolve_device(recipe.device).type
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if ckpt:
