@@ -1,4 +1,4 @@
-"""The `llavadi` command: demo, make-data, train, regenerate, eval, score, report."""
+"""The `llavadi` command: demo, make-data, train, regenerate, eval, score, report, ablate."""
 
 from __future__ import annotations
 
@@ -70,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import eval_command
 
+    from llavadi.experiments import ablate
+
     regenerate.register(sub)
     eval_command.register(sub)
     eval_commands.register(sub)
+    ablate.register(sub)
     return p
 
 
