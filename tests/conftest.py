@@ -85,3 +85,18 @@ def write_images(folder, n=3, size=32):
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f)
+
+
+@torch.no_grad()
+def plain_greedy_ids(model, eos_token_id, ids, pixel_values=None, max_new=8):
+    """Reference greedy decoding: full forward each step, no cache, no padding, one sequence."""
+    kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = []
+    for _ in range(max_new):
+        logits = model(input_ids=torch.tensor([ids + out]), **kwargs).logits[0, -1]
+        logits[model.config.image_token_id] = -float("inf")  # generation never emits the placeholder
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt == eos_token_id:
+            break
+    return out

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images
+from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
 from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
 from llavadi.eval.generate import (
@@ -61,22 +61,11 @@ def setup(tmp_path_factory):
     return {"tok": tok, "folder": folder, "teacher": _bundle(teacher, tok, 32, 4), "questions": questions}
 
 
-@torch.no_grad()
 def reference_greedy(bundle, question, max_new=MAX_NEW):
     """Plain greedy decoding of one question: full forward each step, no cache, no padding."""
-    ids = encode_question(bundle.encoder, question)
-    kwargs = {}
-    if question.has_image:
-        kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, question_image(question))[None]
-    out = []
-    for _ in range(max_new):
-        logits = bundle.model(input_ids=torch.tensor([ids + out]), **kwargs).logits[0, -1]
-        logits[bundle.model.config.image_token_id] = -float("inf")  # generation never emits the placeholder
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        if nxt == bundle.tokenizer.eos_token_id:
-            break
-    return out
+    pixels = pixel_values_for(bundle.image_processor, question_image(question))[None] if question.has_image else None
+    return plain_greedy_ids(bundle.model, bundle.tokenizer.eos_token_id, encode_question(bundle.encoder, question),
+                            pixels, max_new)
 
 
 def test_batched_generation_equals_one_at_a_time(setup):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images
+from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
 import llavadi.data.regenerate as regen_module
 from llavadi.data.dataset import LlavaDataset, View, pixel_values_for, read_json_records
@@ -64,22 +64,12 @@ def env(tmp_path_factory):
             "stats": stats, "bundle": bundle, "result": json.loads(out.read_text())}
 
 
-@torch.no_grad()
 def plain_greedy(bundle, ids, image_path, max_new=MAX_NEW):
     """Greedy decoding from explicit prompt ids: full forward each step, no cache, no padding."""
-    kwargs = {}
+    pixels = None
     if image_path is not None:
-        q = EvalQuestion("ref", "", image_path)
-        kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, question_image(q))[None]
-    out = []
-    for _ in range(max_new):
-        logits = bundle.model(input_ids=torch.tensor([ids + out]), **kwargs).logits[0, -1]
-        logits[bundle.model.config.image_token_id] = -float("inf")  # generation never emits the placeholder
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        if nxt == bundle.tokenizer.eos_token_id:
-            break
-    return out
+        pixels = pixel_values_for(bundle.image_processor, question_image(EvalQuestion("ref", "", image_path)))[None]
+    return plain_greedy_ids(bundle.model, bundle.tokenizer.eos_token_id, ids, pixels, max_new)
 
 
 def explicit_prompt_ids(tok, turns_text: str) -> list[int]:
