@@ -11,7 +11,6 @@ gradients of one big batch.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -113,7 +112,7 @@ class DistillTrainer(Trainer):
             teacher.eval()
             teacher.requires_grad_(False)
         self._normalizers: dict[str, float] | None = None
-        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_sums: dict[str, torch.Tensor | float] = {}
         self._term_count = 0
         self.add_callback(_ObjectiveGrads(self))
 
@@ -154,8 +153,8 @@ class DistillTrainer(Trainer):
             if "pixel_values" not in inputs:
                 loss = loss + _touch_image_path(model)
         if model.training:
-            for k, v in terms.items():
-                self._term_sums[k] += float(v)
+            for k, v in terms.items():  # tensors: no device sync per step, only at logging
+                self._term_sums[k] = self._term_sums.get(k, 0.0) + v.detach()
             self._term_count += 1
         return (loss, None) if return_outputs else loss
 
@@ -164,7 +163,7 @@ class DistillTrainer(Trainer):
             # term values are per micro-batch shares of the step's mean: sum over the window
             steps = max(1, self._term_count / self.args.gradient_accumulation_steps)
             for k, v in self._term_sums.items():
-                logs[f"loss/{k}"] = round(v / steps, 6)
+                logs[f"loss/{k}"] = round(float(v) / steps, 6)
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, *args, **kwargs)
