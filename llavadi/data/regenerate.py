@@ -15,7 +15,6 @@ are kept and listed. The stats also go to `<out>.report.json`. Files are written
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -24,9 +23,9 @@ import time
 from dataclasses import dataclass
 
 from llavadi.data.dataset import parse_record, read_json_records
-from llavadi.data.encode import Encoded, SampleError
+from llavadi.data.encode import SampleError
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
-from llavadi.eval.generate import EvalQuestion, _eos_ids, decode_answer, generate_answer_ids, load_for_eval
+from llavadi.eval.generate import EvalQuestion, decode_answer, eos_token_ids, generate_answer_ids, load_for_eval
 
 REPORT_SUFFIX = ".report.json"
 PRINTED_LIST_ITEMS = 20
@@ -57,22 +56,6 @@ class _Sample:
         return out
 
 
-class _FixedPrompts:
-    """Stands in for a ConversationEncoder inside generate_answer_ids: prompts are pre-built per question id.
-
-    generate_answer_ids builds one-turn prompts; multi-turn prompts that carry the teacher's own
-    earlier answers are encoded here with the teacher's real encoder and looked up by id.
-    """
-
-    def __init__(self, image_token_id: int, prompts: dict[str, list[int]]):
-        self.image_token_id = image_token_id
-        self._prompts = prompts
-
-    def encode_prompt(self, turns, n_images, sample_id="?") -> Encoded:
-        ids = self._prompts[sample_id]
-        return Encoded(ids, [], [])
-
-
 def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: str):
     """Validated samples (parse_record + the teacher's tokenization) and the skipped ones with reasons."""
     samples: list[_Sample] = []
@@ -101,27 +84,26 @@ def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: s
 
 def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_tokens: int, progress: bool):
     """Fill every sample's answers, turn index by turn index; returns [(sample, k, cut_at_max)] per answer."""
-    eos_ids = set(_eos_ids(teacher.model, teacher.tokenizer))
+    eos_ids = set(eos_token_ids(teacher.model, teacher.tokenizer))
     n_turns = max((s.n_answers for s in samples), default=0)
     cut: list[tuple[_Sample, int]] = []
     for k in range(n_turns):
         active = [s for s in samples if s.n_answers > k]
-        prompts: dict[str, list[int]] = {}
+        prompts: list[list[int]] = []
         questions: list[EvalQuestion] = []
         for s in active:
             history = s.history(k)
             # the image goes with the prompt that holds its placeholder (usually the first human turn)
             n_images = sum(t.text.count(IMAGE_PLACEHOLDER) for t in history)
             try:
-                prompts[s.sample_id] = teacher.encoder.encode_prompt(history, n_images, s.sample_id).input_ids
+                prompts.append(teacher.encoder.encode_prompt(history, n_images, s.sample_id).input_ids)
             except SampleError as e:
                 raise SampleError(f"{s.where}: {e}") from None
-            # prompt text is unused: _FixedPrompts supplies the ids
+            # the question text is unused: the ready-made multi-turn prompt ids go with it
             questions.append(EvalQuestion(s.sample_id, "", s.image if n_images else None))
-        bundle = dataclasses.replace(teacher, encoder=_FixedPrompts(teacher.encoder.image_token_id, prompts))
-        answer_ids = generate_answer_ids(bundle, None, None, None, questions, batch_size=batch_size,
+        answer_ids = generate_answer_ids(teacher, None, None, None, questions, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens, progress=progress,
-                                         desc=f"regenerating turn {k + 1}/{n_turns}")
+                                         desc=f"regenerating turn {k + 1}/{n_turns}", prompt_ids=prompts)
         for s, ids in zip(active, answer_ids):
             s.answers.append(decode_answer(teacher.tokenizer, ids))
             if len(ids) >= max_new_tokens and ids[-1] not in eos_ids:

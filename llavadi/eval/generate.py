@@ -203,7 +203,7 @@ def _pad_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end an answer: the tokenizer's eos plus the model's generation eos ids."""
     ids = set()
     if tokenizer.eos_token_id is not None:
@@ -246,10 +246,13 @@ def _as_bundle(model, tokenizer, image_processor, encoder) -> EvalModel:
 @torch.no_grad()
 def generate_answer_ids(model, tokenizer, image_processor, encoder, questions: list[EvalQuestion],
                         batch_size: int = 16, max_new_tokens: int = 16, device=None,
-                        progress: bool = True, desc: str = "generating") -> list[list[int]]:
+                        progress: bool = True, desc: str = "generating",
+                        prompt_ids: list[list[int]] | None = None) -> list[list[int]]:
     """Greedy answer token ids per question (original order), up to and including the first eos.
 
     `device`: where to run (the model is moved there if it is elsewhere); None keeps the model's device.
+    `prompt_ids`: ready-made prompts (e.g. multi-turn histories), one per question, instead of
+    encoding each question's one-turn prompt; the questions then only bring their images.
     """
     device_override = device
     bundle = _as_bundle(model, tokenizer, image_processor, encoder)
@@ -260,8 +263,10 @@ def generate_answer_ids(model, tokenizer, image_processor, encoder, questions: l
     if device_override is not None and resolve_device(device_override) != device:
         net.to(resolve_device(device_override))  # run where asked: the model moves there
         device, dtype = _model_device_dtype(net)
-    pad_id, eos_ids = _pad_id(tok), _eos_ids(net, tok)
-    prompts = [encode_question(enc, q) for q in questions]
+    pad_id, eos_ids = _pad_id(tok), eos_token_ids(net, tok)
+    if prompt_ids is not None and len(prompt_ids) != len(questions):
+        raise ValueError(f"{len(prompt_ids)} prompts for {len(questions)} questions")
+    prompts = prompt_ids if prompt_ids is not None else [encode_question(enc, q) for q in questions]
     # longest first: a batch that does not fit in memory fails at once, not at the end
     order = sorted(range(len(questions)), key=lambda i: -len(prompts[i]))
     answers: list[list[int] | None] = [None] * len(questions)
