@@ -108,6 +108,9 @@ def test_token_straddling_answer_boundary_is_reported(word_tokenizer):
         def segments(self, turns, tokenizer=None):
             return [Segment("USER: what? ASSISTANT: re", False), Segment("d</s>", True)]
 
+        def prompt(self, turns, tokenizer=None):
+            return "USER: what? ASSISTANT:"
+
     bad = ConversationEncoder(word_tokenizer, Broken(), word_tokenizer.convert_tokens_to_ids("<image>"), 4)
     with pytest.raises(SampleError, match="'x'.*disagree"):
         bad.encode("x", [Turn("user", "what?"), Turn("assistant", "red")], 0)

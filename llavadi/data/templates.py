@@ -8,6 +8,7 @@ characters fall in, so the label mask is exact by construction.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -34,18 +35,18 @@ class Turn:
     text: str
 
 
-class Template:
+class Template(ABC):
     """Base class: render turns into typed segments, and a generation prompt."""
 
     name = "base"
 
+    @abstractmethod
     def segments(self, turns: list[Turn], tokenizer=None) -> list[Segment]:
         """Typed segments of a whole conversation (ends with an assistant turn)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prompt(self, turns: list[Turn], tokenizer=None) -> str:
         """Text to generate the next assistant turn from (turns end with a user turn)."""
-        raise NotImplementedError
 
 
 class VicunaV1(Template):

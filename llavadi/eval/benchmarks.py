@@ -23,6 +23,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -306,7 +307,7 @@ def _pct(value: float) -> float:
 # --------------------------------------------------------------------------- base class
 
 
-class Benchmark:
+class Benchmark(ABC):
     """A benchmark: question loading with its prompt suffix, annotation loading, scoring."""
 
     name = ""
@@ -320,18 +321,18 @@ class Benchmark:
         """The evaluation questions with prompts, in the form LLaVA's evaluation uses."""
         return _read_llava_question_jsonl(path, self.prompt_suffix)
 
+    @abstractmethod
     def load_annotations(self, path: str | os.PathLike) -> Any:
         """The ground truth, in the benchmark's own file form."""
-        raise NotImplementedError
 
     def questions_from_annotations(self, annotations: Any) -> list[Question]:
         """The evaluation set when no question file is given."""
-        raise NotImplementedError
+        raise EvalDataError(f"{self.name}: the annotations do not define the questions; pass the question file")
 
+    @abstractmethod
     def score(self, predictions: list[Prediction], annotations: Any,
               questions: list[Question] | None = None) -> ScoreResult:
         """Score predictions against loaded annotations (questions: the evaluation set)."""
-        raise NotImplementedError
 
     def score_files(self, predictions_path: str | os.PathLike, annotations_path: str | os.PathLike,
                     questions_path: str | os.PathLike | None = None) -> ScoreResult:
