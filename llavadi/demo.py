@@ -30,7 +30,7 @@ import yaml
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset
 
-DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is rebuilt
+DATA_VERSION = 2  # bump when the synthetic task changes, so cached demo data is rebuilt
 
 # the student sees only part of the labelled instructions: the regime where a teacher that
 # knows more than the student's data matters (see STACK-NOTES); the teacher sees all of them
@@ -184,6 +184,13 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
+    stamp = os.path.join(out, "DEMO_DATA_VERSION")
+    if os.path.isfile(stamp) and open(stamp).read().strip() != str(DATA_VERSION) and not fresh:
+        # cached models were trained on another version of the task: nothing of them can be reused
+        _say(f"{out} holds a demo of data version {open(stamp).read().strip()}; starting afresh (version {DATA_VERSION})")
+        fresh = True
+    with open(stamp, "w") as f:
+        f.write(str(DATA_VERSION))
     from llavadi.data.synthetic import make_synthetic, synthetic_paths
 
     data_root = os.path.join(out, f"data-v{DATA_VERSION}")
