@@ -30,7 +30,7 @@ import yaml
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset
 
-DATA_VERSION = 2  # bump when the synthetic task changes, so cached demo data is rebuilt
+DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is rebuilt
 
 # the student sees only part of the labelled instructions: the regime where a teacher that
 # knows more than the student's data matters (see STACK-NOTES); the teacher sees all of them

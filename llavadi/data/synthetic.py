@@ -126,15 +126,13 @@ def make_question(category: str, objects: list[dict], grid: int, rng: random.Ran
     if category == "position":
         return f"Where is the {o['color']} {o['shape']}?", where
     if category == "exists":
-        # existence at a place, balanced yes/no. Whole-image existence ("Is there a red shape?") stayed
-        # near chance for every model size in minutes of training; a place makes it a lookup, as the
-        # other questions are (colour-shape binding is what "position" questions test)
-        occupied = {(x["row"], x["col"]) for x in objects}
-        empty = [(r, c) for r in range(grid) for c in range(grid) if (r, c) not in occupied]
-        if rng.random() < 0.5 or not empty:
-            return f"Is there a shape in the {where}?", "yes"
-        r, c = rng.choice(empty)
-        return f"Is there a shape in the {position_name(r, c, grid)}?", "no"
+        # one attribute, balanced yes/no; colour-shape binding is what "position" questions test
+        attr, values = ("color", list(COLORS)) if rng.random() < 0.5 else ("shape", list(SHAPES))
+        present = {x[attr] for x in objects}
+        absent = [v for v in values if v not in present]
+        value = o[attr] if rng.random() < 0.5 or not absent else rng.choice(absent)
+        question = f"Is there a {value} shape?" if attr == "color" else f"Is there a {value}?"
+        return question, "yes" if value in present else "no"
     raise ValueError(f"unknown question category {category!r}; choose one of {CATEGORIES}")
 
 
@@ -154,8 +152,12 @@ def answer_for(question: str, objects: list[dict], grid: int) -> str:
         col, sh = q[len("Where is the "):].split(" ")
         (o,) = [o for o in objects if o["color"] == col and o["shape"] == sh]
         return position_name(o["row"], o["col"], grid)
-    if q.startswith("Is there a shape in the "):
-        return "yes" if names[q[len("Is there a shape in the "):]] in at else "no"
+    if q.startswith("Is there a "):
+        words = q[len("Is there a "):].split(" ")
+        if len(words) == 2 and words[1] == "shape":
+            return "yes" if any(o["color"] == words[0] for o in objects) else "no"
+        if len(words) == 1:
+            return "yes" if any(o["shape"] == words[0] for o in objects) else "no"
     raise ValueError(f"not a synthetic-task question: {question!r}")
 
 
