@@ -100,3 +100,13 @@ def plain_greedy_ids(model, eos_token_id, ids, pixel_values=None, max_new=8):
         if nxt == eos_token_id:
             break
     return out
+
+
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def only_teardown_abort(returncode: int, log: str, *written) -> bool:
+    """True when a multi-process run failed only by the known gloo abort at process exit
+    (STACK-NOTES: rare even with barrier + destroy_process_group) after every result was written;
+    the results are then still checked in full by the caller."""
+    return returncode != 0 and GLOO_TEARDOWN_ABORT in log and all(os.path.isfile(p) for p in written)
