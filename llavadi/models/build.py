@@ -233,6 +233,19 @@ def _used_vision_layers(config, n_layers: int) -> int:
 
 # ----------------------------------------------------------------------------- saving
 
+def llava_processor(loaded: LoadedModel) -> LlavaProcessor:
+    """The LlavaProcessor that expands `<image>` to exactly the model's number of image tokens."""
+    cfg = loaded.model.config
+    return LlavaProcessor(
+        image_processor=loaded.image_processor,
+        tokenizer=loaded.tokenizer,
+        patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
+        image_token=IMAGE_PLACEHOLDER,
+    )
+
+
 def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> str:
     """Save model, tokenizer, processor and llavadi.json as a plain HF directory, atomically."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
@@ -242,14 +255,7 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> s
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         cfg = loaded.model.config
-        processor = LlavaProcessor(
-            image_processor=loaded.image_processor,
-            tokenizer=loaded.tokenizer,
-            patch_size=cfg.vision_config.patch_size,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
-            image_token=IMAGE_PLACEHOLDER,
-        )
+        processor = llava_processor(loaded)
         processor.save_pretrained(tmp)
         info = dict(loaded.meta)
         info.update(meta or {})

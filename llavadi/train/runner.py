@@ -23,13 +23,20 @@ from transformers import TrainingArguments, set_seed
 from llavadi.config import Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
-from llavadi.distill.objective import DistillObjective, TermSpec, check_same_tokenizer, load_objective
+from llavadi.distill.objective import DistillObjective, TermSpec, check_same_tokenizer, load_objective, save_objective
 from llavadi.device import resolve_device
-from llavadi.models.build import LoadedModel, encoder_for, load_llava_dir, load_model, save_model, set_trainable
+from llavadi.models.build import (
+    LoadedModel,
+    encoder_for,
+    llava_processor,
+    load_llava_dir,
+    load_model,
+    save_model,
+    set_trainable,
+)
 from llavadi.train.trainer import DistillTrainer
 
 TEACHER_PREFIX = "teacher_"
-LOGIT_TERMS = {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "logit_mse"}
 
 
 def make_encoder(loaded: LoadedModel, data_cfg):
@@ -103,7 +110,7 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     """The stage's objective; checks up front that logit terms have a shared tokenizer."""
     terms = [TermSpec(name=t.name, weight=t.weight, tokens=t.tokens, options=dict(t.options))
              for t in stage.distill.terms]
-    if teacher is not None and any(t.name in LOGIT_TERMS for t in terms):
+    if teacher is not None and any(t.is_logit_term for t in terms):
         check_same_tokenizer(student.tokenizer, teacher.tokenizer)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
                             teacher_config=teacher.model.config if teacher is not None else None,
@@ -148,14 +155,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         student.model.config.use_cache = False
     prefixes = tuple(v.prefix for v in dataset.views)
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
-    from transformers import LlavaProcessor
-
-    cfg = student.model.config
-    processor = LlavaProcessor(image_processor=student.image_processor, tokenizer=student.tokenizer,
-                               patch_size=cfg.vision_config.patch_size,
-                               vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                               num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
-                               image_token="<image>")
+    processor = llava_processor(student)
     args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
     trainer = DistillTrainer(
         model=student.model, args=args, train_dataset=dataset, data_collator=collator,
@@ -168,8 +168,6 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
                       student.tokenizer, student.image_processor, meta)
     if trainer.args.should_save:
         save_model(out, final_dir, meta)
-        from llavadi.distill.objective import save_objective
-
         save_objective(objective, stage_dir)
         with open(os.path.join(stage_dir, "data_report.json"), "w") as f:
             json.dump({
