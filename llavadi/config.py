@@ -14,6 +14,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from llavadi.distill.terms import TermSpec
+
 
 class ConfigError(ValueError):
     """A recipe mistake; the message names the key path."""
@@ -78,33 +80,14 @@ class TrainableConfig:
 
 
 @dataclass
-class TermConfig:
-    """One distillation term: registry name, weight, the token types it reads, options."""
-
-    name: str = ""
-    weight: float = 1.0
-    tokens: str | None = None  # None: the term's default ("image" for visual terms, else "response")
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
 class DistillConfig:
     """The stage's objective: ce_weight * CE + sum of weighted terms."""
 
     ce_weight: float = 1.0
-    terms: list[TermConfig] = field(default_factory=list)
+    terms: list[TermSpec] = field(default_factory=list)  # validated against each term's class on parsing
     chunk_size: int | None = 1024  # positions per LM-head chunk in logit terms (null: one plain pass)
 
     def validate(self, where: str):
-        from llavadi.distill.objective import TermSpec
-
-        for i, t in enumerate(self.terms):
-            if not t.name:
-                raise ConfigError(f"{where}.terms[{i}]: missing `name`")
-            try:  # the objective's own checks, run before any model loads
-                TermSpec(name=t.name, weight=t.weight, tokens=t.tokens, options=dict(t.options))
-            except ValueError as e:
-                raise ConfigError(f"{where}.terms[{i}]: {e}") from None
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"{where}.chunk_size must be >= 1")
         if self.ce_weight == 0 and not self.terms:
@@ -217,6 +200,11 @@ def _convert(tp, value, where):
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
+        if hasattr(args[0], "from_dict"):  # validates itself (distillation terms), errors naming the entry
+            try:
+                return [args[0].from_dict(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if args and type(None) in args:  # Optional[X]
         if value is None:

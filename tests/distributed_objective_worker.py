@@ -16,7 +16,7 @@ def worker(rank, world, init_file, out_file):
     torch.set_num_threads(1)
     from test_objective import ALL_TERMS, build, grads, make_batch, views
 
-    from llavadi.distill.objective import all_reduce_counts
+    from llavadi.distill.selection import all_reduce_counts
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     objective, student, teacher = build(ALL_TERMS)

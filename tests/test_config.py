@@ -33,7 +33,7 @@ def test_valid_recipe_merges_stage_data_defaults():
     (lambda r: r["stages"][0].update(lr=1), r"stages\[0\]: unknown key\(s\) \['lr'\]; valid keys are"),
     (lambda r: r["stages"][0]["distill"]["terms"][0].update(name="kl"), r"unknown distillation term 'kl'; valid terms: forward_kl"),
     (lambda r: r["stages"][0]["distill"]["terms"][0]["options"].update(temprature=1), r"unknown option\(s\) \['temprature'\]"),
-    (lambda r: r["stages"][0]["distill"]["terms"][0]["options"].update(temperature=-1), r"temperature must be a number > 0"),
+    (lambda r: r["stages"][0]["distill"]["terms"][0]["options"].update(temperature=-1), r"stages\[0\].distill.terms\[0\]: term 'forward_kl': option 'temperature' must be > 0.0, got -1"),
     (lambda r: r.pop("teacher"), r"distillation terms need a `teacher`"),
     (lambda r: r["student"].update(path="x"), r"student: give exactly one of"),
     (lambda r: r.update(student={"preset": "huge"}), r"student.preset: unknown preset 'huge'"),

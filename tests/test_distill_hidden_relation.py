@@ -72,7 +72,8 @@ def test_visual_alignment_with_unequal_counts_and_widths():
     student = _rand(3, 4, 5, seed=4).requires_grad_(True)  # 3 images, 2x2 grid, width 5
     teacher = _rand(3, 16, 7, seed=5)  # 4x4 grid, width 7
     proj = nn.Linear(5, 7)
-    got = H.visual_alignment_loss(student, teacher, proj, "mse")
+    pooled_teacher = H.pool_image_tokens(teacher, 4)
+    got = H.token_alignment_loss(student.reshape(12, 5), pooled_teacher.reshape(12, 7), proj, "mse")
     assert got.shape == (12,)
     tgrid = teacher.reshape(3, 4, 4, 7)
     k = 0

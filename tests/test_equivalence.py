@@ -228,3 +228,34 @@ def test_two_processes_when_one_rank_has_no_image(workspace, tmp_path):
                                              ddp_backend="gloo", **order))
     assert sorted(ranks[1]["micro_batches"][0]) == SAMPLE_IDS[4:]  # the text-only half
     _assert_same_step(reference[:2], out)
+
+
+def test_one_gradient_clip_over_student_and_projectors(workspace, batch_of_8, tmp_path):
+    """Student and projectors are one module: max_grad_norm bounds their joint gradient norm.
+
+    With SGD, (initial - final) / lr is the (clipped) gradient. Both parts' unclipped gradients exceed
+    the bound, so clipping them separately (two groups) would give a joint norm of sqrt(2) x max_grad_norm.
+    """
+    clip = 1e-3
+    recipe = _recipe_dict(workspace, tmp_path / "clipped", batch_size=8, grad_accum=1)
+    recipe["stages"][0]["train"]["max_grad_norm"] = clip
+    run_recipe(recipe_from_dict(recipe), log=lambda *_: None)
+    student, projectors = _result(tmp_path / "clipped")
+    initial = load_file(os.path.join(workspace, "student0", "model.safetensors"))
+    initial_projectors = _initial_projectors(workspace, tmp_path)
+
+    def grad_norm(before, after):
+        return sum(((before[k].float() - after[k].float()) / LEARNING_RATE).pow(2).sum() for k in after).sqrt().item()
+
+    full_student, full_projectors = batch_of_8[0], batch_of_8[1]  # the same step without clipping
+    assert grad_norm(initial, full_student) > 10 * clip and grad_norm(initial_projectors, full_projectors) > 10 * clip
+    joint = (grad_norm(initial, student) ** 2 + grad_norm(initial_projectors, projectors) ** 2) ** 0.5
+    assert joint == pytest.approx(clip, rel=1e-3)
+
+
+def _initial_projectors(workspace, tmp_path):
+    """The projector weights every run starts from (same seed): a run with a negligible learning rate saves them."""
+    recipe = _recipe_dict(workspace, tmp_path / "lr0", batch_size=8, grad_accum=1)
+    recipe["stages"][0]["train"]["learning_rate"] = 1e-30
+    run_recipe(recipe_from_dict(recipe), log=lambda *_: None)
+    return _result(tmp_path / "lr0")[1]

@@ -8,15 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llavadi.data.token_types import TokenType
-from llavadi.distill.objective import (
-    PROJECTOR_FILE,
-    DistillObjective,
-    ModelView,
-    TermSpec,
-    check_same_tokenizer,
-    load_objective,
-    save_objective,
-)
+from llavadi.distill.compat import check_same_tokenizer
+from llavadi.distill.module import PROJECTOR_FILE, load_projectors, save_projectors
+from llavadi.distill.objective import DistillObjective
+from llavadi.distill.selection import Pairs, Predictions, Targets, Tokens
+from llavadi.distill.terms import TermSpec
+from llavadi.distill.view import ModelView, Needs
 
 torch.set_num_threads(1)
 
@@ -271,7 +268,7 @@ def _gradient_positions(term, n_teacher_images=S_IMG):
     types_s = view.token_types
     leaf = view.last_hidden.detach().requires_grad_(True)
     view.last_hidden = leaf
-    view.hidden_states = view.hidden_states[:-1] + (leaf,)
+    view.hidden_states[len(view.hidden_states) - 1] = leaf
     loss, _ = objective(view, t_view, labels)
     loss.backward()
     return leaf.grad.abs().sum(-1) > 0, types_s
@@ -311,7 +308,7 @@ def test_visual_align_with_unequal_token_counts_matches_manual_pooling():
     s_view, t_view, _ = views(student, teacher)
     h_s = s_view.last_hidden[s_view.token_types == IMG].reshape(-1, 2, 2, S_WIDTH)
     h_t = t_view.last_hidden[t_view.token_types == IMG].reshape(-1, 4, 4, T_WIDTH)
-    proj = objective.projectors["term0"][0]
+    proj = objective.terms[0].projectors[0]
     errors = []
     for img in range(h_s.shape[0]):
         for r in range(2):
@@ -324,7 +321,7 @@ def test_visual_align_with_unequal_token_counts_matches_manual_pooling():
 def test_sparse_teacher_with_k_equal_vocab_matches_dense():
     terms = [
         TermSpec("forward_kl", options={"temperature": 2.0}),
-        TermSpec("jsd", tokens="text", options={"beta": 0.3, "missing_mass": "rest"}),
+        TermSpec("jsd", tokens="text", options={"beta": 0.3}),
     ]
     objective, student, teacher = build(terms, chunk_size=3)
     dense_loss, dense_logged = run(objective, student, teacher)
@@ -332,17 +329,23 @@ def test_sparse_teacher_with_k_equal_vocab_matches_dense():
     with torch.no_grad():
         logp = F.log_softmax(t_view.lm_head(t_view.last_hidden), -1)
     topk = logp.topk(VOCAB, dim=-1)
-    sparse_view = ModelView(
-        last_hidden=None, lm_head=None, token_types=t_view.token_types, topk_ids=topk.indices, topk_logprobs=topk.values
-    )
-    sparse_loss, sparse_logged = objective(s_view, sparse_view, labels)
+    sparse_view = ModelView(token_types=t_view.token_types, topk_ids=topk.indices, topk_logprobs=topk.values)
+    sparse_terms = [TermSpec("forward_kl", options={"temperature": 2.0}),
+                    TermSpec("jsd", tokens="text", options={"beta": 0.3, "missing_mass": "rest"})]
+    sparse_objective = DistillObjective(sparse_terms, student_config=Cfg(S_WIDTH), chunk_size=3,
+                                        teacher_signal="topk")
+    sparse_loss, sparse_logged = sparse_objective(s_view, sparse_view, labels)
     assert sparse_loss.item() == pytest.approx(dense_loss.item(), rel=1e-5)
     for k in dense_logged:
         assert sparse_logged[k].item() == pytest.approx(dense_logged[k].item(), rel=1e-5, abs=1e-6)
-    # a top-k teacher refuses divergences that need dense logits
-    objective, student, teacher = build([TermSpec("tvd")])
-    with pytest.raises(ValueError, match="dense teacher logits"):
+    # a dense objective refuses a top-k view and the other way round
+    with pytest.raises(ValueError, match="teacher_signal='dense' but got a top-k teacher"):
         objective(s_view, sparse_view, labels)
+    with pytest.raises(ValueError, match="teacher_signal='topk' but got a dense teacher"):
+        sparse_objective(s_view, t_view, labels)
+    # a top-k teacher refuses divergences that need dense logits, before any batch
+    with pytest.raises(ValueError, match=r"distill.terms\[0\]: term 'tvd' needs dense teacher logits"):
+        DistillObjective([TermSpec("tvd")], teacher_signal="topk")
 
 
 def test_sft_is_ce_only_without_teacher():
@@ -366,30 +369,35 @@ def test_text_only_micro_batch_gives_zero_visual_terms_and_keeps_the_graph():
     assert not (s_view.token_types == IMG).any()
     s_view.image_features = t_view.image_features = None  # no pixel_values in a text-only batch
     counts = objective.count_positions(s_view.token_types, labels)
-    assert counts["tok:image"] == 0 and counts["pairs:image,response"] == 0
+    assert counts[Tokens("image")] == 0 and counts[Pairs("image", "response")] == 0
     loss, logged = objective(s_view, t_view, labels)
     assert loss.item() == 0.0 and all(v.item() == 0.0 for v in logged.values())
     loss.backward()  # still differentiable (DDP / accumulation steps on text-only batches)
 
 
-def test_needs_properties_and_selection_keys():
+def test_needs_and_selections():
     objective, _, _ = build()
-    assert objective.needs_teacher and objective.needs_hidden_states and objective.needs_attentions
-    assert objective.needs_image_features and objective.has_logit_terms
-    keys = set(objective.selection_keys)
-    assert {
-        "ce",
-        "pred:response",
-        "pred:text",
-        "pred:instruction",
-        "tok:response",
-        "tok:text",
-        "tok:image",
-        "pairs:image,response",
-        "pairs:response,text",
-    } <= keys
+    assert objective.needs_teacher and objective.needs_attentions and objective.has_logit_terms
+    student, teacher = objective.student_needs, objective.teacher_needs
+    assert student.last_hidden and student.image_features and student.hidden_layers == {1, -1}
+    assert student.attention_layers == {-1} and teacher.attention_layers == {-1}
+    assert set(objective.selections) >= {
+        Targets(),
+        Predictions("response"),
+        Predictions("text"),
+        Predictions("instruction"),
+        Tokens("response"),
+        Tokens("text"),
+        Tokens("image"),
+        Pairs("image", "response"),
+        Pairs("response", "text"),
+        Tokens("response"),
+    }
     simple, _, _ = build([TermSpec("forward_kl"), TermSpec("hidden_mse")])
-    assert not simple.needs_hidden_states and not simple.needs_attentions and not simple.needs_image_features
+    assert simple.student_needs == Needs(last_hidden=True) and simple.teacher_needs == Needs(last_hidden=True)
+    assert not simple.needs_attentions
+    hidden_only, _, _ = build([TermSpec("hidden_mse", options={"layers": [[0, 2]]})])
+    assert hidden_only.teacher_needs == Needs(last_hidden=True, hidden_layers=frozenset({2}))
 
 
 def test_bad_recipes_fail_with_actionable_errors():
@@ -397,22 +405,22 @@ def test_bad_recipes_fail_with_actionable_errors():
         TermSpec("kl_forward")
     with pytest.raises(ValueError, match="unknown option.*valid options"):
         TermSpec("forward_kl", options={"beta": 0.5})
-    with pytest.raises(ValueError, match="beta must be"):
+    with pytest.raises(ValueError, match="option 'beta' must be <= 1.0, got 2"):
         TermSpec("jsd", options={"beta": 2})
-    with pytest.raises(ValueError, match="unknown tokens"):
+    with pytest.raises(ValueError, match="tokens 'answers' is not accepted"):
         TermSpec("forward_kl", tokens="answers")
-    with pytest.raises(ValueError, match="image tokens only"):
+    with pytest.raises(ValueError, match=r"tokens 'response' is not accepted; choose one of \['image'\]"):
         TermSpec("visual_align", tokens="response")
-    with pytest.raises(ValueError, match="layers must be"):
+    with pytest.raises(ValueError, match="option 'layers' must be a non-empty list"):
         TermSpec("hidden_mse", options={"layers": [1, 2]})
     with pytest.raises(ValueError, match=r"distill.terms\[1\]: unknown key\(s\) \['temperature'\]"):
         DistillObjective([{"name": "forward_kl"}, {"name": "jsd", "temperature": 2.0}], teacher_config=Cfg(8))
-    with pytest.raises(ValueError, match=r"distill.terms\[0\]: term 'jsd': beta"):
+    with pytest.raises(ValueError, match=r"distill.terms\[0\]: term 'jsd': option 'beta' must be >= 0.0"):
         DistillObjective([{"name": "jsd", "options": {"beta": -1}}], teacher_config=Cfg(8))
     from_recipe = DistillObjective(
         [{"name": "jsd", "weight": 0.5, "tokens": "all", "options": {"beta": 0.2}}], teacher_config=Cfg(8)
     )
-    assert from_recipe.terms == [TermSpec("jsd", 0.5, "all", {"beta": 0.2})]
+    assert from_recipe.specs == [TermSpec("jsd", 0.5, "all", {"beta": 0.2})]
     with pytest.raises(ValueError, match="teacher_config"):
         DistillObjective([TermSpec("forward_kl")], student_config=Cfg(8))
     objective, student, teacher = build([TermSpec("hidden_mse", tokens="image")])
@@ -422,8 +430,8 @@ def test_bad_recipes_fail_with_actionable_errors():
 
 def test_normalizers_must_cover_every_key():
     objective, student, teacher = build([TermSpec("forward_kl")])
-    with pytest.raises(ValueError, match="normalizers lack"):
-        run(objective, student, teacher, normalizers={"ce": 3.0})
+    with pytest.raises(ValueError, match=r"normalizers lack \['predictions:response'\]"):
+        run(objective, student, teacher, normalizers={Targets(): 3.0})
 
 
 def _tokenizer(words):
@@ -447,27 +455,40 @@ def test_tokenizer_mismatch_raises_for_logit_terms_only():
     swapped = _tokenizer(["<unk>", "blue", "red", "circle"])
     with pytest.raises(ValueError, match="different ids"):
         check_same_tokenizer(same_a, swapped)
-    logit_objective, _, _ = build([TermSpec("forward_kl")])
+    # the runner checks the tokenizers only when logit terms compare the two models' distributions
+    from types import SimpleNamespace
+
+    from llavadi.config import DistillConfig
+    from llavadi.train.runner import build_objective
+
+    def loaded(tok, width):
+        return SimpleNamespace(tokenizer=tok, model=SimpleNamespace(config=Cfg(width)))
+
+    def stage(terms):
+        return SimpleNamespace(distill=DistillConfig(terms=terms))
+
     with pytest.raises(ValueError, match="share one tokenizer"):
-        logit_objective.check_tokenizers(same_a, other)
-    hidden_objective, _, _ = build([TermSpec("hidden_mse")])
-    hidden_objective.check_tokenizers(same_a, other)  # no logits compared: allowed
+        build_objective(stage([TermSpec("forward_kl")]), loaded(same_a, S_WIDTH), loaded(other, T_WIDTH))
+    hidden = build_objective(stage([TermSpec("hidden_mse")]), loaded(same_a, S_WIDTH), loaded(other, T_WIDTH))
+    assert hidden.term_labels == ["hidden_mse"]  # no logits compared: allowed
 
 
 def test_projectors_save_and_load_round_trip(tmp_path):
     objective, _, _ = build()
-    path = save_objective(objective, tmp_path / "ckpt")
+    path = save_projectors(objective.state_dict(), tmp_path / "ckpt", objective.term_labels)
     assert path.endswith(PROJECTOR_FILE)
     fresh, _, _ = build(seed=123)
     assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), objective.state_dict().values()))
-    load_objective(fresh, tmp_path / "ckpt")
+    load_projectors(fresh, tmp_path / "ckpt")
     for k, v in objective.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
     other, _, _ = build([TermSpec("hidden_mse", options={"projector": "linear"})])
     with pytest.raises(ValueError, match="does not match"):
-        load_objective(other, tmp_path / "ckpt")
+        load_projectors(other, tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError):
-        load_objective(fresh, tmp_path / "missing")
+        load_projectors(fresh, tmp_path / "missing")
+    no_projectors, _, _ = build([TermSpec("forward_kl")])
+    assert save_projectors(no_projectors.state_dict(), tmp_path / "none", no_projectors.term_labels) is None
 
 
 # ---------------------------------------------------------------- with real tiny LLaVA models
@@ -504,7 +525,7 @@ def _tiny_llava(width, heads, patch, seed):
 
 
 def test_real_tiny_llava_pair_with_different_image_token_counts():
-    from llavadi.distill.objective import llava_view
+    from llavadi.distill.view import llava_view
 
     student, teacher = _tiny_llava(16, 2, 16, seed=1), _tiny_llava(24, 3, 8, seed=2)  # 4 vs 16 image tokens per image
     terms = [
@@ -517,22 +538,21 @@ def test_real_tiny_llava_pair_with_different_image_token_counts():
     ]
     kwargs = dict(student_config=student.config, teacher_config=teacher.config)
     chunked = DistillObjective(terms, chunk_size=3, **kwargs)
-    assert (chunked.student_tokens_per_image, chunked.teacher_tokens_per_image) == (4, 16)
+    assert (chunked.ctx.student_tokens_per_image, chunked.ctx.teacher_tokens_per_image) == (4, 16)
     plain = copy.deepcopy(chunked)
     plain.chunk_size = None
     ids_s, types_s, labels, _ = make_batch(4, batch=3)
     ids_t, types_t, _, _ = make_batch(16, batch=3)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # samples 0 and 1 have images
-    flags = dict(output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
-        t_out = teacher.model(input_ids=ids_t, attention_mask=(types_t != PAD).long(), pixel_values=pixels, **flags)
-    t_view = llava_view(teacher, t_out, types_t)
+        t_inputs = dict(input_ids=ids_t, attention_mask=(types_t != PAD).long(), pixel_values=pixels)
+        t_view = llava_view(teacher, t_inputs, types_t, chunked.teacher_needs)
     results = []
     for objective in (plain, chunked):
         student.zero_grad()
         objective.zero_grad()
-        s_out = student.model(input_ids=ids_s, attention_mask=(types_s != PAD).long(), pixel_values=pixels, **flags)
-        loss, logged = objective(llava_view(student, s_out, types_s), t_view, labels)
+        s_inputs = dict(input_ids=ids_s, attention_mask=(types_s != PAD).long(), pixel_values=pixels)
+        loss, logged = objective(llava_view(student, s_inputs, types_s, objective.student_needs), t_view, labels)
         loss.backward()
         assert all(torch.isfinite(v) and v > 0 for v in logged.values()), logged
         results.append((loss.item(), grads(student, objective)))

@@ -99,22 +99,3 @@ def pool_image_tokens(tokens: Tensor, target_tokens: int) -> Tensor:
     grid = tokens.float().transpose(1, 2).reshape(n_images, width, side, side)
     pooled = F.adaptive_avg_pool2d(grid, target_side)
     return pooled.reshape(n_images, width, target_side * target_side).transpose(1, 2)
-
-
-def visual_alignment_loss(
-    student_tokens: Tensor, teacher_tokens: Tensor, projector: nn.Module, loss: str = "mse"
-) -> Tensor:
-    """Per-student-image-token loss (n_images * n_s,) after pooling the teacher grid and projecting the student."""
-    if student_tokens.dim() != 3 or teacher_tokens.dim() != 3 or student_tokens.shape[0] != teacher_tokens.shape[0]:
-        raise ValueError(
-            "visual alignment takes student (n_images, n_s, d_s) and teacher (n_images, n_t, d_t) image tokens; got "
-            f"{tuple(student_tokens.shape)} and {tuple(teacher_tokens.shape)}"
-        )
-    n_images, n_student, _ = student_tokens.shape
-    pooled_teacher = pool_image_tokens(teacher_tokens.detach(), n_student)
-    return token_alignment_loss(
-        student_tokens.reshape(n_images * n_student, -1),
-        pooled_teacher.reshape(n_images * n_student, -1),
-        projector,
-        loss,
-    )

@@ -355,15 +355,3 @@ SPARSE_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "forward_kl": sparse_forward_kl,
     "jsd": sparse_jsd,
 }
-
-# options each divergence accepts (validated up front by the objective)
-DIVERGENCE_OPTIONS: dict[str, frozenset[str]] = {
-    "forward_kl": frozenset({"temperature", "scale_t2"}),
-    "reverse_kl": frozenset({"temperature", "scale_t2"}),
-    "jsd": frozenset({"temperature", "scale_t2", "beta"}),
-    "tvd": frozenset({"temperature", "scale_t2"}),
-    "skew_forward_kl": frozenset({"temperature", "scale_t2", "alpha"}),
-    "skew_reverse_kl": frozenset({"temperature", "scale_t2", "alpha"}),
-    "logit_mse": frozenset({"temperature", "scale_t2", "zscore"}),
-}
-SPARSE_ONLY_OPTIONS = frozenset({"missing_mass"})

@@ -23,7 +23,9 @@ from transformers import TrainingArguments, set_seed
 from llavadi.config import Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
-from llavadi.distill.objective import DistillObjective, TermSpec, check_same_tokenizer, load_objective, save_objective
+from llavadi.distill.compat import check_same_tokenizer
+from llavadi.distill.module import DistillationModule, save_projectors
+from llavadi.distill.objective import DistillObjective
 from llavadi.device import resolve_device
 from llavadi.models.build import (
     LoadedModel,
@@ -34,6 +36,7 @@ from llavadi.models.build import (
     save_model,
     set_trainable,
 )
+from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.trainer import DistillTrainer
 
 TEACHER_PREFIX = "teacher_"
@@ -108,8 +111,7 @@ def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device:
 
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None) -> DistillObjective:
     """The stage's objective; checks up front that logit terms have a shared tokenizer."""
-    terms = [TermSpec(name=t.name, weight=t.weight, tokens=t.tokens, options=dict(t.options))
-             for t in stage.distill.terms]
+    terms = stage.distill.terms
     if teacher is not None and any(t.is_logit_term for t in terms):
         check_same_tokenizer(student.tokenizer, teacher.tokenizer)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
@@ -133,11 +135,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if ckpt:
-        # a plain Trainer resume on a freshly built LLaVA does not restore weights (STACK-NOTES):
-        # load the checkpoint's weights first, then let the Trainer restore optimiser and scheduler
         log(f"[{stage.name}] resuming from {ckpt}")
-        resumed = load_llava_dir(ckpt)
-        student = LoadedModel(resumed.model, student.tokenizer, student.image_processor, student.meta)
     use_teacher = teacher if stage.distill.terms else None
     counts = set_trainable(student.model, stage.trainable.projector, stage.trainable.llm,
                            stage.trainable.vision_from_layer)
@@ -145,8 +143,6 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     dataset = build_dataset(stage, student, use_teacher)
     log(dataset.report())
     objective = build_objective(stage, student, use_teacher)
-    if ckpt:
-        load_objective(objective, ckpt)
     if objective.needs_attentions:
         for m in (student.model, use_teacher.model if use_teacher else None):
             if m is not None:
@@ -157,18 +153,19 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
     processor = llava_processor(student)
     args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
+    online = None
+    if use_teacher is not None:
+        online = OnlineTeacher(use_teacher.model, device=recipe.teacher_device or args.device, prefix=TEACHER_PREFIX)
+    module = DistillationModule(student.model, objective)
     trainer = DistillTrainer(
-        model=student.model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=processor, objective=objective,
-        teacher=use_teacher.model if use_teacher else None, teacher_prefix=TEACHER_PREFIX,
-        teacher_device=recipe.teacher_device, meta=meta, callbacks=callbacks,
+        model=module, args=args, train_dataset=dataset, data_collator=collator,
+        processing_class=processor, teacher=online, meta=meta, callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=ckpt)
-    out = LoadedModel(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module,
-                      student.tokenizer, student.image_processor, meta)
+    out = LoadedModel(module.student, student.tokenizer, student.image_processor, meta)
     if trainer.args.should_save:
         save_model(out, final_dir, meta)
-        save_objective(objective, stage_dir)
+        save_projectors(module.projector_state(), stage_dir, objective.term_labels)
         with open(os.path.join(stage_dir, "data_report.json"), "w") as f:
             json.dump({
                 "data": stage.data.path, "used": len(dataset), "truncated": dataset.n_truncated,
