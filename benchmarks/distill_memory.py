@@ -39,7 +39,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch.nn as nn
 
     from llavadi.data.token_types import TokenType
-    from llavadi.distill.objective import DistillObjective, ModelView, TermSpec
+    from llavadi.distill.objective import DistillObjective
+    from llavadi.distill.terms import TermSpec
+    from llavadi.distill.view import ModelView
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
