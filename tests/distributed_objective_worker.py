@@ -36,7 +36,7 @@ def worker(rank, world, init_file, out_file):
     if rank == 0:
         torch.save({"loss": loss_sum.item(), "grads": grads(student, objective)}, out_file)
     # free everything before the process group goes: gloo processes otherwise abort at exit now and
-    # then ("terminate called without an active exception", STACK-NOTES)
+    # then ("terminate called without an active exception")
     del objective, student, teacher, s_view, t_view, loss, loss_sum
     gc.collect()
     dist.barrier()
