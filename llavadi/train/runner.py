@@ -142,6 +142,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     log(f"[{stage.name}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     dataset = build_dataset(stage, student, use_teacher)
     log(dataset.report())
+    # the projectors' initial weights must not depend on what ran before in this process (a stage
+    # found done, or a previous stage trained): seed them from the recipe
+    torch.manual_seed(recipe.seed)
     objective = build_objective(stage, student, use_teacher)
     if objective.needs_attentions:
         for m in (student.model, use_teacher.model if use_teacher else None):
