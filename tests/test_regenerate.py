@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
-import llavadi.data.regenerate as regen_module
+import llavadi.teacher.regenerate as regen_module
 from llavadi.data.dataset import LlavaDataset, View, pixel_values_for, read_json_records
 from llavadi.data.encode import SampleError
 from llavadi.eval.generate import EvalQuestion, generate_answer_ids, load_for_eval, question_image
