@@ -12,7 +12,8 @@ from PIL import Image
 import llavadi.data.synthetic as syn
 from llavadi.data.synthetic import (BACKGROUND, CATEGORIES, COLORS, answer_for, answer_set,
                                     make_synthetic, synthetic_paths)
-from llavadi.models.presets import build_llava_processor, build_preset, get_preset
+from llavadi.models.build import LoadedModel, llava_processor
+from llavadi.models.presets import build_preset, get_preset
 from llavadi.models.tokenizer import build_tiny_tokenizer
 
 SMALL = dict(n_caption=12, n_instruct=60, n_eval=24, text_only_fraction=0.1)
@@ -192,7 +193,7 @@ def test_presets_teacher_several_times_student(tokenizer):
 
 def test_processor_round_trip_and_image_tokens(tmp_path, small_set, tokenizer):
     model, _, image_processor = build_preset("tiny-student", tokenizer, seed=0)
-    processor = build_llava_processor(tokenizer, image_processor)
+    processor = llava_processor(LoadedModel(model, tokenizer, image_processor))
     processor.save_pretrained(tmp_path)
     from transformers import AutoProcessor
     loaded = AutoProcessor.from_pretrained(tmp_path)
@@ -227,3 +228,23 @@ def test_vision_pretraining_learns_patch_contents(tmp_path, tokenizer):
     # chance of getting colour, shape, size and cell of a patch all right is far below 0.1
     assert acc > 0.6, acc
     assert any(not torch.equal(before[k], state[k]) for k in state)
+
+
+def test_preset_stages_are_recipe_stages():
+    from llavadi.config import recipe_from_dict
+    from llavadi.models.presets import PRESETS
+
+    for preset in PRESETS.values():
+        stages = []
+        for name in preset.stages:
+            stage = {"name": name, **preset.stage(name)}
+            stage["data"] = {**stage["data"], "path": "data.json"}
+            stages.append(stage)
+        recipe = recipe_from_dict({"student": {"preset": preset.name}, "stages": stages})
+        for stage in recipe.stages:
+            assert stage.train.max_steps > 0 and stage.train.extra == {"adam_beta2": 0.98}
+            assert stage.trainable.projector and stage.trainable.llm
+        assert recipe.stages[0].name == "pretrain" and recipe.stages[0].data.template == "plain"
+    edited = PRESETS["tiny-teacher"].stage("finetune")
+    edited["train"]["extra"]["adam_beta2"] = 0.5  # a copy: the preset itself is unchanged
+    assert PRESETS["tiny-teacher"].stage("finetune")["train"]["extra"] == {"adam_beta2": 0.98}

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from llavadi.config import ConfigError, Recipe, load_recipe, recipe_to_dict
+from llavadi.experiments.stats import mean_std
 
 RUN_RECORD = "ablate_run.json"
 RESULTS_FILE = "results.json"
@@ -456,11 +456,6 @@ def run_ablation(grid: Grid, log=print, only: list[str] | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- summary, table, plot
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def summarise(runs: list[dict], baseline: str, columns: list[str] | None = None,
               variant_order: list[str] | None = None) -> dict:
     """Per variant and metric: mean and sample std over seeds, and Δ to the baseline paired by seed.
@@ -490,11 +485,11 @@ def summarise(runs: list[dict], baseline: str, columns: list[str] | None = None,
         entry = {"seeds": sorted(seeds), "metrics": {}}
         for metric in dict.fromkeys(metric_names):
             values = {s: m[metric] for s, m in seeds.items() if metric in m}
-            stats = {**_mean_std(list(values.values())), "values": {str(s): v for s, v in sorted(values.items())}}
+            stats = {**mean_std(list(values.values())), "values": {str(s): v for s, v in sorted(values.items())}}
             base = by_variant.get(baseline, {})
             common = sorted(s for s in values if metric in base.get(s, {}))
             if name != baseline and common:
-                stats["delta"] = _mean_std([values[s] - base[s][metric] for s in common])
+                stats["delta"] = mean_std([values[s] - base[s][metric] for s in common])
             entry["metrics"][metric] = stats
         variants[name] = entry
     expected = max((len(v["seeds"]) for v in variants.values()), default=0)
