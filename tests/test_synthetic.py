@@ -10,13 +10,37 @@ import torch
 from PIL import Image
 
 import llavadi.data.synthetic as syn
-from llavadi.data.synthetic import (BACKGROUND, CATEGORIES, COLORS, answer_for, answer_set,
-                                    make_synthetic, synthetic_paths)
+from llavadi.data.synthetic import BACKGROUND, CATEGORIES, COLORS, answer_set, make_synthetic, synthetic_paths
 from llavadi.models.build import LoadedModel, llava_processor
 from llavadi.models.presets import build_preset, get_preset
 from llavadi.models.tokenizer import build_tiny_tokenizer
 
 SMALL = dict(n_caption=12, n_instruct=60, n_eval=24, text_only_fraction=0.1)
+
+
+def answer_for(question: str, objects: list[dict], grid: int) -> str:
+    """The reference answer of a generated question, recomputed from the scene by parsing the question."""
+    names = {syn.position_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
+    at = {(o["row"], o["col"]): o for o in objects}
+    q = question.rstrip("?")
+    for prefix, key in (("What color is the shape in the ", "color"), ("What shape is in the ", "shape")):
+        if q.startswith(prefix):
+            return at[names[q[len(prefix):]]][key]
+    if q.startswith("Is the shape in the ") and q.endswith(" small or large"):
+        return at[names[q[len("Is the shape in the "):-len(" small or large")]]]["size"]
+    if q == "How many shapes are there":
+        return str(len(objects))
+    if q.startswith("Where is the "):
+        col, sh = q[len("Where is the "):].split(" ")
+        (o,) = [o for o in objects if o["color"] == col and o["shape"] == sh]
+        return syn.position_name(o["row"], o["col"], grid)
+    if q.startswith("Is there a "):
+        words = q[len("Is there a "):].split(" ")
+        if len(words) == 2 and words[1] == "shape":
+            return "yes" if any(o["color"] == words[0] for o in objects) else "no"
+        if len(words) == 1:
+            return "yes" if any(o["shape"] == words[0] for o in objects) else "no"
+    raise ValueError(f"not a synthetic-task question: {question!r}")
 
 
 @pytest.fixture(scope="module")

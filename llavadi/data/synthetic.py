@@ -136,31 +136,6 @@ def make_question(category: str, objects: list[dict], grid: int, rng: random.Ran
     raise ValueError(f"unknown question category {category!r}; choose one of {CATEGORIES}")
 
 
-def answer_for(question: str, objects: list[dict], grid: int) -> str:
-    """Recompute the reference answer of a generated question from the scene (used to check data)."""
-    names = {position_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
-    at = {(o["row"], o["col"]): o for o in objects}
-    q = question.rstrip("?")
-    for prefix, key in (("What color is the shape in the ", "color"), ("What shape is in the ", "shape")):
-        if q.startswith(prefix):
-            return at[names[q[len(prefix):]]][key]
-    if q.startswith("Is the shape in the ") and q.endswith(" small or large"):
-        return at[names[q[len("Is the shape in the "):-len(" small or large")]]]["size"]
-    if q == "How many shapes are there":
-        return str(len(objects))
-    if q.startswith("Where is the "):
-        col, sh = q[len("Where is the "):].split(" ")
-        (o,) = [o for o in objects if o["color"] == col and o["shape"] == sh]
-        return position_name(o["row"], o["col"], grid)
-    if q.startswith("Is there a "):
-        words = q[len("Is there a "):].split(" ")
-        if len(words) == 2 and words[1] == "shape":
-            return "yes" if any(o["color"] == words[0] for o in objects) else "no"
-        if len(words) == 1:
-            return "yes" if any(o["shape"] == words[0] for o in objects) else "no"
-    raise ValueError(f"not a synthetic-task question: {question!r}")
-
-
 def answer_set(grid: int = 3) -> dict[str, list[str]]:
     """Every possible answer per question category (for chance levels and the tokenizer)."""
     return {
