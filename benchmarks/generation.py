@@ -40,11 +40,11 @@ def one_at_a_time(bundle, questions, max_new_tokens):
     from llavadi.data.dataset import load_image, pixel_values_for
     from llavadi.eval.generate import encode_question
 
-    model, tok = bundle.model, bundle.tokenizer
+    model, tok, encoder = bundle.model, bundle.tokenizer, bundle.encoder()
     answers = []
     with torch.inference_mode():
         for q in questions:
-            ids = torch.tensor([encode_question(bundle.encoder, q)])
+            ids = torch.tensor([encode_question(encoder, q)])
             kwargs = {}
             if q.image:
                 img = load_image(q.image, q.question_id, bundle.pad_to_square)
@@ -68,8 +68,8 @@ def main(argv=None):
 
     from llavadi.data.synthetic import TEXT_ONLY_QA, make_synthetic
     from llavadi.eval.benchmarks import get_benchmark
-    from llavadi.eval.generate import (EvalModel, EvalQuestion, encode_question, from_benchmark_questions,
-                                       generate_answers, make_encoder)
+    from llavadi.eval.generate import EvalQuestion, encode_question, from_benchmark_questions, generate_answers
+    from llavadi.models.build import LoadedModel
     from llavadi.models.presets import build_image_processor
     from llavadi.models.tokenizer import build_tiny_tokenizer
 
@@ -77,8 +77,8 @@ def main(argv=None):
     tokenizer = build_tiny_tokenizer()
     model = build_model(tokenizer)
     processor = build_image_processor()
-    encoder = make_encoder(tokenizer, model.config, {"template": "vicuna_v1", "system": "", "n_image_tokens": 9})
-    bundle = EvalModel(model, tokenizer, processor, encoder, model_dir="random-tiny")
+    bundle = LoadedModel(model, tokenizer, processor, {"template": "vicuna_v1", "system": ""})
+    encoder = bundle.encoder()
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_synthetic(f"{tmp}/set", n_caption=0, n_instruct=0, n_eval=args.questions)
@@ -93,7 +93,7 @@ def main(argv=None):
         lengths = [len(encode_question(encoder, q)) for q in questions]
 
         # warm-up (allocator, lazy imports) outside the timing
-        generate_answers(bundle, None, None, None, questions[:4], batch_size=4, max_new_tokens=2, progress=False)
+        generate_answers(bundle, questions[:4], batch_size=4, max_new_tokens=2, progress=False)
         one_at_a_time(bundle, questions[:2], 2)
 
         t_single, t_batched = float("inf"), float("inf")
@@ -102,7 +102,7 @@ def main(argv=None):
             single = one_at_a_time(bundle, questions, args.max_new_tokens)
             t_single = min(t_single, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            batched = generate_answers(bundle, None, None, None, questions, batch_size=args.batch_size,
+            batched = generate_answers(bundle, questions, batch_size=args.batch_size,
                                        max_new_tokens=args.max_new_tokens, progress=False)
             t_batched = min(t_batched, time.perf_counter() - t0)
 

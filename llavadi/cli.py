@@ -66,11 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
     t.set_defaults(func=_cmd_train)
 
-    from llavadi.data import regenerate
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import eval_command
-
     from llavadi.experiments import ablate
+    from llavadi.teacher import regenerate
 
     regenerate.register(sub)
     eval_command.register(sub)

@@ -6,75 +6,80 @@ Everything runs on a laptop CPU in minutes and nothing is downloaded:
    (as real LLaVADI teachers and students share a pretrained CLIP);
 3. the tiny teacher is trained with `llavadi train` (projector pretraining, then instruction
    tuning); it is cached, so a second demo run starts from step 4;
-4. for each seed, the tiny student is instruction-tuned twice from the same initial weights:
-   with cross-entropy only (SFT) and with the paper's distillation recipe (CE + forward KL on
-   response logits + last-hidden-state MSE through a Linear-GELU-Linear projector). The two
-   runs go in parallel, one thread each;
+4. for each seed, the tiny student goes through the same caption stage and is then
+   instruction-tuned twice from the same weights with `recipes/demo_student.yaml`: as written,
+   the paper's distillation recipe (CE + forward KL on response logits + last-hidden-state MSE
+   through a Linear-GELU-Linear projector), and with its terms removed, cross-entropy only
+   (SFT). The two runs go in parallel, one thread each;
 5. every model answers the held-out questions through the evaluation harness; a table is
    printed and everything is written to `<out>/results.json`.
+
+The teacher's stages and the student's caption stage are the presets' (llavadi.models.presets).
+By default the students see the teacher's instruction data; `--student-fraction` gives them
+only part of it (the teacher still sees all), the regime where a teacher that knows more than
+the student's data matters.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import yaml
 
+from llavadi.experiments.stats import mean_std
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset
 
 DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is rebuilt
-
-# the student sees only part of the labelled instructions: the regime where a teacher that
-# knows more than the student's data matters (see STACK-NOTES); the teacher sees all of them
-DISTILL_TERMS = [
-    {"name": "forward_kl", "weight": 1.0, "tokens": "response", "options": {"temperature": 1.0}},
-    {"name": "hidden_mse", "weight": 1.0, "tokens": "response", "options": {"projector": "mlp", "loss": "mse"}},
-]
+# the student's instruction-tuning stage (with the paper's distillation terms) and the demo's
+# prompt settings: the same recipe `llavadi train` and `llavadi ablate` use
+STUDENT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_student.yaml"
+SMOKE = {"data": {"n_caption": 64, "n_instruct": 96, "n_eval": 24}, "steps": 3, "vision_steps": 3}
 
 
 def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _trainable(hp: dict) -> dict:
-    """A preset's `train` string ("projector" or "projector+language_model") as a trainable rule."""
-    parts = set(hp.get("train", "projector+language_model").split("+"))
-    unknown = parts - {"projector", "language_model"}
-    if unknown:
-        raise ValueError(f"preset train rule {hp.get('train')!r}: unknown part(s) {sorted(unknown)}")
-    return {"projector": "projector" in parts, "llm": "language_model" in parts}
+def _student_recipe() -> dict:
+    """recipes/demo_student.yaml as a raw dict (paths in it are the demo's defaults, replaced here)."""
+    if not STUDENT_RECIPE.is_file():
+        raise FileNotFoundError(f"{STUDENT_RECIPE}: the demo's student recipe is missing; the demo runs from a "
+                                "checkout of the repository (pip install -e .)")
+    with open(STUDENT_RECIPE) as f:
+        return yaml.safe_load(f)
 
 
-def _stage(name, data_path, trainable, hp, terms=None, template="vicuna_v1"):
-    train = {
-        "learning_rate": hp["lr"], "max_steps": hp["steps"], "batch_size": hp["batch_size"],
-        "warmup_ratio": hp.get("warmup_ratio", 0.03), "scheduler": hp.get("lr_scheduler", "cosine"),
-        "weight_decay": hp.get("weight_decay", 0.0), "max_grad_norm": hp.get("max_grad_norm", 1.0),
-        "logging_steps": hp.get("logging_steps", 50), "save_steps": 10_000, "save_total_limit": 1,
-    }
-    if "adam_beta2" in hp:
-        train["extra"] = {"adam_beta2": hp["adam_beta2"]}
-    stage = {"name": name, "data": {"path": data_path, "template": template}, "trainable": trainable,
-             "train": train}
-    if terms:
-        stage["distill"] = {"terms": terms}
+def _named_stage(recipe: dict, name: str) -> dict:
+    (stage,) = [s for s in recipe["stages"] if s["name"] == name]
     return stage
 
 
-def _recipe(out_dir, student_dir, stages, teacher_dir=None, seed=0, image_folder=None):
-    r = {"student": {"path": student_dir}, "output_dir": out_dir, "seed": seed, "device": "cpu",
-         "data": {"image_folder": image_folder, "system": "", "max_length": 256}, "stages": stages}
-    if teacher_dir:
-        r["teacher"] = {"path": teacher_dir}
-    return r
+def _smoke(stage: dict) -> dict:
+    """The stage cut to a few steps, logging each one (a plumbing check, not a measurement)."""
+    train = stage["train"]
+    train["max_steps"] = min(train.get("max_steps", SMOKE["steps"]), SMOKE["steps"])
+    train["logging_steps"] = 1
+    return stage
+
+
+def _preset_stage(preset: str, name: str, data_path: str, smoke: bool) -> dict:
+    """A preset's recipe stage, named and pointed at its data."""
+    stage = {"name": name, **PRESETS[preset].stage(name)}
+    stage["data"] = {**stage.get("data", {}), "path": data_path}
+    return _smoke(stage) if smoke else stage
+
+
+def _data_defaults(image_dir: str) -> dict:
+    """The recipe-level data settings of every demo run: the student recipe's, with the demo's images."""
+    return {**_student_recipe()["data"], "image_folder": image_dir}
 
 
 def _write_recipe(path, recipe) -> str:
@@ -169,21 +174,10 @@ def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: st
     return res
 
 
-SMOKE = {"data": {"n_caption": 64, "n_instruct": 96, "n_eval": 24}, "steps": 3, "vision_steps": 3}
+def _synthetic_data(out: str, fresh: bool, smoke: bool) -> tuple[dict, bool]:
+    """The task's files (written unless cached) and whether everything must be rebuilt."""
+    from llavadi.data.synthetic import make_synthetic, synthetic_paths
 
-
-def _smoke_hp(hp: dict) -> dict:
-    return {stage: {**v, "steps": min(v.get("steps", 0), SMOKE["steps"]), "logging_steps": 1} if isinstance(v, dict) else v
-            for stage, v in hp.items()}
-
-
-def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
-             student_fraction: float | None = None, smoke: bool = False) -> dict:
-    """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check."""
-    t_start = time.time()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
     stamp = os.path.join(out, "DEMO_DATA_VERSION")
     if os.path.isfile(stamp) and open(stamp).read().strip() != str(DATA_VERSION) and not fresh:
         # cached models were trained on another version of the task: nothing of them can be reused
@@ -191,8 +185,6 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
         fresh = True
     with open(stamp, "w") as f:
         f.write(str(DATA_VERSION))
-    from llavadi.data.synthetic import make_synthetic, synthetic_paths
-
     data_root = os.path.join(out, f"data-v{DATA_VERSION}")
     if fresh or not os.path.isfile(os.path.join(data_root, "meta.json")):
         t0 = time.time()
@@ -200,79 +192,117 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
         _say(f"synthetic data written to {data_root} in {time.time() - t0:.0f}s")
     else:
         _say(f"synthetic data: cached {data_root}")
-    paths = {k: str(v) for k, v in synthetic_paths(data_root).items()}
+    return {k: str(v) for k, v in synthetic_paths(data_root).items()}, fresh
 
-    vision_state = _vision_tower(out, data_root, fresh, steps=SMOKE["vision_steps"] if smoke else None)
 
-    teacher_hp = PRESETS["tiny-teacher"].train
-    student_hp = PRESETS["tiny-student"].train
-    if smoke:
-        teacher_hp, student_hp = _smoke_hp(teacher_hp), _smoke_hp(student_hp)
-    fraction = student_fraction if student_fraction is not None else student_hp.get("data_fraction", 1.0)
+def _teacher_recipe(out: str, init: str, paths: dict, smoke: bool) -> dict:
+    """The tiny teacher's recipe: the preset's caption stage, then its instruction tuning."""
+    stages = [_preset_stage("tiny-teacher", "pretrain", paths["captions"], smoke),
+              _preset_stage("tiny-teacher", "finetune", paths["instruct"], smoke)]
+    return {"student": {"path": init}, "output_dir": os.path.join(out, "teacher"), "seed": 0, "device": "cpu",
+            "data": _data_defaults(paths["image_dir"]), "stages": stages}
 
-    # the teacher: trained once, cached in <out>/teacher/final
+
+def _train_teacher(out: str, paths: dict, vision_state: dict, fresh: bool, smoke: bool) -> str:
+    """The trained teacher's directory (trained once, cached in <out>/teacher/final)."""
     teacher_dir = os.path.join(out, "teacher", "final")
-    if fresh or not os.path.isfile(os.path.join(teacher_dir, "config.json")):
-        init = _init_model("tiny-teacher", vision_state, 0, os.path.join(out, "init", "teacher"))
-        stages = []
-        if teacher_hp.get("pretrain", {}).get("steps", 0) > 0:
-            stages.append(_stage("pretrain", paths["captions"], _trainable(teacher_hp["pretrain"]),
-                                 teacher_hp["pretrain"], template=teacher_hp["pretrain"].get("template", "plain")))
-        stages.append(_stage("finetune", paths["instruct"], _trainable(teacher_hp["finetune"]), teacher_hp["finetune"]))
-        recipe = _write_recipe(os.path.join(out, "recipes", "teacher.yaml"),
-                               _recipe(os.path.join(out, "teacher"), init, stages, image_folder=paths["image_dir"]))
-        _say(f"training the teacher ({recipe})")
-        t0 = time.time()
-        _run_trainings([("teacher", recipe)], threads_each=max(1, min(2, os.cpu_count() or 1)))
-        _say(f"teacher trained in {time.time() - t0:.0f}s")
-    else:
+    if not fresh and os.path.isfile(os.path.join(teacher_dir, "config.json")):
         _say(f"teacher: cached {teacher_dir}")
+        return teacher_dir
+    init = _init_model("tiny-teacher", vision_state, 0, os.path.join(out, "init", "teacher"))
+    recipe = _write_recipe(os.path.join(out, "recipes", "teacher.yaml"), _teacher_recipe(out, init, paths, smoke))
+    _say(f"training the teacher ({recipe})")
+    t0 = time.time()
+    _run_trainings([("teacher", recipe)], threads_each=max(1, min(2, os.cpu_count() or 1)))
+    _say(f"teacher trained in {time.time() - t0:.0f}s")
+    return teacher_dir
 
-    student_data = paths["instruct"]
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"student fraction must be in (0, 1], got {fraction}")
-    tag = "" if fraction >= 1.0 else f"-f{fraction:g}"  # runs on a label subset are cached apart
-    if fraction < 1.0:
-        student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, f"student_instruct{tag}.json"))
+
+def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str, seed: int,
+                        teacher_dir: str | None, smoke: bool) -> dict:
+    """One student run: the preset's caption stage, then recipes/demo_student.yaml's instruction tuning.
+
+    With no `teacher_dir` the finetune stage has no distillation term (cross-entropy only, SFT).
+    The caption stage is the same for both students: no distillation there.
+    """
+    recipe = _student_recipe()
+    finetune = _named_stage(recipe, "finetune")
+    finetune["data"] = {**(finetune.get("data") or {}), "path": student_data}
+    if teacher_dir is None:
+        finetune["distill"] = {**(finetune.get("distill") or {}), "terms": []}
+        recipe.pop("teacher", None)
+    else:
+        recipe["teacher"] = {"path": teacher_dir}
+    if smoke:
+        _smoke(finetune)
+    recipe.update(output_dir=run_dir, seed=seed, device="cpu", student={"path": init},
+                  data=_data_defaults(paths["image_dir"]))
+    recipe["stages"] = [_preset_stage("tiny-student", "pretrain", paths["captions"], smoke)] + recipe["stages"]
+    return recipe
+
+
+def _train_students(out: str, paths: dict, vision_state: dict, teacher_dir: str, seeds: int, fresh: bool,
+                    distill: bool, student_data: str, tag: str, smoke: bool) -> dict[str, list[str]]:
+    """Per kind (student_sft, student_distilled), the final directory of each seed's student."""
     runs: dict[str, list[str]] = {"student_sft": [], "student_distilled": []}
     for seed in range(seeds):
         init = _init_model("tiny-student", vision_state, 1000 + seed, os.path.join(out, "init", f"student-s{seed}"))
         jobs = []
-        for kind, terms in (("student_sft", None), ("student_distilled", DISTILL_TERMS)):
-            if kind == "student_distilled" and not distill:
-                continue
-            run_dir = os.path.join(out, f"{kind}{tag}-s{seed}")
+        for kind in ("student_sft", "student_distilled") if distill else ("student_sft",):
+            name = f"{kind}{tag}-s{seed}"
+            run_dir = os.path.join(out, name)
             if not fresh and os.path.isfile(os.path.join(run_dir, "final", "config.json")):
                 _say(f"{kind} seed {seed}: cached")
             else:
-                stages = []
-                if student_hp.get("pretrain", {}).get("steps", 0) > 0:
-                    # the caption stage is the same for both students: no distillation there
-                    stages.append(_stage("pretrain", paths["captions"], _trainable(student_hp["pretrain"]),
-                                         student_hp["pretrain"], template=student_hp["pretrain"].get("template", "plain")))
-                stages.append(_stage("finetune", student_data, _trainable(student_hp["finetune"]),
-                                     student_hp["finetune"], terms))
-                recipe = _recipe(run_dir, init, stages, teacher_dir=teacher_dir if terms else None, seed=seed,
-                                 image_folder=paths["image_dir"])
-                jobs.append((f"{kind}{tag}-s{seed}",
-                             _write_recipe(os.path.join(out, "recipes", f"{kind}{tag}-s{seed}.yaml"), recipe)))
+                recipe = _student_run_recipe(run_dir, init, paths, student_data, seed,
+                                             teacher_dir if kind == "student_distilled" else None, smoke)
+                jobs.append((name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe)))
             runs[kind].append(os.path.join(run_dir, "final"))
         if jobs:
             _say(f"training students for seed {seed}: {', '.join(n for n, _ in jobs)} (in parallel)")
             t0 = time.time()
             _run_trainings(jobs, threads_each=1 if len(jobs) > 1 else 2)
             _say(f"students trained in {time.time() - t0:.0f}s")
+    return runs
 
+
+def _evaluate_all(out: str, paths: dict, teacher_dir: str, runs: dict[str, list[str]], tag: str) -> dict:
     _say("evaluating on the held-out questions")
     results: dict = {"teacher": _evaluate("teacher", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
     for kind, dirs in runs.items():
         for seed, d in enumerate(dirs):
             results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
                                                    teacher_dir)
+    return results
+
+
+def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
+             student_fraction: float | None = None, smoke: bool = False) -> dict:
+    """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check."""
+    t_start = time.time()
+    fraction = 1.0 if student_fraction is None else student_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"student fraction must be in (0, 1], got {fraction}")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    paths, fresh = _synthetic_data(out, fresh, smoke)
+    vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
+    teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
+
+    student_data, tag = paths["instruct"], ""
+    if fraction < 1.0:
+        tag = f"-f{fraction:g}"  # runs on a label subset are cached apart
+        student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, f"student_instruct{tag}.json"))
+    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, distill, student_data, tag, smoke)
+
+    results = _evaluate_all(out, paths, teacher_dir, runs, tag)
     summary = summarise(results, runs)
-    summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction, "distill_terms": DISTILL_TERMS,
-                           "teacher_hp": teacher_hp, "student_hp": student_hp,
-                           "wall_seconds": round(time.time() - t_start, 1)}
+    example = _student_run_recipe("", "", paths, student_data, 0, teacher_dir, smoke)
+    summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction,
+                           "distill_terms": _named_stage(example, "finetune")["distill"]["terms"],
+                           "teacher_stages": _teacher_recipe(out, "", paths, smoke)["stages"],
+                           "student_stages": example["stages"], "wall_seconds": round(time.time() - t_start, 1)}
     with open(os.path.join(out, f"results{tag}.json"), "w") as f:
         json.dump({"summary": summary, "runs": results}, f, indent=2, default=str)
     print(format_table(summary))
@@ -285,7 +315,7 @@ def _metrics(result: dict) -> dict:
 
 
 def summarise(results: dict, runs: dict) -> dict:
-    """Mean and spread over seeds of every metric, per model kind."""
+    """Mean and sample std over seeds of every metric, per model kind."""
     rows = {"teacher": {k: [v] for k, v in _flat(_metrics(results["teacher"])).items()}}
     for kind, dirs in runs.items():
         if not dirs:
@@ -294,8 +324,7 @@ def summarise(results: dict, runs: dict) -> dict:
         rows[kind] = {k: [m[k] for m in per_seed if k in m] for k in per_seed[0]}
     out = {}
     for kind, metrics in rows.items():
-        out[kind] = {k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-                     for k, v in metrics.items() if v and all(isinstance(x, (int, float)) for x in v)}
+        out[kind] = {k: mean_std(v) for k, v in metrics.items() if v and all(isinstance(x, (int, float)) for x in v)}
     return out
 
 

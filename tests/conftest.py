@@ -106,7 +106,7 @@ GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def only_teardown_abort(returncode: int, log: str, *written) -> bool:
-    """True when a multi-process run failed only by the known gloo abort at process exit
-    (STACK-NOTES: rare even with barrier + destroy_process_group) after every result was written;
-    the results are then still checked in full by the caller."""
+    """True when a multi-process run failed only by gloo's abort at process exit ("terminate called
+    without an active exception", rare but still seen after barrier + destroy_process_group) after
+    every result was written; the results are then still checked in full by the caller."""
     return returncode != 0 and GLOO_TEARDOWN_ABORT in log and all(os.path.isfile(p) for p in written)

@@ -253,3 +253,22 @@ def test_plot_is_optional(tmp_path, monkeypatch):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # as if matplotlib were absent
     assert ablate.plot(summary, str(tmp_path / "q.png")) is None and not (tmp_path / "q.png").exists()
+
+
+def test_demo_and_ablate_report_the_sample_std():
+    from llavadi import demo
+    from llavadi.experiments.stats import mean_std
+
+    assert mean_std([1.0, 2.0, 6.0]) == {"mean": 3.0, "std": pytest.approx(7 ** 0.5), "n": 3}  # squares 14 / (3 - 1)
+    assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    with pytest.raises(ValueError):
+        mean_std([])
+    results = {"teacher": {"metrics": {"accuracy": 70.0}}}
+    results.update({f"student_sft-s{s}": {"metrics": {"accuracy": a, "category/count": 100.0}}
+                    for s, a in enumerate((1.0, 2.0, 6.0))})
+    summary = demo.summarise(results, {"student_sft": ["a", "b", "c"], "student_distilled": []})
+    assert summary["student_sft"]["accuracy"] == {"mean": 3.0, "std": pytest.approx(7 ** 0.5), "n": 3}
+    assert summary["student_sft"]["category/count"]["std"] == 0.0
+    assert summary["teacher"]["accuracy"] == {"mean": 70.0, "std": 0.0, "n": 1}
+    assert "student_distilled" not in summary
+    assert "3.0 ± 2.6" in demo.format_table(summary)

@@ -83,3 +83,33 @@ def test_demo_smoke_runs_every_step(tmp_path):
     assert "| student_distilled |" in proc.stdout
     for d in ("teacher/final", "student_sft-s0/final", "student_distilled-s0/final"):
         assert (tmp_path / "demo" / d / "model.safetensors").is_file()
+
+
+def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
+    from llavadi import demo
+    from llavadi.config import recipe_from_dict
+    from llavadi.models.presets import PRESETS
+
+    written = yaml.safe_load(demo.STUDENT_RECIPE.read_text())
+    (finetune,) = [s for s in written["stages"] if s["name"] == "finetune"]
+    paths = {"captions": "caps.json", "image_dir": str(tmp_path / "images")}
+    distilled = demo._student_run_recipe(str(tmp_path / "d"), str(tmp_path / "init"), paths, "inst.json", 2,
+                                         str(tmp_path / "teacher"), smoke=False)
+    sft = demo._student_run_recipe(str(tmp_path / "s"), str(tmp_path / "init"), paths, "inst.json", 2, None,
+                                   smoke=False)
+    for raw in (distilled, sft):
+        recipe = recipe_from_dict(raw)  # a valid recipe
+        assert [s.name for s in recipe.stages] == ["pretrain", "finetune"] and recipe.seed == 2
+        pre, ft = raw["stages"]
+        assert {k: v for k, v in pre.items() if k not in ("name", "data")} == \
+            {k: v for k, v in PRESETS["tiny-student"].stages["pretrain"].items() if k != "data"}
+        # the instruction-tuning stage is the recipe file's, only its data path replaced
+        assert {k: v for k, v in ft.items() if k not in ("data", "distill")} == \
+            {k: v for k, v in finetune.items() if k not in ("data", "distill")}
+        assert ft["data"]["path"] == "inst.json" and recipe.stages[1].data.image_folder == paths["image_dir"]
+    assert distilled["stages"][1]["distill"] == finetune["distill"] and distilled["teacher"]["path"].endswith("teacher")
+    assert sft["stages"][1]["distill"]["terms"] == [] and "teacher" not in sft
+    smoke = demo._student_run_recipe("d", "i", paths, "inst.json", 0, None, smoke=True)
+    assert all(s["train"]["max_steps"] == 3 and s["train"]["logging_steps"] == 1 for s in smoke["stages"])
+    with pytest.raises(KeyError, match="no 'finetune' stage"):
+        PRESETS["tiny-student"].stage("finetune")  # the student's instruction tuning lives in the recipe file

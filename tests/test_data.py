@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from conftest import make_image_processor, write_images, write_json
 
-from llavadi.data.collator import LlavaCollator
+from llavadi.data.collator import LlavaCollator, pad_sequences
 from llavadi.data.dataset import LlavaDataset, View
 from llavadi.data.encode import IGNORE_INDEX, ConversationEncoder, SampleError
 from llavadi.data.templates import Turn, get_template
@@ -131,6 +130,18 @@ def _dataset(tok, path, folder, on_error="raise"):
     return LlavaDataset(path, folder, [view], on_error=on_error)
 
 
+def test_pad_sequences_left_and_right():
+    seqs = [[1, 2, 3], [4], []]
+    assert pad_sequences(seqs, 0).tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
+    assert pad_sequences(seqs, 9, side="left").tolist() == [[1, 2, 3], [9, 9, 4], [9, 9, 9]]
+    assert pad_sequences(seqs, 0, length=5).shape == (3, 5)
+    assert pad_sequences(seqs, 0).dtype == torch.long
+    with pytest.raises(ValueError, match="length 2"):
+        pad_sequences(seqs, 0, length=2)
+    with pytest.raises(ValueError, match="padding side"):
+        pad_sequences(seqs, 0, side="middle")
+
+
 def test_dataset_and_collator_batch(word_tokenizer, tmp_path):
     write_images(tmp_path / "imgs", 3)
     write_json(tmp_path / "d.json", [_sample(0), _sample(1, image=False), _sample(2, answer="two blue")])
@@ -220,7 +231,9 @@ def test_non_square_image_is_padded_to_square(word_tokenizer, tmp_path):
     assert item["pixel_values"].shape == (3, 32, 32)
     # the padded rows are the mean colour (the image's own colour here): no black bars
     assert item["pixel_values"].std(dim=(1, 2)).max() < 1e-3
-    assert os.path.exists(tmp_path / "img0.png")
+    processor = make_image_processor(32)
+    expected = [(c / 255 - m) / sd for c, m, sd in zip((200, 10, 10), processor.image_mean, processor.image_std)]
+    assert item["pixel_values"].mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-3)
 
 
 CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"

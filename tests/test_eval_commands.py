@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 
 import pytest
 
-from llavadi.eval import commands
+from llavadi.cli import build_parser
 from llavadi.eval.benchmarks import (OPTION_LETTER_SUFFIX, SHORT_ANSWER_SUFFIX, EvalDataError, get_benchmark,
                                      prediction_record, predictions_from_records, read_predictions)
 from llavadi.eval.report import combine, load_result
@@ -25,10 +24,8 @@ def write_json(path, obj):
 
 
 def run_cli(argv):
-    """A tiny stand-in for the lead's cli.py: register the subcommands and dispatch."""
-    parser = argparse.ArgumentParser(prog="llavadi")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """Parse `argv` with the `llavadi` command's parser and run the subcommand."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

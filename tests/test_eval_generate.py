@@ -10,17 +10,10 @@ import pytest
 import torch
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
-from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
-from llavadi.eval.generate import (
-    EvalModel,
-    EvalQuestion,
-    encode_question,
-    generate_answer_ids,
-    generate_answers,
-    make_encoder,
-    question_image,
-)
 from llavadi.data.dataset import pixel_values_for
+from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
+from llavadi.eval.generate import EvalQuestion, encode_question, generate_answer_ids, generate_answers, question_image
+from llavadi.models.build import LoadedModel, save_model
 
 MAX_NEW = 8
 
@@ -33,9 +26,8 @@ def _sharpen(model, scale=10.0):
     return model.eval()
 
 
-def _bundle(model, tok, image_size, n_image_tokens):
-    encoder = make_encoder(tok, model.config, {"template": "vicuna_v1", "system": "", "n_image_tokens": n_image_tokens})
-    return EvalModel(model, tok, make_image_processor(image_size), encoder, model_dir="tiny")
+def _bundle(model, tok, image_size):
+    return LoadedModel(model, tok, make_image_processor(image_size), {"template": "vicuna_v1", "system": ""})
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +50,25 @@ def setup(tmp_path_factory):
         EvalQuestion("q5", "what is the opposite of left ?"),
         EvalQuestion("q6", "is there a red square ?", str(folder / "img1.png")),
     ]
-    return {"tok": tok, "folder": folder, "teacher": _bundle(teacher, tok, 32, 4), "questions": questions}
+    return {"tok": tok, "folder": folder, "teacher": _bundle(teacher, tok, 32), "questions": questions}
 
 
 def reference_greedy(bundle, question, max_new=MAX_NEW):
     """Plain greedy decoding of one question: full forward each step, no cache, no padding."""
     pixels = pixel_values_for(bundle.image_processor, question_image(question))[None] if question.has_image else None
-    return plain_greedy_ids(bundle.model, bundle.tokenizer.eos_token_id, encode_question(bundle.encoder, question),
+    return plain_greedy_ids(bundle.model, bundle.tokenizer.eos_token_id, encode_question(bundle.encoder(), question),
                             pixels, max_new)
 
 
 def test_batched_generation_equals_one_at_a_time(setup):
     bundle, questions = setup["teacher"], setup["questions"]
     expected_ids = [reference_greedy(bundle, q) for q in questions]
-    got_ids = generate_answer_ids(bundle, None, None, None, questions, batch_size=4, max_new_tokens=MAX_NEW,
-                                  progress=False)
+    got_ids = generate_answer_ids(bundle, questions, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
     assert got_ids == expected_ids
     eos = setup["tok"].eos_token_id
     assert any(a[-1] == eos and len(a) < MAX_NEW for a in expected_ids)  # some stopped at eos
     assert any(eos not in a for a in expected_ids)  # some ran to max_new_tokens
-    texts = generate_answers(bundle.model, bundle.tokenizer, bundle.image_processor, bundle.encoder, questions,
-                             batch_size=3, max_new_tokens=MAX_NEW, progress=False)
+    texts = generate_answers(bundle, questions, batch_size=3, max_new_tokens=MAX_NEW, progress=False)
     tok = setup["tok"]
     assert texts == [tok.decode(a, skip_special_tokens=True).strip() for a in expected_ids]
     assert "</s>" not in " ".join(texts)
@@ -95,8 +85,8 @@ def test_left_padding_and_pixel_values_per_batch(setup, monkeypatch):
         return original(**kwargs)
 
     monkeypatch.setattr(bundle.model, "generate", spy)
-    generate_answer_ids(bundle, None, None, None, questions, batch_size=4, max_new_tokens=2, progress=False)
-    lengths = [len(encode_question(bundle.encoder, q)) for q in questions]
+    generate_answer_ids(bundle, questions, batch_size=4, max_new_tokens=2, progress=False)
+    lengths = [len(encode_question(bundle.encoder(), q)) for q in questions]
     assert [c["input_ids"].shape[0] for c in calls] == [4, 3]
     assert [c["input_ids"].shape[1] for c in calls] == [max(lengths), sorted(lengths)[-5]]
     n_pixels = 0
@@ -134,7 +124,7 @@ def test_model_against_itself_agrees_fully_with_zero_kl(setup):
 @torch.no_grad()
 def _answer_logits(bundle, question, answer):
     """Full-sequence logits of prompt + answer, rows predicting each answer token (plain reference)."""
-    ids = encode_question(bundle.encoder, question)
+    ids = encode_question(bundle.encoder(), question)
     kwargs = {}
     if question.has_image:
         kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, question_image(question))[None]
@@ -145,7 +135,7 @@ def _answer_logits(bundle, question, answer):
 def test_kl_matches_plain_reference_with_different_image_token_counts(setup):
     teacher, questions, tok = setup["teacher"], setup["questions"], setup["tok"]
     # student: 64 px / 16 px patches = 16 image tokens, another seed and size
-    student = _bundle(_sharpen(make_tiny_llava(tok, text_hidden=48, image_size=64, seed=3), scale=3.0), tok, 64, 16)
+    student = _bundle(_sharpen(make_tiny_llava(tok, text_hidden=48, image_size=64, seed=3), scale=3.0), tok, 64)
     answers = [reference_greedy(teacher, q) for q in questions]
     kls = []
     for q, a in zip(questions, answers):
@@ -163,7 +153,7 @@ def test_kl_matches_plain_reference_with_different_image_token_counts(setup):
     uniform = make_tiny_llava(tok, image_size=64, seed=4).eval()
     with torch.no_grad():
         uniform.lm_head.weight.zero_()
-    uniform = _bundle(uniform, tok, 64, 16)
+    uniform = _bundle(uniform, tok, 64)
     log_t = torch.cat([torch.log_softmax(_answer_logits(teacher, q, a), -1) for q, a in zip(questions, answers)])
     entropy = -(log_t.exp() * log_t).sum(-1)
     closed_form = (math.log(len(tok)) - entropy).mean().item()
@@ -179,27 +169,48 @@ def test_kl_matches_plain_reference_with_different_image_token_counts(setup):
     assert result.mean_kl == pytest.approx(expected, rel=1e-4)
 
 
-def _save(model, tok, image_size, path, n_image_tokens):
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    make_image_processor(image_size).save_pretrained(path)
-    (path / "llavadi.json").write_text(json.dumps({"template": "vicuna_v1", "system": "",
-                                                   "n_image_tokens": n_image_tokens}))
+def _memorise(tok, folder, json_path, qa, seed, steps=60):
+    """A tiny model trained (same prompts as eval) until its greedy answers are `qa`'s answers."""
+    from llavadi.data.collator import LlavaCollator
+    from llavadi.data.dataset import LlavaDataset, View
+
+    json_path.write_text(json.dumps([
+        {"id": f"m{i}", "image": image, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                           {"from": "gpt", "value": a}]}
+        for i, (image, q, a) in enumerate(qa)]))
+    bundle = _bundle(make_tiny_llava(tok, seed=seed), tok, 32)
+    data = LlavaDataset(str(json_path), str(folder), [View(bundle.encoder(max_length=256), bundle.image_processor)])
+    batch = LlavaCollator(tok.pad_token_id)([data[i] for i in range(len(data))])
+    model = bundle.model.train()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+    return bundle.model.eval()
 
 
 def test_eval_command_end_to_end(setup, tmp_path):
     from llavadi.eval import eval_command
 
     tok, folder = setup["tok"], setup["folder"]
-    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
-    _save(setup["teacher"].model, tok, 32, teacher_dir, 4)
-    _save(_sharpen(make_tiny_llava(tok, seed=5), scale=5.0), tok, 32, student_dir, 4)
     rows = [
         {"question_id": "s0", "image": "img0.png", "text": "what color is the circle ?", "answer": "red", "category": "color"},
         {"question_id": "s1", "image": "img1.png", "text": "how many ?", "answer": "2", "category": "count"},
         {"question_id": "s2", "image": "img2.png", "text": "is there a red square ?", "answer": "no", "category": "exists"},
         {"question_id": "s3", "image": "img3.png", "text": "describe the image", "answer": "x", "category": "color"},
     ]
+    # student right on s0 and s2; teacher right on s0 and s1; they agree on s0 only
+    student_says, teacher_says = ["red", "3", "no"], ["red", "2", "yes"]
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    for says, seed, path in ((student_says, 5, student_dir), (teacher_says, 6, teacher_dir)):
+        qa = [(r["image"], r["text"], a) for r, a in zip(rows, says)]
+        model = _memorise(tok, folder, tmp_path / f"{path.name}.json", qa, seed)
+        save_model(_bundle(model, tok, 32), str(path))
     qfile = tmp_path / "questions.jsonl"
     qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
@@ -216,17 +227,18 @@ def test_eval_command_end_to_end(setup, tmp_path):
     assert [a["question_id"] for a in answers] == ["s0", "s1", "s2"]  # --limit 3, original order
     assert all(set(a) == {"question_id", "prompt", "text", "model_id"} and a["model_id"] == "student" for a in answers)
     assert answers[0]["prompt"] == rows[0]["text"]
+    assert [a["text"] for a in answers] == student_says
     teacher_answers = [json.loads(line) for line in (out / "teacher_answers.jsonl").read_text().splitlines()]
-    assert len(teacher_answers) == 3
+    assert [a["text"] for a in teacher_answers] == teacher_says
 
     metrics = json.loads((out / "synthetic.json").read_text())
     m = metrics["metrics"]
     assert {"accuracy", "agreement", "teacher_student_kl", "teacher/accuracy"} <= set(m)
     assert metrics["counts"]["questions"] == 3
-    expected_acc = 100 * sum(a["text"].lower() == r["answer"] for a, r in zip(answers, rows)) / 3
-    assert m["accuracy"] == pytest.approx(expected_acc)
-    expected_agree = 100 * sum(a["text"] == t["text"] for a, t in zip(answers, teacher_answers)) / 3
-    assert m["agreement"] == pytest.approx(expected_agree)
+    assert m["accuracy"] == pytest.approx(200 / 3, abs=1e-3)
+    assert m["teacher/accuracy"] == pytest.approx(200 / 3, abs=1e-3)
+    assert m["category/color"] == pytest.approx(100.0) and m["category/count"] == pytest.approx(0.0)
+    assert m["agreement"] == pytest.approx(100 / 3, abs=1e-3)
     assert m["teacher_student_kl"] > 0
     assert "agreement" in (out / "synthetic.md").read_text()
 
@@ -235,9 +247,9 @@ def test_eval_command_end_to_end(setup, tmp_path):
 
     result = evaluate(str(student_dir), "synthetic", str(qfile), str(folder), str(tmp_path / "out2"),
                       batch_size=3, max_new_tokens=4, limit=3, progress=False, device="cpu")
-    assert result["metrics"]["accuracy"] == pytest.approx(expected_acc)
+    assert result["metrics"]["accuracy"] == pytest.approx(200 / 3, abs=1e-3)
     again = [json.loads(line)["text"] for line in (tmp_path / "out2" / "answers.jsonl").read_text().splitlines()]
-    assert again == [a["text"] for a in answers]
+    assert again == student_says
 
 
 def test_eval_command_reports_missing_image(setup, tmp_path):
@@ -270,19 +282,35 @@ def test_base64_image_is_padded_to_square_and_bad_data_is_named():
         question_image(EvalQuestion("mmb-3", "which ?", image_base64="bm90IGFuIGltYWdl"))
 
 
-def test_model_info_defaults_and_mismatch(tmp_path, setup):
-    from llavadi.data.templates import LLAVA_SYSTEM
-    from llavadi.eval.generate import read_model_info
-
-    config = setup["teacher"].model.config  # 32 px / 16 px, "default" strategy: 4 tokens
-    info = read_model_info(tmp_path, config)
-    assert info == {"template": "vicuna_v1", "system": LLAVA_SYSTEM, "n_image_tokens": 4}
-    assert read_model_info(tmp_path, config, system="")["system"] == ""
+def test_model_meta_defaults_overrides_and_mismatch(tmp_path, setup):
     import copy
 
+    from llavadi.data.templates import LLAVA_SYSTEM
+    from llavadi.eval.generate import load_for_eval
+    from llavadi.models.meta import read_model_meta, write_model_meta
+
+    teacher = setup["teacher"]
+    config = teacher.model.config  # 32 px / 16 px, "default" strategy: 4 tokens
+    assert read_model_meta(tmp_path, config) == {}
+    # no llavadi.json: a plain HF LLaVA, prompted with LLaVA-1.5's template and system prompt
+    plain = LoadedModel(teacher.model, teacher.tokenizer, teacher.image_processor, {})
+    assert plain.template == "vicuna_v1" and plain.encoder().template.system == LLAVA_SYSTEM
     full = copy.deepcopy(config)
     full.vision_feature_select_strategy = "full"  # the CLS token is kept: one more token
-    assert read_model_info(tmp_path, full)["n_image_tokens"] == 5
-    (tmp_path / "llavadi.json").write_text(json.dumps({"template": "plain", "n_image_tokens": 5}))
+    write_model_meta(tmp_path, {"template": "plain"}, full)
+    assert read_model_meta(tmp_path, full) == {"template": "plain", "n_image_tokens": 5}
     with pytest.raises(ValueError, match="n_image_tokens 5"):
-        read_model_info(tmp_path, config)
+        read_model_meta(tmp_path, config)
+    (tmp_path / "llavadi.json").write_text('{"template": "plain",\n "system": }')
+    with pytest.raises(ValueError, match=r"llavadi.json:2: malformed JSON"):
+        read_model_meta(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["llavadi.json"]  # the atomic write left no temp file
+
+    # eval-time overrides of a saved model's prompting; system "" means none
+    save_model(LoadedModel(teacher.model, teacher.tokenizer, teacher.image_processor, {"template": "vicuna_v1",
+                                                                                       "system": "be brief"}),
+               str(tmp_path / "saved"))
+    loaded = load_for_eval(tmp_path / "saved", device="cpu")
+    assert loaded.encoder().template.system == "be brief" and loaded.meta["n_image_tokens"] == 4
+    assert load_for_eval(tmp_path / "saved", device="cpu", system="").encoder().template.system == ""
+    assert load_for_eval(tmp_path / "saved", device="cpu", template="plain").template == "plain"

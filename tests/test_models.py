@@ -9,7 +9,8 @@ import torch
 from conftest import make_image_processor, make_tiny_llava
 
 from llavadi.config import ModelSpec
-from llavadi.models.build import LoadedModel, compose_llava, load_model, n_image_tokens, save_model, set_trainable
+from llavadi.models.build import (LoadedModel, load_llava_dir, load_model, n_image_tokens, save_model,
+                                  set_trainable)
 
 
 def _vm(tower):
@@ -91,6 +92,26 @@ def test_compose_from_vision_and_llm_checkpoints(word_tokenizer, tmp_path):
     # a projector is the 2-layer GELU MLP of LLaVA-1.5
     proj = m.model.multi_modal_projector
     assert proj.linear_1.in_features == 32 and proj.linear_2.out_features == 32
+
+
+def test_saved_directory_loads_as_a_bundle_and_incomplete_ones_are_named(word_tokenizer, tmp_path):
+    model = make_tiny_llava(word_tokenizer).eval()
+    save_model(LoadedModel(model, word_tokenizer, make_image_processor(32), {"template": "plain"}), str(tmp_path / "m"),
+               {"stage": "pretrain"})
+    loaded = load_llava_dir(tmp_path / "m")
+    assert loaded.meta == {"template": "plain", "stage": "pretrain", "n_image_tokens": 4}
+    assert loaded.template == "plain" and loaded.encoder().n_image_tokens == 4
+    assert loaded.image_processor.crop_size == {"height": 32, "width": 32}
+    with torch.no_grad():
+        inputs = _inputs(model, word_tokenizer, 4)
+        assert torch.equal(model(**inputs).logits, loaded.model(**inputs).logits)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_llava_dir(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "bare")
+    word_tokenizer.save_pretrained(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="bare: no image processor saved"):
+        load_llava_dir(tmp_path / "bare")
 
 
 def test_missing_local_path_is_a_clear_error():

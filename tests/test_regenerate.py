@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
-import llavadi.data.regenerate as regen_module
+import llavadi.teacher.regenerate as regen_module
 from llavadi.data.dataset import LlavaDataset, View, pixel_values_for, read_json_records
 from llavadi.data.encode import SampleError
 from llavadi.eval.generate import EvalQuestion, generate_answer_ids, load_for_eval, question_image
@@ -101,7 +101,7 @@ def test_ids_images_and_human_turns_unchanged(env):
     assert json.loads((env["out"].parent / "regen.json.report.json").read_text()) == stats
     # the output is ordinary training data
     bundle = env["bundle"]
-    ds = LlavaDataset(str(env["out"]), str(env["images"]), [View(bundle.encoder, bundle.image_processor)])
+    ds = LlavaDataset(str(env["out"]), str(env["images"]), [View(bundle.encoder(), bundle.image_processor)])
     assert len(ds) == len(SAMPLES) and ds.skipped == []
 
 
@@ -112,8 +112,7 @@ def test_first_turns_equal_eval_generation_one_at_a_time(env):
         human = src["conversations"][0]["value"]
         image = str(env["images"] / src["image"]) if "image" in src else None
         question = EvalQuestion(src["id"], human.removeprefix("<image>\n"), image)
-        ids = generate_answer_ids(bundle, None, None, None, [question], batch_size=1, max_new_tokens=MAX_NEW,
-                                  progress=False)[0]
+        ids = generate_answer_ids(bundle, [question], batch_size=1, max_new_tokens=MAX_NEW, progress=False)[0]
         assert got["conversations"][1]["value"] == _decode(tok, ids), src["id"]
         firsts.append(ids)
     assert len({tuple(a) for a in firsts}) >= 3  # answers depend on the prompt: the comparison can fail
@@ -129,7 +128,7 @@ def test_later_turns_are_conditioned_on_the_teachers_own_answers(env):
     third = second + f" {a1}</s>USER: is there a cat ? ASSISTANT:"
     assert s2[5]["value"] == _decode(tok, plain_greedy(bundle, explicit_prompt_ids(tok, third), image))
     # conditioned on the original answer instead, the second turn would differ: the history matters
-    with_original = f"USER: <image>\nhow many ? ASSISTANT: two</s>USER: what color is the square ? ASSISTANT:"
+    with_original = "USER: <image>\nhow many ? ASSISTANT: two</s>USER: what color is the square ? ASSISTANT:"
     assert a0 != "two"
     assert _decode(tok, plain_greedy(bundle, explicit_prompt_ids(tok, with_original), image)) != a1
     # a text-only multi-turn sample
@@ -156,9 +155,8 @@ def test_cut_and_empty_answers_are_counted(env, monkeypatch, tmp_path):
     # a teacher that answers s1 with eos only: kept with an empty answer, counted and listed
     real = regen_module.generate_answer_ids
 
-    def eos_for_s1(bundle, *args, **kwargs):
-        answers = real(bundle, *args, **kwargs)
-        questions = args[3]
+    def eos_for_s1(bundle, questions, *args, **kwargs):
+        answers = real(bundle, questions, *args, **kwargs)
         return [[tok.eos_token_id] if q.question_id == "s1" else a for q, a in zip(questions, answers)]
 
     monkeypatch.setattr(regen_module, "generate_answer_ids", eos_for_s1)

@@ -10,12 +10,37 @@ import torch
 from PIL import Image
 
 import llavadi.data.synthetic as syn
-from llavadi.data.synthetic import (BACKGROUND, CATEGORIES, COLORS, answer_for, answer_set,
-                                    make_synthetic, synthetic_paths)
-from llavadi.models.presets import build_llava_processor, build_preset, get_preset
+from llavadi.data.synthetic import BACKGROUND, CATEGORIES, COLORS, answer_set, make_synthetic, synthetic_paths
+from llavadi.models.build import LoadedModel, llava_processor
+from llavadi.models.presets import build_preset, get_preset
 from llavadi.models.tokenizer import build_tiny_tokenizer
 
 SMALL = dict(n_caption=12, n_instruct=60, n_eval=24, text_only_fraction=0.1)
+
+
+def answer_for(question: str, objects: list[dict], grid: int) -> str:
+    """The reference answer of a generated question, recomputed from the scene by parsing the question."""
+    names = {syn.position_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
+    at = {(o["row"], o["col"]): o for o in objects}
+    q = question.rstrip("?")
+    for prefix, key in (("What color is the shape in the ", "color"), ("What shape is in the ", "shape")):
+        if q.startswith(prefix):
+            return at[names[q[len(prefix):]]][key]
+    if q.startswith("Is the shape in the ") and q.endswith(" small or large"):
+        return at[names[q[len("Is the shape in the "):-len(" small or large")]]]["size"]
+    if q == "How many shapes are there":
+        return str(len(objects))
+    if q.startswith("Where is the "):
+        col, sh = q[len("Where is the "):].split(" ")
+        (o,) = [o for o in objects if o["color"] == col and o["shape"] == sh]
+        return syn.position_name(o["row"], o["col"], grid)
+    if q.startswith("Is there a "):
+        words = q[len("Is there a "):].split(" ")
+        if len(words) == 2 and words[1] == "shape":
+            return "yes" if any(o["color"] == words[0] for o in objects) else "no"
+        if len(words) == 1:
+            return "yes" if any(o["shape"] == words[0] for o in objects) else "no"
+    raise ValueError(f"not a synthetic-task question: {question!r}")
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +217,7 @@ def test_presets_teacher_several_times_student(tokenizer):
 
 def test_processor_round_trip_and_image_tokens(tmp_path, small_set, tokenizer):
     model, _, image_processor = build_preset("tiny-student", tokenizer, seed=0)
-    processor = build_llava_processor(tokenizer, image_processor)
+    processor = llava_processor(LoadedModel(model, tokenizer, image_processor))
     processor.save_pretrained(tmp_path)
     from transformers import AutoProcessor
     loaded = AutoProcessor.from_pretrained(tmp_path)
@@ -227,3 +252,23 @@ def test_vision_pretraining_learns_patch_contents(tmp_path, tokenizer):
     # chance of getting colour, shape, size and cell of a patch all right is far below 0.1
     assert acc > 0.6, acc
     assert any(not torch.equal(before[k], state[k]) for k in state)
+
+
+def test_preset_stages_are_recipe_stages():
+    from llavadi.config import recipe_from_dict
+    from llavadi.models.presets import PRESETS
+
+    for preset in PRESETS.values():
+        stages = []
+        for name in preset.stages:
+            stage = {"name": name, **preset.stage(name)}
+            stage["data"] = {**stage["data"], "path": "data.json"}
+            stages.append(stage)
+        recipe = recipe_from_dict({"student": {"preset": preset.name}, "stages": stages})
+        for stage in recipe.stages:
+            assert stage.train.max_steps > 0 and stage.train.extra == {"adam_beta2": 0.98}
+            assert stage.trainable.projector and stage.trainable.llm
+        assert recipe.stages[0].name == "pretrain" and recipe.stages[0].data.template == "plain"
+    edited = PRESETS["tiny-teacher"].stage("finetune")
+    edited["train"]["extra"]["adam_beta2"] = 0.5  # a copy: the preset itself is unchanged
+    assert PRESETS["tiny-teacher"].stage("finetune")["train"]["extra"] == {"adam_beta2": 0.98}

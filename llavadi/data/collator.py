@@ -1,4 +1,4 @@
-"""Batch LLaVA samples: right padding, labels, token types, pixel values, sample ids."""
+"""Batch LLaVA samples: padding, labels, token types, pixel values, sample ids."""
 
 from __future__ import annotations
 
@@ -6,6 +6,30 @@ import torch
 
 from llavadi.data.encode import IGNORE_INDEX
 from llavadi.data.token_types import TokenType
+
+PADDING_SIDES = ("right", "left")
+
+
+def pad_sequences(seqs: list[list[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
+    """A (len(seqs), length) long tensor of the sequences padded with `value` on `side`.
+
+    `length` defaults to the longest sequence. Right padding keeps every row's positions as
+    unpadded; left padding ends every row at the last column, where a decoder continues.
+    """
+    if side not in PADDING_SIDES:
+        raise ValueError(f"padding side must be one of {PADDING_SIDES}, got {side!r}")
+    longest = max((len(s) for s in seqs), default=0)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"cannot pad a sequence of {longest} tokens to length {length}")
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        row = torch.as_tensor(s, dtype=torch.long)
+        if side == "right":
+            out[i, : len(s)] = row
+        else:
+            out[i, length - len(s):] = row
+    return out
 
 
 class LlavaCollator:
@@ -16,18 +40,12 @@ class LlavaCollator:
         self.pad_token_id = int(pad_token_id)
         self.prefixes = prefixes
         self.pad_to_multiple_of = pad_to_multiple_of
-        if padding_side not in ("right", "left"):
-            raise ValueError("padding_side must be 'right' or 'left'")
+        if padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
         self.padding_side = padding_side
 
     def _pad(self, seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
-        out = torch.full((len(seqs), length), value, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if self.padding_side == "right":
-                out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            else:
-                out[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        return out
+        return pad_sequences(seqs, value, self.padding_side, length)
 
     def __call__(self, items: list[dict]) -> dict:
         batch: dict = {"sample_ids": [it["sample_id"] for it in items]}

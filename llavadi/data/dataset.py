@@ -188,10 +188,6 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def lengths(self) -> list[int]:
-        """Token length of every sample (student view), for length-grouped batching."""
-        return [len(e[0].input_ids) for e in self.encoded]
-
     def __getitem__(self, idx):
         rec = self.records[idx]
         item = {"sample_id": rec.sample_id}

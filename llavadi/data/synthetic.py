@@ -136,31 +136,6 @@ def make_question(category: str, objects: list[dict], grid: int, rng: random.Ran
     raise ValueError(f"unknown question category {category!r}; choose one of {CATEGORIES}")
 
 
-def answer_for(question: str, objects: list[dict], grid: int) -> str:
-    """Recompute the reference answer of a generated question from the scene (used to check data)."""
-    names = {position_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
-    at = {(o["row"], o["col"]): o for o in objects}
-    q = question.rstrip("?")
-    for prefix, key in (("What color is the shape in the ", "color"), ("What shape is in the ", "shape")):
-        if q.startswith(prefix):
-            return at[names[q[len(prefix):]]][key]
-    if q.startswith("Is the shape in the ") and q.endswith(" small or large"):
-        return at[names[q[len("Is the shape in the "):-len(" small or large")]]]["size"]
-    if q == "How many shapes are there":
-        return str(len(objects))
-    if q.startswith("Where is the "):
-        col, sh = q[len("Where is the "):].split(" ")
-        (o,) = [o for o in objects if o["color"] == col and o["shape"] == sh]
-        return position_name(o["row"], o["col"], grid)
-    if q.startswith("Is there a "):
-        words = q[len("Is there a "):].split(" ")
-        if len(words) == 2 and words[1] == "shape":
-            return "yes" if any(o["color"] == words[0] for o in objects) else "no"
-        if len(words) == 1:
-            return "yes" if any(o["shape"] == words[0] for o in objects) else "no"
-    raise ValueError(f"not a synthetic-task question: {question!r}")
-
-
 def answer_set(grid: int = 3) -> dict[str, list[str]]:
     """Every possible answer per question category (for chance levels and the tokenizer)."""
     return {
@@ -198,6 +173,69 @@ def _instruct_sample(idx: int, image: str, objects: list[dict], grid: int, rng: 
     return {"id": f"instruct-{idx:06d}", "image": image, "conversations": conversations}
 
 
+class _ImageWriter:
+    """Renders random scenes into one folder and remembers each image's objects."""
+
+    def __init__(self, folder: Path, image_size: int, grid: int):
+        self.folder, self.image_size, self.grid = folder, image_size, grid
+        self.scenes: dict[str, list[dict]] = {}
+
+    def new_image(self, prefix: str, i: int, rng: random.Random) -> tuple[str, list[dict]]:
+        objects = random_scene(rng, self.grid)
+        name = f"{prefix}_{i:06d}.png"
+        render_scene(objects, self.image_size, self.grid, rng).save(self.folder / name)
+        self.scenes[name] = objects
+        return name, objects
+
+
+def _caption_set(images: _ImageWriter, n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{seed}-caption")
+    captions = []
+    for i in range(n):
+        name, objects = images.new_image("cap", i, rng)
+        captions.append({"id": f"caption-{i:06d}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
+            {"from": "gpt", "value": caption_for(objects, images.grid)}]})
+    return captions
+
+
+def _instruct_set(images: _ImageWriter, n: int, seed: int, text_only_fraction: float) -> list[dict]:
+    rng = random.Random(f"{seed}-instruct")
+    instruct = []
+    for i in range(n):
+        if rng.random() < text_only_fraction:
+            q, a = rng.choice(TEXT_ONLY_QA)
+            instruct.append({"id": f"instruct-{i:06d}", "conversations": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+            continue
+        name, objects = images.new_image("inst", i, rng)
+        instruct.append(_instruct_sample(i, name, objects, images.grid, rng))
+    return instruct
+
+
+def _eval_set(images: _ImageWriter, n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{seed}-eval")
+    eval_lines = []
+    for i in range(n):
+        category = CATEGORIES[i % len(CATEGORIES)]  # balanced categories
+        name, objects = images.new_image("eval", i, rng)
+        q, a = make_question(category, objects, images.grid, rng)
+        eval_lines.append({"question_id": f"eval-{i:06d}", "image": name, "text": q,
+                           "answer": a, "category": category})
+    return eval_lines
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` to `out_dir`; an existing `out_dir` is swapped out, then deleted."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "set")
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+
+
 def make_synthetic(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -221,60 +259,20 @@ def make_synthetic(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / IMAGE_DIR).mkdir()
-        scenes: dict[str, list[dict]] = {}
-
-        def new_image(prefix: str, i: int, rng: random.Random) -> tuple[str, list[dict]]:
-            objects = random_scene(rng, grid)
-            name = f"{prefix}_{i:06d}.png"
-            render_scene(objects, image_size, grid, rng).save(tmp / IMAGE_DIR / name)
-            scenes[name] = objects
-            return name, objects
-
-        rng = random.Random(f"{seed}-caption")
-        captions = []
-        for i in range(n_caption):
-            name, objects = new_image("cap", i, rng)
-            captions.append({"id": f"caption-{i:06d}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
-                {"from": "gpt", "value": caption_for(objects, grid)}]})
-
-        rng = random.Random(f"{seed}-instruct")
-        instruct = []
-        for i in range(n_instruct):
-            if rng.random() < text_only_fraction:
-                q, a = rng.choice(TEXT_ONLY_QA)
-                instruct.append({"id": f"instruct-{i:06d}", "conversations": [
-                    {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
-                continue
-            name, objects = new_image("inst", i, rng)
-            instruct.append(_instruct_sample(i, name, objects, grid, rng))
-
-        rng = random.Random(f"{seed}-eval")
-        eval_lines = []
-        for i in range(n_eval):
-            category = CATEGORIES[i % len(CATEGORIES)]  # balanced categories
-            name, objects = new_image("eval", i, rng)
-            q, a = make_question(category, objects, grid, rng)
-            eval_lines.append({"question_id": f"eval-{i:06d}", "image": name, "text": q,
-                               "answer": a, "category": category})
-
+        images = _ImageWriter(tmp / IMAGE_DIR, image_size, grid)
+        captions = _caption_set(images, n_caption, seed)
+        instruct = _instruct_set(images, n_instruct, seed, text_only_fraction)
+        eval_lines = _eval_set(images, n_eval, seed)
         (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
         (tmp / "instruct.json").write_text(json.dumps(instruct, indent=1))
         (tmp / "eval_questions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in eval_lines))
-        (tmp / "scenes.json").write_text(json.dumps(scenes))
+        (tmp / "scenes.json").write_text(json.dumps(images.scenes))
         meta = {"seed": seed, "image_size": image_size, "grid": grid, "n_caption": n_caption,
                 "n_instruct": n_instruct, "n_eval": n_eval, "colors": list(COLORS),
                 "shapes": list(SHAPES), "sizes": list(SIZES), "categories": list(CATEGORIES),
                 "answers": answer_set(grid)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-
-        if out_dir.exists():  # only empty or overwrite=True reach here: swap, then delete the old set
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "set")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        _replace_dir(tmp, out_dir)  # only an empty out_dir or overwrite=True reach here
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llavadi.data.collator import pad_sequences
 from llavadi.distill.logits import forward_kl
 from llavadi.eval.generate import (
-    EvalModel,
     EvalQuestion,
     _model_device_dtype,
     _pad_id,
@@ -27,6 +27,7 @@ from llavadi.eval.generate import (
     generate_answer_ids,
 )
 from llavadi.eval.normalize import normalize_simple
+from llavadi.models.build import LoadedModel
 
 
 @dataclass
@@ -40,11 +41,6 @@ class AgreementResult:
     n_answer_tokens: int
     per_question_kl: list[float]  # mean KL over each question's answer tokens
 
-    def metrics(self) -> dict:
-        """The scalar metrics, with stable names for results files."""
-        return {"agreement": self.agreement, "teacher_student_kl": self.mean_kl,
-                "kl_answer_tokens": self.n_answer_tokens}
-
 
 def agreement_rate(teacher_answers: list[str], student_answers: list[str], normalize=normalize_simple) -> float:
     """Fraction of questions whose two answers are equal after `normalize`."""
@@ -56,7 +52,7 @@ def agreement_rate(teacher_answers: list[str], student_answers: list[str], norma
     return same / len(teacher_answers)
 
 
-def _check_compatible(student: EvalModel, teacher: EvalModel) -> None:
+def _check_compatible(student: LoadedModel, teacher: LoadedModel) -> None:
     if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
         raise ValueError("the KL on the teacher's answer tokens needs teacher and student to share one "
                          "tokenizer (same token ids); these two tokenizers differ")
@@ -67,19 +63,16 @@ def _check_compatible(student: EvalModel, teacher: EvalModel) -> None:
                          "resize the smaller model's embeddings to the same size")
 
 
-def _answer_hidden(bundle: EvalModel, questions: list[EvalQuestion], prompts: list[list[int]],
+def _answer_hidden(bundle: LoadedModel, questions: list[EvalQuestion], prompts: list[list[int]],
                    answers: list[list[int]]) -> torch.Tensor:
     """Last hidden states at the positions that predict each answer token, (sum of answer lengths, H), in order."""
     device, dtype = _model_device_dtype(bundle.model)
     seqs = [p + a for p, a in zip(prompts, answers)]
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), length), _pad_id(bundle.tokenizer), dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    # right padding: positions 0.. are the same as unpadded
+    input_ids = pad_sequences(seqs, _pad_id(bundle.tokenizer), side="right")
+    attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="right")
     rows, cols = [], []
     for b, (p, a) in enumerate(zip(prompts, answers)):
-        s = p + a
-        input_ids[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        attention_mask[b, :len(s)] = 1  # right padding: positions 0.. are the same as unpadded
         rows += [b] * len(a)
         cols += range(len(p) - 1, len(p) - 1 + len(a))  # the logit at t predicts token t+1
     kwargs = {}
@@ -93,7 +86,7 @@ def _answer_hidden(bundle: EvalModel, questions: list[EvalQuestion], prompts: li
 
 
 @torch.no_grad()
-def teacher_forced_kl(student: EvalModel, teacher: EvalModel, questions: list[EvalQuestion],
+def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion],
                       answer_ids: list[list[int]], batch_size: int = 16, temperature: float = 1.0,
                       progress: bool = False) -> tuple[float, int, list[float]]:
     """(mean KL(p_T||p_S) over all answer tokens, number of answer tokens, per-question mean KL)."""
@@ -105,8 +98,9 @@ def teacher_forced_kl(student: EvalModel, teacher: EvalModel, questions: list[Ev
         if not a:
             raise ValueError(f"question {q.question_id!r}: empty teacher answer, no token to compare on")
     _check_compatible(student, teacher)
-    prompts_t = [encode_question(teacher.encoder, q) for q in questions]
-    prompts_s = [encode_question(student.encoder, q) for q in questions]
+    teacher_encoder, student_encoder = teacher.encoder(), student.encoder()
+    prompts_t = [encode_question(teacher_encoder, q) for q in questions]
+    prompts_s = [encode_question(student_encoder, q) for q in questions]
     order = sorted(range(len(questions)), key=lambda i: -(len(prompts_t[i]) + len(answer_ids[i])))
     per_question: list[float] = [0.0] * len(questions)
     total, count = 0.0, 0
@@ -145,14 +139,14 @@ def teacher_forced_kl(student: EvalModel, teacher: EvalModel, questions: list[Ev
     return total / count, count, per_question
 
 
-def measure_agreement(student: EvalModel, teacher: EvalModel, questions: list[EvalQuestion],
+def measure_agreement(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion],
                       batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True,
                       student_answer_ids: list[list[int]] | None = None) -> AgreementResult:
     """Greedy answers of both models, their agreement rate and the mean KL on the teacher's answer tokens."""
-    teacher_ids = generate_answer_ids(teacher, None, None, None, questions, batch_size=batch_size,
+    teacher_ids = generate_answer_ids(teacher, questions, batch_size=batch_size,
                                       max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
     if student_answer_ids is None:
-        student_answer_ids = generate_answer_ids(student, None, None, None, questions, batch_size=batch_size,
+        student_answer_ids = generate_answer_ids(student, questions, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, progress=progress,
                                                  desc="student answers")
     teacher_answers = [decode_answer(teacher.tokenizer, a) for a in teacher_ids]

@@ -16,9 +16,7 @@ predictions for unknown questions are reported too; a malformed line is an error
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import json
 import os
 import re
@@ -64,19 +62,6 @@ class Question:
     def key(self) -> tuple[str, int]:
         """The (question_id, round_id) a prediction names."""
         return (self.question_id, self.round_id)
-
-    def load_image(self, image_root: str | os.PathLike | None = None):
-        """The question's image as an RGB PIL image (None for a text-only question)."""
-        from PIL import Image
-
-        if self.image_base64 is not None:
-            return Image.open(io.BytesIO(base64.b64decode(self.image_base64))).convert("RGB")
-        if self.image is None:
-            return None
-        path = Path(image_root) / self.image if image_root is not None else Path(self.image)
-        if not path.exists():
-            raise EvalDataError(f"question {self.question_id}: image file {path} does not exist")
-        return Image.open(path).convert("RGB")
 
 
 @dataclass(frozen=True)

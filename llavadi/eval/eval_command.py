@@ -80,6 +80,56 @@ def _score(benchmark, questions, records, annotations):
     return benchmark.score(predictions_from_records(records), annotations, questions)
 
 
+def _questions(bench, questions: str, images: str | None, limit: int | None):
+    """The benchmark's questions (first `limit`) and their EvalQuestions; missing image files raise here."""
+    bench_questions = bench.load_questions(questions)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        bench_questions = bench_questions[:limit]
+    if not bench_questions:
+        raise EvalDataError(f"{questions}: no questions")
+    eval_questions = from_benchmark_questions(bench_questions, images)
+    for q in eval_questions:  # fail before any model loads, naming the question
+        if q.image is not None and not Path(q.image).is_file():
+            raise EvalDataError(f"question {q.question_id!r}: image file {q.image} not found"
+                                + ("" if images else " (pass --images, the folder image paths are relative to)"))
+    return bench_questions, eval_questions
+
+
+def _annotations(bench, annotations: str | None, questions: str, notes: list[str]):
+    """The ground truth to score against, or None (with a note) when there is none."""
+    if annotations is not None:
+        return bench.load_annotations(annotations)
+    if bench.questions_are_annotations:
+        return bench.load_annotations(questions)  # e.g. the synthetic question file carries the answers
+    notes.append(f"no --annotations for {bench.name}: answers written, not scored")
+    return None
+
+
+def _add_teacher_comparison(result: dict, bench, bench_questions, eval_questions, student, teacher, teacher_id: str,
+                            student_ids, ann, out: Path, batch_size: int, max_new_tokens: int, progress: bool) -> None:
+    """Agreement and teacher-forced KL into `result`; the teacher's answers (and their scores) written beside."""
+    from llavadi.eval.agreement import measure_agreement
+
+    agreement = measure_agreement(student, teacher, eval_questions, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, progress=progress, student_answer_ids=student_ids)
+    teacher_records = [{**prediction_record(q, t), "model_id": teacher_id}
+                       for q, t in zip(bench_questions, agreement.teacher_answers)]
+    _write_jsonl(out / TEACHER_ANSWERS_FILE, teacher_records)
+    result["metrics"]["agreement"] = round(100.0 * agreement.agreement, 4)
+    result["metrics"]["teacher_student_kl"] = round(agreement.mean_kl, 6)
+    result["counts"]["kl_answer_tokens"] = agreement.n_answer_tokens
+    teacher_scored = _score(bench, bench_questions, teacher_records, ann)
+    if teacher_scored is not None:
+        for key, value in teacher_scored.metrics.items():
+            result["metrics"][f"teacher/{key}"] = value
+    result["headline"] = list(result.get("headline", [])) + ["agreement", "teacher_student_kl"]
+    result["notes"].append("agreement: % of questions where student and teacher greedy answers match after "
+                           "the simple normaliser; teacher_student_kl: mean KL(p_T||p_S) in nats per "
+                           "teacher answer token, both models teacher-forced on the teacher's answers")
+
+
 def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None, out_dir: str,
              teacher_dir: str | None = None, annotations: str | None = None, batch_size: int = 16,
              max_new_tokens: int = 16, device: str = "auto", dtype: str = "auto", limit: int | None = None,
@@ -88,30 +138,13 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
              benchmark_options: dict | None = None, progress: bool = True, student=None, teacher=None) -> dict:
     """Answer, score (and compare with a teacher); write answers + metrics files; return the result dict.
 
-    `student` / `teacher` may be already loaded `EvalModel`s (the demo's just-trained models);
+    `student` / `teacher` may be already loaded `LoadedModel`s (e.g. models just trained);
     then `model_dir` / `teacher_dir` only name them in the answer files.
     """
     bench = get_benchmark(benchmark, **(benchmark_options or {}))
-    bench_questions = bench.load_questions(questions)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
-        bench_questions = bench_questions[:limit]
-    if not bench_questions:
-        raise EvalDataError(f"{questions}: no questions")
+    bench_questions, eval_questions = _questions(bench, questions, images, limit)
     notes: list[str] = []
-    ann = None
-    if annotations is not None:
-        ann = bench.load_annotations(annotations)
-    elif bench.questions_are_annotations:
-        ann = bench.load_annotations(questions)  # e.g. the synthetic question file carries the answers
-    else:
-        notes.append(f"no --annotations for {bench.name}: answers written, not scored")
-    eval_questions = from_benchmark_questions(bench_questions, images)
-    for q in eval_questions:  # fail before any model loads, naming the question
-        if q.image is not None and not Path(q.image).is_file():
-            raise EvalDataError(f"question {q.question_id!r}: image file {q.image} not found"
-                                + ("" if images else " (pass --images, the folder image paths are relative to)"))
+    ann = _annotations(bench, annotations, questions, notes)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +152,8 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
         student = load_for_eval(model_dir, device=device, dtype=dtype, template=template, system=system)
     model_id = name or Path(model_dir).name
     t0 = time.perf_counter()
-    student_ids = generate_answer_ids(student, None, None, None, eval_questions, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, progress=progress, desc="answers")
+    student_ids = generate_answer_ids(student, eval_questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                      progress=progress, desc="answers")
     seconds = time.perf_counter() - t0
     texts = [decode_answer(student.tokenizer, a) for a in student_ids]
     records = [{**prediction_record(q, t), "model_id": model_id} for q, t in zip(bench_questions, texts)]
@@ -137,31 +170,14 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
     result["notes"] = list(result.get("notes", [])) + notes
     result["generation"] = {"model": str(model_dir), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                             "seconds": round(seconds, 3), "questions_per_second": round(len(records) / seconds, 3),
-                            "template": student.info.get("template"), "n_image_tokens": student.encoder.n_image_tokens}
+                            "template": student.template, "n_image_tokens": student.n_image_tokens}
 
     if teacher_dir is not None or teacher is not None:
-        from llavadi.eval.agreement import measure_agreement
-
         if teacher is None:
             teacher = load_for_eval(teacher_dir, device=device, dtype=dtype, template=teacher_template,
                                     system=teacher_system)
-        agreement = measure_agreement(student, teacher, eval_questions, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, progress=progress,
-                                      student_answer_ids=student_ids)
         teacher_id = Path(teacher_dir).name if teacher_dir else "teacher"
-        teacher_records = [{**prediction_record(q, t), "model_id": teacher_id}
-                           for q, t in zip(bench_questions, agreement.teacher_answers)]
-        _write_jsonl(out / TEACHER_ANSWERS_FILE, teacher_records)
-        result["metrics"]["agreement"] = round(100.0 * agreement.agreement, 4)
-        result["metrics"]["teacher_student_kl"] = round(agreement.mean_kl, 6)
-        result["counts"]["kl_answer_tokens"] = agreement.n_answer_tokens
-        teacher_scored = _score(bench, bench_questions, teacher_records, ann)
-        if teacher_scored is not None:
-            for key, value in teacher_scored.metrics.items():
-                result["metrics"][f"teacher/{key}"] = value
-        result["headline"] = list(result.get("headline", [])) + ["agreement", "teacher_student_kl"]
-        result["notes"].append("agreement: % of questions where student and teacher greedy answers match after "
-                               "the simple normaliser; teacher_student_kl: mean KL(p_T||p_S) in nats per "
-                               "teacher answer token, both models teacher-forced on the teacher's answers")
+        _add_teacher_comparison(result, bench, bench_questions, eval_questions, student, teacher, teacher_id,
+                                student_ids, ann, out, batch_size, max_new_tokens, progress)
     write_result(result, out)
     return result

@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from llavadi.data.collator import pad_sequences
 from llavadi.data.dataset import expand_to_square, load_image, pixel_values_for
 from llavadi.data.encode import ConversationEncoder, SampleError
+from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 from llavadi.device import resolve_device
-from llavadi.models.build import encoder_for
-from llavadi.models.build import n_image_tokens as n_image_tokens_of
-from llavadi.data.templates import IMAGE_PLACEHOLDER, LLAVA_SYSTEM, Turn
-
-MODEL_INFO_FILE = "llavadi.json"
-DEFAULT_TEMPLATE = "vicuna_v1"
+from llavadi.models.build import LoadedModel, load_llava_dir
 
 
 @dataclass(frozen=True)
@@ -65,19 +61,6 @@ def from_benchmark_questions(questions, image_root: str | os.PathLike | None) ->
     return out
 
 
-@dataclass
-class EvalModel:
-    """A loaded model with everything needed to prompt it as it was trained."""
-
-    model: object
-    tokenizer: object
-    image_processor: object
-    encoder: ConversationEncoder
-    model_dir: str = ""
-    info: dict = field(default_factory=dict)
-    pad_to_square: bool = True
-
-
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -95,77 +78,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def read_model_info(model_dir: str | os.PathLike, config, template: str | None = None,
-                    system: str | None = None) -> dict:
-    """How a saved model is prompted: llavadi.json if present, LLaVA-1.5 defaults otherwise, then overrides."""
-    path = Path(model_dir) / MODEL_INFO_FILE
-    info: dict = {}
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
-        if not isinstance(info, dict):
-            raise ValueError(f"{path}: must hold a JSON object, got {type(info).__name__}")
-    info = dict(info)
-    info.setdefault("template", DEFAULT_TEMPLATE)
-    info.setdefault("system", LLAVA_SYSTEM)
-    n_expected = n_image_tokens_of(config)
-    info.setdefault("n_image_tokens", n_expected)
-    if template is not None:
-        info["template"] = template
-    if system is not None:
-        info["system"] = system
-    if int(info["n_image_tokens"]) != n_expected:
-        raise ValueError(
-            f"{path}: n_image_tokens {info['n_image_tokens']} does not match the model's vision tower, which "
-            f"gives {n_expected} tokens per image (image_size/patch_size, strategy "
-            f"{config.vision_feature_select_strategy!r}); fix or delete n_image_tokens in {MODEL_INFO_FILE}"
-        )
-    return info
-
-
-def make_encoder(tokenizer, config, info: dict, max_length: int = 4096) -> ConversationEncoder:
-    """The ConversationEncoder that builds this model's prompts (same code path as training)."""
-    return encoder_for(tokenizer, config, info["template"], info.get("system"), max_length)
-
-
-def make_eval_model(model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE, system: str | None = None,
-                    n_image_tokens: int | None = None, name: str = "model", pad_to_square: bool = True) -> EvalModel:
-    """An EvalModel from objects already in memory (e.g. a model just trained), prompted with `template`."""
-    info = {"template": template, "system": LLAVA_SYSTEM if system is None else system,
-            "n_image_tokens": n_image_tokens_of(model.config) if n_image_tokens is None else n_image_tokens}
-    if int(info["n_image_tokens"]) != n_image_tokens_of(model.config):
-        raise ValueError(f"n_image_tokens {n_image_tokens} does not match the model's vision tower "
-                         f"({n_image_tokens_of(model.config)} tokens per image)")
-    return EvalModel(model, tokenizer, image_processor, make_encoder(tokenizer, model.config, info), model_dir=name,
-                     info=info, pad_to_square=pad_to_square)
-
-
 def load_for_eval(model_dir: str | os.PathLike, device: str | torch.device = "auto",
                   dtype: str | torch.dtype | None = "auto", template: str | None = None,
-                  system: str | None = None) -> EvalModel:
-    """Load a saved llavadi/HF LLaVA directory (model, tokenizer, image processor, prompt info) for eval."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+                  system: str | None = None) -> LoadedModel:
+    """A saved model directory loaded for evaluation: on `device`, in `dtype`, in eval mode.
 
+    `template` / `system` override how it is prompted (its llavadi.json); `system=""` for none.
+    """
     model_dir = str(model_dir)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir}: no config.json; is this a saved model directory?")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dt)
-    model.to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{model_dir}: no image processor saved ({e})") from e
-    info = read_model_info(model_dir, model.config, template=template, system=system)
-    encoder = make_encoder(tokenizer, model.config, info)
-    return EvalModel(model, tokenizer, image_processor, encoder, model_dir=model_dir, info=info,
-                     pad_to_square=bool(info.get("pad_to_square", True)))
+    bundle = load_llava_dir(model_dir, dtype=resolve_dtype(dtype, dev))
+    bundle.model.to(dev).eval()
+    if template is not None:
+        bundle.meta["template"] = template
+    if system is not None:
+        bundle.meta["system"] = system
+    return bundle
 
 
 def user_text(question: EvalQuestion) -> str:
@@ -216,7 +146,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _pixel_batch(bundle: EvalModel, questions: list[EvalQuestion], device, dtype) -> torch.Tensor | None:
+def _pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dtype) -> torch.Tensor | None:
     pix = [pixel_values_for(bundle.image_processor, question_image(q, bundle.pad_to_square))
            for q in questions if q.has_image]
     if not pix:
@@ -224,49 +154,57 @@ def _pixel_batch(bundle: EvalModel, questions: list[EvalQuestion], device, dtype
     return torch.stack(pix).to(device=device, dtype=dtype)
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, length - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     param = next(model.parameters())
     return param.device, param.dtype
 
 
-def _as_bundle(model, tokenizer, image_processor, encoder) -> EvalModel:
-    return model if isinstance(model, EvalModel) else EvalModel(model, tokenizer, image_processor, encoder)
+def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: list[EvalQuestion],
+                    max_new_tokens: int, pad_id: int, eos_ids: list[int], image_token_id: int) -> list[list[int]]:
+    """Greedy answer ids of one left-padded batch, each cut after its first eos."""
+    net = bundle.model
+    device, dtype = _model_device_dtype(net)
+    input_ids = pad_sequences(prompts, pad_id, side="left").to(device)
+    attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+    kwargs = {}
+    pixel_values = _pixel_batch(bundle, questions, device, dtype)
+    if pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values
+    out = net.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                       num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                       eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
+                       # an image placeholder in an answer has no image behind it: never emit it
+                       suppress_tokens=[image_token_id],
+                       temperature=None, top_p=None, top_k=None, **kwargs)
+    answers = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        # rows that finished early are filled with padding after their eos: cut there
+        cut = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+        answers.append(row[:cut])
+    return answers
 
 
 @torch.no_grad()
-def generate_answer_ids(model, tokenizer, image_processor, encoder, questions: list[EvalQuestion],
-                        batch_size: int = 16, max_new_tokens: int = 16, device=None,
-                        progress: bool = True, desc: str = "generating",
+def generate_answer_ids(bundle: LoadedModel, questions: list[EvalQuestion], batch_size: int = 16,
+                        max_new_tokens: int = 16, device=None, progress: bool = True, desc: str = "generating",
                         prompt_ids: list[list[int]] | None = None) -> list[list[int]]:
     """Greedy answer token ids per question (original order), up to and including the first eos.
 
     `device`: where to run (the model is moved there if it is elsewhere); None keeps the model's device.
     `prompt_ids`: ready-made prompts (e.g. multi-turn histories), one per question, instead of
-    encoding each question's one-turn prompt; the questions then only bring their images.
+    encoding each question's one-turn prompt with the model's own template; the questions then
+    only bring their images.
     """
-    device_override = device
-    bundle = _as_bundle(model, tokenizer, image_processor, encoder)
-    net, tok, enc = bundle.model, bundle.tokenizer, bundle.encoder
+    net, tok = bundle.model, bundle.tokenizer
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    device, dtype = _model_device_dtype(net)
-    if device_override is not None and resolve_device(device_override) != device:
-        net.to(resolve_device(device_override))  # run where asked: the model moves there
-        device, dtype = _model_device_dtype(net)
+    if device is not None and resolve_device(device) != _model_device_dtype(net)[0]:
+        net.to(resolve_device(device))  # run where asked: the model moves there
     pad_id, eos_ids = _pad_id(tok), eos_token_ids(net, tok)
     if prompt_ids is not None and len(prompt_ids) != len(questions):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(questions)} questions")
-    prompts = prompt_ids if prompt_ids is not None else [encode_question(enc, q) for q in questions]
+    encoder = bundle.encoder()
+    prompts = prompt_ids if prompt_ids is not None else [encode_question(encoder, q) for q in questions]
     # longest first: a batch that does not fit in memory fails at once, not at the end
     order = sorted(range(len(questions)), key=lambda i: -len(prompts[i]))
     answers: list[list[int] | None] = [None] * len(questions)
@@ -280,22 +218,10 @@ def generate_answer_ids(model, tokenizer, image_processor, encoder, questions: l
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([prompts[i] for i in idx], pad_id, device)
-            kwargs = {}
-            pixel_values = _pixel_batch(bundle, [questions[i] for i in idx], device, dtype)
-            if pixel_values is not None:
-                kwargs["pixel_values"] = pixel_values
-            out = net.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                               num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                               eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-                               # an image placeholder in an answer has no image behind it: never emit it
-                               suppress_tokens=[enc.image_token_id],
-                               temperature=None, top_p=None, top_k=None, **kwargs)
-            new = out[:, input_ids.shape[1]:].tolist()
-            for row, i in zip(new, idx):
-                # rows that finished early are filled with padding after their eos: cut there
-                cut = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
-                answers[i] = row[:cut]
+            batch = _generate_batch(bundle, [prompts[i] for i in idx], [questions[i] for i in idx], max_new_tokens,
+                                    pad_id, eos_ids, encoder.image_token_id)
+            for i, ids in zip(idx, batch):
+                answers[i] = ids
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -310,11 +236,9 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_answers(model, tokenizer, image_processor, encoder, questions: list[EvalQuestion],
-                     batch_size: int = 16, max_new_tokens: int = 16, device=None,
-                     progress: bool = True) -> list[str]:
+def generate_answers(bundle: LoadedModel, questions: list[EvalQuestion], batch_size: int = 16,
+                     max_new_tokens: int = 16, device=None, progress: bool = True) -> list[str]:
     """Greedy answers (decoded, stripped) to `questions`, in their order; batched with left padding."""
-    bundle = _as_bundle(model, tokenizer, image_processor, encoder)
-    ids = generate_answer_ids(bundle, None, None, None, questions, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, device=device, progress=progress)
+    ids = generate_answer_ids(bundle, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              device=device, progress=progress)
     return [decode_answer(bundle.tokenizer, a) for a in ids]

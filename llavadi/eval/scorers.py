@@ -60,13 +60,6 @@ def llava_gqa_answer(prediction: str) -> str:
     return prediction.rstrip(".").lower()
 
 
-def gqa_accuracy(predictions: Sequence[str], references: Sequence[str],
-                 normalize: Callable[[str], str] = normalize_vqa_answer) -> float:
-    """GQA accuracy: fraction of exact matches after normalisation."""
-    _check_same_length(predictions, references)
-    return mean([1.0 if exact_match(p, r, normalize) else 0.0 for p, r in zip(predictions, references)])
-
-
 # --------------------------------------------------------------------------- POPE
 
 

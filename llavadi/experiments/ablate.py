@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from llavadi.config import ConfigError, Recipe, load_recipe, recipe_to_dict
+from llavadi.experiments.stats import mean_std
 
 RUN_RECORD = "ablate_run.json"
 RESULTS_FILE = "results.json"
@@ -132,8 +132,7 @@ def _str_list(value, where: str) -> list[str]:
     return list(value)
 
 
-def load_grid(path: str) -> Grid:
-    """Read and check a grid file (structure only; `plan_runs` validates every variant's recipe)."""
+def _read_grid_file(path: str) -> dict:
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -146,20 +145,22 @@ def load_grid(path: str) -> Grid:
     _expect(not unknown, path, f"unknown key(s) {unknown}; valid keys are {sorted(GRID_KEYS)}")
     for key in ("recipe", "output_dir", "baseline", "eval", "variants"):
         _expect(raw.get(key) not in (None, ""), path, f"missing `{key}`")
-    base = os.path.dirname(os.path.abspath(path))
-
-    def here(p):
-        return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
-
     _expect(isinstance(raw["recipe"], str), f"{path}: recipe", "expected a file path")
     _expect(isinstance(raw["output_dir"], str), f"{path}: output_dir", "expected a folder path")
+    return raw
+
+
+def _seeds(raw: dict, path: str) -> list[int]:
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
     _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
             f"{path}: seeds", f"expected a non-empty list of integers, got {seeds!r}")
     _expect(len(set(seeds)) == len(seeds), f"{path}: seeds", f"repeated seed in {seeds}")
+    return seeds
 
+
+def _variants(raw: dict, path: str) -> dict[str, list[str]]:
     variants = raw["variants"]
     _expect(isinstance(variants, dict) and variants, f"{path}: variants", "expected a mapping name: [overrides]")
     parsed: dict[str, list[str]] = {}
@@ -172,11 +173,11 @@ def load_grid(path: str) -> Grid:
             key = o.partition("=")[0].strip()
             _expect(key not in GRID_SET_KEYS, where, f"override {o!r}: `{key}` is set by the grid "
                     f"({'`seeds`' if key == 'seed' else '`output_dir`'}), not by a variant")
-    baseline = raw["baseline"]
-    _expect(baseline in parsed, f"{path}: baseline", f"{baseline!r} is not a variant; variants are {list(parsed)}")
-    common = _str_list(raw.get("overrides") or [], f"{path}: overrides")
+    return parsed
 
-    ev = raw["eval"]
+
+def _eval_spec(ev, path: str, here) -> EvalSpec:
+    """The grid's `eval` mapping checked; its paths resolved with `here`."""
     _expect(isinstance(ev, dict), f"{path}: eval", "expected a mapping (benchmark, questions, images, ...)")
     names = [f.name for f in EvalSpec.__dataclass_fields__.values()]
     unknown = sorted(set(ev) - set(names))
@@ -199,13 +200,29 @@ def load_grid(path: str) -> Grid:
     spec.questions, spec.images, spec.annotations = here(spec.questions), here(spec.images), here(spec.annotations)
     if isinstance(spec.teacher, str):
         spec.teacher = here(spec.teacher)
+    return spec
 
+
+def load_grid(path: str) -> Grid:
+    """Read and check a grid file (structure only; `plan_runs` validates every variant's recipe)."""
+    raw = _read_grid_file(path)
+    base = os.path.dirname(os.path.abspath(path))
+
+    def here(p):
+        return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+    seeds = _seeds(raw, path)
+    variants = _variants(raw, path)
+    baseline = raw["baseline"]
+    _expect(baseline in variants, f"{path}: baseline", f"{baseline!r} is not a variant; variants are {list(variants)}")
+    common = _str_list(raw.get("overrides") or [], f"{path}: overrides")
+    spec = _eval_spec(raw["eval"], path, here)
     metrics = raw.get("metrics")
     _expect(metrics is None or metrics == "all" or
             (isinstance(metrics, list) and metrics and all(isinstance(m, str) for m in metrics)),
             f"{path}: metrics", f"expected a list of metric names or `all`, got {metrics!r}")
     return Grid(path=os.path.abspath(path), recipe=here(raw["recipe"]), output_dir=os.path.abspath(raw["output_dir"]),
-                seeds=seeds, baseline=baseline, variants=parsed, eval=spec, overrides=common, metrics=metrics)
+                seeds=seeds, baseline=baseline, variants=variants, eval=spec, overrides=common, metrics=metrics)
 
 
 def plan_runs(grid: Grid) -> list[PlannedRun]:
@@ -456,11 +473,6 @@ def run_ablation(grid: Grid, log=print, only: list[str] | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- summary, table, plot
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def summarise(runs: list[dict], baseline: str, columns: list[str] | None = None,
               variant_order: list[str] | None = None) -> dict:
     """Per variant and metric: mean and sample std over seeds, and Δ to the baseline paired by seed.
@@ -490,11 +502,11 @@ def summarise(runs: list[dict], baseline: str, columns: list[str] | None = None,
         entry = {"seeds": sorted(seeds), "metrics": {}}
         for metric in dict.fromkeys(metric_names):
             values = {s: m[metric] for s, m in seeds.items() if metric in m}
-            stats = {**_mean_std(list(values.values())), "values": {str(s): v for s, v in sorted(values.items())}}
+            stats = {**mean_std(list(values.values())), "values": {str(s): v for s, v in sorted(values.items())}}
             base = by_variant.get(baseline, {})
             common = sorted(s for s in values if metric in base.get(s, {}))
             if name != baseline and common:
-                stats["delta"] = _mean_std([values[s] - base[s][metric] for s in common])
+                stats["delta"] = mean_std([values[s] - base[s][metric] for s in common])
             entry["metrics"][metric] = stats
         variants[name] = entry
     expected = max((len(v["seeds"]) for v in variants.values()), default=0)

@@ -10,11 +10,10 @@ Nothing is ever fetched from a hub: every path must exist locally.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import (
@@ -27,24 +26,9 @@ from transformers import (
     LlavaProcessor,
 )
 
-from llavadi.data.templates import IMAGE_PLACEHOLDER
-
-META_FILE = "llavadi.json"
-
-
-@dataclass
-class LoadedModel:
-    """A model with what is needed to feed it: tokenizer, image processor, image-token count."""
-
-    model: LlavaForConditionalGeneration
-    tokenizer: object
-    image_processor: object
-    meta: dict
-
-    @property
-    def n_image_tokens(self) -> int:
-        """Image placeholder tokens per image, as the model's vision config implies."""
-        return n_image_tokens(self.model.config)
+from llavadi.data.encode import ConversationEncoder
+from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
+from llavadi.models.meta import DEFAULT_TEMPLATE, read_model_meta, write_model_meta
 
 
 def n_image_tokens(config: LlavaConfig) -> int:
@@ -56,13 +40,48 @@ def n_image_tokens(config: LlavaConfig) -> int:
     return n
 
 
-def encoder_for(tokenizer, config: LlavaConfig, template: str, system: str | None, max_length: int):
-    """The ConversationEncoder for one model: its tokenizer, image token and image-token count."""
-    from llavadi.data.encode import ConversationEncoder
-    from llavadi.data.templates import get_template
+@dataclass
+class LoadedModel:
+    """A LLaVA model with what is needed to feed it: tokenizer, image processor, and `meta`, the
+    llavadi.json facts of how it is prompted (template, system prompt; see llavadi.models.meta)."""
 
-    tmpl = get_template(template, system, eos=tokenizer.eos_token or "</s>")
-    return ConversationEncoder(tokenizer, tmpl, config.image_token_id, n_image_tokens(config), max_length)
+    model: LlavaForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Image placeholder tokens per image, as the model's vision config implies."""
+        return n_image_tokens(self.model.config)
+
+    @property
+    def template(self) -> str:
+        """The conversation template the model was trained with (LLaVA-1.5's when not recorded)."""
+        return self.meta.get("template") or DEFAULT_TEMPLATE
+
+    @property
+    def system(self) -> str | None:
+        """The system prompt it was trained with; None: the template's default."""
+        return self.meta.get("system")
+
+    @property
+    def pad_to_square(self) -> bool:
+        """Whether its images are padded to a square with their mean colour before preprocessing."""
+        return bool(self.meta.get("pad_to_square", True))
+
+    def encoder(self, template: str | None = None, system: str | None = None,
+                max_length: int = 4096) -> ConversationEncoder:
+        """The ConversationEncoder for this model's tokenizer and image-token count.
+
+        With `template` (and `system`; None = the template's default) the prompts use those;
+        with no template, the model's own (`self.template`, `self.system`).
+        """
+        if template is None:
+            template, system = self.template, self.system
+        tmpl = get_template(template, system, eos=self.tokenizer.eos_token or "</s>")
+        return ConversationEncoder(self.tokenizer, tmpl, self.model.config.image_token_id, self.n_image_tokens,
+                                   max_length)
 
 
 def _require_dir(path: str, what: str) -> str:
@@ -74,29 +93,15 @@ def _require_dir(path: str, what: str) -> str:
     return path
 
 
-def read_meta(model_dir: str) -> dict:
-    """The llavadi.json beside a saved model (template, system prompt), or {}."""
-    p = os.path.join(model_dir, META_FILE)
-    if os.path.isfile(p):
-        with open(p) as f:
-            return json.load(f)
-    return {}
-
-
-def _image_processor_for(vision_config, path: str | None):
-    if path:
-        try:
-            return AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError):
-            pass
-    size = vision_config.image_size
-    return default_image_processor(size)
-
-
-def default_image_processor(size: int):
-    """CLIP preprocessing for square `size` images (the PIL implementation when torchvision is absent)."""
+def _vision_image_processor(vision_config, path: str):
+    """The vision checkpoint's own image processor, else CLIP preprocessing for its image size."""
+    try:
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        pass
     import importlib.util
 
+    size = vision_config.image_size
     if importlib.util.find_spec("torchvision") is not None:
         from transformers import CLIPImageProcessor as cls
     else:  # importing CLIPImageProcessor without torchvision only warns and falls back to this
@@ -104,16 +109,26 @@ def default_image_processor(size: int):
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def load_llava_dir(path: str, dtype=None) -> LoadedModel:
-    """A saved HF LLaVA checkpoint with its tokenizer and image processor."""
+def load_llava_dir(path: str | os.PathLike, dtype=None) -> LoadedModel:
+    """A saved LLaVA directory (HF files + llavadi.json) as a LoadedModel, on the CPU.
+
+    The directory must hold the model's config, its tokenizer and its image processor; a
+    llavadi.json whose n_image_tokens disagrees with the vision tower is an error.
+    """
+    path = str(path)
     _require_dir(path, "model path")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json; is this a saved model directory?")
     kw = {"local_files_only": True}
     if dtype is not None:
         kw["dtype"] = dtype
     model = LlavaForConditionalGeneration.from_pretrained(path, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    image_processor = _image_processor_for(model.config.vision_config, path)
-    return LoadedModel(model, tokenizer, image_processor, read_meta(path))
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
+    return LoadedModel(model, tokenizer, image_processor, read_model_meta(path, model.config))
 
 
 def _load_vision(path: str, dtype):
@@ -165,7 +180,7 @@ def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -
     model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
     if dtype is not None:
         model.to(dtype)
-    image_processor = _image_processor_for(vision.config, vision_path)
+    image_processor = _vision_image_processor(vision.config, vision_path)
     return LoadedModel(model, tokenizer, image_processor, {})
 
 
@@ -254,14 +269,8 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> s
     try:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        cfg = loaded.model.config
-        processor = llava_processor(loaded)
-        processor.save_pretrained(tmp)
-        info = dict(loaded.meta)
-        info.update(meta or {})
-        info["n_image_tokens"] = n_image_tokens(cfg)
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(info, f, indent=2)
+        llava_processor(loaded).save_pretrained(tmp)
+        write_model_meta(tmp, {**loaded.meta, **(meta or {})}, loaded.model.config)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

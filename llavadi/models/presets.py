@@ -1,4 +1,4 @@
-"""Tiny LLaVA presets for the synthetic demo, by exact name, with their training hyper-parameters.
+"""Tiny LLaVA presets for the synthetic demo, by exact name, with the training stages the demo gives them.
 
 Teacher and student share one tiny CLIP vision tower (as real LLaVADI teacher and student share
 a pretrained CLIP), pretrained once per patch (`llavadi.train.vision_pretrain`) and then frozen.
@@ -7,6 +7,7 @@ Image 48 px, patch 16 px: each of the 3x3 = 9 image tokens sees exactly one grid
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from transformers import (
@@ -15,7 +16,6 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -37,11 +37,6 @@ class VisionSpec:
     intermediate_size: int = 128
     feature_layer: int = -1  # the last layer: every layer of the tiny tower is used
 
-    @property
-    def n_image_tokens(self) -> int:
-        """Image tokens per image under the "default" strategy (CLS dropped)."""
-        return (self.image_size // self.patch_size) ** 2
-
 
 @dataclass(frozen=True)
 class TextSpec:
@@ -56,31 +51,49 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named tiny model plus the training hyper-parameters that the demo uses for it."""
+    """A named tiny model plus the recipe stages (by stage name) the demo trains it with.
+
+    Each stage is a recipe stage without its name and data path, in recipe keys
+    (`data.template`, `trainable`, `train`; see `llavadi.config.StageConfig`).
+    """
 
     name: str
     text: TextSpec
     vision: VisionSpec = field(default_factory=VisionSpec)
-    train: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+
+    def stage(self, name: str) -> dict:
+        """A fresh copy of one of the preset's recipe stages (callers may edit it)."""
+        if name not in self.stages:
+            raise KeyError(f"preset {self.name!r} has no {name!r} stage; it has {sorted(self.stages)}")
+        return copy.deepcopy(self.stages[name])
 
 
 SHARED_VISION = VisionSpec()
 # the vision tower's own per-patch pretraining (llavadi.train.vision_pretrain): ~6 s on 1 thread
 VISION_PRETRAIN = {"steps": 300, "lr": 3e-3, "batch_size": 64, "position_lr_scale": 10.0}
 
-# Shared by both presets (measured on the synthetic task, see the h3 report): AdamW with
+# Shared by both presets, measured to train these tiny models on the synthetic task (at these
+# sizes whether a model leaves the answer prior is sensitive to the learning rate): AdamW with
 # betas (0.9, 0.98), no weight decay, grad-norm clip 1.0, 3% warmup then cosine, batch 32,
-# vision tower frozen. "pretrain" = captions, training projector AND language model: the tiny
-# LLM has no language pretraining, so a projector-only stage 1 (as in LLaVA) does not help it.
-_COMMON = {"batch_size": 32, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0,
-           "adam_beta2": 0.98, "max_grad_norm": 1.0, "train": "projector+language_model"}
+# vision tower frozen; a checkpoint every 200 steps so an interrupted demo resumes. The caption stage
+# ("pretrain", template "plain") trains projector AND language model: the tiny LLM has no
+# language pretraining, so a projector-only stage 1 (as in LLaVA) does not help it.
+_TRAIN = {"batch_size": 32, "warmup_ratio": 0.03, "scheduler": "cosine", "weight_decay": 0.0,
+          "max_grad_norm": 1.0, "logging_steps": 50, "save_steps": 200, "save_total_limit": 1,
+          "extra": {"adam_beta2": 0.98}}
+
+
+def _stage(template: str, learning_rate: float, max_steps: int) -> dict:
+    return {"data": {"template": template}, "trainable": {"projector": True, "llm": True},
+            "train": {**copy.deepcopy(_TRAIN), "learning_rate": learning_rate, "max_steps": max_steps}}
+
 
 PRESETS: dict[str, Preset] = {
     "tiny-teacher": Preset(
         name="tiny-teacher",
         text=TextSpec(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512),
-        train={"pretrain": {**_COMMON, "lr": 1.5e-3, "steps": 300},
-               "finetune": {**_COMMON, "lr": 1.5e-3, "steps": 600}},
+        stages={"pretrain": _stage("plain", 1.5e-3, 300), "finetune": _stage("vicuna_v1", 1.5e-3, 600)},
     ),
     # one layer: the position-referenced questions need two attention hops (question words ->
     # answer position -> the matching image token), so depth is what separates the models;
@@ -88,11 +101,11 @@ PRESETS: dict[str, Preset] = {
     "tiny-student": Preset(
         name="tiny-student",
         text=TextSpec(hidden_size=128, num_layers=1, num_heads=4, intermediate_size=384),
-        # the demo's students see the teacher's data; `llavadi demo --student-fraction 0.15` gives them
-        # 15% of the instruct labels, the regime where distillation shows in probes (1-layer student:
-        # CE .60/.50/.45 vs CE+KL .67/.52/.51, seeds 0/1/2)
-        train={"pretrain": {**_COMMON, "lr": 2e-3, "steps": 300},
-               "finetune": {**_COMMON, "lr": 2e-3, "steps": 600}},
+        # its instruction-tuning stage is recipes/demo_student.yaml (lr 2e-3, 600 steps, these
+        # shared settings). The demo's students see the teacher's data; `llavadi demo
+        # --student-fraction 0.15` gives them 15% of the instruct labels, the regime where
+        # distillation shows in probes (1-layer student: CE .60/.50/.45 vs CE+KL .67/.52/.51, seeds 0/1/2)
+        stages={"pretrain": _stage("plain", 2e-3, 300)},
     ),
 }
 
@@ -156,13 +169,3 @@ def build_preset(name: str, tokenizer: PreTrainedTokenizerFast | None = None,
             raise ValueError(f"vision tower state does not fit preset {name!r}: "
                              f"missing {real_missing}, unexpected {unexpected}")
     return model, tokenizer, build_image_processor(preset.vision)
-
-
-def build_llava_processor(tokenizer: PreTrainedTokenizerFast, image_processor,
-                          vision: VisionSpec = SHARED_VISION) -> LlavaProcessor:
-    """A LlavaProcessor that expands `<image>` to exactly the tower's number of image tokens."""
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-    )

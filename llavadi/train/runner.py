@@ -29,7 +29,6 @@ from llavadi.distill.objective import DistillObjective
 from llavadi.device import resolve_device
 from llavadi.models.build import (
     LoadedModel,
-    encoder_for,
     llava_processor,
     load_llava_dir,
     load_model,
@@ -42,11 +41,6 @@ from llavadi.train.trainer import DistillTrainer
 TEACHER_PREFIX = "teacher_"
 
 
-def make_encoder(loaded: LoadedModel, data_cfg):
-    """A conversation encoder for one model's tokenizer and image layout."""
-    return encoder_for(loaded.tokenizer, loaded.model.config, data_cfg.template, data_cfg.system, data_cfg.max_length)
-
-
 def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
     pa, pb = a.image_processor, b.image_processor
     keys = ("crop_size", "size", "image_mean", "image_std", "do_normalize", "do_center_crop", "resample")
@@ -56,9 +50,11 @@ def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
 
 def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None) -> LlavaDataset:
     """The stage's dataset with a student view, and a teacher view when the teacher's layout differs."""
-    views = [View(make_encoder(student, stage.data), student.image_processor)]
+    d = stage.data
+    views = [View(student.encoder(d.template, d.system, d.max_length), student.image_processor)]
     if teacher is not None and stage.distill.terms and not _same_image_layout(student, teacher):
-        views.append(View(make_encoder(teacher, stage.data), teacher.image_processor, prefix=TEACHER_PREFIX))
+        views.append(View(teacher.encoder(d.template, d.system, d.max_length), teacher.image_processor,
+                          prefix=TEACHER_PREFIX))
     return LlavaDataset(stage.data.path, stage.data.image_folder, views, on_error=stage.data.on_error)
 
 

@@ -24,6 +24,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from llavadi.distill.module import DistillationModule, load_projectors, save_projectors
 from llavadi.distill.selection import all_reduce_counts, sum_counts
+from llavadi.models.meta import write_model_meta
 
 
 def _world_size() -> int:
@@ -95,10 +96,7 @@ class DistillTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if self.meta:
-            import json
-
-            with open(os.path.join(output_dir, "llavadi.json"), "w") as f:
-                json.dump(self.meta, f, indent=2)
+            write_model_meta(output_dir, self.meta, module.student.config)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -85,6 +85,7 @@ def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: s
 def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_tokens: int, progress: bool):
     """Fill every sample's answers, turn index by turn index; returns [(sample, k, cut_at_max)] per answer."""
     eos_ids = set(eos_token_ids(teacher.model, teacher.tokenizer))
+    encoder = teacher.encoder()
     n_turns = max((s.n_answers for s in samples), default=0)
     cut: list[tuple[_Sample, int]] = []
     for k in range(n_turns):
@@ -96,12 +97,12 @@ def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_
             # the image goes with the prompt that holds its placeholder (usually the first human turn)
             n_images = sum(t.text.count(IMAGE_PLACEHOLDER) for t in history)
             try:
-                prompts.append(teacher.encoder.encode_prompt(history, n_images, s.sample_id).input_ids)
+                prompts.append(encoder.encode_prompt(history, n_images, s.sample_id).input_ids)
             except SampleError as e:
                 raise SampleError(f"{s.where}: {e}") from None
             # the question text is unused: the ready-made multi-turn prompt ids go with it
             questions.append(EvalQuestion(s.sample_id, "", s.image if n_images else None))
-        answer_ids = generate_answer_ids(teacher, None, None, None, questions, batch_size=batch_size,
+        answer_ids = generate_answer_ids(teacher, questions, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens, progress=progress,
                                          desc=f"regenerating turn {k + 1}/{n_turns}", prompt_ids=prompts)
         for s, ids in zip(active, answer_ids):
@@ -162,7 +163,7 @@ def regenerate(teacher_dir: str, data_path: str, image_folder: str | None, out_p
     data_path, out_path = str(data_path), str(out_path)
     start = time.time()
     teacher = load_for_eval(teacher_dir, device=device, dtype=dtype)
-    samples, skipped, n_in = _read_samples(data_path, image_folder, teacher.encoder, on_error)
+    samples, skipped, n_in = _read_samples(data_path, image_folder, teacher.encoder(), on_error)
     if not samples:
         raise SampleError(f"{data_path}: no usable sample ({len(skipped)} skipped)")
     cut = _regenerate_turns(teacher, samples, batch_size, max_new_tokens, progress)

@@ -1,0 +1,77 @@
+"""`llavadi.json`: how a saved model is prompted, written beside its HF files.
+
+Keys: `template` (conversation template name), `system` (system prompt; null = the template's
+default), `n_image_tokens` (image placeholder tokens per image, checked against the model's
+vision tower on reading), `stage` (the training stage that produced it) and optionally
+`pad_to_square`. A directory without the file is a plain HF LLaVA model: prompted with the
+LLaVA-1.5 defaults (`vicuna_v1`, LLaVA's system prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+META_FILE = "llavadi.json"
+DEFAULT_TEMPLATE = "vicuna_v1"
+
+
+def read_model_meta(model_dir: str | os.PathLike, config=None) -> dict:
+    """The llavadi.json beside a saved model, as written ({} when absent).
+
+    Malformed JSON names the file and line. With the model's `config`, a recorded
+    `n_image_tokens` must match what its vision tower gives.
+    """
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    if config is not None and meta.get("n_image_tokens") is not None:
+        check_n_image_tokens(int(meta["n_image_tokens"]), config, where=str(path))
+    return meta
+
+
+def check_n_image_tokens(n: int, config, where: str) -> None:
+    """Raise unless `n` image tokens per image is what the model's vision tower gives."""
+    from llavadi.models.build import n_image_tokens  # build imports this module
+
+    expected = n_image_tokens(config)
+    if n != expected:
+        raise ValueError(
+            f"{where}: n_image_tokens {n} does not match the model's vision tower, which gives {expected} "
+            f"tokens per image (image_size/patch_size, strategy {config.vision_feature_select_strategy!r}); "
+            f"fix or delete n_image_tokens in {META_FILE}"
+        )
+
+
+def write_model_meta(model_dir: str | os.PathLike, meta: dict, config=None) -> str:
+    """Write `meta` as llavadi.json in `model_dir` atomically (temp file, fsync, rename); returns its path.
+
+    With the model's `config`, `n_image_tokens` is set from its vision tower.
+    """
+    from llavadi.models.build import n_image_tokens  # build imports this module
+
+    meta = dict(meta)
+    if config is not None:
+        meta["n_image_tokens"] = n_image_tokens(config)
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, META_FILE)
+    fd, tmp = tempfile.mkstemp(prefix=f".{META_FILE}.", suffix=".tmp", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
