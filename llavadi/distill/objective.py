@@ -27,6 +27,7 @@ from llavadi.distill.selection import Selection, Targets, count_selections, sele
 from llavadi.distill.terms import TermContext, TermSpec, build_term
 from llavadi.distill.terms.base import TEACHER_SIGNALS
 from llavadi.distill.view import ModelView, Needs
+from llavadi.models.image_tokens import n_image_tokens
 
 Tensor = torch.Tensor
 
@@ -43,8 +44,6 @@ def text_width(config: Any) -> int:
 def _tokens_per_image(config: Any) -> int | None:
     if config is None or getattr(config, "vision_config", None) is None:
         return None
-    from llavadi.models.build import n_image_tokens
-
     return n_image_tokens(config)
 
 

@@ -29,15 +29,7 @@ from transformers import (
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
 from llavadi.models.meta import DEFAULT_TEMPLATE, read_model_meta, write_model_meta
-
-
-def n_image_tokens(config: LlavaConfig) -> int:
-    """Number of image tokens one image becomes (CLS dropped under the 'default' strategy)."""
-    v = config.vision_config
-    n = (v.image_size // v.patch_size) ** 2
-    if config.vision_feature_select_strategy == "full":
-        n += 1
-    return n
+from llavadi.models.image_tokens import n_image_tokens  # noqa: F401  (part of this module's API)
 
 
 @dataclass

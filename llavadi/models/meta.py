@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from llavadi.models.image_tokens import n_image_tokens
+
 META_FILE = "llavadi.json"
 DEFAULT_TEMPLATE = "vicuna_v1"
 
@@ -40,8 +42,6 @@ def read_model_meta(model_dir: str | os.PathLike, config=None) -> dict:
 
 def check_n_image_tokens(n: int, config, where: str) -> None:
     """Raise unless `n` image tokens per image is what the model's vision tower gives."""
-    from llavadi.models.build import n_image_tokens  # build imports this module
-
     expected = n_image_tokens(config)
     if n != expected:
         raise ValueError(
@@ -56,8 +56,6 @@ def write_model_meta(model_dir: str | os.PathLike, meta: dict, config=None) -> s
 
     With the model's `config`, `n_image_tokens` is set from its vision tower.
     """
-    from llavadi.models.build import n_image_tokens  # build imports this module
-
     meta = dict(meta)
     if config is not None:
         meta["n_image_tokens"] = n_image_tokens(config)

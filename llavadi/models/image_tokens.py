@@ -1,0 +1,12 @@
+"""How many tokens one image becomes in a LLaVA model: the one formula."""
+
+from __future__ import annotations
+
+
+def n_image_tokens(config) -> int:
+    """Image tokens per image of a LlavaConfig: (image_size / patch_size)^2, +1 (CLS) under strategy 'full'."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    if config.vision_feature_select_strategy == "full":
+        n += 1
+    return n
