@@ -42,6 +42,13 @@ class Needs:
             self.image_features or other.image_features,
         )
 
+    @classmethod
+    def layer(cls, layer: int | None) -> Needs:
+        """The hidden states of one layer (None: the final normed state)."""
+        if layer is None:
+            return cls(last_hidden=True)
+        return cls(hidden_layers=frozenset({layer}))
+
     @property
     def anything(self) -> bool:
         """Whether anything at all is read."""

@@ -96,8 +96,7 @@ class _VisualTerm(Term):
     def _needs(self) -> Needs:
         if self.opts["source"] == "projector":
             return Needs(image_features=True)
-        layer = self.opts["layer"]
-        return Needs(last_hidden=layer is None, hidden_layers=frozenset() if layer is None else frozenset({layer}))
+        return Needs.layer(self.opts["layer"])
 
     def student_needs(self) -> Needs:
         return self._needs()

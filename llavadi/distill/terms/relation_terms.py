@@ -37,15 +37,11 @@ class Affinity(Term):
     def selection(self) -> Selection:
         return Pairs(self.opts["rows"], self.opts["cols"])
 
-    def _needs(self) -> Needs:
-        layer = self.opts["layer"]
-        return Needs(last_hidden=layer is None, hidden_layers=frozenset() if layer is None else frozenset({layer}))
-
     def student_needs(self) -> Needs:
-        return self._needs()
+        return Needs.layer(self.opts["layer"])
 
     def teacher_needs(self) -> Needs:
-        return self._needs()
+        return Needs.layer(self.opts["layer"])
 
     def forward(self, student: ModelView, teacher: ModelView) -> Tensor:
         s_states = student.hidden(self.opts["layer"], self.name)
