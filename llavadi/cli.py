@@ -36,6 +36,17 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_terms(args) -> int:
+    from llavadi.config import ConfigError
+    from llavadi.distill.terms import describe_terms
+
+    try:
+        print(describe_terms(args.names))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="llavadi", description="Distil LLaVA-style multimodal LLMs.")
@@ -65,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start stages afresh even if checkpoints exist")
     t.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
     t.set_defaults(func=_cmd_train)
+
+    k = sub.add_parser("terms", help="list the distillation terms, what they compare and their options")
+    k.add_argument("names", nargs="*", help="terms to describe (default: all)")
+    k.set_defaults(func=_cmd_terms)
 
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import eval_command

@@ -215,3 +215,16 @@ def test_the_readme_example_term_works_end_to_end():
         loss.backward()
     finally:
         TERMS.pop("hidden_l1", None)
+
+
+def test_terms_command_lists_every_term_with_its_declared_options(capsys):
+    from llavadi.cli import main
+
+    assert main(["terms"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in TERMS.items():
+        assert f"{name}: {cls.summary}" in out
+        for option in cls.options:
+            assert option.describe() in out
+    assert main(["terms", "fkl"]) == 2
+    assert "unknown distillation term 'fkl'" in capsys.readouterr().err

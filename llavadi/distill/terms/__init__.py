@@ -16,7 +16,7 @@ from llavadi.distill.terms import alignment_terms  # noqa: F401
 from llavadi.distill.terms import relation_terms  # noqa: F401
 from llavadi.distill.terms.base import TERMS, Term, TermContext, register, term_class
 
-__all__ = ["TERMS", "Term", "TermContext", "TermSpec", "register", "term_class", "build_term"]
+__all__ = ["TERMS", "Term", "TermContext", "TermSpec", "register", "term_class", "build_term", "describe_terms"]
 
 TERM_KEYS = ("name", "weight", "tokens", "options")
 
@@ -68,3 +68,19 @@ def build_term(spec: TermSpec, label: str, ctx: TermContext, where: str) -> Term
     cls = term_class(spec.name)
     tokens, opts = cls.resolve(spec.tokens, spec.options, where)
     return cls(tokens, opts, spec.weight, label, ctx, set(spec.options), where)
+
+
+def describe_terms(names: list[str] | None = None) -> str:
+    """Plain-text reference of the registered terms (or of `names`): what each compares, tokens, options."""
+    lines = []
+    for name in names or list(TERMS):
+        cls = term_class(name)
+        kind = "logit term" if cls.is_logit_term else "state/relation term"
+        if cls.default_tokens is None:
+            tokens = "takes no `tokens` (options rows/cols)"
+        else:
+            allowed = ", ".join(cls.allowed_tokens) if cls.allowed_tokens else "any group"
+            tokens = f"tokens: {cls.default_tokens} by default ({allowed})"
+        lines.append(f"{name}: {cls.summary} [{kind}; {tokens}]")
+        lines += [f"    {option.describe()}" for option in cls.options] or ["    (no options)"]
+    return "\n".join(lines)
