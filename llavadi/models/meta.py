@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from llavadi.atomic import write_json_atomic
 from llavadi.models.image_tokens import n_image_tokens
 
 META_FILE = "llavadi.json"
@@ -61,15 +61,5 @@ def write_model_meta(model_dir: str | os.PathLike, meta: dict, config=None) -> s
         meta["n_image_tokens"] = n_image_tokens(config)
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, META_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=f".{META_FILE}.", suffix=".tmp", dir=model_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, meta)
     return path
