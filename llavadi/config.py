@@ -14,6 +14,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from llavadi.data.images import DEFAULT_MAX_PIXELS
 from llavadi.distill.terms import TermSpec
 
 
@@ -58,6 +59,7 @@ class DataConfig:
     system: str | None = None  # None: the template's default (LLaVA's system prompt)
     max_length: int = 2048
     on_error: str = "raise"  # or "skip": bad samples are left out and reported
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are refused (null: no limit)
 
     def validate(self, where: str):
         from llavadi.data.templates import TEMPLATES
@@ -68,6 +70,8 @@ class DataConfig:
             raise ConfigError(f"{where}.on_error: must be 'raise' or 'skip', got {self.on_error!r}")
         if self.max_length < 8:
             raise ConfigError(f"{where}.max_length: {self.max_length} is too small")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ConfigError(f"{where}.max_pixels must be >= 1 (or null for no limit), got {self.max_pixels}")
 
 
 @dataclass
@@ -114,6 +118,7 @@ class TrainConfig:
     fp16: bool = False
     gradient_checkpointing: bool = False
     dataloader_workers: int = 0
+    max_nonfinite_skips: int = 0  # optimisation steps with a NaN/inf loss or gradient skipped before stopping
     extra: dict = field(default_factory=dict)  # passed to TrainingArguments as is (e.g. fsdp, deepspeed)
 
     def validate(self, where: str):
@@ -123,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"{where}.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
 
 
 @dataclass
@@ -237,7 +244,10 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value")
     key, _, text = assignment.partition("=")
-    value = yaml.safe_load(text) if text != "" else None
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({e}); quote it") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):

@@ -48,7 +48,9 @@ class LlavaCollator:
         return pad_sequences(seqs, value, self.padding_side, length)
 
     def __call__(self, items: list[dict]) -> dict:
-        batch: dict = {"sample_ids": [it["sample_id"] for it in items]}
+        batch: dict = {"sample_ids": [it["sample_id"] for it in items],
+                       # samples that failed to load and were replaced (on_error='skip'): counted by the trainer
+                       "replaced_samples": [r for it in items for r in it.get("replaced_samples", ())]}
         for p in self.prefixes:
             ids = [it[p + "input_ids"] for it in items]
             length = max(len(s) for s in ids)

@@ -4,7 +4,11 @@ Format: a JSON list or JSONL file of
 `{"id", "image" (optional, relative to an image folder), "conversations": [{"from", "value"}]}`
 with `<image>` in a human turn when the sample has an image. Every problem is reported with the
 file, line (JSONL) and sample id; with `on_error="skip"` bad samples are left out and listed in
-`dataset.skipped`, never dropped silently.
+`dataset.skipped`, never dropped silently. Every image is decoded completely once when the
+dataset is built (`llavadi.data.images.check_images`, cached), so a truncated file is found then,
+not at the training step that reads it. An image that still fails when a batch loads it (changed
+on disk since) raises naming the sample, or under `on_error="skip"` is replaced by the next
+loadable sample and listed in the item's `replaced_samples`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import torch
 from PIL import Image, ImageStat
 
 from llavadi.data.encode import ConversationEncoder, SampleError
+from llavadi.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, ImageVerdict, check_images, open_image
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 
+SHOWN_REASONS = 10  # skip reasons an error message lists
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -56,9 +62,15 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[str, object]]:
     """Raw objects of a JSON list or JSONL file, each with a 'file:line' (or 'file[i]') tag."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as e:
-        raise SampleError(f"{path}: cannot read data file ({e})") from e
+        raise SampleError(f"{path}: cannot read data file ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SampleError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                          "save the data file as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -77,8 +89,14 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[str, object]]:
     return out
 
 
-def parse_record(where: str, obj: object, image_folder: str | None) -> Record:
-    """Validate one raw LLaVA sample; raise SampleError naming it."""
+def parse_record(where: str, obj: object, image_folder: str | None,
+                 image_problems: dict[str, str] | None = None, allow_empty_answers: bool = False) -> Record:
+    """Validate one raw LLaVA sample; raise SampleError naming it.
+
+    `image_problems` (absolute path -> reason, from `check_images`) says which images failed a full
+    decode; without it only the image's header is read. An empty gpt turn is an error (it would
+    train on the end-of-turn token alone) unless `allow_empty_answers` (input that is rewritten).
+    """
     if not isinstance(obj, dict):
         raise SampleError(f"{where}: a sample must be a JSON object, got {type(obj).__name__}")
     sid = obj.get("id")
@@ -101,6 +119,9 @@ def parse_record(where: str, obj: object, image_folder: str | None) -> Record:
             raise SampleError(f"{name}: conversations[{k}] should be a {'human' if expected == 'user' else 'gpt'} turn")
         if not isinstance(c["value"], str):
             raise SampleError(f"{name}: conversations[{k}]['value'] must be a string")
+        if role == "assistant" and not c["value"].strip() and not allow_empty_answers:
+            raise SampleError(f"{name}: conversations[{k}] is an empty gpt turn (nothing to learn but the "
+                              "end of the turn); fill it in or remove the sample")
         turns.append(Turn(role, c["value"]))
     if turns[-1].role != "assistant":
         raise SampleError(f"{name}: the conversation must end with a gpt turn")
@@ -113,17 +134,42 @@ def parse_record(where: str, obj: object, image_folder: str | None) -> Record:
             raise SampleError(f"{name}: 'image' must be one path (multi-image samples are not supported)")
         if n_placeholders != 1:
             raise SampleError(f"{name}: has an image but {n_placeholders} {IMAGE_PLACEHOLDER} placeholders (need 1)")
-        image = os.path.join(image_folder or "", image)
+        image = image_path(image, image_folder)
         if not os.path.isfile(image):
             raise SampleError(f"{name}: image file not found: {image}")
-        try:
-            with Image.open(image) as im:  # reads the header only: cheap, catches non-images
-                im.size
-        except Exception as e:  # PIL raises several types for unreadable files
-            raise SampleError(f"{name}: unreadable image {image} ({e})") from e
+        if image_problems is not None:
+            if image in image_problems:
+                raise SampleError(f"{name}: {image_problems[image]}")
+        else:
+            try:
+                with Image.open(image) as im:  # reads the header only: cheap, catches non-images
+                    im.size
+            except Exception as e:  # PIL raises several types for unreadable files
+                raise SampleError(f"{name}: unreadable image {image} ({e})") from e
     elif n_placeholders:
         raise SampleError(f"{name}: has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image'")
     return Record(sid, turns, image, where)
+
+
+def image_path(image: str, image_folder: str | None) -> str:
+    """The absolute path of a sample's image (relative to the image folder)."""
+    return os.path.abspath(os.path.join(image_folder or "", image))
+
+
+def record_image_paths(records: list[tuple[str, object]], image_folder: str | None) -> list[str]:
+    """The image paths raw samples name (malformed entries are left to `parse_record` to report)."""
+    return [image_path(obj["image"], image_folder) for _, obj in records
+            if isinstance(obj, dict) and isinstance(obj.get("image"), str)]
+
+
+def image_problems(verdicts: dict[str, ImageVerdict], max_pixels: int | None) -> dict[str, str]:
+    """Path -> reason for every image that cannot be used."""
+    out = {}
+    for path, verdict in verdicts.items():
+        problem = verdict.problem(max_pixels)
+        if problem is not None:
+            out[path] = problem
+    return out
 
 
 def expand_to_square(img: Image.Image) -> Image.Image:
@@ -136,13 +182,15 @@ def expand_to_square(img: Image.Image) -> Image.Image:
     return canvas
 
 
-def load_image(path: str, sample_id: str, pad_to_square: bool = True) -> Image.Image:
+def load_image(path: str, sample_id: str, pad_to_square: bool = True,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An RGB image; padded to a square with the mean colour as LLaVA-1.5 does."""
     try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except Exception as e:
-        raise SampleError(f"sample {sample_id!r}: unreadable image {path} ({e})") from e
+        img = open_image(path, max_pixels)
+    except ImageTooLarge as e:
+        raise SampleError(f"sample {sample_id!r}: {path}: {e}") from None
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise SampleError(f"sample {sample_id!r}: unreadable image {path} ({type(e).__name__}: {e})") from e
     return expand_to_square(img) if pad_to_square else img
 
 
@@ -154,43 +202,62 @@ def pixel_values_for(image_processor, img: Image.Image) -> torch.Tensor:
 class LlavaDataset(torch.utils.data.Dataset):
     """Validated, pre-tokenized LLaVA samples for one or more model views (student, teacher)."""
 
-    def __init__(self, path: str, image_folder: str | None, views: list[View], on_error: str = "raise"):
+    def __init__(self, path: str, image_folder: str | None, views: list[View], on_error: str = "raise",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = str(path)
         self.views = views
+        self.on_error = on_error
+        self.max_pixels = max_pixels
         self.skipped: list[Skipped] = []
         self.n_truncated = 0
         self.records: list[Record] = []
         self.encoded: list[list] = []
+        raw = read_json_records(path)
+        # every image decoded once (cached by size and mtime), before anything is tokenized
+        self.image_verdicts = check_images(record_image_paths(raw, image_folder), max_pixels, progress=progress,
+                                           desc=f"checking the images of {os.path.basename(self.path)}")
+        problems = image_problems(self.image_verdicts, max_pixels)
         seen: dict[str, str] = {}
-        for where, obj in read_json_records(path):
+        for where, obj in raw:
             try:
-                rec = parse_record(where, obj, image_folder)
+                rec = parse_record(where, obj, image_folder, problems)
                 if rec.sample_id in seen:
                     raise SampleError(f"{where}: duplicate sample id {rec.sample_id!r} (first at {seen[rec.sample_id]})")
                 n_img = 1 if rec.image else 0
                 enc = [v.encoder.encode(rec.sample_id, rec.turns, n_img) for v in views]
             except SampleError as e:
+                msg = str(e)
+                msg = msg if msg.startswith(self.path) else f"{where}: {msg}"
                 if on_error == "raise":
-                    msg = str(e)
-                    raise SampleError(msg if msg.startswith(self.path) else f"{where}: {msg}") from None
+                    raise SampleError(msg) from None
                 sid = obj.get("id") if isinstance(obj, dict) else None
-                self.skipped.append(Skipped(str(sid), where, str(e)))
+                self.skipped.append(Skipped(str(sid), where, msg))
                 continue
             seen[rec.sample_id] = where
             self.n_truncated += int(any(e.truncated for e in enc))
             self.records.append(rec)
             self.encoded.append(enc)
         if not self.records:
-            raise SampleError(f"{self.path}: no usable sample ({len(self.skipped)} skipped)")
+            reasons = "".join(f"\n    {s.reason}" for s in self.skipped[:SHOWN_REASONS])
+            more = f"\n    ... and {len(self.skipped) - SHOWN_REASONS} more" if len(self.skipped) > SHOWN_REASONS else ""
+            raise SampleError(f"{self.path}: no usable sample ({len(self.skipped)} skipped):{reasons}{more}")
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, idx):
+        try:
+            return self._item(idx)
+        except SampleError as e:
+            if self.on_error == "raise":
+                raise SampleError(f"{self.records[idx].where}: {e}") from None
+            return self._replacement(idx, e)
+
+    def _item(self, idx) -> dict:
         rec = self.records[idx]
-        item = {"sample_id": rec.sample_id}
+        item = {"sample_id": rec.sample_id, "replaced_samples": []}
         img = None
         for view, enc in zip(self.views, self.encoded[idx]):
             p = view.prefix
@@ -199,9 +266,24 @@ class LlavaDataset(torch.utils.data.Dataset):
             item[p + "labels"] = enc.labels
             if rec.image is not None:
                 if img is None:
-                    img = load_image(rec.image, rec.sample_id, view.pad_to_square)
+                    img = load_image(rec.image, rec.sample_id, view.pad_to_square, self.max_pixels)
                 item[p + "pixel_values"] = pixel_values_for(view.image_processor, img)
         return item
+
+    def _replacement(self, idx: int, error: SampleError) -> dict:
+        """The next sample that loads, standing in for `idx` (on_error='skip'); the failures ride along."""
+        failed = [Skipped(self.records[idx].sample_id, self.records[idx].where, str(error))]
+        for k in range(1, len(self)):
+            j = (idx + k) % len(self)
+            try:
+                item = self._item(j)
+            except SampleError as e:
+                failed.append(Skipped(self.records[j].sample_id, self.records[j].where, str(e)))
+                continue
+            item["replaced_samples"] = [vars(f) for f in failed]
+            return item
+        raise SampleError(f"{self.path}: no sample can be loaded any more ({len(failed)} failed, "
+                          f"e.g. {failed[0].reason})")
 
     def report(self) -> str:
         """One-paragraph account of what was skipped or truncated."""
