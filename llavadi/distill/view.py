@@ -55,7 +55,8 @@ class Needs:
         return self.last_hidden or bool(self.hidden_layers or self.attention_layers) or self.image_features
 
 
-def _normalise(index: int, n: int, what: str, who: str) -> int:
+def normalise_index(index: int, n: int, what: str, who: str) -> int:
+    """`index` (negative counts from the end) as 0..n-1; out of range raises naming `what` and `who`."""
     if not -n <= index < n:
         raise ValueError(f"{what} {index} is out of range for the {who}'s {n} {what}s (valid: {-n}..{n - 1})")
     return index % n
@@ -98,7 +99,7 @@ class ModelView:
     def hidden(self, layer: int | None, term: str) -> Tensor:
         """The hidden states of `layer` (None or the last index: the final normed state)."""
         if layer is not None and self.n_hidden_states is not None:
-            layer = _normalise(layer, self.n_hidden_states, "hidden state", self.who)
+            layer = normalise_index(layer, self.n_hidden_states, "hidden state", self.who)
             if layer == self.n_hidden_states - 1:
                 layer = None
         if layer is None:
@@ -112,7 +113,7 @@ class ModelView:
     def attention(self, layer: int, term: str) -> Tensor:
         """The attention maps (B, heads, T, T) of decoder layer `layer`."""
         if self.n_layers is not None:
-            layer = _normalise(layer, self.n_layers, "attention layer", self.who)
+            layer = normalise_index(layer, self.n_layers, "attention layer", self.who)
         if not self.attentions or layer not in self.attentions:
             raise ValueError(
                 f"term {term!r} reads the {self.who}'s attention maps of layer {layer}, which were not captured "
@@ -170,8 +171,8 @@ def llava_view(model: nn.Module, inputs: dict, token_types: Tensor, needs: Needs
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of the {who}'s language model ({type(model).__name__})")
     n_layers = len(layers)
-    hidden = {_normalise(i, n_layers + 1, "hidden state", who) for i in needs.hidden_layers} - {n_layers}
-    attention = {_normalise(i, n_layers, "attention layer", who) for i in needs.attention_layers}
+    hidden = {normalise_index(i, n_layers + 1, "hidden state", who) for i in needs.hidden_layers} - {n_layers}
+    attention = {normalise_index(i, n_layers, "attention layer", who) for i in needs.attention_layers}
     captured: dict[str, Any] = {}
     with _capture(layers, hidden, attention, captured):
         out = model.model(**inputs, use_cache=False, return_dict=True)

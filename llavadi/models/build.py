@@ -26,6 +26,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
 from llavadi.models.meta import DEFAULT_TEMPLATE, read_model_meta, write_model_meta
@@ -85,7 +86,7 @@ def _require_dir(path: str, what: str) -> str:
     return path
 
 
-def _vision_image_processor(vision_config, path: str):
+def vision_image_processor(vision_config, path: str):
     """The vision checkpoint's own image processor, else CLIP preprocessing for its image size."""
     try:
         return AutoImageProcessor.from_pretrained(path, local_files_only=True)
@@ -123,7 +124,8 @@ def load_llava_dir(path: str | os.PathLike, dtype=None) -> LoadedModel:
     return LoadedModel(model, tokenizer, image_processor, read_model_meta(path, model.config))
 
 
-def _load_vision(path: str, dtype):
+def vision_model_class(path: str):
+    """CLIPVisionModel or SiglipVisionModel, as the vision checkpoint's config.json says."""
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     kind = cfg.model_type
     if kind in ("clip", "clip_vision_model"):
@@ -132,10 +134,39 @@ def _load_vision(path: str, dtype):
         from transformers import SiglipVisionModel as cls
     else:
         raise ValueError(f"vision checkpoint {path}: model_type {kind!r} is not CLIP or SigLIP")
+    return cls
+
+
+def _load_vision(path: str, dtype):
+    cls = vision_model_class(path)
     kw = {"local_files_only": True}
     if dtype is not None:
         kw["dtype"] = dtype
     return cls.from_pretrained(path, **kw)
+
+
+def composed_tokenizer(llm_path: str):
+    """The language model's tokenizer with LLaVA's image token (and a pad token) added."""
+    tokenizer = AutoTokenizer.from_pretrained(llm_path, local_files_only=True)
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    if tokenizer.pad_token is None:
+        # LLaVA pads with unk for Llama; any existing token works since padding is masked
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def composed_config(vision_config, text_config, tokenizer, vision_feature_layer: int = -2,
+                    select_strategy: str = "default") -> LlavaConfig:
+    """The LlavaConfig of a vision encoder + language model composition (LLaVA-1.5's GELU projector)."""
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=select_strategy,
+        projector_hidden_act="gelu",
+    )
 
 
 def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -2,
@@ -148,23 +179,10 @@ def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -
     if dtype is not None:
         kw["dtype"] = dtype
     llm = AutoModelForCausalLM.from_pretrained(llm_path, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(llm_path, local_files_only=True)
-    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
-    if tokenizer.pad_token is None:
-        # LLaVA pads with unk for Llama; any existing token works since padding is masked
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    tokenizer = composed_tokenizer(llm_path)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))
-    config = LlavaConfig(
-        vision_config=vision.config,
-        text_config=llm.config,
-        image_token_id=image_token_id,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=select_strategy,
-        projector_hidden_act="gelu",
-    )
+    config = composed_config(vision.config, llm.config, tokenizer, vision_feature_layer, select_strategy)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(vision.state_dict())
@@ -172,7 +190,7 @@ def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -
     model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
     if dtype is not None:
         model.to(dtype)
-    image_processor = _vision_image_processor(vision.config, vision_path)
+    image_processor = vision_image_processor(vision.config, vision_path)
     return LoadedModel(model, tokenizer, image_processor, {})
 
 
@@ -257,8 +275,9 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> s
     """Save model, tokenizer, processor and llavadi.json as a plain HF directory, atomically."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
     try:
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         llava_processor(loaded).save_pretrained(tmp)
