@@ -9,12 +9,16 @@ import sys
 
 def _cmd_train(args) -> int:
     from llavadi.config import load_recipe
-    from llavadi.train.runner import run_recipe
+    from llavadi.train.runner import prepare_run, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir:
         recipe.output_dir = args.output_dir
-    final = run_recipe(recipe, resume=not args.no_resume, quiet=args.quiet)
+    if args.check:  # validate and plan, train nothing, delete nothing
+        plan, _ = prepare_run(recipe, resume=not args.no_resume, force=args.force, quiet=args.quiet, act=False)
+        print("recipe OK; stages: " + ", ".join(f"{name} {status}" for name, status in plan.items()))
+        return 0
+    final = run_recipe(recipe, resume=not args.no_resume, quiet=args.quiet, force=args.force)
     print(final)
     return 0
 
@@ -73,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="YAML recipe")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.finetune.train.learning_rate=1e-4")
     t.add_argument("--output-dir", default=None)
-    t.add_argument("--no-resume", action="store_true", help="start stages afresh even if checkpoints exist")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start every stage afresh: delete the output folder's stages, checkpoints included")
+    t.add_argument("--force", action="store_true",
+                   help="retrain stages whose recipe or data changed since the output folder was written "
+                        "(their old outputs and checkpoints are deleted)")
+    t.add_argument("--check", action="store_true",
+                   help="validate the recipe, data, images and model files, say what would run; train nothing")
     t.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
     t.set_defaults(func=_cmd_train)
 
@@ -104,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llavadi.config import ConfigError
     from llavadi.data.encode import SampleError
+    from llavadi.train.guard import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)
     except (ConfigError, SampleError, FileNotFoundError) as e:
         print(f"llavadi {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # training stopped: the last checkpoint is kept, nothing published
+        print(f"llavadi {args.command}: training stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

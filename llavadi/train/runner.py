@@ -1,25 +1,31 @@
 """Run a recipe's stages in order: data, trainable modules, objective, Trainer, checkpoints, resume.
 
+Before any model loads, the whole recipe is validated (`llavadi.train.preflight`) and every
+stage's fingerprint is compared with what the output folder holds (`llavadi.train.stages`).
+
 Layout of `output_dir`:
-  recipe.yaml              the resolved recipe
+  recipe.yaml              the resolved recipe (written once the checks pass)
+  <stage>/stage.json       the fingerprint the stage is trained under (written when it starts)
   <stage>/checkpoints/     Trainer checkpoints (resume restores weights, optimiser, scheduler)
   <stage>/model/           the student after the stage, a plain HF LLaVA directory
-  <stage>/data_report.json samples used / skipped / truncated
+  <stage>/data_report.json samples used / skipped / truncated / replaced, steps, loss
+  <stage>/done.json        completion marker, written after the outputs
   final/                   the student after the last stage
 """
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
+import math
 import os
-import re
+import shutil
 
 import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
+from llavadi.atomic import write_json_atomic, write_text_atomic
 from llavadi.config import Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
@@ -36,6 +42,17 @@ from llavadi.models.build import (
     set_trainable,
 )
 from llavadi.teacher.online import OnlineTeacher
+from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
+from llavadi.train.preflight import preflight
+from llavadi.train.stages import (
+    StageFingerprint,
+    begin_stage,
+    clean_interrupted_writes,
+    plan_stages,
+    publish_stage,
+    stage_fingerprints,
+)
+from llavadi.train.guard import NonFiniteLossError
 from llavadi.train.trainer import DistillTrainer
 
 TEACHER_PREFIX = "teacher_"
@@ -48,24 +65,21 @@ def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
     return same_proc and a.n_image_tokens == b.n_image_tokens and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
 
 
-def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None) -> LlavaDataset:
+def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
+                  progress: bool = False) -> LlavaDataset:
     """The stage's dataset with a student view, and a teacher view when the teacher's layout differs."""
     d = stage.data
     views = [View(student.encoder(d.template, d.system, d.max_length), student.image_processor)]
     if teacher is not None and stage.distill.terms and not _same_image_layout(student, teacher):
         views.append(View(teacher.encoder(d.template, d.system, d.max_length), teacher.image_processor,
                           prefix=TEACHER_PREFIX))
-    return LlavaDataset(stage.data.path, stage.data.image_folder, views, on_error=stage.data.on_error)
+    return LlavaDataset(stage.data.path, stage.data.image_folder, views, on_error=stage.data.on_error,
+                        max_pixels=stage.data.max_pixels, progress=progress)
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """The highest-numbered checkpoint-N directory, or None."""
-    found = []
-    for d in glob.glob(os.path.join(ckpt_dir, "checkpoint-*")):
-        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
-        if m and os.path.isfile(os.path.join(d, "trainer_state.json")):
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    """The newest complete, intact checkpoint-N directory, or None (read-only: nothing is set aside)."""
+    return latest_complete_checkpoint(ckpt_dir, log=lambda *_: None, set_aside=False)
 
 
 def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device: str,
@@ -116,22 +130,23 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
-              log=print, resume: bool = True, callbacks=None, quiet: bool = False) -> LoadedModel:
-    """Train the student through one stage; returns the student after it (saved in <stage>/model)."""
+              fingerprint: StageFingerprint, status: str = "fresh", log=print, callbacks=None,
+              quiet: bool = False) -> LoadedModel:
+    """Train the student through one stage (`status` from `plan_stages`); returns it, published in <stage>/."""
     stage_dir = os.path.join(recipe.output_dir, stage.name)
     final_dir = os.path.join(stage_dir, "model")
     meta = {**student.meta, "template": stage.data.template, "system": stage.data.system, "stage": stage.name}
     if stage.data.template == "plain":  # a pretrain stage does not change how the model is prompted
         meta = {**student.meta, "stage": stage.name}
-    if resume and os.path.isfile(os.path.join(final_dir, "config.json")):
+    if status == "done":
         log(f"[{stage.name}] already done: loading {final_dir}")
-        done = load_llava_dir(final_dir)
-        return done
+        return load_llava_dir(final_dir)
+    main = _is_main_process()
     device = resolve_device(recipe.device).type
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
-    ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt:
-        log(f"[{stage.name}] resuming from {ckpt}")
+    ckpt = latest_complete_checkpoint(ckpt_dir, log=log, set_aside=main) if status == "resume" else None
+    if main:
+        begin_stage(stage_dir, fingerprint)
     use_teacher = teacher if stage.distill.terms else None
     counts = set_trainable(student.model, stage.trainable.projector, stage.trainable.llm,
                            stage.trainable.vision_from_layer)
@@ -159,21 +174,59 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     trainer = DistillTrainer(
         model=module, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, teacher=online, meta=meta, callbacks=callbacks,
+        max_nonfinite_skips=stage.train.max_nonfinite_skips,
     )
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    ledger = _train_or_finish(trainer, ckpt, stage.name, log)
     out = LoadedModel(module.student, student.tokenizer, student.image_processor, meta)
     if trainer.args.should_save:
-        save_model(out, final_dir, meta)
-        save_projectors(module.projector_state(), stage_dir, objective.term_labels)
-        with open(os.path.join(stage_dir, "data_report.json"), "w") as f:
-            json.dump({
-                "data": stage.data.path, "used": len(dataset), "truncated": dataset.n_truncated,
-                "skipped": [vars(s) for s in dataset.skipped],
-                "train_loss": result.training_loss, "steps": result.global_step,
-            }, f, indent=2)
+        _publish(stage_dir, fingerprint, out, module, dataset, ledger, stage.data.path)
     if dataset.skipped:
         log(f"[{stage.name}] WARNING: {len(dataset.skipped)} sample(s) skipped: see {stage_dir}/data_report.json")
     return out
+
+
+def _train_or_finish(trainer: DistillTrainer, ckpt: str | None, name: str, log) -> dict:
+    """Train, resuming from `ckpt`; a checkpoint of the stage's last step is loaded, not trained on.
+
+    (The Trainer, resumed from its last step, would run one step more than the recipe asks.)
+    Returns the stage's ledger: steps, loss, skipped steps, replaced samples.
+    """
+    if ckpt is not None and checkpoint_finished(ckpt):
+        log(f"[{name}] {ckpt} is the stage's last step: publishing it without training")
+        trainer._load_from_checkpoint(ckpt)
+        return read_checkpoint_marker(ckpt) or {}
+    if ckpt is not None:
+        log(f"[{name}] resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=ckpt)
+    ledger = trainer.stage_ledger()  # every process takes part
+    last = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    marker = read_checkpoint_marker(last)  # the end-of-stage checkpoint's totals are gathered over processes
+    return marker if marker and marker.get("step") == trainer.state.global_step else ledger
+
+
+def _publish(stage_dir: str, fingerprint: StageFingerprint, out: LoadedModel, module: DistillationModule,
+             dataset: LlavaDataset, ledger: dict, data_path: str) -> None:
+    """Write model, projectors and data report, then the completion marker (`publish_stage`)."""
+    bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # the guard stops non-finite steps; this catches what slips past it (e.g. overflow in a cast)
+        raise NonFiniteLossError(f"the stage's weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[:3]}); "
+                                 "nothing was published. Lower the learning rate and rerun with --force")
+    loss = ledger.get("train_loss")
+    report = {
+        "data": data_path, "used": len(dataset), "truncated": dataset.n_truncated,
+        "skipped": [vars(s) for s in dataset.skipped],
+        "replaced_at_load": ledger.get("replaced_samples", []),
+        "nonfinite_steps_skipped": ledger.get("nonfinite_skipped", []),
+        "train_loss": loss if loss is not None and math.isfinite(loss) else None,
+        "steps": ledger.get("step"),
+    }
+
+    def write(folder: str) -> None:
+        save_model(out, os.path.join(folder, "model"), out.meta)
+        save_projectors(module.projector_state(), folder, module.objective.term_labels)
+        write_json_atomic(os.path.join(folder, "data_report.json"), report)
+
+    publish_stage(stage_dir, fingerprint, write, summary={"steps": report["steps"], "train_loss": report["train_loss"]})
 
 
 def _is_main_process() -> bool:
@@ -184,34 +237,67 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, quiet: bool = False) -> str:
+def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=print, quiet: bool = False,
+                act: bool = True) -> tuple[dict[str, str], dict[str, StageFingerprint]]:
+    """Before any model loads: clean interrupted writes, validate everything, plan the stages.
+
+    Returns each stage's status ('done', 'resume', 'fresh') and fingerprint. `act=False` (a check
+    only) deletes and writes nothing but the preflight report.
+    """
+    main = _is_main_process()
+    names = [s.name for s in recipe.stages]
+    if main and act:
+        for path in clean_interrupted_writes(recipe.output_dir, names):
+            log(f"removed {path} (left by an interrupted write)")
+    checks = preflight(recipe, log=log, progress=main and not quiet, report_dir=recipe.output_dir if main else None)
+    fingerprints = stage_fingerprints(recipe, {name: c.identity for name, c in checks.items()})
+    plan = plan_stages(recipe, fingerprints, resume=resume, force=force, log=log, act=main and act)
+    if main and act:
+        write_text_atomic(os.path.join(recipe.output_dir, "recipe.yaml"),
+                          yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        final = os.path.join(recipe.output_dir, "final")
+        if os.path.isdir(final) and any(status != "done" for status in plan.values()):
+            log(f"removing {final}: stages will train, it is not their result")
+            shutil.rmtree(final)
+    return plan, fingerprints
+
+
+def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, quiet: bool = False,
+               force: bool = False) -> str:
     """Run every stage; returns the directory of the final student."""
     set_seed(recipe.seed)
-    main = _is_main_process()
-    if not main:
+    if not _is_main_process():
         log = lambda *_: None  # noqa: E731 - one process speaks
     os.makedirs(recipe.output_dir, exist_ok=True)
-    if main:
-        with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w") as f:
-            yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
+    plan, fingerprints = prepare_run(recipe, resume=resume, force=force, log=log, quiet=quiet)
     student = load_model(recipe.student)
     teacher = load_model(recipe.teacher) if recipe.teacher is not None else None
     log(f"student: {recipe.student.describe()} ({sum(p.numel() for p in student.model.parameters()):,} params)")
     if teacher is not None:
         log(f"teacher: {recipe.teacher.describe()} ({sum(p.numel() for p in teacher.model.parameters()):,} params)")
     for stage in recipe.stages:
-        student = run_stage(recipe, stage, student, teacher, log=log, resume=resume, callbacks=callbacks,
-                            quiet=quiet)
+        student = run_stage(recipe, stage, student, teacher, fingerprints[stage.name], plan[stage.name], log=log,
+                            callbacks=callbacks, quiet=quiet)
     final = os.path.join(recipe.output_dir, "final")
     if _is_main_process():
         save_model(student, final, student.meta)
-    for stage in recipe.stages:  # what was left out, said once more at the end of the run
-        report = os.path.join(recipe.output_dir, stage.name, "data_report.json")
-        if os.path.isfile(report):
-            with open(report) as f:
-                skipped = json.load(f)["skipped"]
-            if skipped:
-                ids = ", ".join(s["sample_id"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-                log(f"[{stage.name}] {len(skipped)} sample(s) skipped ({ids}); reasons in {report}")
+    _say_skipped(recipe, log)
     log(f"final student: {final}")
     return final
+
+
+def _say_skipped(recipe: Recipe, log) -> None:
+    """What was left out, said once more at the end of the run."""
+    for stage in recipe.stages:
+        report = os.path.join(recipe.output_dir, stage.name, "data_report.json")
+        try:
+            with open(report, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        skipped = data.get("skipped", []) + data.get("replaced_at_load", [])
+        if skipped:
+            ids = ", ".join(str(s["sample_id"]) for s in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+            log(f"[{stage.name}] {len(skipped)} sample(s) skipped ({ids}); reasons in {report}")
+        for step in data.get("nonfinite_steps_skipped", []):
+            log(f"[{stage.name}] skipped {step['what']}")

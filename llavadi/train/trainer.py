@@ -10,7 +10,9 @@ Every term is a sum over positions divided by the number of such positions in th
 optimisation step (all micro-batches of the accumulation window, all processes), counted in
 ``get_batch_samples``: accumulation and multi-process runs then give the gradients of one big batch.
 Checkpoints hold the student as a plain HF directory and the projectors beside it; resume loads
-both (``_load_from_checkpoint``).
+both (``_load_from_checkpoint``). A checkpoint is marked complete (``llavadi.train.checkpoints``)
+after everything in it is written. ``StepGuard`` (``llavadi.train.guard``) stops the run at a
+non-finite step (or skips up to ``max_nonfinite_skips`` of them) and keeps the stage's totals.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llavadi.distill.module import DistillationModule, load_projectors, save_projectors
 from llavadi.distill.selection import all_reduce_counts, sum_counts
 from llavadi.models.meta import write_model_meta
+from llavadi.train.checkpoints import read_checkpoint_marker, remove_checkpoint_marker, write_checkpoint_marker
+from llavadi.train.guard import StepGuard
 
 
 def _world_size() -> int:
@@ -37,7 +43,7 @@ class DistillTrainer(Trainer):
     # our loss is already normalised over the accumulation window
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher=None, meta: dict | None = None, **kwargs):
+    def __init__(self, *args, teacher=None, meta: dict | None = None, max_nonfinite_skips: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, DistillationModule):
             raise TypeError(f"DistillTrainer trains a DistillationModule, got {type(self.model).__name__}")
@@ -47,12 +53,17 @@ class DistillTrainer(Trainer):
         self._normalizers: dict | None = None
         self._term_sums: dict[str, torch.Tensor | float] = {}
         self._term_count = 0
+        # a NaN loss is logged as NaN, never replaced by the mean of earlier losses
+        self.args.logging_nan_inf_filter = False
+        self.guard = StepGuard(self, max_nonfinite_skips)
+        self.add_callback(self.guard)
 
     # -- global normalisers
     def _count(self, batch) -> dict:
         return self.objective.count_positions(batch["token_types"], batch["labels"])
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        self.guard.start_window()
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._normalizers = all_reduce_counts(sum_counts([self._count(b) for b in batch_samples]))
         return batch_samples, num_items
@@ -71,9 +82,16 @@ class DistillTrainer(Trainer):
             for k, v in terms.items():  # tensors: no device sync per step, only at logging
                 self._term_sums[k] = self._term_sums.get(k, 0.0) + v.detach()
             self._term_count += 1
+            self.guard.record(loss, terms, inputs)
         return (loss, None) if return_outputs else loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.guard.grad_norm = grad_norm  # checked by the guard before the optimiser step
+        return grad_norm
+
     def log(self, logs: dict, *args, **kwargs):
+        self.guard.adjust_log(logs, self.state.global_step)
         if self._term_count and "loss" in logs:
             # term values are per micro-batch shares of the step's mean: sum over the window
             steps = max(1, self._term_count / self.args.gradient_accumulation_steps)
@@ -82,6 +100,30 @@ class DistillTrainer(Trainer):
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, *args, **kwargs)
+
+    # -- the stage's totals across resumes, kept in each checkpoint's completion marker
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            self.guard.restore(read_checkpoint_marker(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def stage_ledger(self, after_train: bool = True) -> dict:
+        """The stage's totals (loss sum, skipped steps, replaced samples); call on every process."""
+        if after_train:  # _finalize_training has added the last, unlogged losses
+            this_run = self._total_loss_scalar
+        else:
+            pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+            this_run = self._total_loss_scalar + pending
+        return self.guard.ledger(this_run, self.state.global_step)
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        ledger = self.stage_ledger(after_train=False)  # collective: every process is here
+        if self.args.should_save:
+            remove_checkpoint_marker(folder)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            write_checkpoint_marker(folder, ledger)  # last: the folder is complete
 
     # -- checkpoints: plain HF student, projectors beside it, how to prompt it
     def _save(self, output_dir: str | None = None, state_dict=None):

@@ -1,0 +1,187 @@
+"""Validate a whole recipe before any model loads: every problem in one report, then stop.
+
+Checked for every stage before the first model's weights are read (loading a 13B teacher takes
+minutes; a mistake found after it, or after stage 1 has trained, costs a run):
+- the model folders: config.json, a weights file, tokenizer, image processor, llavadi.json, read
+  from the files only (`llavadi.models.describe`);
+- `train.extra` keys against TrainingArguments' fields (with the closest name), keys the runner
+  owns (`output_dir`: resume looks for checkpoints in `<output_dir>/<stage>/checkpoints`), and the
+  scheduler's name;
+- `vision_from_layer` and every term's layer indices against the model configs; the objective is
+  built on the meta device in the models' context (widths, image-token counts), which also checks
+  the tokenizers of logit terms (tokenizer files only);
+- the data, exactly as training reads it: every sample parsed and tokenized, every image decoded
+  completely (`llavadi.data.images`, verdicts cached by size and mtime, so reruns only stat).
+  Under `on_error: raise` each bad sample is a problem; under `skip` it is counted and listed, and
+  training leaves it out (the stage's data_report.json lists it).
+
+The data identities found here feed the stages' fingerprints (`llavadi.train.stages`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from llavadi.atomic import write_json_atomic
+from llavadi.config import ConfigError, Recipe, StageConfig, TrainConfig
+from llavadi.data.dataset import LlavaDataset, Skipped
+from llavadi.data.encode import SampleError
+from llavadi.distill.view import normalise_index
+from llavadi.models.describe import describe_model
+from llavadi.train.stages import data_identity
+
+# keys of train.extra the runner sets itself, and why
+RESERVED_EXTRA = {
+    "output_dir": "checkpoints go to <output_dir>/<stage>/checkpoints, where a rerun resumes from them; "
+                  "set the recipe's output_dir instead",
+    "logging_nan_inf_filter": "a NaN loss is always logged as NaN (train.max_nonfinite_skips decides what happens)",
+    "resume_from_checkpoint": "rerunning the same command resumes from the latest complete checkpoint",
+}
+SHOWN_SAMPLES = 10
+REPORT_FILE = "preflight_report.json"
+
+
+class PreflightError(ConfigError):
+    """Problems found before training; the message lists them all."""
+
+
+@dataclass
+class StageCheck:
+    """What validation found for one stage's data."""
+
+    name: str
+    data: str
+    used: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    identity: dict = field(default_factory=dict)  # for the stage's fingerprint
+
+
+def check_train_extra(train: TrainConfig, where: str) -> list[str]:
+    """Problems with `train.extra` (unknown or reserved TrainingArguments keys) and the scheduler name."""
+    from transformers import SchedulerType, TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    problems = []
+    for key in train.extra:
+        if key in RESERVED_EXTRA:
+            problems.append(f"{where}.train.extra.{key}: not allowed: {RESERVED_EXTRA[key]}")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{where}.train.extra.{key}: not a transformers.TrainingArguments field{hint}")
+    names = sorted(s.value for s in SchedulerType)
+    if train.scheduler not in names:
+        close = difflib.get_close_matches(train.scheduler, names, n=1)
+        problems.append(f"{where}.train.scheduler: unknown scheduler {train.scheduler!r}"
+                        + (f" (did you mean {close[0]!r}?)" if close else f"; choose one of {names}"))
+    return problems
+
+
+def _text_layers(config) -> int:
+    return int(getattr(config, "text_config", config).num_hidden_layers)
+
+
+def check_model_fit(stage: StageConfig, student, teacher, where: str) -> list[str]:
+    """Layer indices and term options against the model configs; tokenizers of logit terms."""
+    from llavadi.train.runner import build_objective
+
+    problems = []
+    v = stage.trainable.vision_from_layer
+    n_vision = int(student.model.config.vision_config.num_hidden_layers)
+    if v is not None and not 0 <= v < n_vision:
+        problems.append(f"{where}.trainable.vision_from_layer: {v} is out of range: the student's vision tower "
+                        f"has {n_vision} layers (0..{n_vision - 1})")
+    use_teacher = teacher if stage.distill.terms else None
+    try:
+        with torch.device("meta"):  # projectors sized from the configs, no memory
+            objective = build_objective(stage, student, use_teacher)
+    except ValueError as e:
+        return problems + [f"{where}.distill: {e}"]
+    for who, needs, model in (("student", objective.student_needs, student),
+                              ("teacher", objective.teacher_needs, use_teacher)):
+        if model is None:
+            continue
+        n = _text_layers(model.model.config)
+        checks = [(i, n + 1, "hidden state") for i in sorted(needs.hidden_layers)]
+        checks += [(i, n, "attention layer") for i in sorted(needs.attention_layers)]
+        for index, count, what in checks:
+            try:
+                normalise_index(index, count, what, who)
+            except ValueError as e:
+                problems.append(f"{where}.distill.terms: {e}")
+    return problems
+
+
+def check_stage_data(stage: StageConfig, student, teacher, progress: bool) -> tuple[StageCheck, list[str]]:
+    """Parse, tokenize and decode a stage's data as training will; bad samples are counted, not raised."""
+    from llavadi.train.runner import build_dataset
+
+    check = StageCheck(stage.name, stage.data.path)
+    collect = dataclasses.replace(stage, data=dataclasses.replace(stage.data, on_error="skip"))
+    try:
+        if student is not None:
+            dataset = build_dataset(collect, student, teacher if stage.distill.terms else None, progress=progress)
+        else:  # the student's files are unreadable (reported apart): check what needs no tokenizer
+            dataset = LlavaDataset(stage.data.path, stage.data.image_folder, [], on_error="skip",
+                                   max_pixels=stage.data.max_pixels, progress=progress)
+    except SampleError as e:  # unreadable file, malformed JSON, or no usable sample at all
+        return check, [str(e)]
+    check.used, check.skipped = len(dataset), dataset.skipped
+    check.identity = data_identity(stage.data.path, stage.data.image_folder, dataset.image_verdicts)
+    if stage.data.on_error == "skip" or not dataset.skipped:
+        return check, []
+    shown = [f"    {s.reason}" for s in dataset.skipped[:SHOWN_SAMPLES]]
+    more = len(dataset.skipped) - SHOWN_SAMPLES
+    return check, [f"{stage.data.path}: {len(dataset.skipped)} bad sample(s) of {len(dataset) + len(dataset.skipped)}:\n"
+                   + "\n".join(shown) + (f"\n    ... and {more} more" if more > 0 else "")]
+
+
+def _describe(spec, what: str, problems: list[str]):
+    try:
+        return describe_model(spec)
+    except (ValueError, OSError, KeyError) as e:  # ModelFilesError, FileNotFoundError, unknown preset
+        problems.append(f"{what}: {e}")
+        return None
+
+
+def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str | None = None) -> dict[str, StageCheck]:
+    """Check everything a run needs before any weights load; raise PreflightError listing every problem."""
+    problems: list[str] = []
+    student = _describe(recipe.student, "student", problems)
+    teacher = _describe(recipe.teacher, "teacher", problems) if recipe.teacher is not None else None
+    checks: dict[str, StageCheck] = {}
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}] ({stage.name})"
+        problems += check_train_extra(stage.train, where)
+        if student is not None and (teacher is not None or not stage.distill.terms):
+            problems += check_model_fit(stage, student, teacher, where)
+        check, data_problems = check_stage_data(stage, student, teacher, progress)
+        problems += [f"{where}.data: {p}" for p in data_problems]
+        checks[stage.name] = check
+        if check.skipped and stage.data.on_error == "skip":
+            log(f"[{stage.name}] {len(check.skipped)} bad sample(s) will be left out (on_error: skip); "
+                f"{check.used} used; the list goes to {stage.name}/data_report.json")
+    if report_dir is not None:
+        _write_report(report_dir, problems, checks)
+    if problems:
+        raise PreflightError(
+            f"{len(problems)} problem(s) found before loading any model:\n  - " + "\n  - ".join(problems)
+            + "\nNothing was trained. Fix them"
+            + (", or set data.on_error: skip to leave bad samples out (they are then counted and listed)"
+               if any(".data:" in p for p in problems) else "")
+            + (f". Full list: {os.path.join(report_dir, REPORT_FILE)}" if report_dir else ""))
+    return checks
+
+
+def _write_report(report_dir: str, problems: list[str], checks: dict[str, StageCheck]) -> None:
+    os.makedirs(report_dir, exist_ok=True)
+    write_json_atomic(os.path.join(report_dir, REPORT_FILE), {
+        "problems": problems,
+        "stages": {name: {"data": c.data, "used": c.used, "skipped": [vars(s) for s in c.skipped]}
+                   for name, c in checks.items()},
+    })
