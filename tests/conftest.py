@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# image verdicts (llavadi.data.images) are cached here, not in the user's ~/.cache; subprocesses inherit it
+os.environ.setdefault("LLAVADI_CACHE_DIR", tempfile.mkdtemp(prefix="llavadi-test-cache-"))
 
 WORDS = (
     "USER ASSISTANT : what color shape is the in top left right bottom center middle how many "

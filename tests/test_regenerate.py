@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
+import llavadi.eval.generate as generate_module
 import llavadi.teacher.regenerate as regen_module
 from llavadi.data.dataset import LlavaDataset, View, pixel_values_for, read_json_records
 from llavadi.data.encode import SampleError
@@ -99,10 +100,15 @@ def test_ids_images_and_human_turns_unchanged(env):
     assert stats["samples_in"] == stats["samples_out"] == len(SAMPLES) and stats["skipped"] == []
     assert stats["answers_regenerated"] == sum(len(s["conversations"]) // 2 for s in SAMPLES)
     assert json.loads((env["out"].parent / "regen.json.report.json").read_text()) == stats
-    # the output is ordinary training data
+    # the output is ordinary training data; a sample with an empty regenerated answer (listed in the
+    # stats) is refused by training, or left out and listed under on_error="skip"
     bundle = env["bundle"]
-    ds = LlavaDataset(str(env["out"]), str(env["images"]), [View(bundle.encoder(), bundle.image_processor)])
-    assert len(ds) == len(SAMPLES) and ds.skipped == []
+    ds = LlavaDataset(str(env["out"]), str(env["images"]), [View(bundle.encoder(), bundle.image_processor)],
+                      on_error="skip")
+    empty_ids = {e["id"] for e in stats["empty_answers"]}
+    assert [s.sample_id for s in ds.skipped] == [s["id"] for s in SAMPLES if s["id"] in empty_ids]
+    assert all("empty gpt turn" in s.reason for s in ds.skipped)
+    assert len(ds) == len(SAMPLES) - len(empty_ids)
 
 
 def test_first_turns_equal_eval_generation_one_at_a_time(env):
@@ -153,13 +159,13 @@ def test_cut_and_empty_answers_are_counted(env, monkeypatch, tmp_path):
     assert stats["n_empty_answers"] == sum(c["value"] == "" for r in result for c in r["conversations"][1::2])
 
     # a teacher that answers s1 with eos only: kept with an empty answer, counted and listed
-    real = regen_module.generate_answer_ids
+    real = generate_module._generate_batch
 
-    def eos_for_s1(bundle, questions, *args, **kwargs):
-        answers = real(bundle, questions, *args, **kwargs)
+    def eos_for_s1(bundle, prompts, questions, *args, **kwargs):
+        answers = real(bundle, prompts, questions, *args, **kwargs)
         return [[tok.eos_token_id] if q.question_id == "s1" else a for q, a in zip(questions, answers)]
 
-    monkeypatch.setattr(regen_module, "generate_answer_ids", eos_for_s1)
+    monkeypatch.setattr(generate_module, "_generate_batch", eos_for_s1)
     out = tmp_path / "empty.jsonl"
     stats2 = regen_module.regenerate(str(env["teacher_dir"]), str(env["data"]), str(env["images"]), str(out),
                                      batch_size=4, max_new_tokens=MAX_NEW, device="cpu", progress=False)
@@ -175,7 +181,7 @@ def test_cut_and_empty_answers_are_counted(env, monkeypatch, tmp_path):
 def test_failure_midway_leaves_no_output(env, monkeypatch, tmp_path):
     out = tmp_path / "regen.json"
     out.write_text("previous")
-    real = regen_module.generate_answer_ids
+    real = generate_module.generate_answer_ids
     calls = []
 
     def fail_on_second_turn(*args, **kwargs):
@@ -185,13 +191,17 @@ def test_failure_midway_leaves_no_output(env, monkeypatch, tmp_path):
         return real(*args, **kwargs)
 
     args = (str(env["teacher_dir"]), str(env["data"]), str(env["images"]), str(out))
-    monkeypatch.setattr(regen_module, "generate_answer_ids", fail_on_second_turn)
+    monkeypatch.setattr(generate_module, "generate_answer_ids", fail_on_second_turn)
     with pytest.raises(RuntimeError, match="out of memory"):
         regen_module.regenerate(*args, max_new_tokens=MAX_NEW, device="cpu", progress=False)
-    assert os.listdir(tmp_path) == ["regen.json"] and out.read_text() == "previous"
+    # the output is untouched; the first turn's answers wait in the journal for a rerun
+    assert sorted(os.listdir(tmp_path)) == ["regen.json", "regen.json.journal.jsonl"]
+    assert out.read_text() == "previous"
+    journal = [json.loads(line) for line in (tmp_path / "regen.json.journal.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in journal[1:]) == sorted(f"{s['id']}#0" for s in SAMPLES)
 
     # a failure while writing (third record) leaves the old file and no temp file either
-    monkeypatch.setattr(regen_module, "generate_answer_ids", real)
+    monkeypatch.setattr(generate_module, "generate_answer_ids", real)
     real_line = regen_module._record_line
     written = []
 
@@ -204,7 +214,8 @@ def test_failure_midway_leaves_no_output(env, monkeypatch, tmp_path):
     monkeypatch.setattr(regen_module, "_record_line", fail_on_third_record)
     with pytest.raises(OSError, match="disk full"):
         regen_module.regenerate(*args, max_new_tokens=MAX_NEW, device="cpu", progress=False)
-    assert os.listdir(tmp_path) == ["regen.json"] and out.read_text() == "previous"
+    assert sorted(os.listdir(tmp_path)) == ["regen.json", "regen.json.journal.jsonl"]
+    assert out.read_text() == "previous"
 
 
 def _with_bad_samples(env, tmp_path):

@@ -141,10 +141,16 @@ def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: lis
 
 def measure_agreement(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion],
                       batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True,
-                      student_answer_ids: list[list[int]] | None = None) -> AgreementResult:
-    """Greedy answers of both models, their agreement rate and the mean KL on the teacher's answer tokens."""
-    teacher_ids = generate_answer_ids(teacher, questions, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
+                      student_answer_ids: list[list[int]] | None = None,
+                      teacher_answer_ids: list[list[int]] | None = None) -> AgreementResult:
+    """Greedy answers of both models, their agreement rate and the mean KL on the teacher's answer tokens.
+
+    Answers already generated (e.g. resumed from a journal) are passed as `*_answer_ids`.
+    """
+    teacher_ids = teacher_answer_ids
+    if teacher_ids is None:
+        teacher_ids = generate_answer_ids(teacher, questions, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
     if student_answer_ids is None:
         student_answer_ids = generate_answer_ids(student, questions, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, progress=progress,

@@ -3,22 +3,37 @@
 Writes into --out: `answers.jsonl` (LLaVA's answer form: question_id, prompt, text, model_id),
 `<benchmark>.json` + `<benchmark>.md` (metrics, via `llavadi.eval.report`) and, with --teacher,
 `teacher_answers.jsonl`. The same run is available in-process as `evaluate(...)`.
+
+Before any model loads, the questions are checked: a question id listed twice with the same
+prompt is an error (it would be counted twice), and every image is decoded completely (cached,
+`llavadi.data.images`); a bad image stops the run, or with `--on-error skip` its question is
+left out, listed under `skipped` in the result and scored as missing. Answers are appended to
+`answers.journal.jsonl` (and `teacher_answers.journal.jsonl`) batch by batch, so a killed run
+resumes where it stopped; the final files are written atomically, the result file last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from llavadi.atomic import atomic_write
+from llavadi.data.encode import SampleError
+from llavadi.data.images import DEFAULT_MAX_PIXELS, check_images
 from llavadi.eval.benchmarks import EvalDataError, get_benchmark, prediction_record, predictions_from_records
-from llavadi.eval.generate import decode_answer, from_benchmark_questions, generate_answer_ids, load_for_eval
+from llavadi.eval.generate import decode_answer, from_benchmark_questions, load_for_eval, question_image
+from llavadi.eval.journal import AnswerJournal, journaled_answer_ids
 from llavadi.eval.report import write_result
+from llavadi.identity import file_sha256, folder_identity
 
 ANSWERS_FILE = "answers.jsonl"
 TEACHER_ANSWERS_FILE = "teacher_answers.jsonl"
+JOURNAL_SUFFIX = ".journal.jsonl"
+SHOWN_PROBLEMS = 10
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-system", default=None, help="override the teacher's system prompt ('' for none)")
     p.add_argument("--name", default=None, help="run name in the results (default: the model folder's name)")
     p.add_argument("--all-rounds", action="store_true", help="mmbench: ask every rotation of the options")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="questions with a bad image: stop before any model loads (default), or leave them out "
+                        "(listed in the result, scored as missing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
 
@@ -58,7 +76,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           limit=args.limit, template=args.template, system=args.system,
                           teacher_template=args.teacher_template, teacher_system=args.teacher_system, name=args.name,
                           benchmark_options={"all_rounds": True} if args.all_rounds else None,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, on_error=args.on_error)
     except ValueError as err:  # EvalDataError, SampleError and bad options: a message, not a traceback
         print(f"llavadi eval: error: {err}", file=sys.stderr)
         return 2
@@ -69,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic_write(path) as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
 
@@ -81,7 +99,7 @@ def _score(benchmark, questions, records, annotations):
 
 
 def _questions(bench, questions: str, images: str | None, limit: int | None):
-    """The benchmark's questions (first `limit`) and their EvalQuestions; missing image files raise here."""
+    """The benchmark's questions (first `limit`) and their EvalQuestions; repeated questions raise."""
     bench_questions = bench.load_questions(questions)
     if limit is not None:
         if limit < 1:
@@ -89,12 +107,59 @@ def _questions(bench, questions: str, images: str | None, limit: int | None):
         bench_questions = bench_questions[:limit]
     if not bench_questions:
         raise EvalDataError(f"{questions}: no questions")
-    eval_questions = from_benchmark_questions(bench_questions, images)
-    for q in eval_questions:  # fail before any model loads, naming the question
-        if q.image is not None and not Path(q.image).is_file():
-            raise EvalDataError(f"question {q.question_id!r}: image file {q.image} not found"
-                                + ("" if images else " (pass --images, the folder image paths are relative to)"))
-    return bench_questions, eval_questions
+    seen: dict[tuple, int] = {}
+    for i, q in enumerate(bench_questions):
+        # LLaVA's MME and TextVQA files give several questions one id (the prompt tells them apart);
+        # the same id with the same prompt is one question listed twice, which would count twice
+        key = (q.question_id, q.round_id, q.text)
+        if key in seen:
+            raise EvalDataError(f"{questions}: question id {q.question_id!r} appears twice with the same prompt "
+                                f"(entries {seen[key] + 1} and {i + 1}); remove the repeat")
+        seen[key] = i
+    return bench_questions, from_benchmark_questions(bench_questions, images)
+
+
+def _image_problems(eval_questions, images: str | None, progress: bool) -> dict[int, str]:
+    """Index -> reason for each question whose image cannot be used (every image decoded once, cached)."""
+    verdicts = check_images([q.image for q in eval_questions if q.image is not None], progress=progress,
+                            desc="checking the images")
+    problems = {}
+    for i, q in enumerate(eval_questions):
+        if q.image is not None:
+            problem = verdicts[os.path.abspath(q.image)].problem(DEFAULT_MAX_PIXELS)
+            if problem and not Path(q.image).is_file() and not images:
+                problem += " (pass --images, the folder image paths are relative to)"
+        elif q.image_base64 is not None:
+            try:
+                question_image(q)
+                problem = None
+            except SampleError as e:
+                problem = str(e)
+        else:
+            problem = None
+        if problem:
+            problems[i] = f"question {q.question_id!r}: {problem}"
+    return problems
+
+
+def _usable(eval_questions, images: str | None, on_error: str, progress: bool) -> tuple[list[int], list[dict]]:
+    """Indices of the questions to answer, and the skipped ones with reasons (on_error='skip')."""
+    problems = _image_problems(eval_questions, images, progress)
+    if problems and on_error == "raise":
+        shown = "\n  ".join(list(problems.values())[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise EvalDataError(f"{len(problems)} question(s) with an unusable image:\n  {shown}{more}\n"
+                            "Fix them, or pass --on-error skip to leave them out (scored as missing)")
+    skipped = [{"question_id": eval_questions[i].question_id, "reason": r} for i, r in sorted(problems.items())]
+    return [i for i in range(len(eval_questions)) if i not in problems], skipped
+
+
+def _journal(out: Path, name: str, model_dir: str | None, bundle, settings: dict) -> AnswerJournal:
+    """The answer journal of one model in `out`, under what its answers depend on."""
+    model = folder_identity(model_dir) if model_dir and os.path.isdir(model_dir) else str(model_dir)
+    dtype = str(next(bundle.model.parameters()).dtype)
+    header = {**settings, "model": model, "template": bundle.template, "system": bundle.system, "dtype": dtype}
+    return AnswerJournal(out / (name + JOURNAL_SUFFIX), header, log=lambda m: print(m, file=sys.stderr))
 
 
 def _annotations(bench, annotations: str | None, questions: str, notes: list[str]):
@@ -107,16 +172,18 @@ def _annotations(bench, annotations: str | None, questions: str, notes: list[str
     return None
 
 
-def _add_teacher_comparison(result: dict, bench, bench_questions, eval_questions, student, teacher, teacher_id: str,
-                            student_ids, ann, out: Path, batch_size: int, max_new_tokens: int, progress: bool) -> None:
-    """Agreement and teacher-forced KL into `result`; the teacher's answers (and their scores) written beside."""
+def _add_teacher_comparison(result: dict, bench, bench_questions, questions, keys, keep, student, teacher,
+                            teacher_id: str, student_ids, ann, journal: AnswerJournal, batch_size: int,
+                            max_new_tokens: int, progress: bool) -> list[dict]:
+    """Agreement and teacher-forced KL into `result`; returns the teacher's answer records (scored too)."""
     from llavadi.eval.agreement import measure_agreement
 
-    agreement = measure_agreement(student, teacher, eval_questions, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, progress=progress, student_answer_ids=student_ids)
-    teacher_records = [{**prediction_record(q, t), "model_id": teacher_id}
-                       for q, t in zip(bench_questions, agreement.teacher_answers)]
-    _write_jsonl(out / TEACHER_ANSWERS_FILE, teacher_records)
+    teacher_ids = journaled_answer_ids(teacher, questions, journal, keys, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
+    agreement = measure_agreement(student, teacher, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  progress=progress, student_answer_ids=student_ids, teacher_answer_ids=teacher_ids)
+    teacher_records = [{**prediction_record(bench_questions[i], t), "model_id": teacher_id}
+                       for i, t in zip(keep, agreement.teacher_answers)]
     result["metrics"]["agreement"] = round(100.0 * agreement.agreement, 4)
     result["metrics"]["teacher_student_kl"] = round(agreement.mean_kl, 6)
     result["counts"]["kl_answer_tokens"] = agreement.n_answer_tokens
@@ -128,37 +195,11 @@ def _add_teacher_comparison(result: dict, bench, bench_questions, eval_questions
     result["notes"].append("agreement: % of questions where student and teacher greedy answers match after "
                            "the simple normaliser; teacher_student_kl: mean KL(p_T||p_S) in nats per "
                            "teacher answer token, both models teacher-forced on the teacher's answers")
+    return teacher_records
 
 
-def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None, out_dir: str,
-             teacher_dir: str | None = None, annotations: str | None = None, batch_size: int = 16,
-             max_new_tokens: int = 16, device: str = "auto", dtype: str = "auto", limit: int | None = None,
-             template: str | None = None, system: str | None = None, teacher_template: str | None = None,
-             teacher_system: str | None = None, name: str | None = None,
-             benchmark_options: dict | None = None, progress: bool = True, student=None, teacher=None) -> dict:
-    """Answer, score (and compare with a teacher); write answers + metrics files; return the result dict.
-
-    `student` / `teacher` may be already loaded `LoadedModel`s (e.g. models just trained);
-    then `model_dir` / `teacher_dir` only name them in the answer files.
-    """
-    bench = get_benchmark(benchmark, **(benchmark_options or {}))
-    bench_questions, eval_questions = _questions(bench, questions, images, limit)
-    notes: list[str] = []
-    ann = _annotations(bench, annotations, questions, notes)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if student is None:
-        student = load_for_eval(model_dir, device=device, dtype=dtype, template=template, system=system)
-    model_id = name or Path(model_dir).name
-    t0 = time.perf_counter()
-    student_ids = generate_answer_ids(student, eval_questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                      progress=progress, desc="answers")
-    seconds = time.perf_counter() - t0
-    texts = [decode_answer(student.tokenizer, a) for a in student_ids]
-    records = [{**prediction_record(q, t), "model_id": model_id} for q, t in zip(bench_questions, texts)]
-    _write_jsonl(out / ANSWERS_FILE, records)
-
+def _result(bench, bench_questions, records, ann, notes: list[str], model_id: str, skipped: list[dict]) -> dict:
+    """The scored result (or an unscored one without ground truth), naming the run and what was skipped."""
     scored = _score(bench, bench_questions, records, ann)
     if scored is not None:
         result = scored.to_dict()
@@ -168,16 +209,75 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
                   "missing_ids": [], "unknown_ids": [], "notes": []}
     result["run"] = model_id
     result["notes"] = list(result.get("notes", [])) + notes
+    if skipped:
+        result["counts"]["skipped"] = len(skipped)
+        result["skipped"] = skipped
+        result["notes"].append(f"{len(skipped)} question(s) skipped for an unusable image (--on-error skip); "
+                               "scored as missing")
+    return result
+
+
+def _identity(path: str | None):
+    if path is None:
+        return None
+    if os.path.isfile(path):
+        return file_sha256(path)
+    return folder_identity(path) if os.path.isdir(path) else str(path)
+
+
+def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None, out_dir: str,
+             teacher_dir: str | None = None, annotations: str | None = None, batch_size: int = 16,
+             max_new_tokens: int = 16, device: str = "auto", dtype: str = "auto", limit: int | None = None,
+             template: str | None = None, system: str | None = None, teacher_template: str | None = None,
+             teacher_system: str | None = None, name: str | None = None,
+             benchmark_options: dict | None = None, progress: bool = True, student=None, teacher=None,
+             on_error: str = "raise") -> dict:
+    """Answer, score (and compare with a teacher); write answers + metrics files; return the result dict.
+
+    `student` / `teacher` may be already loaded `LoadedModel`s (e.g. models just trained);
+    then `model_dir` / `teacher_dir` only name them in the answer files.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    bench = get_benchmark(benchmark, **(benchmark_options or {}))
+    bench_questions, eval_questions = _questions(bench, questions, images, limit)
+    keep, skipped = _usable(eval_questions, images, on_error, progress)
+    notes: list[str] = []
+    ann = _annotations(bench, annotations, questions, notes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"benchmark": bench.name, "options": benchmark_options or {}, "questions": _identity(questions),
+                "limit": limit, "images": _identity(images), "max_new_tokens": max_new_tokens}
+    asked = [eval_questions[i] for i in keep]
+    keys = [f"{i}:{eval_questions[i].question_id}" for i in keep]
+    if student is None:
+        student = load_for_eval(model_dir, device=device, dtype=dtype, template=template, system=system)
+    model_id = name or Path(model_dir).name
+    journals = [_journal(out, "answers", model_dir, student, settings)]
+    t0 = time.perf_counter()
+    student_ids = journaled_answer_ids(student, asked, journals[0], keys, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, progress=progress, desc="answers")
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    records = [{**prediction_record(bench_questions[i], decode_answer(student.tokenizer, a)), "model_id": model_id}
+               for i, a in zip(keep, student_ids)]
+    result = _result(bench, bench_questions, records, ann, notes, model_id, skipped)
     result["generation"] = {"model": str(model_dir), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                             "seconds": round(seconds, 3), "questions_per_second": round(len(records) / seconds, 3),
                             "template": student.template, "n_image_tokens": student.n_image_tokens}
-
+    teacher_records = None
     if teacher_dir is not None or teacher is not None:
         if teacher is None:
             teacher = load_for_eval(teacher_dir, device=device, dtype=dtype, template=teacher_template,
                                     system=teacher_system)
         teacher_id = Path(teacher_dir).name if teacher_dir else "teacher"
-        _add_teacher_comparison(result, bench, bench_questions, eval_questions, student, teacher, teacher_id,
-                                student_ids, ann, out, batch_size, max_new_tokens, progress)
-    write_result(result, out)
+        journals.append(_journal(out, "teacher_answers", teacher_dir, teacher, settings))
+        teacher_records = _add_teacher_comparison(result, bench, bench_questions, asked, keys, keep, student, teacher,
+                                                  teacher_id, student_ids, ann, journals[1], batch_size,
+                                                  max_new_tokens, progress)
+    _write_jsonl(out / ANSWERS_FILE, records)
+    if teacher_records is not None:
+        _write_jsonl(out / TEACHER_ANSWERS_FILE, teacher_records)
+    write_result(result, out)  # last: a result file names a complete set of answers
+    for journal in journals:
+        journal.discard()
     return result

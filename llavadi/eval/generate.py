@@ -21,6 +21,7 @@ from PIL import Image
 
 from llavadi.data.collator import pad_sequences
 from llavadi.data.dataset import expand_to_square, load_image, pixel_values_for
+from llavadi.data.images import open_image
 from llavadi.data.encode import ConversationEncoder, SampleError
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 from llavadi.device import resolve_device
@@ -118,9 +119,8 @@ def question_image(question: EvalQuestion, pad_to_square: bool = True) -> Image.
     if question.image is not None:
         return load_image(question.image, str(question.question_id), pad_to_square)
     try:
-        with Image.open(io.BytesIO(base64.b64decode(question.image_base64))) as im:
-            img = im.convert("RGB")
-    except Exception as e:  # binascii and PIL raise several types for bad data
+        img = open_image(io.BytesIO(base64.b64decode(question.image_base64)))
+    except Exception as e:  # binascii and PIL raise several types for bad data (and ImageTooLarge)
         raise SampleError(f"question {question.question_id!r}: undecodable base64 image ({e})") from e
     return expand_to_square(img) if pad_to_square else img
 
@@ -187,13 +187,14 @@ def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: li
 @torch.no_grad()
 def generate_answer_ids(bundle: LoadedModel, questions: list[EvalQuestion], batch_size: int = 16,
                         max_new_tokens: int = 16, device=None, progress: bool = True, desc: str = "generating",
-                        prompt_ids: list[list[int]] | None = None) -> list[list[int]]:
+                        prompt_ids: list[list[int]] | None = None, on_batch=None) -> list[list[int]]:
     """Greedy answer token ids per question (original order), up to and including the first eos.
 
     `device`: where to run (the model is moved there if it is elsewhere); None keeps the model's device.
     `prompt_ids`: ready-made prompts (e.g. multi-turn histories), one per question, instead of
     encoding each question's one-turn prompt with the model's own template; the questions then
-    only bring their images.
+    only bring their images. `on_batch(indices, answer_ids)` is called as each batch finishes
+    (e.g. to persist it), with the questions' indices.
     """
     net, tok = bundle.model, bundle.tokenizer
     if batch_size < 1 or max_new_tokens < 1:
@@ -222,6 +223,8 @@ def generate_answer_ids(bundle: LoadedModel, questions: list[EvalQuestion], batc
                                     pad_id, eos_ids, encoder.image_token_id)
             for i, ids in zip(idx, batch):
                 answers[i] = ids
+            if on_batch is not None:
+                on_batch(idx, batch)
             if bar is not None:
                 bar.update(len(idx))
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from llavadi.atomic import write_text_atomic
 from llavadi.eval.benchmarks import EvalDataError, ScoreResult
 
 
@@ -38,8 +39,8 @@ def write_result(result: ScoreResult | dict, out_dir: str | os.PathLike) -> tupl
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{data['benchmark']}.json"
     md_path = out_dir / f"{data['benchmark']}.md"
-    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(result_markdown(data), encoding="utf-8")
+    write_text_atomic(md_path, result_markdown(data))
+    write_text_atomic(json_path, json.dumps(data, indent=2) + "\n")  # last: the result names a complete run
     return json_path, md_path
 
 

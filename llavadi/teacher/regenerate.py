@@ -9,25 +9,32 @@ multi-turn conversation stays self-consistent; all samples' k-th turns are gener
 
 Nothing is dropped silently: bad input samples raise (file, line, sample id) or, with
 `on_error="skip"`, are left out and listed; empty answers and answers cut at `max_new_tokens`
-are kept and listed. The stats also go to `<out>.report.json`. Files are written atomically.
+are kept and listed. The input is checked before the teacher's weights load (its tokenizer and
+config are read from files; every image is decoded completely, cached). Answers are appended to
+`<out>.journal.jsonl` batch by batch, so a killed run resumes where it stopped. The output and
+`<out>.report.json` (the stats) are written atomically at the end, and the journal deleted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
-from llavadi.data.dataset import parse_record, read_json_records
+from llavadi.atomic import atomic_write
+from llavadi.data.dataset import image_problems, parse_record, read_json_records, record_image_paths
 from llavadi.data.encode import SampleError
+from llavadi.data.images import DEFAULT_MAX_PIXELS, check_images
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
-from llavadi.eval.generate import EvalQuestion, decode_answer, eos_token_ids, generate_answer_ids, load_for_eval
+from llavadi.eval.generate import EvalQuestion, decode_answer, eos_token_ids, load_for_eval
+from llavadi.eval.journal import AnswerJournal, journaled_answer_ids
+from llavadi.identity import file_sha256, folder_identity, json_digest
+from llavadi.models.describe import describe_llava_dir
 
 REPORT_SUFFIX = ".report.json"
+JOURNAL_SUFFIX = ".journal.jsonl"
 PRINTED_LIST_ITEMS = 20
 
 
@@ -56,15 +63,18 @@ class _Sample:
         return out
 
 
-def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: str):
+def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: str, progress: bool = False):
     """Validated samples (parse_record + the teacher's tokenization) and the skipped ones with reasons."""
     samples: list[_Sample] = []
     skipped: list[dict] = []
     seen: dict[str, str] = {}
     records = read_json_records(data_path)
+    verdicts = check_images(record_image_paths(records, image_folder), progress=progress)
+    problems = image_problems(verdicts, DEFAULT_MAX_PIXELS)
     for where, obj in records:
         try:
-            rec = parse_record(where, obj, image_folder)
+            # input answers are replaced: an empty one is no problem here
+            rec = parse_record(where, obj, image_folder, problems, allow_empty_answers=True)
             if rec.sample_id in seen:
                 raise SampleError(f"{where}: duplicate sample id {rec.sample_id!r} (first at {seen[rec.sample_id]})")
             # the teacher must be able to encode the conversation (image tokens, template/tokenizer agreement)
@@ -79,11 +89,15 @@ def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: s
             continue
         seen[rec.sample_id] = where
         samples.append(_Sample(obj, rec.sample_id, where, rec.turns, rec.image, []))
-    return samples, skipped, len(records)
+    return samples, skipped, len(records), verdicts
 
 
-def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_tokens: int, progress: bool):
-    """Fill every sample's answers, turn index by turn index; returns [(sample, k, cut_at_max)] per answer."""
+def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_tokens: int, progress: bool,
+                      journal: AnswerJournal):
+    """Fill every sample's answers, turn index by turn index; returns [(sample, k)] of answers cut at the maximum.
+
+    Each turn's answers go to `journal` as they finish; answers it already holds are not generated again.
+    """
     eos_ids = set(eos_token_ids(teacher.model, teacher.tokenizer))
     encoder = teacher.encoder()
     n_turns = max((s.n_answers for s in samples), default=0)
@@ -102,9 +116,9 @@ def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_
                 raise SampleError(f"{s.where}: {e}") from None
             # the question text is unused: the ready-made multi-turn prompt ids go with it
             questions.append(EvalQuestion(s.sample_id, "", s.image if n_images else None))
-        answer_ids = generate_answer_ids(teacher, questions, batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens, progress=progress,
-                                         desc=f"regenerating turn {k + 1}/{n_turns}", prompt_ids=prompts)
+        answer_ids = journaled_answer_ids(teacher, questions, journal, [f"{s.sample_id}#{k}" for s in active],
+                                          batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                                          desc=f"regenerating turn {k + 1}/{n_turns}", prompt_ids=prompts)
         for s, ids in zip(active, answer_ids):
             s.answers.append(decode_answer(teacher.tokenizer, ids))
             if len(ids) >= max_new_tokens and ids[-1] not in eos_ids:
@@ -129,27 +143,16 @@ def _record_line(record: dict) -> str:
 
 
 def _write_atomic(path: str, lines, json_list: bool) -> None:
-    """Write JSONL (or a JSON list, one record per line) to a temp file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            if json_list:
-                handle.write("[\n")
-            for i, line in enumerate(lines):
-                if json_list and i:
-                    handle.write(",\n")
-                handle.write(line if json_list else line + "\n")
-            if json_list:
-                handle.write("\n]\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSONL (or a JSON list, one record per line) atomically, with the user's normal file mode."""
+    with atomic_write(path) as handle:
+        if json_list:
+            handle.write("[\n")
+        for i, line in enumerate(lines):
+            if json_list and i:
+                handle.write(",\n")
+            handle.write(line if json_list else line + "\n")
+        if json_list:
+            handle.write("\n]\n")
 
 
 def regenerate(teacher_dir: str, data_path: str, image_folder: str | None, out_path: str, batch_size: int = 16,
@@ -162,11 +165,17 @@ def regenerate(teacher_dir: str, data_path: str, image_folder: str | None, out_p
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     data_path, out_path = str(data_path), str(out_path)
     start = time.time()
-    teacher = load_for_eval(teacher_dir, device=device, dtype=dtype)
-    samples, skipped, n_in = _read_samples(data_path, image_folder, teacher.encoder(), on_error)
+    # the data is checked against the teacher's tokenizer and config before its weights load
+    files = describe_llava_dir(teacher_dir, "teacher")
+    samples, skipped, n_in, verdicts = _read_samples(data_path, image_folder, files.encoder(), on_error, progress)
     if not samples:
         raise SampleError(f"{data_path}: no usable sample ({len(skipped)} skipped)")
-    cut = _regenerate_turns(teacher, samples, batch_size, max_new_tokens, progress)
+    teacher = load_for_eval(teacher_dir, device=device, dtype=dtype)
+    header = {"teacher": folder_identity(teacher_dir), "data": file_sha256(data_path), "max_new_tokens": max_new_tokens,
+              "images": json_digest(sorted((p, v.size, v.mtime_ns) for p, v in verdicts.items())),
+              "dtype": str(next(teacher.model.parameters()).dtype)}
+    journal = AnswerJournal(out_path + JOURNAL_SUFFIX, header, log=lambda m: print(m, file=sys.stderr))
+    cut = _regenerate_turns(teacher, samples, batch_size, max_new_tokens, progress, journal)
 
     empty = [{"id": s.sample_id, "conversations_index": 2 * j + 1}
              for s in samples for j, a in enumerate(s.answers) if not a]
@@ -192,6 +201,7 @@ def regenerate(teacher_dir: str, data_path: str, image_folder: str | None, out_p
     records = (_record_line(_output_record(s, keep_original)) for s in samples)
     _write_atomic(out_path, records, json_list=not out_path.endswith(".jsonl"))
     _write_atomic(out_path + REPORT_SUFFIX, [json.dumps(stats, indent=2, ensure_ascii=False)], json_list=False)
+    journal.discard()
     return stats
 
 
