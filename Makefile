@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/distill_memory.py
+	$(PY) benchmarks/image_check.py
 
 clean:
 	rm -rf $(VENV) runs

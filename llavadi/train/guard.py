@@ -91,6 +91,7 @@ class StepGuard(TrainerCallback):
 
     # ---- the check, between the backward passes and the optimiser step
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Stop or skip the step if a micro-batch loss or the gradient norm is not finite (on any process)."""
         finite = torch.stack([torch.isfinite(loss).all() for loss, _, _ in self.window]).all() if self.window else True
         bad_grad = self.grad_norm is not None and not math.isfinite(_value(self.grad_norm))
         device = self.window[0][0].device if self.window else torch.device("cpu")
@@ -101,9 +102,10 @@ class StepGuard(TrainerCallback):
         if len(self.skipped) >= self.max_skips:
             allowed = (f"{self.max_skips} were allowed and skipped already" if self.max_skips
                        else "set train.max_nonfinite_skips: N to skip up to N such steps instead")
-            raise NonFiniteLossError(f"{what}; training stopped before the optimiser step, so no checkpoint holds "
-                                     f"its NaNs and the stage is not published ({allowed}). Lower the learning "
-                                     "rate, check these samples, or resume from the last checkpoint.")
+            raise NonFiniteLossError(f"{what}. Stopped before the optimiser step: no weight took it, the last "
+                                     f"checkpoint is kept, nothing is published ({allowed}). Lower the learning "
+                                     "rate (rerun with --force: the stage starts afresh), or fix these samples "
+                                     "(rerunning resumes from the last checkpoint).")
         self._skip(step, what)
         return control
 
@@ -136,6 +138,7 @@ class StepGuard(TrainerCallback):
 
     # ---- logging and the stage's totals
     def on_train_begin(self, args, state, control, **kwargs):
+        """Logging intervals start at the step training starts from (a resume's checkpoint)."""
         self.logged_at = state.global_step
         return control
 

@@ -257,7 +257,7 @@ def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=pr
                           yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         final = os.path.join(recipe.output_dir, "final")
         if os.path.isdir(final) and any(status != "done" for status in plan.values()):
-            log(f"removing {final}: stages will train, it is not their result")
+            log(f"removing {final}: a stage is not done, so it is not this run's result")
             shutil.rmtree(final)
     return plan, fingerprints
 

@@ -42,27 +42,31 @@ class StageChangedError(ConfigError):
     """A rerun whose recipe or data differs from what an output folder's stages were trained with."""
 
 
-def flatten(obj, prefix: str = "") -> dict:
-    """Nested dicts and lists of dicts as {"a.b[0].c": value} (lists of scalars kept whole)."""
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
-        out = {}
-        for i, v in enumerate(obj):
-            out.update(flatten(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: obj}
+def _short(value, width: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def changes(old: dict, new: dict, limit: int = SHOWN_CHANGES) -> list[str]:
-    """`key: old -> new` for every flattened key that differs (the first `limit`, then a count)."""
-    a, b = flatten(old), flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    shown = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
-    return shown + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+def _diff(old, new, path: str, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in old or k not in new:
+                out.append(f"{sub}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}")
+            else:
+                _diff(old[k], new[k], sub, out)
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            _diff(a, b, f"{path}[{i}]", out)
+    elif old != new:
+        out.append(f"{path}: {_short(old)} -> {_short(new)}")
+
+
+def changes(old, new, limit: int = SHOWN_CHANGES) -> list[str]:
+    """`key: old -> new` for each difference, at the shallowest level that differs (the first `limit`)."""
+    out: list[str] = []
+    _diff(old, new, "", out)
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def model_identity(spec) -> dict:
@@ -88,7 +92,7 @@ def stage_recipe(recipe: Recipe, stage: StageConfig) -> dict:
     s["data"] = {k: v for k, v in s["data"].items() if k not in ("path", "image_folder")}
     s["train"] = {k: v for k, v in s["train"].items() if k not in OPERATIONAL_TRAIN_KEYS}
 
-    def spec(m):
+    def spec(m):  # what a model spec says besides its paths
         return None if m is None else {k: v for k, v in dataclasses.asdict(m).items()
                                        if k not in ("path", "vision", "llm") and v is not None}
 
@@ -188,23 +192,25 @@ def plan_stages(recipe: Recipe, fps: dict[str, StageFingerprint], resume: bool =
     With `force` a changed stage (and, by the fingerprint chain, every stage after it) is wiped
     and trained afresh; with `resume=False` every stage is. `act=False` plans without deleting.
     """
-    plan, refused = {}, []
+    statuses = {}
     for stage in recipe.stages:
         stage_dir = os.path.join(recipe.output_dir, stage.name)
-        status, why = stage_status(stage_dir, fps[stage.name], log) if resume else ("wipe", None)
-        if status == "changed" and not force:
-            refused.append(why)
-        if status in ("changed", "wipe"):
-            if act and os.path.isdir(stage_dir):
-                log(f"[{stage.name}] starting afresh: deleting {stage_dir}")
-                shutil.rmtree(stage_dir)
-            status = "fresh"
-        plan[stage.name] = status
-    if refused:
+        statuses[stage.name] = stage_status(stage_dir, fps[stage.name], log) if resume else ("wipe", None)
+    refused = [why for status, why in statuses.values() if status == "changed"]
+    if refused and not force:
         raise StageChangedError(
             "this output folder was trained with another recipe or data:\n  - " + "\n  - ".join(refused)
-            + f"\nTo keep those results, give this run another output folder (output_dir, or --output-dir); "
+            + "\nTo keep those results, give this run another output folder (output_dir, or --output-dir); "
             "to retrain the changed stages (and the ones after them) with the new settings, rerun with --force.")
+    plan = {}
+    for name, (status, _) in statuses.items():
+        stage_dir = os.path.join(recipe.output_dir, name)
+        if status in ("changed", "wipe"):
+            if act and os.path.isdir(stage_dir):
+                log(f"[{name}] starting afresh: deleting {stage_dir}")
+                shutil.rmtree(stage_dir)
+            status = "fresh"
+        plan[name] = status
     return plan
 
 

@@ -103,6 +103,7 @@ class DistillTrainer(Trainer):
 
     # -- the stage's totals across resumes, kept in each checkpoint's completion marker
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train, carrying the stage's totals over from the checkpoint it resumes."""
         if isinstance(resume_from_checkpoint, str):
             self.guard.restore(read_checkpoint_marker(resume_from_checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
