@@ -156,7 +156,7 @@ class StepGuard(TrainerCallback):
     def restore(self, ledger: dict | None) -> None:
         """Carry the totals of the checkpoint a resumed run starts from."""
         ledger = ledger or {}
-        self.prior_loss_sum = float(ledger.get("loss_sum", 0.0))
+        self.prior_loss_sum = float(ledger.get("loss_sum") or 0.0)
         self.skipped = list(ledger.get("nonfinite_skipped", []))
         self.prior_replaced = list(ledger.get("replaced_samples", []))
         self.replaced = []
@@ -166,6 +166,7 @@ class StepGuard(TrainerCallback):
         skipped, replaced = self.skipped, self.prior_replaced + gather_lists(self.replaced)
         loss_sum = self.prior_loss_sum + loss_sum_this_run
         counted = step - len(skipped)
-        return {"step": step, "loss_sum": loss_sum, "counted_steps": counted,
-                "train_loss": loss_sum / counted if counted > 0 else None,
+        finite = math.isfinite(loss_sum)  # JSON has no NaN; a non-finite step never gets this far anyway
+        return {"step": step, "loss_sum": loss_sum if finite else None, "counted_steps": counted,
+                "train_loss": loss_sum / counted if counted > 0 and finite else None,
                 "nonfinite_skipped": skipped, "replaced_samples": replaced}
