@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from typing import BinaryIO
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -61,8 +62,11 @@ def too_large_message(width: int, height: int, max_pixels: int) -> str:
             f"{max_pixels / 1e6:g} megapixels (data.max_pixels; raise it if such images are intended)")
 
 
-def open_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An image decoded completely, in RGB; the pixel limit is checked from the header before decoding."""
+def open_image(path: str | os.PathLike | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image (a file path or an open binary file) decoded completely, in RGB.
+
+    The pixel limit is checked from the header, before decoding.
+    """
     with Image.open(path) as im:
         width, height = im.size
         if max_pixels is not None and width * height > max_pixels:
