@@ -15,7 +15,9 @@ minutes; a mistake found after it, or after stage 1 has trained, costs a run):
   Under `on_error: raise` each bad sample is a problem; under `skip` it is counted and listed, and
   training leaves it out (the stage's data_report.json lists it).
 
-The data identities found here feed the stages' fingerprints (`llavadi.train.stages`).
+The data identities found here feed the stages' fingerprints (`llavadi.train.stages`); the data of a
+stage whose completion marker matches its fingerprint (a rerun of a finished stage) is not
+tokenized again: it was checked when the stage ran and has not changed since.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import torch
 
 from llavadi.atomic import write_json_atomic
 from llavadi.config import ConfigError, Recipe, StageConfig, TrainConfig
-from llavadi.data.dataset import LlavaDataset, Skipped
+from llavadi.data.dataset import LlavaDataset, Skipped, read_json_records, record_image_paths
 from llavadi.data.encode import SampleError
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
-from llavadi.train.stages import data_identity
+from llavadi.data.images import check_images
+from llavadi.train.stages import data_identity, stage_fingerprints, stage_status
 
 # keys of train.extra the runner sets itself, and why
 RESERVED_EXTRA = {
@@ -117,6 +120,34 @@ def check_model_fit(stage: StageConfig, student, teacher, where: str) -> list[st
     return problems
 
 
+def data_identities(recipe: Recipe, progress: bool) -> dict[str, dict | None]:
+    """Each stage's data identity (file sha256; images by path, size, mtime); None if its file is unreadable."""
+    out: dict[str, dict | None] = {}
+    for stage in recipe.stages:
+        try:
+            records = read_json_records(stage.data.path)
+        except SampleError:
+            out[stage.name] = None  # the full check reports it
+            continue
+        verdicts = check_images(record_image_paths(records, stage.data.image_folder), stage.data.max_pixels,
+                                progress=progress, desc=f"checking the images of {os.path.basename(stage.data.path)}")
+        out[stage.name] = data_identity(stage.data.path, stage.data.image_folder, verdicts)
+    return out
+
+
+def finished_stages(recipe: Recipe, identities: dict[str, dict | None]) -> set[str]:
+    """Stages whose completion marker matches their fingerprint now: their data was checked when they ran."""
+    if any(i is None for i in identities.values()):
+        return set()
+    try:
+        fingerprints = stage_fingerprints(recipe, identities)
+    except OSError:  # a model folder is missing: reported by the model checks
+        return set()
+    return {s.name for s in recipe.stages
+            if stage_status(os.path.join(recipe.output_dir, s.name), fingerprints[s.name], log=lambda *_: None)[0]
+            == "done"}
+
+
 def check_stage_data(stage: StageConfig, student, teacher, progress: bool) -> tuple[StageCheck, list[str]]:
     """Parse, tokenize and decode a stage's data as training will; bad samples are counted, not raised."""
     from llavadi.train.runner import build_dataset
@@ -132,7 +163,6 @@ def check_stage_data(stage: StageConfig, student, teacher, progress: bool) -> tu
     except SampleError as e:  # unreadable file, malformed JSON, or no usable sample at all
         return check, [str(e)]
     check.used, check.skipped = len(dataset), dataset.skipped
-    check.identity = data_identity(stage.data.path, stage.data.image_folder, dataset.image_verdicts)
     if stage.data.on_error == "skip" or not dataset.skipped:
         return check, []
     shown = [f"    {s.reason}" for s in dataset.skipped[:SHOWN_SAMPLES]]
@@ -149,18 +179,26 @@ def _describe(spec, what: str, problems: list[str]):
         return None
 
 
-def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str | None = None) -> dict[str, StageCheck]:
-    """Check everything a run needs before any weights load; raise PreflightError listing every problem."""
+def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str | None = None,
+              resume: bool = True) -> dict[str, StageCheck]:
+    """Check everything a run needs before any weights load; raise PreflightError listing every problem.
+
+    With `resume`, the data of stages already done (matching completion marker) is not tokenized again.
+    """
     problems: list[str] = []
     student = _describe(recipe.student, "student", problems)
     teacher = _describe(recipe.teacher, "teacher", problems) if recipe.teacher is not None else None
+    identities = data_identities(recipe, progress)
+    done = finished_stages(recipe, identities) if resume and not problems else set()
     checks: dict[str, StageCheck] = {}
     for i, stage in enumerate(recipe.stages):
         where = f"stages[{i}] ({stage.name})"
         problems += check_train_extra(stage.train, where)
         if student is not None and (teacher is not None or not stage.distill.terms):
             problems += check_model_fit(stage, student, teacher, where)
-        check, data_problems = check_stage_data(stage, student, teacher, progress)
+        check, data_problems = (StageCheck(stage.name, stage.data.path), []) if stage.name in done else \
+            check_stage_data(stage, student, teacher, progress)
+        check.identity = identities[stage.name] or {}
         problems += [f"{where}.data: {p}" for p in data_problems]
         checks[stage.name] = check
         if check.skipped and stage.data.on_error == "skip":

@@ -249,7 +249,8 @@ def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=pr
     if main and act:
         for path in clean_interrupted_writes(recipe.output_dir, names):
             log(f"removed {path} (left by an interrupted write)")
-    checks = preflight(recipe, log=log, progress=main and not quiet, report_dir=recipe.output_dir if main else None)
+    checks = preflight(recipe, log=log, progress=main and not quiet, report_dir=recipe.output_dir if main else None,
+                       resume=resume)
     fingerprints = stage_fingerprints(recipe, {name: c.identity for name, c in checks.items()})
     plan = plan_stages(recipe, fingerprints, resume=resume, force=force, log=log, act=main and act)
     if main and act:

@@ -195,3 +195,11 @@ def test_one_nonfinite_step_too_many_stops(ws, tmp_path, poisoned):
     with pytest.raises(NonFiniteLossError, match=r"step \d+: non-finite .*forward_kl=nan.*s5.*1 were allowed"):
         _run(ws, tmp_path / "run", train={"max_nonfinite_skips": 1})
     assert not (Path(tmp_path / "run" / "finetune" / "done.json")).exists()
+
+
+def test_rerun_of_a_finished_stage_does_not_tokenize_its_data_again(ws, straight, monkeypatch):
+    calls = []
+    real = runner.build_dataset
+    monkeypatch.setattr(runner, "build_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    msgs = _run(ws, straight)
+    assert calls == [] and any("already done" in m for m in msgs)
