@@ -43,6 +43,7 @@ from llavadi.models.build import (
 )
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
+from llavadi.train.guard import NonFiniteLossError
 from llavadi.train.preflight import preflight
 from llavadi.train.stages import (
     StageFingerprint,
@@ -52,7 +53,6 @@ from llavadi.train.stages import (
     publish_stage,
     stage_fingerprints,
 )
-from llavadi.train.guard import NonFiniteLossError
 from llavadi.train.trainer import DistillTrainer
 
 TEACHER_PREFIX = "teacher_"
