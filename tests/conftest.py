@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,7 +14,9 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # image verdicts (llavadi.data.images) are cached here, not in the user's ~/.cache; subprocesses inherit it
-os.environ.setdefault("LLAVADI_CACHE_DIR", tempfile.mkdtemp(prefix="llavadi-test-cache-"))
+if "LLAVADI_CACHE_DIR" not in os.environ:
+    os.environ["LLAVADI_CACHE_DIR"] = tempfile.mkdtemp(prefix="llavadi-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LLAVADI_CACHE_DIR"], ignore_errors=True)
 
 WORDS = (
     "USER ASSISTANT : what color shape is the in top left right bottom center middle how many "
