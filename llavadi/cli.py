@@ -1,4 +1,4 @@
-"""The `llavadi` command: demo, make-data, train, regenerate, eval, score, report, ablate."""
+"""The `llavadi` command: demo, make-data, train, cache-teacher, regenerate, eval, score, report, ablate."""
 
 from __future__ import annotations
 
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import eval_command
     from llavadi.experiments import ablate
-    from llavadi.teacher import regenerate
+    from llavadi.teacher import cache_teacher, regenerate
 
+    cache_teacher.register(sub)
     regenerate.register(sub)
     eval_command.register(sub)
     eval_commands.register(sub)
@@ -114,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llavadi.config import ConfigError
     from llavadi.data.encode import SampleError
+    from llavadi.teacher.cache_format import CacheError
     from llavadi.train.guard import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, SampleError, FileNotFoundError) as e:
+    except (ConfigError, SampleError, CacheError, FileNotFoundError) as e:
         print(f"llavadi {args.command}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:  # training stopped: the last checkpoint is kept, nothing published

@@ -31,9 +31,12 @@ class ModelSpec:
     llm: str | None = None
     preset: str | None = None
     vision_feature_layer: int = -2
+    cache: str | None = None  # teacher only: an offline top-k cache written by `llavadi cache-teacher`
 
     def validate(self, where: str):
         kinds = [k for k, v in (("path", self.path), ("vision+llm", self.vision or self.llm), ("preset", self.preset)) if v]
+        if self.cache and not kinds:  # a cached teacher needs no model (given, its fingerprint is checked)
+            return
         if len(kinds) != 1:
             raise ConfigError(f"{where}: give exactly one of `path`, `vision` + `llm`, or `preset` (got {kinds or 'none'})")
         if (self.vision or self.llm) and not (self.vision and self.llm):
@@ -133,6 +136,26 @@ class TrainConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD's lambda): the student answers a fraction of the samples itself."""
+
+    fraction: float = 0.5  # probability that a sample of a batch is replaced by the student's own answer
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def validate(self, where: str):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"{where}.fraction must be in (0, 1], got {self.fraction}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0.0:
+            raise ConfigError(f"{where}.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
 class StageConfig:
     """One training stage (e.g. pretrain, finetune)."""
 
@@ -141,6 +164,7 @@ class StageConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    on_policy: OnPolicyConfig | None = None  # None: the data's own answers only
 
     def validate(self, where: str, has_teacher: bool):
         if not self.name:
@@ -152,6 +176,11 @@ class StageConfig:
         self.train.validate(f"{where}.train")
         if self.distill.terms and not has_teacher:
             raise ConfigError(f"{where}.distill.terms: distillation terms need a `teacher` in the recipe")
+        if self.on_policy is not None:
+            self.on_policy.validate(f"{where}.on_policy")
+            if not self.distill.terms:
+                raise ConfigError(f"{where}.on_policy: on-policy samples carry no labels (CE is off on them): "
+                                  "the stage needs distillation terms for the teacher to score them")
 
 
 @dataclass
@@ -170,8 +199,14 @@ class Recipe:
 
     def validate(self):
         self.student.validate("student")
+        if self.student.cache:
+            raise ConfigError("student.cache: only the teacher can be a cache")
         if self.teacher is not None:
             self.teacher.validate("teacher")
+            on_policy = [s.name for s in self.stages if s.on_policy is not None]
+            if self.teacher.cache and on_policy:
+                raise ConfigError(f"teacher.cache: stages {on_policy} use on_policy, whose samples the teacher must "
+                                  "score online; drop `cache` (keep teacher.path) or on_policy")
         if not self.stages:
             raise ConfigError("stages: a recipe needs at least one stage (e.g. finetune)")
         names = [s.name for s in self.stages]
@@ -311,6 +346,7 @@ def _resolve_paths(recipe: Recipe, base_dir: str) -> None:
     for spec in (recipe.student, recipe.teacher):
         if spec is not None:
             spec.path, spec.vision, spec.llm = fix(spec.path), fix(spec.vision), fix(spec.llm)
+            spec.cache = fix(spec.cache)
     for s in recipe.stages:
         s.data.path, s.data.image_folder = fix(s.data.path), fix(s.data.image_folder)
 

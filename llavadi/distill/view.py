@@ -93,8 +93,8 @@ class ModelView:
 
     @property
     def is_topk(self) -> bool:
-        """Whether this is a sparse top-k teacher (no states, no LM head)."""
-        return self.last_hidden is None and self.topk_ids is not None
+        """Whether this is a sparse top-k teacher (no LM head; a cache may still hold its last hidden states)."""
+        return self.topk_ids is not None
 
     def hidden(self, layer: int | None, term: str) -> Tensor:
         """The hidden states of `layer` (None or the last index: the final normed state)."""

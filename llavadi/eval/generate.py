@@ -159,29 +159,59 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: list[EvalQuestion],
-                    max_new_tokens: int, pad_id: int, eos_ids: list[int], image_token_id: int) -> list[list[int]]:
-    """Greedy answer ids of one left-padded batch, each cut after its first eos."""
-    net = bundle.model
-    device, dtype = _model_device_dtype(net)
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy decoding: temperature, nucleus (top_p), and the seed of the draw."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {self.temperature}, "
+                             f"{self.top_p}")
+
+
+def _decode_kwargs(sampling: Sampling | None) -> dict:
+    if sampling is None:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    # top_k=0: no top-k cut, whatever the model's generation config says
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+
+
+def generate_ids(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, max_new_tokens: int,
+                 pad_id: int, eos_ids: list[int], image_token_id: int,
+                 sampling: Sampling | None = None) -> list[list[int]]:
+    """Answer ids of one left-padded batch of prompts (greedy, or sampled under `sampling.seed`), each cut
+    after its first eos. `pixel_values`: one per prompt that has image tokens, in batch order."""
+    device, _ = _model_device_dtype(model)
     input_ids = pad_sequences(prompts, pad_id, side="left").to(device)
     attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
-    kwargs = {}
-    pixel_values = _pixel_batch(bundle, questions, device, dtype)
-    if pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values
-    out = net.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                       num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                       eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-                       # an image placeholder in an answer has no image behind it: never emit it
-                       suppress_tokens=[image_token_id],
-                       temperature=None, top_p=None, top_k=None, **kwargs)
+    kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+    # the draw depends on the seed only, and leaves the caller's random state (dropout, shuffling) untouched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if sampling is not None:
+            torch.manual_seed(sampling.seed)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1,
+                             max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos_ids,
+                             pad_token_id=pad_id, use_cache=True,
+                             # an image placeholder in an answer has no image behind it: never emit it
+                             suppress_tokens=[image_token_id], **_decode_kwargs(sampling), **kwargs)
     answers = []
     for row in out[:, input_ids.shape[1]:].tolist():
         # rows that finished early are filled with padding after their eos: cut there
         cut = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
         answers.append(row[:cut])
     return answers
+
+
+def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: list[EvalQuestion],
+                    max_new_tokens: int, pad_id: int, eos_ids: list[int], image_token_id: int) -> list[list[int]]:
+    """Greedy answer ids of one batch of questions, each cut after its first eos."""
+    device, dtype = _model_device_dtype(bundle.model)
+    pixel_values = _pixel_batch(bundle, questions, device, dtype)
+    return generate_ids(bundle.model, prompts, pixel_values, max_new_tokens, pad_id, eos_ids, image_token_id)
 
 
 @torch.no_grad()

@@ -41,6 +41,8 @@ from llavadi.models.build import (
     save_model,
     set_trainable,
 )
+from llavadi.teacher.cache import cached_teacher, stage_cache, teacher_config
+from llavadi.teacher.on_policy import OnPolicySampler
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
 from llavadi.train.guard import NonFiniteLossError
@@ -119,9 +121,17 @@ def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device:
     return TrainingArguments(**kwargs)
 
 
-def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None) -> DistillObjective:
-    """The stage's objective; checks up front that logit terms have a shared tokenizer."""
+def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
+                    cache=None) -> DistillObjective:
+    """The stage's objective; checks up front that logit terms have a shared tokenizer.
+
+    With a teacher `cache` (a CacheReader) the logit terms read its top-k signal (the tokenizer was
+    checked against the cache's)."""
     terms = stage.distill.terms
+    if cache is not None:
+        return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
+                                teacher_config=teacher_config(cache), chunk_size=stage.distill.chunk_size,
+                                teacher_signal="topk")
     if teacher is not None and any(t.is_logit_term for t in terms):
         check_same_tokenizer(student.tokenizer, teacher.tokenizer)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
@@ -148,6 +158,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     if main:
         begin_stage(stage_dir, fingerprint)
     use_teacher = teacher if stage.distill.terms else None
+    cache = stage_cache(recipe, stage, student)  # None: the teacher runs online
     counts = set_trainable(student.model, stage.trainable.projector, stage.trainable.llm,
                            stage.trainable.vision_from_layer)
     log(f"[{stage.name}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -156,7 +167,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     # the projectors' initial weights must not depend on what ran before in this process (a stage
     # found done, or a previous stage trained): seed them from the recipe
     torch.manual_seed(recipe.seed)
-    objective = build_objective(stage, student, use_teacher)
+    objective = build_objective(stage, student, use_teacher, cache)
     if objective.needs_attentions:
         for m in (student.model, use_teacher.model if use_teacher else None):
             if m is not None:
@@ -167,13 +178,19 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
     processor = llava_processor(student)
     args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
-    online = None
-    if use_teacher is not None:
-        online = OnlineTeacher(use_teacher.model, device=recipe.teacher_device or args.device, prefix=TEACHER_PREFIX)
+    source = None
+    if cache is not None:
+        source = cached_teacher(cache, objective, dataset, args.device, stage.name)
+    elif use_teacher is not None:
+        source = OnlineTeacher(use_teacher.model, device=recipe.teacher_device or args.device, prefix=TEACHER_PREFIX)
+    on_policy = None
+    if stage.on_policy is not None:
+        on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
+                                    stage.data.max_length)
     module = DistillationModule(student.model, objective)
     trainer = DistillTrainer(
         model=module, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=processor, teacher=online, meta=meta, callbacks=callbacks,
+        processing_class=processor, teacher=source, meta=meta, callbacks=callbacks, on_policy=on_policy,
         max_nonfinite_skips=stage.train.max_nonfinite_skips,
     )
     ledger = _train_or_finish(trainer, ckpt, stage.name, log)
@@ -272,10 +289,13 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, q
     os.makedirs(recipe.output_dir, exist_ok=True)
     plan, fingerprints = prepare_run(recipe, resume=resume, force=force, log=log, quiet=quiet)
     student = load_model(recipe.student)
-    teacher = load_model(recipe.teacher) if recipe.teacher is not None else None
+    # a cached teacher is never loaded: its signal is read from the cache
+    teacher = load_model(recipe.teacher) if recipe.teacher is not None and not recipe.teacher.cache else None
     log(f"student: {recipe.student.describe()} ({sum(p.numel() for p in student.model.parameters()):,} params)")
     if teacher is not None:
         log(f"teacher: {recipe.teacher.describe()} ({sum(p.numel() for p in teacher.model.parameters()):,} params)")
+    elif recipe.teacher is not None:
+        log(f"teacher: the top-k cache {recipe.teacher.cache}")
     for stage in recipe.stages:
         student = run_stage(recipe, stage, student, teacher, fingerprints[stage.name], plan[stage.name], log=log,
                             callbacks=callbacks, quiet=quiet)

@@ -3,8 +3,10 @@
 The Trainer's model is ``DistillationModule`` (student + distillation projectors), so DDP, FSDP
 and DeepSpeed own every trainable parameter: gradients are reduced, clipped (one norm over
 student and projectors) and stepped by the engine. The teacher's signal (``teacher``: an object
-with ``view(batch, needs)``, e.g. ``llavadi.teacher.online.OnlineTeacher``) is computed outside
-the trainable module and passed to its forward.
+with ``view(batch, needs)``: ``llavadi.teacher.online.OnlineTeacher`` or the offline
+``llavadi.teacher.cache.CachedTeacher``) is computed outside the trainable module and passed to
+its forward. ``on_policy`` (``llavadi.teacher.on_policy.OnPolicySampler``) replaces some samples
+of each step by the student's own answers before the positions are counted.
 
 Every term is a sum over positions divided by the number of such positions in the whole
 optimisation step (all micro-batches of the accumulation window, all processes), counted in
@@ -43,12 +45,14 @@ class DistillTrainer(Trainer):
     # our loss is already normalised over the accumulation window
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher=None, meta: dict | None = None, max_nonfinite_skips: int = 0, **kwargs):
+    def __init__(self, *args, teacher=None, meta: dict | None = None, max_nonfinite_skips: int = 0, on_policy=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, DistillationModule):
             raise TypeError(f"DistillTrainer trains a DistillationModule, got {type(self.model).__name__}")
         self.objective = self.model.objective
         self.teacher = teacher
+        self.on_policy = on_policy  # llavadi.teacher.on_policy.OnPolicySampler: student answers replace some samples
         self.meta = meta or {}
         self._normalizers: dict | None = None
         self._term_sums: dict[str, torch.Tensor | float] = {}
@@ -65,6 +69,8 @@ class DistillTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         self.guard.start_window()
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.on_policy is not None:  # before counting: the sampled answers are the positions the terms read
+            batch_samples = self.on_policy(batch_samples, self.state.global_step)
         self._normalizers = all_reduce_counts(sum_counts([self._count(b) for b in batch_samples]))
         return batch_samples, num_items
 

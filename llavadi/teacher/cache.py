@@ -1,0 +1,268 @@
+"""The offline teacher: a top-k cache written by `llavadi cache-teacher`, read by sample id at training.
+
+``CachedTeacher.view(batch, needs)`` is the cache's side of the teacher interface (the online side
+is ``llavadi.teacher.online.OnlineTeacher``): for each sample of a collated batch it finds the
+cache entry by the batch's ``sample_ids`` (whatever the shuffling, batch size, accumulation or
+process count), checks that the entry was produced by this very sample (hash of its token ids,
+token types and image bytes), and rebuilds (B, T, k) top-k ids and log-probs (and, when cached, the
+(B, T, H) last hidden states). Rows that were not cached hold NaN log-probs and are never read: a
+term selecting one is an error naming the sample and the position.
+
+What a cache can serve is decided before training (``check_terms``): logit terms with a sparse
+form (``forward_kl``, ``jsd``) on the cached prediction positions, and hidden-state terms on the
+teacher's last hidden state when it was cached (``--hidden``). Any other term is refused, named.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from llavadi.data.token_types import TYPE_GROUPS
+from llavadi.distill.selection import Predictions, Selection, Tokens
+from llavadi.distill.view import ModelView, Needs
+from llavadi.teacher.cache_format import (
+    CacheError,
+    CacheReader,
+    VALUE_DTYPES,
+    ImageDigests,
+    directory_fingerprint,
+    digest_difference,
+    sample_digest,
+    tokenizer_digest,
+)
+
+Tensor = torch.Tensor
+ONLINE_HINT = "give the teacher as a model (teacher.path) without `cache` for this stage"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Which positions a cache holds: prediction rows of logit groups, token rows of hidden groups."""
+
+    logit_groups: tuple[str, ...]
+    hidden_groups: tuple[str, ...]
+
+    def logit_selections(self) -> list[Selection]:
+        """The logit rows' selections."""
+        return [Predictions(g) for g in self.logit_groups]
+
+    def hidden_selections(self) -> list[Selection]:
+        """The hidden rows' selections."""
+        return [Tokens(g) for g in self.hidden_groups]
+
+
+def _covered(group: str, cached: tuple[str, ...]) -> bool:
+    have = {t for g in cached for t in TYPE_GROUPS[g]}
+    return set(TYPE_GROUPS[group]) <= have
+
+
+def _reads_only_last_hidden(needs: Needs, n_hidden_states: int) -> bool:
+    last = n_hidden_states - 1
+    layers_are_last = all(i % n_hidden_states == last for i in needs.hidden_layers)
+    return layers_are_last and not needs.attention_layers and not needs.image_features
+
+
+def term_requirement(term, n_hidden_states: int) -> tuple[str, str]:
+    """("logit", group) or ("hidden", group): what a term reads from a cache; an error naming it otherwise."""
+    sel = term.selection()
+    if term.is_logit_term:  # dense-only logit terms were refused when the objective was built (top-k signal)
+        return "logit", sel.group
+    if isinstance(sel, Tokens) and _reads_only_last_hidden(term.teacher_needs(), n_hidden_states):
+        return "hidden", sel.group
+    raise CacheError(f"term {term.label!r} reads teacher states a top-k cache cannot hold (it stores top-k logits "
+                     f"and, with --hidden, the last hidden state of the tokens a token-alignment term reads); "
+                     f"{ONLINE_HINT}")
+
+
+def plan_for(objective, n_hidden_states: int, hidden: bool) -> CachePlan:
+    """The positions to cache for an objective's terms; refuses (naming the term) what a cache cannot serve."""
+    logit, states = [], []
+    for term in objective.terms:
+        kind, group = term_requirement(term, n_hidden_states)
+        if kind == "hidden" and not hidden:
+            raise CacheError(f"term {term.label!r} reads the teacher's hidden states: cache them with --hidden "
+                             f"(2 x hidden width bytes per token in fp16), or {ONLINE_HINT}")
+        target = logit if kind == "logit" else states
+        if group not in target:
+            target.append(group)
+    if not logit and not states:
+        raise CacheError("the stage has no distillation term that reads the teacher: nothing to cache")
+    return CachePlan(tuple(logit), tuple(states))
+
+
+def check_terms(objective, manifest: dict, where: str) -> None:
+    """Every term of the objective is served by the cache (before training starts), naming the one that is not."""
+    logit_groups, hidden_groups = tuple(manifest["logit_groups"]), tuple(manifest["hidden_groups"])
+    for term in objective.terms:
+        kind, group = term_requirement(term, manifest["teacher_layers"] + 1)
+        cached = logit_groups if kind == "logit" else hidden_groups
+        if not _covered(group, cached):
+            what = "prediction positions" if kind == "logit" else "hidden states"
+            raise CacheError(f"{where}: term {term.label!r} reads teacher {what} of the {group!r} tokens; the cache "
+                             f"holds them for {list(cached) or 'no'} tokens (rewrite it with this stage's terms, or "
+                             f"{ONLINE_HINT})")
+
+
+def image_layout(image_processor) -> dict:
+    """The image preprocessing settings that decide the pixels a model sees."""
+    keys = ("crop_size", "size", "image_mean", "image_std", "do_normalize", "do_center_crop", "resample")
+    return {k: str(getattr(image_processor, k, None)) for k in keys}
+
+
+def check_stage(reader: CacheReader, data, student, where: str) -> None:
+    """The cache was written for this stage's rendering of the data and a student of the same layout."""
+    m = reader.manifest
+    wanted = {"template": data.template, "system": data.system, "max_length": data.max_length,
+              "tokenizer": tokenizer_digest(student.tokenizer), "n_image_tokens": student.n_image_tokens,
+              "vocab_size": int(student.model.get_output_embeddings().weight.shape[0]),
+              "image_layout": image_layout(student.image_processor)}
+    differ = [f"{k}: cache {m.get(k)!r}, here {v!r}" for k, v in wanted.items() if k not in ("tokenizer",)
+              and m.get(k) != v]
+    if m.get("tokenizer") != wanted["tokenizer"]:
+        differ.append("tokenizer: the cache was written with another vocabulary")
+    if differ:
+        raise CacheError(f"{where}: teacher cache {reader.directory} was written for another setting: "
+                         + "; ".join(differ) + ". Rewrite it with `llavadi cache-teacher` for this recipe")
+
+
+def check_teacher(reader: CacheReader, model_dir: str, where: str) -> None:
+    """When the recipe also names the teacher's directory, the cache must come from that teacher."""
+    cached = reader.manifest["teacher"]["fingerprint"]
+    here = directory_fingerprint(model_dir)
+    differ = [part for part in ("config", "weights") if cached.get(part) != here.get(part)]
+    if differ:
+        raise CacheError(f"{where}: teacher cache {reader.directory} was written by another teacher than {model_dir} "
+                         f"(its {' and '.join(differ)} differ); rewrite the cache with this teacher")
+
+
+def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, where: str) -> None:
+    """Every sample is cached and its token ids and types are those the entry was produced from (before training)."""
+    missing = [sid for sid in sample_ids if sid not in reader.index]
+    if missing:
+        shown = ", ".join(repr(s) for s in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise CacheError(f"{where}: {len(missing)} sample(s) are not in teacher cache {reader.directory} ({shown}); "
+                         "run `llavadi cache-teacher` again, it adds only what is missing")
+    for sid, enc in zip(sample_ids, encoded):
+        cached = reader.index[sid]["digest"]
+        # images are checked when their batch is read (reading every image up front is slow on large sets)
+        now = sample_digest(enc.input_ids, enc.token_types, cached.get("image", ""))
+        differ = digest_difference(cached, now)
+        if differ:
+            raise stale_error(reader, sid, differ)
+
+
+def stale_error(reader: CacheReader, sample_id: str, differ: list[str]) -> CacheError:
+    """The error of an entry produced by another version of its sample."""
+    return CacheError(f"teacher cache {reader.directory}: sample {sample_id!r} changed since it was cached: "
+                      f"{'; '.join(differ)}. Rerun `llavadi cache-teacher` (it recomputes only changed samples)")
+
+
+class CachedTeacher:
+    """The teacher's signal read from a top-k cache by sample id, verified against each sample's content."""
+
+    def __init__(self, reader: CacheReader, sample_images: dict[str, str | None], selections: list[Selection],
+                 device: torch.device | str = "cpu") -> None:
+        self.reader = reader
+        self.sample_images = sample_images
+        self.selections = selections  # what the terms read: every such row must be cached
+        self.device = torch.device(device)
+        self.topk = int(reader.manifest["topk"])
+        self.hidden_width = reader.manifest.get("hidden_width")
+        self.hidden_dtype = VALUE_DTYPES[reader.manifest.get("hidden_dtype") or "fp16"]
+        self.n_hidden_states = int(reader.manifest["teacher_layers"]) + 1
+        self._image_digest = ImageDigests()
+
+    def _verify(self, sample_id: str, input_ids: Tensor, token_types: Tensor) -> None:
+        entry = self.reader.entry(sample_id)
+        if sample_id not in self.sample_images:
+            raise CacheError(f"teacher cache {self.reader.directory}: sample {sample_id!r} is not in this stage's data")
+        image = self._image_digest(self.sample_images[sample_id])
+        differ = digest_difference(entry["digest"], sample_digest(input_ids.tolist(), token_types.tolist(), image))
+        if differ:
+            raise stale_error(self.reader, sample_id, differ)
+
+    def view(self, batch: dict, needs: Needs) -> ModelView:
+        """The cached teacher's view of one collated batch: top-k ids and log-probs (and hidden states) by position."""
+        if needs.attention_layers or needs.image_features or (needs.last_hidden and not self.hidden_width):
+            raise CacheError(f"teacher cache {self.reader.directory} holds top-k logits"
+                             f"{' and last hidden states' if self.hidden_width else ''} only; the terms need {needs}")
+        types = batch["token_types"].cpu()
+        ids, keep = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        n, length = types.shape
+        topk_ids = torch.zeros(n, length, self.topk, dtype=torch.long)
+        logprobs = torch.full((n, length, self.topk), float("nan"))  # never a silent zero where nothing is cached
+        cached = torch.zeros(n, length, dtype=torch.bool)
+        hidden, hidden_cached = None, torch.zeros(n, length, dtype=torch.bool)
+        if needs.last_hidden:
+            hidden = torch.full((n, length, self.hidden_width), float("nan"), dtype=self.hidden_dtype)
+        for b, sid in enumerate(batch["sample_ids"]):
+            self._verify(sid, ids[b][keep[b]], types[b][keep[b]])
+            rows = self.reader.rows(sid)
+            topk_ids[b, rows.positions] = rows.topk_ids
+            logprobs[b, rows.positions] = rows.topk_logprobs
+            cached[b, rows.positions] = True
+            if hidden is not None:
+                hidden[b, rows.hidden_positions] = rows.hidden
+                hidden_cached[b, rows.hidden_positions] = True
+        self._check_rows(batch["sample_ids"], types, cached, hidden_cached if hidden is not None else None)
+        return ModelView(token_types=types.to(self.device), topk_ids=topk_ids.to(self.device),
+                         topk_logprobs=logprobs.to(self.device),
+                         last_hidden=hidden.to(self.device) if hidden is not None else None,
+                         n_hidden_states=self.n_hidden_states, who="teacher (cache)")
+
+    def _check_rows(self, sample_ids: list[str], types: Tensor, cached: Tensor, hidden_cached: Tensor | None) -> None:
+        """Every row a term reads is cached: an error naming the sample and position otherwise."""
+        for sel in self.selections:
+            have = cached if isinstance(sel, Predictions) else hidden_cached
+            if have is None:  # hidden rows, but no term asked for hidden states in this view
+                continue
+            lacking = (sel.mask(types) & ~have).nonzero()
+            if len(lacking):
+                b, t = (int(x) for x in lacking[0])
+                raise CacheError(f"teacher cache {self.reader.directory}: sample {sample_ids[b]!r} position {t} is "
+                                 f"read by the terms ({type(sel).__name__.lower()} of {sel.group!r} tokens) but was "
+                                 "not cached")
+
+
+def sample_images(dataset) -> dict[str, str | None]:
+    """Sample id -> image path of a LlavaDataset (for the per-batch image check)."""
+    return {r.sample_id: r.image for r in dataset.records}
+
+
+def open_cache(directory: str) -> CacheReader:
+    """A completed cache directory, ready to read."""
+    if not os.path.isdir(directory):
+        raise CacheError(f"teacher cache {directory} does not exist; write it with `llavadi cache-teacher`")
+    return CacheReader(directory)
+
+
+def teacher_config(reader: CacheReader):
+    """The cached teacher's model config (widths for the terms' projectors), rebuilt from the manifest."""
+    from transformers import CONFIG_MAPPING
+
+    raw = dict(reader.manifest["teacher_config"])
+    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+
+
+def stage_cache(recipe, stage, student) -> CacheReader | None:
+    """The recipe's teacher cache for a distillation stage, checked against the stage and the student
+    (and against the teacher's directory when the recipe names it); None when the teacher runs online."""
+    if recipe.teacher is None or not recipe.teacher.cache or not stage.distill.terms:
+        return None
+    where = f"stage {stage.name!r}"
+    reader = open_cache(recipe.teacher.cache)
+    check_stage(reader, stage.data, student, where)
+    if recipe.teacher.path:
+        check_teacher(reader, recipe.teacher.path, where)
+    return reader
+
+
+def cached_teacher(reader: CacheReader, objective, dataset, device, stage_name: str) -> CachedTeacher:
+    """The CachedTeacher of a stage, after checking that it serves every term and holds every sample."""
+    where = f"stage {stage_name!r}"
+    check_terms(objective, reader.manifest, where)
+    check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where)
+    return CachedTeacher(reader, sample_images(dataset), [t.selection() for t in objective.terms], device)

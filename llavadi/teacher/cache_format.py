@@ -1,0 +1,397 @@
+"""The on-disk format of an offline teacher cache, its crash-safe writing and its reading by sample id.
+
+A cache directory holds:
+- ``manifest.json``: what produced the cache (teacher fingerprint: config + weight hashes; tokenizer
+  hash; template, system prompt, max_length; k; the stored dtypes; which positions were cached;
+  the data file's hash) and whether the run completed;
+- ``shards/*.safetensors``: rows of many samples, concatenated. ``logit_positions`` (M,) the
+  sequence position of each cached prediction row, ``topk_ids`` (M, k) in the narrowest integer
+  type the vocabulary allows, ``topk_logprobs`` (M, k) fp16 (or fp32) log-probs at T=1 normalised
+  over the full vocabulary; optionally ``hidden_positions`` (M_h,) and ``hidden`` (M_h, H) fp16,
+  the teacher's last hidden states of the tokens hidden-state terms read;
+- ``index.json``: sample id -> {shard, rows: [offset, length], hidden_rows: [offset, length],
+  digest: {ids, types, image}}. The digest is a hash of what produced the entry: the sample's
+  token ids, its token types and its image bytes; an entry is only used when they still match.
+
+Writing is a transaction per shard: the shard is written under a temporary name, fsynced and
+renamed; only then is a line naming its entries appended to the writing process's journal
+(``journal-rank<r>.jsonl``, fsynced). A torn last journal line or a temporary shard from a killed
+run is never read. At the end the journals are merged into ``index.json`` (temporary name, fsync,
+rename) and removed. Entries are found by sample id, never by position in the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.json"
+SHARD_DIR = "shards"
+JOURNAL_PREFIX = "journal-rank"
+VALUE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.uint8: "uint8", torch.uint16: "uint16", torch.int32: "int32", torch.float16: "fp16",
+               torch.float32: "fp32"}
+DIGEST_PARTS = {"ids": "its token ids differ (its text, the template, the tokenizer or max_length changed)",
+                "types": "its token types differ (the template's turn structure changed)",
+                "image": "its image bytes differ (the image file was replaced or edited)"}
+
+
+class CacheError(ValueError):
+    """A teacher cache that cannot be used as asked; the message names the directory and the sample."""
+
+
+# ---------------------------------------------------------------- dtypes
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest integer type holding token ids 0..vocab_size-1."""
+    if vocab_size <= 1 << 8:
+        return torch.uint8
+    if vocab_size <= 1 << 16:
+        return torch.uint16
+    return torch.int32
+
+
+def position_dtype(max_length: int) -> torch.dtype:
+    """The narrowest integer type holding sequence positions 0..max_length-1."""
+    return id_dtype(max_length)
+
+
+# ---------------------------------------------------------------- transactions
+def _fsync_dir(directory: str) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync there
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` as one transaction: a temporary file in the same folder, fsync, rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """JSON (indented, keys in order) written with write_atomic."""
+    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def read_json(path: str, what: str) -> Any:
+    """A JSON file's content; a malformed file is an error naming it and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path}:{e.lineno}: malformed {what} ({e.msg})") from e
+
+
+# ---------------------------------------------------------------- hashes
+def _hash_file(path: str, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _short(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+class ImageDigests:
+    """Hashes of image files' bytes, remembered per (path, size, mtime) so an unchanged file is read once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, int, str]] = {}
+
+    def __call__(self, path: str | None) -> str:
+        """The short hash of the file's bytes ('' for no image)."""
+        if path is None:
+            return ""
+        st = os.stat(path)
+        known = self._seen.get(path)
+        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+            return known[2]
+        digest = _short(open(path, "rb").read())
+        self._seen[path] = (st.st_size, st.st_mtime_ns, digest)
+        return digest
+
+
+def sample_digest(input_ids, token_types, image_digest: str) -> dict[str, str]:
+    """Short hashes of one unpadded sample's token ids, token types and image bytes."""
+    ids = np.asarray(input_ids, dtype="<i4").tobytes()
+    types = np.asarray(token_types, dtype="<u1").tobytes()
+    return {"ids": _short(ids), "types": _short(types), "image": image_digest}
+
+
+def digest_difference(cached: dict[str, str], current: dict[str, str]) -> list[str]:
+    """What differs between a cached entry's digest and the sample's current one (empty: nothing)."""
+    return [DIGEST_PARTS[k] for k in DIGEST_PARTS if cached.get(k) != current.get(k)]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (token -> id) and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted(getattr(tokenizer, "all_special_tokens", []))
+    return hashlib.sha256(json.dumps([vocab, specials], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
+def _json_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def directory_fingerprint(model_dir: str) -> dict:
+    """A saved model's identity, read from its files without loading it: config.json and weight file hashes."""
+    config = read_json(os.path.join(model_dir, "config.json"), "model config")
+    for key in _VOLATILE_CONFIG_KEYS:  # where it was loaded from and by which version: not what it computes
+        config.pop(key, None)
+    weights = {name: _hash_file(os.path.join(model_dir, name)) for name in sorted(os.listdir(model_dir))
+               if name.endswith((".safetensors", ".bin")) and name != "distill_projectors.safetensors"}
+    if not weights:
+        raise CacheError(f"{model_dir}: no weight files (*.safetensors, *.bin) to fingerprint")
+    return {"config": _json_hash(config), "weights": weights}
+
+
+def memory_fingerprint(model) -> dict:
+    """An in-memory model's identity (a preset, a composed model): its config and its tensors' bytes."""
+    config = model.config.to_dict()
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {"config": _json_hash(config), "weights": {"state_dict": h.hexdigest()}}
+
+
+def data_file_digest(path: str) -> str:
+    """sha256 of the data file (recorded in the manifest)."""
+    return _hash_file(path)
+
+
+# ---------------------------------------------------------------- writing shards
+SHARD_TENSORS = ("logit_positions", "topk_ids", "topk_logprobs", "hidden_positions", "hidden")
+
+
+class ShardWriter:
+    """Rows of several samples gathered in memory, written as one shard transaction."""
+
+    def __init__(self, topk: int, ids_dtype: torch.dtype, values_dtype: torch.dtype, positions_dtype: torch.dtype,
+                 hidden_dtype: torch.dtype = torch.float16) -> None:
+        self.topk, self.ids_dtype, self.values_dtype = topk, ids_dtype, values_dtype
+        self.positions_dtype, self.hidden_dtype = positions_dtype, hidden_dtype
+        self._parts: dict[str, list[Tensor]] = {k: [] for k in SHARD_TENSORS}
+        self._samples: list[tuple[str, dict, int, int]] = []  # id, digest, logit rows, hidden rows
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, sample_id: str, digest: dict, positions: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+            hidden_positions: Tensor | None = None, hidden: Tensor | None = None) -> None:
+        """One sample's rows (CPU tensors): prediction positions with their top-k, and optional hidden states."""
+        self._parts["logit_positions"].append(positions.to(self.positions_dtype))
+        self._parts["topk_ids"].append(topk_ids.to(self.ids_dtype))
+        self._parts["topk_logprobs"].append(topk_logprobs.to(self.values_dtype))
+        n_hidden = 0
+        if hidden is not None:
+            self._parts["hidden_positions"].append(hidden_positions.to(self.positions_dtype))
+            self._parts["hidden"].append(hidden.to(self.hidden_dtype))
+            n_hidden = hidden.shape[0]
+        self._samples.append((sample_id, digest, positions.shape[0], n_hidden))
+
+    def commit(self, directory: str, name: str) -> dict[str, dict]:
+        """Write the shard (temporary name, fsync, rename); returns the index entries of its samples."""
+        from safetensors.torch import save_file
+
+        tensors = {k: torch.cat(v).contiguous() for k, v in self._parts.items() if v}
+        if "topk_ids" not in tensors:  # no logit rows at all (a stage of hidden-state terms only)
+            tensors["topk_ids"] = torch.zeros(0, self.topk, dtype=self.ids_dtype)
+            tensors["topk_logprobs"] = torch.zeros(0, self.topk, dtype=self.values_dtype)
+            tensors["logit_positions"] = torch.zeros(0, dtype=self.positions_dtype)
+        folder = os.path.join(directory, SHARD_DIR)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+        entries, offset, hidden_offset = {}, 0, 0
+        for sample_id, digest, n, n_hidden in self._samples:
+            entries[sample_id] = {"shard": name, "rows": [offset, n], "hidden_rows": [hidden_offset, n_hidden],
+                                  "digest": digest}
+            offset, hidden_offset = offset + n, hidden_offset + n_hidden
+        return entries
+
+
+# ---------------------------------------------------------------- journals and the index
+def journal_path(directory: str, rank: int) -> str:
+    """The journal of one writing process."""
+    return os.path.join(directory, f"{JOURNAL_PREFIX}{rank:05d}.jsonl")
+
+
+def append_journal(directory: str, rank: int, entries: dict[str, dict]) -> None:
+    """Append one committed shard's entries to the rank's journal as one fsynced line."""
+    with open(journal_path(directory, rank), "a", encoding="utf-8") as f:
+        f.write(json.dumps(entries, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_journal(path: str) -> dict[str, dict]:
+    """Entries of a journal; a torn last line (a run killed while appending) is ignored."""
+    entries: dict[str, dict] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    # every committed line ends with a newline: the text after the last one is a torn append, never used
+    for i, line in enumerate(lines[:-1]):
+        try:
+            entries.update(json.loads(line))
+        except json.JSONDecodeError:
+            raise CacheError(f"{path}:{i + 1}: malformed journal line (a complete line: the file is damaged)") from None
+    return entries
+
+
+def journals(directory: str) -> list[str]:
+    """The journal files present."""
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory)
+                  if n.startswith(JOURNAL_PREFIX) and n.endswith(".jsonl"))
+
+
+def read_entries(directory: str) -> dict[str, dict]:
+    """Every committed entry: index.json, then the journals (newer) over it."""
+    entries: dict[str, dict] = {}
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        entries.update(read_json(index, "cache index"))
+    for path in journals(directory):
+        entries.update(_read_journal(path))
+    return entries
+
+
+def consolidate(directory: str) -> dict[str, dict]:
+    """Merge the journals into index.json (atomically), remove them, temporary and unreferenced shards."""
+    entries = read_entries(directory)
+    write_json_atomic(os.path.join(directory, INDEX_FILE), entries)
+    for path in journals(directory):
+        os.unlink(path)
+    referenced = {e["shard"] for e in entries.values()}
+    folder = os.path.join(directory, SHARD_DIR)
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            # temporary shards of killed runs, and shards whose entries were all replaced
+            if name.endswith(".tmp") or (name.endswith(".safetensors") and name not in referenced):
+                os.unlink(os.path.join(folder, name))
+    return entries
+
+
+def next_shard_number(directory: str) -> int:
+    """1 + the highest shard number present (shards are named shard-<number>-rank<r>.safetensors)."""
+    folder = os.path.join(directory, SHARD_DIR)
+    numbers = [int(n.split("-")[1]) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+               if n.startswith("shard-") and n.endswith(".safetensors")]
+    return max(numbers, default=-1) + 1
+
+
+def shard_name(number: int, rank: int) -> str:
+    """The file name of a shard."""
+    return f"shard-{number:06d}-rank{rank:05d}.safetensors"
+
+
+# ---------------------------------------------------------------- reading
+@dataclass
+class CachedRows:
+    """One sample's cached rows."""
+
+    positions: Tensor  # (n,) long: prediction positions
+    topk_ids: Tensor  # (n, k) long
+    topk_logprobs: Tensor  # (n, k) float32
+    hidden_positions: Tensor | None = None  # (n_h,) long
+    hidden: Tensor | None = None  # (n_h, H) stored dtype
+
+
+class CacheReader:
+    """A completed cache directory: its manifest, its index, and each sample's rows by id."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = str(directory)
+        manifest = os.path.join(self.directory, MANIFEST_FILE)
+        if not os.path.isfile(manifest):
+            raise CacheError(f"{self.directory}: not a teacher cache (no {MANIFEST_FILE}); write one with "
+                             "`llavadi cache-teacher RECIPE --out DIR`")
+        self.manifest = read_json(manifest, "cache manifest")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{manifest}: format version {self.manifest.get('format_version')!r}, this llavadi reads "
+                             f"{FORMAT_VERSION}; rewrite the cache")
+        index = os.path.join(self.directory, INDEX_FILE)
+        if not self.manifest.get("complete") or not os.path.isfile(index):
+            raise CacheError(f"{self.directory}: the cache-teacher run that writes it did not finish; run the same "
+                             "`llavadi cache-teacher` command again to complete it")
+        self.index: dict[str, dict] = read_json(index, "cache index")
+        self._shards: dict[str, Any] = {}
+
+    def entry(self, sample_id: str) -> dict:
+        """The index entry of a sample; an error naming it when it is not cached."""
+        entry = self.index.get(sample_id)
+        if entry is None:
+            raise CacheError(f"teacher cache {self.directory}: sample {sample_id!r} is not in the cache (added to the "
+                             "data since caching?); run `llavadi cache-teacher` again, it adds only what is missing")
+        return entry
+
+    def _shard(self, name: str):
+        from safetensors import safe_open
+
+        handle = self._shards.get(name)
+        if handle is None:
+            path = os.path.join(self.directory, SHARD_DIR, name)
+            if not os.path.isfile(path):
+                raise CacheError(f"teacher cache {self.directory}: shard {name} named by the index is missing")
+            handle = self._shards[name] = safe_open(path, framework="pt")
+        return handle
+
+    def rows(self, sample_id: str) -> CachedRows:
+        """The cached rows of one sample (ids as long, log-probs as float32)."""
+        entry = self.entry(sample_id)
+        shard = self._shard(entry["shard"])
+        start, n = entry["rows"]
+        out = CachedRows(shard.get_slice("logit_positions")[start:start + n].long(),
+                         shard.get_slice("topk_ids")[start:start + n].long(),
+                         shard.get_slice("topk_logprobs")[start:start + n].float())
+        h_start, h_n = entry.get("hidden_rows", [0, 0])
+        if self.manifest.get("hidden_width"):
+            out.hidden_positions = shard.get_slice("hidden_positions")[h_start:h_start + h_n].long()
+            out.hidden = shard.get_slice("hidden")[h_start:h_start + h_n]
+        return out

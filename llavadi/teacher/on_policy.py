@@ -1,0 +1,128 @@
+"""On-policy distillation: the student answers some of a batch's prompts itself, the teacher scores them.
+
+With a stage's ``on_policy: {fraction, max_new_tokens, temperature, top_p}``, each sample of every
+training batch is, with probability ``fraction`` (GKD's lambda), replaced by an on-policy sample:
+its prompt (everything before its last answer, images included) followed by the answer the
+student samples from it now. Those samples carry no labels (CE is off on them, as in GKD); their
+sampled tokens are the response tokens the distillation terms read, and the teacher scores them
+online. Earlier turns of a multi-turn prompt become instruction tokens: no loss lands on them.
+
+The choice is per SAMPLE, not per step: every step generates about ``fraction`` of its batch, so
+step times stay even (no step pays for a whole batch of generation while the others wait at the
+gradient all-reduce), each gradient mixes both signals, and whether a sample is on-policy at a
+step depends only on (seed, step, sample id): the same whatever the batch size, accumulation or
+process count, and after a resume. The draw of the answers is seeded the same way, so runs are
+deterministic under a seed on CPU. Sampled image tokens are impossible: the generator suppresses
+the image token. Generation is the evaluation's batched generator (``llavadi.eval.generate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+
+from llavadi.data.encode import IGNORE_INDEX
+from llavadi.data.token_types import TokenType
+from llavadi.eval.generate import Sampling, _pad_id, eos_token_ids, generate_ids
+
+RESPONSE, INSTRUCTION, IMAGE = int(TokenType.RESPONSE), int(TokenType.INSTRUCTION), int(TokenType.IMAGE)
+
+
+def _uniform(*parts) -> int:
+    """A 64-bit integer determined by `parts` only."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def is_on_policy(seed: int, step: int, sample_id: str, fraction: float) -> bool:
+    """Whether a sample is replaced by the student's own answer at an optimisation step."""
+    return _uniform("on_policy", seed, step, sample_id) < fraction * 2**64
+
+
+def last_answer_start(token_types: list[int]) -> int:
+    """Index of the first token of the last run of response tokens (where the last answer begins)."""
+    end = max(i for i, t in enumerate(token_types) if t == RESPONSE)
+    start = end
+    while start > 0 and token_types[start - 1] == RESPONSE:
+        start -= 1
+    return start
+
+
+def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
+    """The collated batch back as dataset items (padding removed), pixel values per item that has an image."""
+    items = [{"sample_id": sid} for sid in batch["sample_ids"]]
+    for p in prefixes:
+        keep = batch[p + "attention_mask"].bool().cpu()
+        pixel_row = 0
+        for b, item in enumerate(items):
+            for key in ("input_ids", "token_types", "labels"):
+                if p + key in batch:
+                    item[p + key] = batch[p + key][b].cpu()[keep[b]].tolist()
+            if IMAGE in item[p + "token_types"]:  # the collator stacked pixels of the samples with images, in order
+                item[p + "pixel_values"] = batch[p + "pixel_values"][pixel_row]
+                pixel_row += 1
+    return items
+
+
+def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_length: int) -> dict:
+    """The item with its last answer replaced by `answer` (cut to max_length): no labels, loss on `answer` only."""
+    starts = {p: last_answer_start(item[p + "token_types"]) for p in prefixes}
+    answer = answer[:max_length - max(starts.values())]  # the same tokens in every view
+    out = dict(item)
+    for p, start in starts.items():
+        prompt_types = [INSTRUCTION if t == RESPONSE else t for t in item[p + "token_types"][:start]]
+        out[p + "input_ids"] = item[p + "input_ids"][:start] + answer
+        out[p + "token_types"] = prompt_types + [RESPONSE] * len(answer)
+        out[p + "labels"] = [IGNORE_INDEX] * (start + len(answer))
+    return out
+
+
+class OnPolicySampler:
+    """Replaces a fraction of each training batch's samples by the student's sampled answers."""
+
+    def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int) -> None:
+        self.student = student
+        self.collator = collator
+        self.config = config
+        self.seed = seed
+        self.max_length = max_length
+        self.pad_id = _pad_id(tokenizer)
+        self.eos_ids = eos_token_ids(student, tokenizer)
+        self.image_token_id = int(student.config.image_token_id)
+        self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}
+
+    def __call__(self, batches: list[dict], step: int) -> list[dict]:
+        """The micro-batches of one optimisation step, some samples replaced by on-policy ones."""
+        return [self._replace(batch, step) for batch in batches]
+
+    def _replace(self, batch: dict, step: int) -> dict:
+        ids = batch["sample_ids"]
+        self.stats["samples"] += len(ids)
+        chosen = [i for i, sid in enumerate(ids) if is_on_policy(self.seed, step, sid, self.config.fraction)]
+        if not chosen:
+            return batch
+        start = time.perf_counter()
+        items = unbatch(batch, self.collator.prefixes)
+        seed = _uniform("sampling", self.seed, step, [ids[i] for i in chosen])
+        answers = self._generate([items[i] for i in chosen], seed)
+        for i, answer in zip(chosen, answers):
+            items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length)
+        self.stats["on_policy"] += len(chosen)
+        self.stats["generated_tokens"] += sum(len(a) for a in answers)
+        self.stats["seconds"] += time.perf_counter() - start
+        return self.collator(items)
+
+    def _generate(self, items: list[dict], seed: int) -> list[list[int]]:
+        prompts = [item["input_ids"][:last_answer_start(item["token_types"])] for item in items]
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        param = next(self.student.parameters())
+        pixel_values = torch.stack(pixels).to(param.device, param.dtype) if pixels else None
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            c = self.config
+            return generate_ids(self.student, prompts, pixel_values, c.max_new_tokens, self.pad_id, self.eos_ids,
+                                self.image_token_id, Sampling(c.temperature, c.top_p, seed))
+        finally:
+            self.student.train(was_training)
