@@ -26,7 +26,7 @@ from llavadi.distill.selection import Predictions, Tokens
 from llavadi.distill.view import Needs
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
 from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
-from llavadi.teacher.cache_format import CacheError, id_dtype, position_dtype
+from llavadi.teacher.cache_format import CacheError, id_dtype, position_runs, run_positions
 from llavadi.teacher.cache_teacher import cache_teacher
 from llavadi.train.runner import build_dataset, run_recipe
 
@@ -126,16 +126,20 @@ def test_format_manifest_index_and_narrow_types(ws, full_fp32):
     assert sorted(index) == [f"s{i}" for i in range(N_SAMPLES)]
     assert not list(full_fp32.glob("journal-*")) and not list((full_fp32 / "shards").glob("*.tmp"))
     entry = index["s7"]
-    assert set(entry) == {"shard", "rows", "hidden_rows", "digest"} and set(entry["digest"]) == {"ids", "types", "image"}
+    assert set(entry) == {"shard", "rows", "runs", "digest"} and set(entry["digest"]) == {"ids", "types", "image"}
     with safe_open(str(full_fp32 / "shards" / entry["shard"]), "pt") as f:
         assert f.get_slice("topk_ids").get_dtype() == "U8"  # a 61-token vocabulary fits in one byte
-        assert f.get_slice("logit_positions").get_dtype() == "U16"  # max_length 2048
         assert f.get_slice("topk_logprobs").get_dtype() == "F32"
-    # the response of s7 is 10 words + </s>: 11 prediction positions
-    assert entry["rows"][1] == len(ANSWERS[7].split()) + 1
+        start, n = entry["runs"]
+        runs = f.get_slice("logit_runs")[start:start + n]
+    # the response of s7 is 9 words + </s>: 10 prediction positions, one run; the multi-turn s5 has two runs
+    assert entry["rows"][1] == len(ANSWERS[7].split()) + 1 == 10 and runs.shape == (1, 2) and int(runs[0, 1]) == 10
+    assert index["s5"]["runs"][1] == 2
     assert (id_dtype(32000), id_dtype(256), id_dtype(257), id_dtype(70000)) == \
         (torch.uint16, torch.uint8, torch.uint16, torch.int32)
-    assert position_dtype(2048) == torch.uint16
+    positions = torch.tensor([3, 4, 5, 9, 10, 20])
+    assert position_runs(positions).tolist() == [[3, 3], [9, 2], [20, 1]]
+    assert torch.equal(run_positions(position_runs(positions)), positions)
 
 
 def test_lookup_is_by_sample_id_whatever_the_order(ws, full_fp32):

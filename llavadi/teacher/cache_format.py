@@ -4,14 +4,15 @@ A cache directory holds:
 - ``manifest.json``: what produced the cache (teacher fingerprint: config + weight hashes; tokenizer
   hash; template, system prompt, max_length; k; the stored dtypes; which positions were cached;
   the data file's hash) and whether the run completed;
-- ``shards/*.safetensors``: rows of many samples, concatenated. ``logit_positions`` (M,) the
-  sequence position of each cached prediction row, ``topk_ids`` (M, k) in the narrowest integer
-  type the vocabulary allows, ``topk_logprobs`` (M, k) fp16 (or fp32) log-probs at T=1 normalised
-  over the full vocabulary; optionally ``hidden_positions`` (M_h,) and ``hidden`` (M_h, H) fp16,
-  the teacher's last hidden states of the tokens hidden-state terms read;
-- ``index.json``: sample id -> {shard, rows: [offset, length], hidden_rows: [offset, length],
-  digest: {ids, types, image}}. The digest is a hash of what produced the entry: the sample's
-  token ids, its token types and its image bytes; an entry is only used when they still match.
+- ``shards/*.safetensors``: rows of many samples, concatenated. ``topk_ids`` (M, k) in the
+  narrowest integer type the vocabulary allows, ``topk_logprobs`` (M, k) fp16 (or fp32) log-probs
+  at T=1 normalised over the full vocabulary, ``logit_runs`` (R, 2) int32 the sequence positions
+  of those rows as (start, length) runs (an answer is one run); optionally ``hidden`` (M_h, H) fp16,
+  the teacher's last hidden states of the tokens hidden-state terms read, and ``hidden_runs``;
+- ``index.json``: sample id -> {shard, rows: [offset, count], runs: [offset, count] (and
+  hidden_rows, hidden_runs), digest: {ids, types, image}}. The digest is a hash of what produced
+  the entry: the sample's token ids, its token types and its image bytes; an entry is only used
+  when they still match.
 
 Writing is a transaction per shard: the shard is written under a temporary name, fsynced and
 renamed; only then is a line naming its entries appended to the writing process's journal
@@ -60,11 +61,6 @@ def id_dtype(vocab_size: int) -> torch.dtype:
     return torch.int32
 
 
-def position_dtype(max_length: int) -> torch.dtype:
-    """The narrowest integer type holding sequence positions 0..max_length-1."""
-    return id_dtype(max_length)
-
-
 # ---------------------------------------------------------------- transactions
 def _fsync_dir(directory: str) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync there
@@ -94,9 +90,10 @@ def write_atomic(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """JSON (indented, keys in order) written with write_atomic."""
-    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+def write_json_atomic(path: str, obj: Any, compact: bool = False) -> None:
+    """JSON (indented, or compact for large files) written with write_atomic."""
+    text = json.dumps(obj, ensure_ascii=False, **({"separators": (",", ":")} if compact else {"indent": 1}))
+    write_atomic(path, (text + "\n").encode("utf-8"))
 
 
 def read_json(path: str, what: str) -> Any:
@@ -196,18 +193,34 @@ def data_file_digest(path: str) -> str:
 
 
 # ---------------------------------------------------------------- writing shards
-SHARD_TENSORS = ("logit_positions", "topk_ids", "topk_logprobs", "hidden_positions", "hidden")
+SHARD_TENSORS = ("logit_runs", "topk_ids", "topk_logprobs", "hidden_runs", "hidden")
+
+
+def position_runs(positions: Tensor) -> Tensor:
+    """(R, 2) int32 (start, length) runs of consecutive positions (an answer is one run: a few bytes a sample)."""
+    if positions.numel() == 0:
+        return torch.zeros(0, 2, dtype=torch.int32)
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    ends = torch.cat([breaks, torch.tensor([positions.numel()])])
+    return torch.stack([positions[starts], ends - starts], dim=1).to(torch.int32)
+
+
+def run_positions(runs: Tensor) -> Tensor:
+    """The (n,) long positions of (R, 2) runs."""
+    if runs.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in runs.tolist()])
 
 
 class ShardWriter:
     """Rows of several samples gathered in memory, written as one shard transaction."""
 
-    def __init__(self, topk: int, ids_dtype: torch.dtype, values_dtype: torch.dtype, positions_dtype: torch.dtype,
+    def __init__(self, topk: int, ids_dtype: torch.dtype, values_dtype: torch.dtype,
                  hidden_dtype: torch.dtype = torch.float16) -> None:
-        self.topk, self.ids_dtype, self.values_dtype = topk, ids_dtype, values_dtype
-        self.positions_dtype, self.hidden_dtype = positions_dtype, hidden_dtype
+        self.topk, self.ids_dtype, self.values_dtype, self.hidden_dtype = topk, ids_dtype, values_dtype, hidden_dtype
         self._parts: dict[str, list[Tensor]] = {k: [] for k in SHARD_TENSORS}
-        self._samples: list[tuple[str, dict, int, int]] = []  # id, digest, logit rows, hidden rows
+        self._samples: list[tuple[str, dict, dict[str, int]]] = []  # id, digest, row and run counts
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -215,32 +228,37 @@ class ShardWriter:
     def add(self, sample_id: str, digest: dict, positions: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
             hidden_positions: Tensor | None = None, hidden: Tensor | None = None) -> None:
         """One sample's rows (CPU tensors): prediction positions with their top-k, and optional hidden states."""
-        self._parts["logit_positions"].append(positions.to(self.positions_dtype))
+        runs = position_runs(positions)
+        self._parts["logit_runs"].append(runs)
         self._parts["topk_ids"].append(topk_ids.to(self.ids_dtype))
         self._parts["topk_logprobs"].append(topk_logprobs.to(self.values_dtype))
-        n_hidden = 0
+        counts = {"rows": positions.shape[0], "runs": runs.shape[0]}
         if hidden is not None:
-            self._parts["hidden_positions"].append(hidden_positions.to(self.positions_dtype))
+            hidden_runs = position_runs(hidden_positions)
+            self._parts["hidden_runs"].append(hidden_runs)
             self._parts["hidden"].append(hidden.to(self.hidden_dtype))
-            n_hidden = hidden.shape[0]
-        self._samples.append((sample_id, digest, positions.shape[0], n_hidden))
+            counts.update(hidden_rows=hidden.shape[0], hidden_runs=hidden_runs.shape[0])
+        self._samples.append((sample_id, digest, counts))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        tensors = {k: torch.cat(v).contiguous() for k, v in self._parts.items() if v}
+        if "topk_ids" not in tensors:  # no sample at all
+            tensors["topk_ids"] = torch.zeros(0, self.topk, dtype=self.ids_dtype)
+            tensors["topk_logprobs"] = torch.zeros(0, self.topk, dtype=self.values_dtype)
+            tensors["logit_runs"] = torch.zeros(0, 2, dtype=torch.int32)
+        return tensors
 
     def commit(self, directory: str, name: str) -> dict[str, dict]:
         """Write the shard (temporary name, fsync, rename); returns the index entries of its samples."""
         from safetensors.torch import save_file
 
-        tensors = {k: torch.cat(v).contiguous() for k, v in self._parts.items() if v}
-        if "topk_ids" not in tensors:  # no logit rows at all (a stage of hidden-state terms only)
-            tensors["topk_ids"] = torch.zeros(0, self.topk, dtype=self.ids_dtype)
-            tensors["topk_logprobs"] = torch.zeros(0, self.topk, dtype=self.values_dtype)
-            tensors["logit_positions"] = torch.zeros(0, dtype=self.positions_dtype)
         folder = os.path.join(directory, SHARD_DIR)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
+            save_file(self._tensors(), tmp, metadata={"format_version": str(FORMAT_VERSION)})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -249,11 +267,13 @@ class ShardWriter:
                 os.unlink(tmp)
             raise
         _fsync_dir(folder)
-        entries, offset, hidden_offset = {}, 0, 0
-        for sample_id, digest, n, n_hidden in self._samples:
-            entries[sample_id] = {"shard": name, "rows": [offset, n], "hidden_rows": [hidden_offset, n_hidden],
-                                  "digest": digest}
-            offset, hidden_offset = offset + n, hidden_offset + n_hidden
+        entries, offsets = {}, {}
+        for sample_id, digest, counts in self._samples:
+            entry = {"shard": name}
+            for key, n in counts.items():  # [offset, count] of the sample's rows / runs in the shard's tensors
+                entry[key] = [offsets.get(key, 0), n]
+                offsets[key] = offsets.get(key, 0) + n
+            entries[sample_id] = {**entry, "digest": digest}
         return entries
 
 
@@ -266,7 +286,7 @@ def journal_path(directory: str, rank: int) -> str:
 def append_journal(directory: str, rank: int, entries: dict[str, dict]) -> None:
     """Append one committed shard's entries to the rank's journal as one fsynced line."""
     with open(journal_path(directory, rank), "a", encoding="utf-8") as f:
-        f.write(json.dumps(entries, ensure_ascii=False) + "\n")
+        f.write(json.dumps(entries, ensure_ascii=False, separators=(",", ":")) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -305,7 +325,7 @@ def read_entries(directory: str) -> dict[str, dict]:
 def consolidate(directory: str) -> dict[str, dict]:
     """Merge the journals into index.json (atomically), remove them, temporary and unreferenced shards."""
     entries = read_entries(directory)
-    write_json_atomic(os.path.join(directory, INDEX_FILE), entries)
+    write_json_atomic(os.path.join(directory, INDEX_FILE), entries, compact=True)
     for path in journals(directory):
         os.unlink(path)
     referenced = {e["shard"] for e in entries.values()}
@@ -386,12 +406,14 @@ class CacheReader:
         """The cached rows of one sample (ids as long, log-probs as float32)."""
         entry = self.entry(sample_id)
         shard = self._shard(entry["shard"])
-        start, n = entry["rows"]
-        out = CachedRows(shard.get_slice("logit_positions")[start:start + n].long(),
-                         shard.get_slice("topk_ids")[start:start + n].long(),
-                         shard.get_slice("topk_logprobs")[start:start + n].float())
-        h_start, h_n = entry.get("hidden_rows", [0, 0])
-        if self.manifest.get("hidden_width"):
-            out.hidden_positions = shard.get_slice("hidden_positions")[h_start:h_start + h_n].long()
-            out.hidden = shard.get_slice("hidden")[h_start:h_start + h_n]
+
+        def part(name: str, key: str) -> Tensor:
+            start, n = entry[key]
+            return shard.get_slice(name)[start:start + n]
+
+        out = CachedRows(run_positions(part("logit_runs", "runs")), part("topk_ids", "rows").long(),
+                         part("topk_logprobs", "rows").float())
+        if "hidden_rows" in entry:
+            out.hidden_positions = run_positions(part("hidden_runs", "hidden_runs"))
+            out.hidden = part("hidden", "hidden_rows")
         return out

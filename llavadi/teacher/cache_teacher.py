@@ -45,7 +45,6 @@ from llavadi.teacher.cache_format import (
     id_dtype,
     memory_fingerprint,
     next_shard_number,
-    position_dtype,
     read_entries,
     read_json,
     sample_digest,
@@ -57,7 +56,7 @@ from llavadi.teacher.cache_format import (
 LOGIT_BYTES_PER_CHUNK = 1 << 28  # rows of (rows, V) fp32 logits per LM-head chunk: 256 MiB
 # manifest keys that must be equal to resume a cache (the rest describe the data and the progress)
 RESUME_KEYS = ("format_version", "teacher_fingerprint", "tokenizer", "vocab_size", "n_image_tokens", "image_layout",
-               "template", "system", "max_length", "topk", "ids_dtype", "values_dtype", "positions_dtype",
+               "template", "system", "max_length", "topk", "ids_dtype", "values_dtype",
                "logit_groups", "hidden_groups", "hidden_width", "hidden_dtype")
 
 
@@ -117,7 +116,6 @@ def _manifest(recipe, stage, teacher, plan: CachePlan, top_k: int, values: str, 
         "n_image_tokens": teacher.n_image_tokens, "image_layout": image_layout(teacher.image_processor),
         "template": d.template, "system": d.system, "max_length": d.max_length,
         "topk": top_k, "ids_dtype": DTYPE_NAMES[id_dtype(vocab)], "values_dtype": values,
-        "positions_dtype": DTYPE_NAMES[position_dtype(d.max_length)],
         "logit_groups": list(plan.logit_groups), "hidden_groups": list(plan.hidden_groups),
         "hidden_width": width if hidden else None, "hidden_dtype": values if hidden else None,
         "data": {"path": os.path.abspath(d.path), "sha256": data_file_digest(d.path)},
@@ -203,15 +201,16 @@ def _write_share(dataset, share: list[int], images: ImageDigests, model, manifes
     share = sorted(share, key=lambda i: -len(dataset.encoded[i][0].input_ids))  # similar lengths batch together
     first_number, hidden = next_shard_number(out_dir), bool(manifest["hidden_width"])
     top_k = manifest["topk"]
-    counts = {"samples": 0, "positions": 0, "shards": 0}
+    counts = {"samples": 0, "positions": 0, "shards": 0, "seconds": 0.0}
+    start_time = time.perf_counter()
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(share), desc=f"caching the teacher (process 0 of {world})", unit="sample")
     for j, start in enumerate(range(0, len(share), shard_samples)):
-        writer = ShardWriter(top_k, id_dtype(manifest["vocab_size"]), VALUE_DTYPES[manifest["values_dtype"]],
-                             position_dtype(manifest["max_length"]), VALUE_DTYPES[manifest["values_dtype"]])
+        values_dtype = VALUE_DTYPES[manifest["values_dtype"]]
+        writer = ShardWriter(top_k, id_dtype(manifest["vocab_size"]), values_dtype, values_dtype)
         part = share[start:start + shard_samples]
         for b0 in range(0, len(part), batch_size):
             idx = part[b0:b0 + batch_size]
@@ -227,6 +226,7 @@ def _write_share(dataset, share: list[int], images: ImageDigests, model, manifes
         counts["shards"] += 1
     if bar is not None:
         bar.close()
+    counts["seconds"] = round(time.perf_counter() - start_time, 3)
     return counts
 
 
