@@ -36,7 +36,7 @@ def _cmd_demo(args) -> int:
     from llavadi.demo import run_demo
 
     run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke,
-             student_fraction=args.student_fraction)
+             student_fraction=args.student_fraction, teacher_cache=args.teacher_cache)
     return 0
 
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
     d.add_argument("--student-fraction", type=float, default=None,
                    help="fraction of the instruction set the students see (default: the preset's, all)")
+    d.add_argument("--teacher-cache", action="store_true",
+                   help="also train each distilled student from the teacher's offline top-k cache (llavadi "
+                        "cache-teacher), next to the one distilled from the online teacher")
     d.add_argument("--smoke", action="store_true", help="a seconds-long run of every step (tiny data, 3 steps)")
     d.set_defaults(func=_cmd_demo)
 

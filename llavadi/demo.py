@@ -22,6 +22,7 @@ the student's data matters.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -41,6 +42,7 @@ DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is
 # the student's instruction-tuning stage (with the paper's distillation terms) and the demo's
 # prompt settings: the same recipe `llavadi train` and `llavadi ablate` use
 STUDENT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_student.yaml"
+TIMING_FILE = "demo_timing.json"  # a student run's seconds per instruction-tuning step, as its Trainer logged it
 SMOKE = {"data": {"n_caption": 64, "n_instruct": 96, "n_eval": 24}, "steps": 3, "vision_steps": 3}
 
 
@@ -89,8 +91,10 @@ def _write_recipe(path, recipe) -> str:
     return path
 
 
-def _run_trainings(jobs: list[tuple[str, str]], threads_each: int) -> None:
-    """Run `llavadi train RECIPE` jobs in parallel subprocesses, relaying their log lines with a prefix."""
+def _run_trainings(jobs: list[tuple[str, str]], threads_each: int) -> dict[str, float]:
+    """Run `llavadi train RECIPE` jobs in parallel subprocesses, relaying their log lines with a prefix.
+
+    Returns each job's seconds per step in its last trained stage (from the Trainer's closing log line)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_each), MKL_NUM_THREADS=str(threads_each),
                TOKENIZERS_PARALLELISM="false", LLAVADI_THREADS=str(threads_each))
     procs = []
@@ -99,11 +103,15 @@ def _run_trainings(jobs: list[tuple[str, str]], threads_each: int) -> None:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         procs.append((name, p))
 
+    step_seconds: dict[str, float] = {}
+
     def relay(name, p, tail):
         for line in p.stdout:
             line = line.rstrip()
             tail.append(line)
             del tail[:-30]
+            if line.startswith("{'train_runtime'"):  # the Trainer's summary of a stage
+                step_seconds[name] = 1.0 / float(ast.literal_eval(line)["train_steps_per_second"])
             if line.startswith("{") or line.startswith("[") or "error" in line.lower():
                 print(f"  {name}: {line}", flush=True)
 
@@ -120,6 +128,7 @@ def _run_trainings(jobs: list[tuple[str, str]], threads_each: int) -> None:
     if failed:
         details = "\n".join(f"--- {n} (last lines)\n" + "\n".join(tails[n]) for n in failed)
         raise RuntimeError(f"training failed for {failed}:\n{details}")
+    return step_seconds
 
 
 def _vision_tower(out: str, data_root: str, fresh: bool, steps: int | None = None) -> dict:
@@ -219,11 +228,12 @@ def _train_teacher(out: str, paths: dict, vision_state: dict, fresh: bool, smoke
 
 
 def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str, seed: int,
-                        teacher_dir: str | None, smoke: bool) -> dict:
+                        teacher_dir: str | None, smoke: bool, teacher_cache: str | None = None) -> dict:
     """One student run: the preset's caption stage, then recipes/demo_student.yaml's instruction tuning.
 
     With no `teacher_dir` the finetune stage has no distillation term (cross-entropy only, SFT).
-    The caption stage is the same for both students: no distillation there.
+    With `teacher_cache` the distillation terms read the teacher's top-k cache instead of running it.
+    The caption stage is the same for every student: no distillation there.
     """
     recipe = _student_recipe()
     finetune = _named_stage(recipe, "finetune")
@@ -232,7 +242,7 @@ def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str,
         finetune["distill"] = {**(finetune.get("distill") or {}), "terms": []}
         recipe.pop("teacher", None)
     else:
-        recipe["teacher"] = {"path": teacher_dir}
+        recipe["teacher"] = {"path": teacher_dir, **({"cache": teacher_cache} if teacher_cache else {})}
     if smoke:
         _smoke(finetune)
     recipe.update(output_dir=run_dir, seed=seed, device="cpu", student={"path": init},
@@ -241,29 +251,75 @@ def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str,
     return recipe
 
 
+def _teacher_cache(out: str, paths: dict, teacher_dir: str, student_data: str, tag: str, fresh: bool,
+                   smoke: bool) -> str:
+    """The teacher's top-64 cache (and last hidden states, for hidden_mse) over the students' instruction data."""
+    from llavadi.config import recipe_from_dict
+    from llavadi.teacher.cache_teacher import cache_teacher
+
+    cache_dir = os.path.join(out, "cache", f"teacher-top64{tag}")
+    manifest = os.path.join(cache_dir, "manifest.json")
+    if not fresh and os.path.isfile(manifest) and json.load(open(manifest)).get("complete"):
+        _say(f"teacher cache: cached {cache_dir}")
+        return cache_dir
+    # the distilled students' recipe: its finetune stage (data, template, terms) is what is cached; its
+    # student is never loaded by cache-teacher (the teacher's directory stands in for it)
+    recipe = _student_run_recipe(os.path.join(out, "unused"), teacher_dir, paths, student_data, 0, teacher_dir, smoke)
+    if fresh and os.path.isdir(cache_dir):
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    t0 = time.time()
+    stats = cache_teacher(recipe_from_dict(recipe), cache_dir, stage_name="finetune", top_k=64, hidden=True,
+                          progress=False)
+    _say(f"teacher cache written in {time.time() - t0:.0f}s: {stats['entries']} samples, {stats['positions']} "
+         f"positions, {stats['bytes'] / 2**20:.1f} MiB ({cache_dir})")
+    return cache_dir
+
+
+def _student_kinds(distill: bool, teacher_cache: str | None) -> tuple[str, ...]:
+    """The students of each seed, in the order they train (two at a time, one thread each)."""
+    if not distill:
+        return ("student_sft",)
+    if teacher_cache:  # online and cached distillation side by side: their step times compare fairly
+        return ("student_distilled", "student_distilled_cache", "student_sft")
+    return ("student_sft", "student_distilled")
+
+
 def _train_students(out: str, paths: dict, vision_state: dict, teacher_dir: str, seeds: int, fresh: bool,
-                    distill: bool, student_data: str, tag: str, smoke: bool) -> dict[str, list[str]]:
-    """Per kind (student_sft, student_distilled), the final directory of each seed's student."""
-    runs: dict[str, list[str]] = {"student_sft": [], "student_distilled": []}
+                    distill: bool, student_data: str, tag: str, smoke: bool,
+                    teacher_cache: str | None = None) -> dict[str, list[str]]:
+    """Per kind (student_sft, student_distilled[, student_distilled_cache]), each seed's final directory."""
+    kinds = _student_kinds(distill, teacher_cache)
+    runs: dict[str, list[str]] = {kind: [] for kind in kinds}
     for seed in range(seeds):
         init = _init_model("tiny-student", vision_state, 1000 + seed, os.path.join(out, "init", f"student-s{seed}"))
         jobs = []
-        for kind in ("student_sft", "student_distilled") if distill else ("student_sft",):
+        for kind in kinds:
             name = f"{kind}{tag}-s{seed}"
             run_dir = os.path.join(out, name)
             if not fresh and os.path.isfile(os.path.join(run_dir, "final", "config.json")):
                 _say(f"{kind} seed {seed}: cached")
             else:
                 recipe = _student_run_recipe(run_dir, init, paths, student_data, seed,
-                                             teacher_dir if kind == "student_distilled" else None, smoke)
+                                             teacher_dir if kind != "student_sft" else None, smoke,
+                                             teacher_cache if kind == "student_distilled_cache" else None)
                 jobs.append((name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe)))
             runs[kind].append(os.path.join(run_dir, "final"))
-        if jobs:
-            _say(f"training students for seed {seed}: {', '.join(n for n, _ in jobs)} (in parallel)")
+        for wave in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
+            _say(f"training students for seed {seed}: {', '.join(n for n, _ in wave)} (in parallel)")
             t0 = time.time()
-            _run_trainings(jobs, threads_each=1 if len(jobs) > 1 else 2)
+            for name, seconds in _run_trainings(wave, threads_each=1 if len(jobs) > 1 else 2).items():
+                with open(os.path.join(out, name, TIMING_FILE), "w") as f:
+                    json.dump({"finetune_seconds_per_step": seconds}, f)
             _say(f"students trained in {time.time() - t0:.0f}s")
     return runs
+
+
+def _step_seconds(final_dir: str) -> float | None:
+    """Seconds per instruction-tuning step of a student run (None when it was not timed)."""
+    path = os.path.join(os.path.dirname(final_dir), TIMING_FILE)
+    return json.load(open(path))["finetune_seconds_per_step"] if os.path.isfile(path) else None
 
 
 def _evaluate_all(out: str, paths: dict, teacher_dir: str, runs: dict[str, list[str]], tag: str) -> dict:
@@ -277,8 +333,10 @@ def _evaluate_all(out: str, paths: dict, teacher_dir: str, runs: dict[str, list[
 
 
 def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
-             student_fraction: float | None = None, smoke: bool = False) -> dict:
-    """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check."""
+             student_fraction: float | None = None, smoke: bool = False, teacher_cache: bool = False) -> dict:
+    """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check.
+
+    `teacher_cache`: also train each seed's distilled student from the teacher's offline top-k cache."""
     t_start = time.time()
     fraction = 1.0 if student_fraction is None else student_fraction
     if not 0.0 < fraction <= 1.0:
@@ -294,10 +352,17 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
     if fraction < 1.0:
         tag = f"-f{fraction:g}"  # runs on a label subset are cached apart
         student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, f"student_instruct{tag}.json"))
-    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, distill, student_data, tag, smoke)
+    cache = _teacher_cache(out, paths, teacher_dir, student_data, tag, fresh, smoke) if teacher_cache and distill \
+        else None
+    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, distill, student_data, tag, smoke,
+                           cache)
 
     results = _evaluate_all(out, paths, teacher_dir, runs, tag)
     summary = summarise(results, runs)
+    for kind, dirs in runs.items():
+        steps = [t for t in (_step_seconds(d) for d in dirs) if t is not None]
+        if steps:
+            summary[kind]["seconds_per_step"] = mean_std(steps)
     example = _student_run_recipe("", "", paths, student_data, 0, teacher_dir, smoke)
     summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction,
                            "distill_terms": _named_stage(example, "finetune")["distill"]["terms"],
@@ -340,10 +405,10 @@ def _flat(metrics: dict, prefix: str = "") -> dict:
 
 def format_table(summary: dict) -> str:
     """Markdown table: one row per model kind, accuracy overall and per question type."""
-    kinds = [k for k in ("teacher", "student_sft", "student_distilled") if k in summary]
+    kinds = [k for k in ("teacher", "student_sft", "student_distilled", "student_distilled_cache") if k in summary]
     present = {k for kind in kinds for k in summary[kind]}
     cols = ["accuracy"] + sorted(k for k in present if k.startswith("category/"))
-    cols += [k for k in ("agreement", "teacher_student_kl") if k in present]
+    cols += [k for k in ("agreement", "teacher_student_kl", "seconds_per_step") if k in present]
     header = "| model | " + " | ".join(c.replace("category/", "") for c in cols) + " |"
     lines = [header, "|" + "---|" * (len(cols) + 1)]
     for kind in kinds:
@@ -353,7 +418,7 @@ def format_table(summary: dict) -> str:
             if m is None:
                 cells.append("")
             else:
-                digits = 3 if c == "teacher_student_kl" else 1
+                digits = 3 if c in ("teacher_student_kl", "seconds_per_step") else 1
                 cells.append(f"{m['mean']:.{digits}f}" + (f" ± {m['std']:.{digits}f}" if m["n"] > 1 else ""))
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

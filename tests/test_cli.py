@@ -70,19 +70,26 @@ def test_bad_data_is_reported_with_file_and_sample(tmp_path, capsys):
 
 
 def test_demo_smoke_runs_every_step(tmp_path):
-    """The demo's whole pipeline in seconds (tiny data, 3 steps per stage) through the installed command."""
+    """The demo's whole pipeline in seconds (tiny data, 3 steps per stage) through the installed command, with the
+    third student distilled from the teacher's offline top-k cache."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "llavadi.cli", "demo", "--out", str(tmp_path / "demo"), "--smoke"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-m", "llavadi.cli", "demo", "--out", str(tmp_path / "demo"), "--smoke",
+                           "--teacher-cache"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(res["summary"]) >= {"teacher", "student_sft", "student_distilled"}
-    for kind in ("teacher", "student_sft", "student_distilled"):
+    kinds = ("teacher", "student_sft", "student_distilled", "student_distilled_cache")
+    assert set(res["summary"]) >= set(kinds)
+    for kind in kinds:
         assert 0.0 <= res["summary"][kind]["accuracy"]["mean"] <= 100.0
-    assert "agreement" in res["summary"]["student_distilled"]
-    assert "| student_distilled |" in proc.stdout
-    for d in ("teacher/final", "student_sft-s0/final", "student_distilled-s0/final"):
+    for kind in kinds[1:]:
+        assert "agreement" in res["summary"][kind] and res["summary"][kind]["seconds_per_step"]["mean"] > 0
+    assert "| student_distilled |" in proc.stdout and "| student_distilled_cache |" in proc.stdout
+    for d in ("teacher/final", "student_sft-s0/final", "student_distilled-s0/final", "student_distilled_cache-s0/final"):
         assert (tmp_path / "demo" / d / "model.safetensors").is_file()
+    manifest = json.loads((tmp_path / "demo" / "cache" / "teacher-top64" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["topk"] == 64 and manifest["hidden_groups"] == ["response"]
+    recipe = yaml.safe_load((tmp_path / "demo" / "recipes" / "student_distilled_cache-s0.yaml").read_text())
+    assert recipe["teacher"]["cache"] == str(tmp_path / "demo" / "cache" / "teacher-top64")
 
 
 def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
@@ -108,6 +115,10 @@ def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
             {k: v for k, v in finetune.items() if k not in ("data", "distill")}
         assert ft["data"]["path"] == "inst.json" and recipe.stages[1].data.image_folder == paths["image_dir"]
     assert distilled["stages"][1]["distill"] == finetune["distill"] and distilled["teacher"]["path"].endswith("teacher")
+    cached = demo._student_run_recipe(str(tmp_path / "d"), str(tmp_path / "init"), paths, "inst.json", 2,
+                                      str(tmp_path / "teacher"), smoke=False, teacher_cache=str(tmp_path / "cache"))
+    assert recipe_from_dict(cached).teacher.cache == str(tmp_path / "cache")
+    assert {k: v for k, v in cached.items() if k != "teacher"} == {k: v for k, v in distilled.items() if k != "teacher"}
     assert sft["stages"][1]["distill"]["terms"] == [] and "teacher" not in sft
     smoke = demo._student_run_recipe("d", "i", paths, "inst.json", 0, None, smoke=True)
     assert all(s["train"]["max_steps"] == 3 and s["train"]["logging_steps"] == 1 for s in smoke["stages"])
