@@ -62,7 +62,8 @@ def build_model(tokenizer, width, layers, seed):
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(config)
 
@@ -88,7 +89,8 @@ def write_workspace(root, n_samples):
         return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 20, (n,), generator=g))
 
     data = [{"id": f"q{i}", "image": f"img{i % 4}.png",
-             "conversations": [{"from": "human", "value": f"<image>\n{words(16)}"}, {"from": "gpt", "value": words(48)}]}
+             "conversations": [{"from": "human", "value": f"<image>\n{words(16)}"},
+                               {"from": "gpt", "value": words(48)}]}
             for i in range(n_samples)]
     with open(os.path.join(root, "data.json"), "w") as f:
         json.dump(data, f)
@@ -142,12 +144,11 @@ def measure_cache(root, batch_size, repeats):
         commands.append(time.perf_counter() - start)  # with loading, fingerprinting and tokenizing the data
         writes.append(stats["this_process"]["seconds"])  # the caching loop: forward, top-k, shard transactions
         plains.append(plain_forward_seconds(root, batch_size)[0])
-    positions = stats["positions"]
-    return {"cache_dir": os.path.join(root, "cache0"), "positions": positions, "samples": stats["entries"],
-            "bytes_per_position": dir_bytes(os.path.join(root, "cache0")) / positions,
-            "shard_bytes_per_position": dir_bytes(os.path.join(root, "cache0"), lambda n: n.endswith(".safetensors"))
-            / positions,
-            "index_bytes_per_position": dir_bytes(os.path.join(root, "cache0"), lambda n: n == "index.json") / positions,
+    positions, cache_dir = stats["positions"], os.path.join(root, "cache0")
+    return {"cache_dir": cache_dir, "positions": positions, "samples": stats["entries"],
+            "bytes_per_position": dir_bytes(cache_dir) / positions,
+            "shard_bytes_per_position": dir_bytes(cache_dir, lambda n: n.endswith(".safetensors")) / positions,
+            "index_bytes_per_position": dir_bytes(cache_dir, lambda n: n == "index.json") / positions,
             "command_seconds": min(commands), "write_seconds": min(writes), "plain_forward_seconds": min(plains)}
 
 

@@ -15,8 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, only_teardown_abort, write_images, \
-    write_json
+from conftest import (
+    make_image_processor,
+    make_tiny_llava,
+    make_word_tokenizer,
+    only_teardown_abort,
+    write_images,
+    write_json,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -26,13 +32,19 @@ from llavadi.distill.selection import Predictions, Tokens
 from llavadi.distill.view import Needs
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
 from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
-from llavadi.teacher.cache_format import CacheError, id_dtype, position_runs, run_positions
+from llavadi.teacher.cache_format import (
+    CacheError,
+    id_dtype,
+    position_runs,
+    run_positions,
+)
 from llavadi.teacher.cache_teacher import cache_teacher
 from llavadi.train.runner import build_dataset, run_recipe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = ["red", "a circle", "a red circle", "one blue square there", "a green triangle in middle",
-           "a red circle and a square", "a blue square in the top left", "there is a yellow triangle in the bottom right"]
+           "a red circle and a square", "a blue square in the top left",
+           "there is a yellow triangle in the bottom right"]
 N_SAMPLES = 8
 
 
@@ -246,7 +258,8 @@ def test_other_setting_or_teacher_is_refused_saying_what_differs(ws, full_fp32, 
 def test_terms_a_cache_cannot_serve_are_refused_by_name(ws, full_fp32, tmp_path):
     with pytest.raises(ValueError, match=r"reverse_kl.*needs dense teacher logits"):
         _cache(ws, tmp_path / "c1", terms=[{"name": "reverse_kl"}], top_k=8)
-    with pytest.raises(CacheError, match=r"term 'hidden_mse' reads the teacher's hidden states: cache them with --hidden"):
+    with pytest.raises(CacheError, match=r"term 'hidden_mse' reads the teacher's hidden states: cache them with "
+                                         r"--hidden"):
         _cache(ws, tmp_path / "c2", terms=[{"name": "forward_kl"}, {"name": "hidden_mse"}], top_k=8)
     for term in ({"name": "visual_align", "options": {"source": "projector"}}, {"name": "affinity"},
                  {"name": "hidden_mse", "options": {"layers": [[1, 1]]}}):
@@ -271,7 +284,8 @@ def test_cached_hidden_states_serve_the_last_layer_alignment_terms(ws, tmp_path)
     cached = _run(_raw(ws, tmp_path / "cached", teacher={"cache": str(out)}, terms=terms))
     assert _max_diff(online, cached) <= 1e-5
     ds, batch = _batch(ws)
-    view = CachedTeacher(open_cache(str(out)), sample_images(ds), [Tokens("response")]).view(batch, Needs(last_hidden=True))
+    cached = CachedTeacher(open_cache(str(out)), sample_images(ds), [Tokens("response")])
+    view = cached.view(batch, Needs(last_hidden=True))
     teacher = load_llava_dir(str(ws / "teacher0")).model.eval()
     with torch.no_grad():
         reference = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -363,8 +377,8 @@ def test_torchrun_processes_each_cache_a_share_into_one_index(ws, tmp_path):
            "cache-teacher", str(recipe), "--out", str(out), "--top-k", "8", "--values", "fp32", "--shard-samples", "2",
            "--batch-size", "2", "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180, cwd=str(tmp_path))
-    assert proc.returncode == 0 or only_teardown_abort(proc.returncode, proc.stdout + proc.stderr, out / "index.json"), \
-        proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 or only_teardown_abort(proc.returncode, log, out / "index.json"), log[-3000:]
     shards = sorted(p.name for p in (out / "shards").iterdir())
     assert {s.split("rank")[1] for s in shards} == {"00000.safetensors", "00001.safetensors"}  # both processes wrote
     _entries_equal(single, out)

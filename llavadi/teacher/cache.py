@@ -24,12 +24,12 @@ from llavadi.data.token_types import TYPE_GROUPS
 from llavadi.distill.selection import Predictions, Selection, Tokens
 from llavadi.distill.view import ModelView, Needs
 from llavadi.teacher.cache_format import (
+    VALUE_DTYPES,
     CacheError,
     CacheReader,
-    VALUE_DTYPES,
     ImageDigests,
-    directory_fingerprint,
     digest_difference,
+    directory_fingerprint,
     sample_digest,
     tokenizer_digest,
 )

@@ -139,6 +139,21 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
                             chunk_size=stage.distill.chunk_size)
 
 
+def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None, cache,
+                    objective: DistillObjective, dataset: LlavaDataset, collator: LlavaCollator, device):
+    """The stage's teacher source (the cache, the online teacher, or None) and on-policy sampler (or None)."""
+    source = None
+    if cache is not None:
+        source = cached_teacher(cache, objective, dataset, device, stage.name)
+    elif teacher is not None:
+        source = OnlineTeacher(teacher.model, device=recipe.teacher_device or device, prefix=TEACHER_PREFIX)
+    on_policy = None
+    if stage.on_policy is not None:
+        on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
+                                    stage.data.max_length)
+    return source, on_policy
+
+
 def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
               fingerprint: StageFingerprint, status: str = "fresh", log=print, callbacks=None,
               quiet: bool = False) -> LoadedModel:
@@ -178,15 +193,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
     processor = llava_processor(student)
     args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
-    source = None
-    if cache is not None:
-        source = cached_teacher(cache, objective, dataset, args.device, stage.name)
-    elif use_teacher is not None:
-        source = OnlineTeacher(use_teacher.model, device=recipe.teacher_device or args.device, prefix=TEACHER_PREFIX)
-    on_policy = None
-    if stage.on_policy is not None:
-        on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
-                                    stage.data.max_length)
+    source, on_policy = teacher_signals(recipe, stage, student, use_teacher, cache, objective, dataset, collator,
+                                        args.device)
     module = DistillationModule(student.model, objective)
     trainer = DistillTrainer(
         model=module, args=args, train_dataset=dataset, data_collator=collator,
