@@ -130,7 +130,8 @@ def test_round_trip_equals_the_teachers_top_k(ws, tmp_path, values, atol):
 
 def test_format_manifest_index_and_narrow_types(ws, full_fp32):
     manifest = json.loads((full_fp32 / "manifest.json").read_text())
-    index = json.loads((full_fp32 / "index.json").read_text())
+    raw_index = json.loads((full_fp32 / "index.json").read_text())
+    index = {sid: {**e, "shard": raw_index["shards"][e["shard"]]} for sid, e in raw_index["samples"].items()}
     assert manifest["complete"] and manifest["topk"] == manifest["vocab_size"] == len(make_word_tokenizer())
     assert manifest["template"] == "vicuna_v1" and manifest["max_length"] == 2048 and manifest["system"] == ""
     assert list(manifest["teacher"]["fingerprint"]["weights"]) == ["model.safetensors"]
@@ -314,7 +315,7 @@ def test_resume_ignores_torn_and_temporary_writes(ws, full_fp32, tmp_path):
     index = json.loads((out / "index.json").read_text())
     # a killed run's leftovers: index lost three entries, a torn journal line, a temporary and an orphan shard
     for sid in ("s1", "s4", "s6"):
-        del index[sid]
+        del index["samples"][sid]
     write_json(out / "index.json", index)
     manifest = json.loads((out / "manifest.json").read_text())
     write_json(out / "manifest.json", {**manifest, "complete": False})
@@ -327,7 +328,7 @@ def test_resume_ignores_torn_and_temporary_writes(ws, full_fp32, tmp_path):
     assert stats["computed"] == 3 and stats["kept"] == N_SAMPLES - 3
     _entries_equal(full_fp32, out)
     names = {p.name for p in (out / "shards").iterdir()}
-    assert names == {e["shard"] for e in json.loads((out / "index.json").read_text()).values()}  # no leftovers
+    assert names == set(json.loads((out / "index.json").read_text())["shards"])  # no leftovers
 
 
 def _write_recipe(ws, path, **kw):

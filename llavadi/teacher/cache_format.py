@@ -9,10 +9,10 @@ A cache directory holds:
   at T=1 normalised over the full vocabulary, ``logit_runs`` (R, 2) int32 the sequence positions
   of those rows as (start, length) runs (an answer is one run); optionally ``hidden`` (M_h, H) fp16,
   the teacher's last hidden states of the tokens hidden-state terms read, and ``hidden_runs``;
-- ``index.json``: sample id -> {shard, rows: [offset, count], runs: [offset, count] (and
-  hidden_rows, hidden_runs), digest: {ids, types, image}}. The digest is a hash of what produced
-  the entry: the sample's token ids, its token types and its image bytes; an entry is only used
-  when they still match.
+- ``index.json``: ``{"shards": [file names], "samples": {sample id: {shard: its number in that
+  list, rows: [offset, count], runs: [offset, count] (and hidden_rows, hidden_runs), digest: {ids,
+  types, image}}}}``. The digest is a hash of what produced the entry: the sample's token ids, its
+  token types and its image bytes; an entry is only used when they still match.
 
 Writing is a transaction per shard: the shard is written under a temporary name, fsynced and
 renamed; only then is a line naming its entries appended to the writing process's journal
@@ -283,10 +283,27 @@ def journal_path(directory: str, rank: int) -> str:
     return os.path.join(directory, f"{JOURNAL_PREFIX}{rank:05d}.jsonl")
 
 
+def _on_disk(entries: dict[str, dict]) -> tuple[list[str], dict[str, dict]]:
+    """(shard names, entries naming their shard by its number in that list): each name is written once."""
+    names = sorted({e["shard"] for e in entries.values()})
+    number = {n: i for i, n in enumerate(names)}
+    return names, {sid: {**e, "shard": number[e["shard"]]} for sid, e in entries.items()}
+
+
+def _in_memory(obj: dict, where: str) -> dict[str, dict]:
+    """Entries with their shard's name, from an index (or journal line) as written by _on_disk."""
+    try:
+        names = obj["shards"]
+        return {sid: {**e, "shard": names[e["shard"]]} for sid, e in obj["samples"].items()}
+    except (KeyError, IndexError, TypeError) as e:
+        raise CacheError(f"{where}: not a cache index ({type(e).__name__}: {e})") from None
+
+
 def append_journal(directory: str, rank: int, entries: dict[str, dict]) -> None:
     """Append one committed shard's entries to the rank's journal as one fsynced line."""
+    names, samples = _on_disk(entries)
     with open(journal_path(directory, rank), "a", encoding="utf-8") as f:
-        f.write(json.dumps(entries, ensure_ascii=False, separators=(",", ":")) + "\n")
+        f.write(json.dumps({"shards": names, "samples": samples}, ensure_ascii=False, separators=(",", ":")) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -299,10 +316,21 @@ def _read_journal(path: str) -> dict[str, dict]:
     # every committed line ends with a newline: the text after the last one is a torn append, never used
     for i, line in enumerate(lines[:-1]):
         try:
-            entries.update(json.loads(line))
+            entries.update(_in_memory(json.loads(line), f"{path}:{i + 1}"))
         except json.JSONDecodeError:
             raise CacheError(f"{path}:{i + 1}: malformed journal line (a complete line: the file is damaged)") from None
     return entries
+
+
+def read_index(path: str) -> dict[str, dict]:
+    """The entries of an index.json, each naming its shard file."""
+    return _in_memory(read_json(path, "cache index"), path)
+
+
+def write_index(directory: str, entries: dict[str, dict]) -> None:
+    """index.json: {"shards": [file names], "samples": {id: {shard: number, rows, runs, digest}}}, atomically."""
+    names, samples = _on_disk(entries)
+    write_json_atomic(os.path.join(directory, INDEX_FILE), {"shards": names, "samples": samples}, compact=True)
 
 
 def journals(directory: str) -> list[str]:
@@ -316,7 +344,7 @@ def read_entries(directory: str) -> dict[str, dict]:
     entries: dict[str, dict] = {}
     index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
-        entries.update(read_json(index, "cache index"))
+        entries.update(read_index(index))
     for path in journals(directory):
         entries.update(_read_journal(path))
     return entries
@@ -325,7 +353,7 @@ def read_entries(directory: str) -> dict[str, dict]:
 def consolidate(directory: str) -> dict[str, dict]:
     """Merge the journals into index.json (atomically), remove them, temporary and unreferenced shards."""
     entries = read_entries(directory)
-    write_json_atomic(os.path.join(directory, INDEX_FILE), entries, compact=True)
+    write_index(directory, entries)
     for path in journals(directory):
         os.unlink(path)
     referenced = {e["shard"] for e in entries.values()}
@@ -380,7 +408,7 @@ class CacheReader:
         if not self.manifest.get("complete") or not os.path.isfile(index):
             raise CacheError(f"{self.directory}: the cache-teacher run that writes it did not finish; run the same "
                              "`llavadi cache-teacher` command again to complete it")
-        self.index: dict[str, dict] = read_json(index, "cache index")
+        self.index: dict[str, dict] = read_index(index)
         self._shards: dict[str, Any] = {}
 
     def entry(self, sample_id: str) -> dict:
