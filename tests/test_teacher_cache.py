@@ -329,6 +329,9 @@ def test_resume_ignores_torn_and_temporary_writes(ws, full_fp32, tmp_path):
     _entries_equal(full_fp32, out)
     names = {p.name for p in (out / "shards").iterdir()}
     assert names == set(json.loads((out / "index.json").read_text())["shards"])  # no leftovers
+    # a cache written another way is not resumed
+    with pytest.raises(CacheError, match=r"holds a teacher cache written differently \(topk, values_dtype differ\)"):
+        _cache(ws, out, top_k=8)
 
 
 def _write_recipe(ws, path, **kw):

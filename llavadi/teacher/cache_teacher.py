@@ -55,7 +55,7 @@ from llavadi.teacher.cache_format import (
 
 LOGIT_BYTES_PER_CHUNK = 1 << 28  # rows of (rows, V) fp32 logits per LM-head chunk: 256 MiB
 # manifest keys that must be equal to resume a cache (the rest describe the data and the progress)
-RESUME_KEYS = ("format_version", "teacher_fingerprint", "tokenizer", "vocab_size", "n_image_tokens", "image_layout",
+RESUME_KEYS = ("format_version", "teacher.fingerprint", "tokenizer", "vocab_size", "n_image_tokens", "image_layout",
                "template", "system", "max_length", "topk", "ids_dtype", "values_dtype",
                "logit_groups", "hidden_groups", "hidden_width", "hidden_dtype")
 
@@ -111,7 +111,7 @@ def _manifest(recipe, stage, teacher, plan: CachePlan, top_k: int, values: str, 
         "format_version": FORMAT_VERSION, "complete": False, "stage": stage.name,
         "teacher": {"source": recipe.teacher.describe(), "fingerprint": fingerprint,
                     "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
-        "teacher_fingerprint": fingerprint, "teacher_config": model.config.to_dict(), "teacher_layers": n_layers,
+        "teacher_config": model.config.to_dict(), "teacher_layers": n_layers,
         "tokenizer": tokenizer_digest(teacher.tokenizer), "vocab_size": vocab,
         "n_image_tokens": teacher.n_image_tokens, "image_layout": image_layout(teacher.image_processor),
         "template": d.template, "system": d.system, "max_length": d.max_length,
@@ -128,7 +128,13 @@ def _check_resume(out_dir: str, manifest: dict) -> None:
     if not os.path.isfile(path):
         return
     old = read_json(path, "cache manifest")
-    differ = [k for k in RESUME_KEYS if json.dumps(old.get(k)) != json.dumps(manifest.get(k))]
+
+    def value(m: dict, key: str):
+        for part in key.split("."):
+            m = m.get(part) if isinstance(m, dict) else None
+        return json.dumps(m, sort_keys=True)
+
+    differ = [k for k in RESUME_KEYS if value(old, k) != value(manifest, k)]
     if differ:
         raise CacheError(f"{out_dir} holds a teacher cache written differently ({', '.join(differ)} differ); "
                          "choose another --out, or delete it to start afresh")
