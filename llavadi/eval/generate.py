@@ -190,7 +190,8 @@ def generate_ids(model, prompts: list[list[int]], pixel_values: torch.Tensor | N
     attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
     kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
     # the draw depends on the seed only, and leaves the caller's random state (dropout, shuffling) untouched
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         if sampling is not None:
             torch.manual_seed(sampling.seed)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1,
