@@ -34,6 +34,7 @@ from llavadi.models.build import LoadedModel, load_llava_dir, save_model
 from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
 from llavadi.teacher.cache_format import (
     CacheError,
+    cache_identity,
     id_dtype,
     position_runs,
     run_positions,
@@ -214,20 +215,25 @@ def test_fp16_values_are_far_closer_to_online_than_ce_only(ws, online_step, tmp_
     assert _max_diff(online_step, cached) < _max_diff(online_step, ce_only) / 100
 
 
+def _refused_up_front(raw, pattern):
+    """The run stops with an error matching `pattern` before the stage starts (preflight: no model loaded)."""
+    with pytest.raises(ValueError, match=pattern):
+        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    assert not os.path.exists(os.path.join(raw["output_dir"], "finetune", "stage.json"))
+
+
 def test_edited_sample_is_refused_by_id(ws, full_fp32, tmp_path):
     data = json.loads((ws / "data.json").read_text())
     data[3]["conversations"][1]["value"] = "a blue square"
     write_json(tmp_path / "edited.json", data)
-    shutil.copy(ws / "data.json", tmp_path / "data.json")
-    raw = _raw(ws, tmp_path / "run", teacher={"cache": str(full_fp32)})
+    raw = _raw(ws, tmp_path / "edited", teacher={"cache": str(full_fp32)})
     raw["stages"][0]["data"]["path"] = str(tmp_path / "edited.json")
-    with pytest.raises(CacheError, match=r"sample 's3' changed since it was cached: its token ids differ"):
-        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    _refused_up_front(raw, r"sample 's3' changed since it was cached: its token ids differ")
     # a new sample is named too
     write_json(tmp_path / "added.json", json.loads((ws / "data.json").read_text()) + [dict(data[0], id="new1")])
+    raw = _raw(ws, tmp_path / "added", teacher={"cache": str(full_fp32)})
     raw["stages"][0]["data"]["path"] = str(tmp_path / "added.json")
-    with pytest.raises(CacheError, match=r"1 sample\(s\) are not in teacher cache .*'new1'"):
-        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    _refused_up_front(raw, r"1 sample\(s\) are not in teacher cache .*'new1'")
 
 
 def test_edited_image_is_refused_when_its_batch_is_read(ws, full_fp32, tmp_path):
@@ -242,13 +248,13 @@ def test_edited_image_is_refused_when_its_batch_is_read(ws, full_fp32, tmp_path)
 
 
 def test_other_setting_or_teacher_is_refused_saying_what_differs(ws, full_fp32, tmp_path):
-    raw = _raw(ws, tmp_path / "run", teacher={"cache": str(full_fp32)})
+    raw = _raw(ws, tmp_path / "length", teacher={"cache": str(full_fp32)})
     raw["data"]["max_length"] = 512
-    with pytest.raises(CacheError, match=r"another setting: max_length: cache 2048, here 512"):
-        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
-    raw = _raw(ws, tmp_path / "run", teacher={"cache": str(full_fp32), "path": str(ws / "teacher_other")})
-    with pytest.raises(CacheError, match=r"another teacher than .*teacher_other \(its weights differ\)"):
-        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    _refused_up_front(raw, r"another setting: max_length: cache 2048, here 512")
+    raw = _raw(ws, tmp_path / "other", teacher={"cache": str(full_fp32), "path": str(ws / "teacher_other")})
+    _refused_up_front(raw, r"another teacher than .*teacher_other \(its weights differ\)")
+    raw = _raw(ws, tmp_path / "missing", teacher={"cache": str(tmp_path / "nowhere")})
+    _refused_up_front(raw, r"teacher cache .*nowhere does not exist")
     # the teacher that wrote it is accepted, and is not loaded
     raw = _raw(ws, tmp_path / "ok", teacher={"cache": str(full_fp32), "path": str(ws / "teacher0")})
     messages = []
@@ -266,13 +272,14 @@ def test_terms_a_cache_cannot_serve_are_refused_by_name(ws, full_fp32, tmp_path)
                  {"name": "hidden_mse", "options": {"layers": [[1, 1]]}}):
         with pytest.raises(CacheError, match=rf"term '{term['name']}' reads teacher states a top-k cache cannot hold"):
             _cache(ws, tmp_path / "c3", terms=[term], hidden=True, top_k=8)
-    # training: a cache of response positions cannot serve a term on all text tokens, nor hidden states
-    for terms, pattern in (([{"name": "forward_kl", "tokens": "text"}], r"term 'forward_kl' reads teacher prediction "
-                                                                        r"positions of the 'text' tokens"),
-                           ([{"name": "hidden_mse"}], r"term 'hidden_mse' reads teacher hidden states")):
-        raw = _raw(ws, tmp_path / "run", teacher={"cache": str(full_fp32)}, terms=terms)
-        with pytest.raises(CacheError, match=pattern):
-            run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    # training: a cache of response positions cannot serve a term on all text tokens, nor hidden states, nor a
+    # divergence without a top-k form
+    for i, (terms, pattern) in enumerate((
+            ([{"name": "forward_kl", "tokens": "text"}], r"term 'forward_kl' reads teacher prediction positions of "
+                                                         r"the 'text' tokens"),
+            ([{"name": "hidden_mse"}], r"term 'hidden_mse' reads teacher hidden states"),
+            ([{"name": "tvd"}], r"term 'tvd' needs dense teacher logits"))):
+        _refused_up_front(_raw(ws, tmp_path / f"run{i}", teacher={"cache": str(full_fp32)}, terms=terms), pattern)
 
 
 def test_cached_hidden_states_serve_the_last_layer_alignment_terms(ws, tmp_path):
@@ -329,6 +336,10 @@ def test_resume_ignores_torn_and_temporary_writes(ws, full_fp32, tmp_path):
     _entries_equal(full_fp32, out)
     names = {p.name for p in (out / "shards").iterdir()}
     assert names == set(json.loads((out / "index.json").read_text())["shards"])  # no leftovers
+    # a rerun with nothing to do keeps the cache's content identity (what training stages are fingerprinted with)
+    identity = cache_identity(str(out))
+    again = _cache(ws, out, top_k=len(make_word_tokenizer()), values="fp32", shard_samples=3, batch_size=3)
+    assert again["computed"] == 0 and cache_identity(str(out)) == identity
     # a cache written another way is not resumed
     with pytest.raises(CacheError, match=r"holds a teacher cache written differently \(topk, values_dtype differ\)"):
         _cache(ws, out, top_k=8)

@@ -23,6 +23,7 @@ import torch
 from llavadi.data.token_types import TYPE_GROUPS
 from llavadi.distill.selection import Predictions, Selection, Tokens
 from llavadi.distill.view import ModelView, Needs
+from llavadi.identity import folder_identity
 from llavadi.teacher.cache_format import (
     VALUE_DTYPES,
     CacheError,
@@ -35,6 +36,7 @@ from llavadi.teacher.cache_format import (
 )
 
 Tensor = torch.Tensor
+SHOWN_SAMPLES = 10
 ONLINE_HINT = "give the teacher as a model (teacher.path) without `cache` for this stage"
 
 
@@ -106,6 +108,11 @@ def check_terms(objective, manifest: dict, where: str) -> None:
                              f"{ONLINE_HINT})")
 
 
+def vocab_size(config) -> int:
+    """Rows of a LLaVA's LM head, from its config (the logit terms compare distributions over them)."""
+    return int(config.get_text_config().vocab_size)
+
+
 def image_layout(image_processor) -> dict:
     """The image preprocessing settings that decide the pixels a model sees."""
     keys = ("crop_size", "size", "image_mean", "image_std", "do_normalize", "do_center_crop", "resample")
@@ -117,7 +124,7 @@ def check_stage(reader: CacheReader, data, student, where: str) -> None:
     m = reader.manifest
     wanted = {"template": data.template, "system": data.system, "max_length": data.max_length,
               "tokenizer": tokenizer_digest(student.tokenizer), "n_image_tokens": student.n_image_tokens,
-              "vocab_size": int(student.model.get_output_embeddings().weight.shape[0]),
+              "vocab_size": vocab_size(student.model.config),
               "image_layout": image_layout(student.image_processor)}
     differ = [f"{k}: cache {m.get(k)!r}, here {v!r}" for k, v in wanted.items() if k not in ("tokenizer",)
               and m.get(k) != v]
@@ -130,6 +137,8 @@ def check_stage(reader: CacheReader, data, student, where: str) -> None:
 
 def check_teacher(reader: CacheReader, model_dir: str, where: str) -> None:
     """When the recipe also names the teacher's directory, the cache must come from that teacher."""
+    if reader.manifest["teacher"].get("files") == folder_identity(model_dir):
+        return  # the very files the cache was written from (same sizes and times): no need to hash gigabytes
     cached = reader.manifest["teacher"]["fingerprint"]
     here = directory_fingerprint(model_dir)
     differ = [part for part in ("config", "weights") if cached.get(part) != here.get(part)]
@@ -142,22 +151,28 @@ def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, whe
     """Every sample is cached and its token ids and types are those the entry was produced from (before training)."""
     missing = [sid for sid in sample_ids if sid not in reader.index]
     if missing:
-        shown = ", ".join(repr(s) for s in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        shown = ", ".join(repr(s) for s in missing[:SHOWN_SAMPLES]) + (" ..." if len(missing) > SHOWN_SAMPLES else "")
         raise CacheError(f"{where}: {len(missing)} sample(s) are not in teacher cache {reader.directory} ({shown}); "
                          "run `llavadi cache-teacher` again, it adds only what is missing")
+    stale = []
     for sid, enc in zip(sample_ids, encoded):
         cached = reader.index[sid]["digest"]
         # images are checked when their batch is read (reading every image up front is slow on large sets)
-        now = sample_digest(enc.input_ids, enc.token_types, cached.get("image", ""))
-        differ = digest_difference(cached, now)
+        differ = digest_difference(cached, sample_digest(enc.input_ids, enc.token_types, cached.get("image", "")))
         if differ:
-            raise stale_error(reader, sid, differ)
+            stale.append((sid, differ))
+    if stale:
+        raise stale_error(reader, *stale[0], n_more=len(stale) - 1,
+                          others=[sid for sid, _ in stale[1:SHOWN_SAMPLES]])
 
 
-def stale_error(reader: CacheReader, sample_id: str, differ: list[str]) -> CacheError:
-    """The error of an entry produced by another version of its sample."""
+def stale_error(reader: CacheReader, sample_id: str, differ: list[str], n_more: int = 0,
+                others: list[str] = ()) -> CacheError:
+    """The error of an entry produced by another version of its sample (and how many more there are)."""
+    more = f" ({n_more} more changed: {', '.join(map(repr, others))}{' ...' if n_more > len(others) else ''})" \
+        if n_more else ""
     return CacheError(f"teacher cache {reader.directory}: sample {sample_id!r} changed since it was cached: "
-                      f"{'; '.join(differ)}. Rerun `llavadi cache-teacher` (it recomputes only changed samples)")
+                      f"{'; '.join(differ)}{more}. Rerun `llavadi cache-teacher` (it recomputes only changed samples)")
 
 
 class CachedTeacher:
@@ -247,10 +262,41 @@ def teacher_config(reader: CacheReader):
     return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
+def cached_objective(stage, student, reader: CacheReader):
+    """The stage's objective against the cache's top-k signal (terms without a top-k form are refused, named)."""
+    from llavadi.distill.objective import DistillObjective
+
+    return DistillObjective(stage.distill.terms, ce_weight=stage.distill.ce_weight,
+                            student_config=student.model.config, teacher_config=teacher_config(reader),
+                            chunk_size=stage.distill.chunk_size, teacher_signal="topk")
+
+
+def preflight_cache(recipe, stage, student, where: str) -> tuple[CacheReader | None, list[str]]:
+    """Before any model loads: the stage's cache exists, is complete, fits the stage and the student, and
+    serves its terms. Returns the reader (None if unusable) and the problems found."""
+    try:
+        reader = stage_cache(recipe, stage, student)
+        if reader is not None:
+            import torch
+
+            with torch.device("meta"):  # projectors sized from the configs, no memory
+                check_terms(cached_objective(stage, student, reader), reader.manifest, where)
+        return reader, []
+    except (CacheError, OSError) as e:
+        return None, [f"{where}: {e}"]
+    except ValueError as e:  # a term without a top-k form, refused by the objective
+        return None, [f"{where}.distill: {e}"]
+
+
+def uses_cache(recipe, stage) -> bool:
+    """Whether a stage's teacher signal is read from the recipe's teacher cache."""
+    return recipe.teacher is not None and bool(recipe.teacher.cache) and bool(stage.distill.terms)
+
+
 def stage_cache(recipe, stage, student) -> CacheReader | None:
     """The recipe's teacher cache for a distillation stage, checked against the stage and the student
     (and against the teacher's directory when the recipe names it); None when the teacher runs online."""
-    if recipe.teacher is None or not recipe.teacher.cache or not stage.distill.terms:
+    if not uses_cache(recipe, stage):
         return None
     where = f"stage {stage.name!r}"
     reader = open_cache(recipe.teacher.cache)
@@ -260,9 +306,14 @@ def stage_cache(recipe, stage, student) -> CacheReader | None:
     return reader
 
 
+def check_dataset(reader: CacheReader, dataset, where: str) -> None:
+    """Every sample of a dataset is cached, from the same token ids and types (images: when read)."""
+    check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where)
+
+
 def cached_teacher(reader: CacheReader, objective, dataset, device, stage_name: str) -> CachedTeacher:
     """The CachedTeacher of a stage, after checking that it serves every term and holds every sample."""
     where = f"stage {stage_name!r}"
     check_terms(objective, reader.manifest, where)
-    check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where)
+    check_dataset(reader, dataset, where)
     return CachedTeacher(reader, sample_images(dataset), [t.selection() for t in objective.terms], device)

@@ -26,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from llavadi.atomic import TMP_SUFFIX, atomic_path, write_text_atomic
+from llavadi.identity import file_sha256, json_digest
 
 Tensor = torch.Tensor
 FORMAT_VERSION = 1
@@ -61,41 +63,7 @@ def id_dtype(vocab_size: int) -> torch.dtype:
     return torch.int32
 
 
-# ---------------------------------------------------------------- transactions
-def _fsync_dir(directory: str) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync there
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write `data` to `path` as one transaction: a temporary file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def write_json_atomic(path: str, obj: Any, compact: bool = False) -> None:
-    """JSON (indented, or compact for large files) written with write_atomic."""
-    text = json.dumps(obj, ensure_ascii=False, **({"separators": (",", ":")} if compact else {"indent": 1}))
-    write_atomic(path, (text + "\n").encode("utf-8"))
-
-
+# ---------------------------------------------------------------- files
 def read_json(path: str, what: str) -> Any:
     """A JSON file's content; a malformed file is an error naming it and the line."""
     try:
@@ -106,14 +74,6 @@ def read_json(path: str, what: str) -> Any:
 
 
 # ---------------------------------------------------------------- hashes
-def _hash_file(path: str, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _short(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
@@ -159,20 +119,16 @@ def tokenizer_digest(tokenizer) -> str:
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
 
 
-def _json_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def directory_fingerprint(model_dir: str) -> dict:
     """A saved model's identity, read from its files without loading it: config.json and weight file hashes."""
     config = read_json(os.path.join(model_dir, "config.json"), "model config")
     for key in _VOLATILE_CONFIG_KEYS:  # where it was loaded from and by which version: not what it computes
         config.pop(key, None)
-    weights = {name: _hash_file(os.path.join(model_dir, name)) for name in sorted(os.listdir(model_dir))
+    weights = {name: file_sha256(os.path.join(model_dir, name)) for name in sorted(os.listdir(model_dir))
                if name.endswith((".safetensors", ".bin")) and name != "distill_projectors.safetensors"}
     if not weights:
         raise CacheError(f"{model_dir}: no weight files (*.safetensors, *.bin) to fingerprint")
-    return {"config": _json_hash(config), "weights": weights}
+    return {"config": json_digest(config), "weights": weights}
 
 
 def memory_fingerprint(model) -> dict:
@@ -184,12 +140,7 @@ def memory_fingerprint(model) -> dict:
     for key, value in sorted(model.state_dict().items()):
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return {"config": _json_hash(config), "weights": {"state_dict": h.hexdigest()}}
-
-
-def data_file_digest(path: str) -> str:
-    """sha256 of the data file (recorded in the manifest)."""
-    return _hash_file(path)
+    return {"config": json_digest(config), "weights": {"state_dict": h.hexdigest()}}
 
 
 # ---------------------------------------------------------------- writing shards
@@ -252,21 +203,8 @@ class ShardWriter:
         """Write the shard (temporary name, fsync, rename); returns the index entries of its samples."""
         from safetensors.torch import save_file
 
-        folder = os.path.join(directory, SHARD_DIR)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, name)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(os.path.join(directory, SHARD_DIR, name)) as tmp:  # temporary name, fsync, rename
             save_file(self._tensors(), tmp, metadata={"format_version": str(FORMAT_VERSION)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(folder)
         entries, offsets = {}, {}
         for sample_id, digest, counts in self._samples:
             entry = {"shard": name}
@@ -330,7 +268,8 @@ def read_index(path: str) -> dict[str, dict]:
 def write_index(directory: str, entries: dict[str, dict]) -> None:
     """index.json: {"shards": [file names], "samples": {id: {shard: number, rows, runs, digest}}}, atomically."""
     names, samples = _on_disk(entries)
-    write_json_atomic(os.path.join(directory, INDEX_FILE), {"shards": names, "samples": samples}, compact=True)
+    text = json.dumps({"shards": names, "samples": samples}, ensure_ascii=False, separators=(",", ":"))
+    write_text_atomic(os.path.join(directory, INDEX_FILE), text + "\n")
 
 
 def journals(directory: str) -> list[str]:
@@ -361,7 +300,7 @@ def consolidate(directory: str) -> dict[str, dict]:
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             # temporary shards of killed runs, and shards whose entries were all replaced
-            if name.endswith(".tmp") or (name.endswith(".safetensors") and name not in referenced):
+            if name.endswith(TMP_SUFFIX) or (name.endswith(".safetensors") and name not in referenced):
                 os.unlink(os.path.join(folder, name))
     return entries
 
@@ -377,6 +316,12 @@ def next_shard_number(directory: str) -> int:
 def shard_name(number: int, rank: int) -> str:
     """The file name of a shard."""
     return f"shard-{number:06d}-rank{rank:05d}.safetensors"
+
+
+def cache_identity(directory: str) -> dict:
+    """What a cache holds, by content (a rerun that changes nothing keeps it): manifest and index sha256."""
+    return {name: file_sha256(os.path.join(directory, name)) if os.path.isfile(os.path.join(directory, name))
+            else None for name in (MANIFEST_FILE, INDEX_FILE)}
 
 
 # ---------------------------------------------------------------- reading

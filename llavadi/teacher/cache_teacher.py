@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llavadi.atomic import write_json_atomic
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
 from llavadi.device import resolve_device
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.view import Needs, llava_view, model_inputs
-from llavadi.teacher.cache import CachePlan, image_layout, plan_for
+from llavadi.identity import file_sha256, folder_identity
+from llavadi.teacher.cache import CachePlan, image_layout, plan_for, vocab_size
 from llavadi.teacher.cache_format import (
     DTYPE_NAMES,
     FORMAT_VERSION,
@@ -39,7 +41,6 @@ from llavadi.teacher.cache_format import (
     ShardWriter,
     append_journal,
     consolidate,
-    data_file_digest,
     digest_difference,
     directory_fingerprint,
     id_dtype,
@@ -50,7 +51,6 @@ from llavadi.teacher.cache_format import (
     sample_digest,
     shard_name,
     tokenizer_digest,
-    write_json_atomic,
 )
 
 LOGIT_BYTES_PER_CHUNK = 1 << 28  # rows of (rows, V) fp32 logits per LM-head chunk: 256 MiB
@@ -103,13 +103,14 @@ def _device(device: str | None, world: int) -> torch.device:
 def _manifest(recipe, stage, teacher, plan: CachePlan, top_k: int, values: str, hidden: bool) -> dict:
     """What produces this cache (compared on resume) and what it holds."""
     model, d = teacher.model, stage.data
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(model.config)
     n_layers = int(model.config.get_text_config().num_hidden_layers)
     fingerprint = directory_fingerprint(recipe.teacher.path) if recipe.teacher.path else memory_fingerprint(model)
     width = int(model.config.get_text_config().hidden_size)
     return {
         "format_version": FORMAT_VERSION, "complete": False, "stage": stage.name,
         "teacher": {"source": recipe.teacher.describe(), "fingerprint": fingerprint,
+                    "files": folder_identity(recipe.teacher.path) if recipe.teacher.path else None,
                     "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         "teacher_config": model.config.to_dict(), "teacher_layers": n_layers,
         "tokenizer": tokenizer_digest(teacher.tokenizer), "vocab_size": vocab,
@@ -118,7 +119,7 @@ def _manifest(recipe, stage, teacher, plan: CachePlan, top_k: int, values: str, 
         "topk": top_k, "ids_dtype": DTYPE_NAMES[id_dtype(vocab)], "values_dtype": values,
         "logit_groups": list(plan.logit_groups), "hidden_groups": list(plan.hidden_groups),
         "hidden_width": width if hidden else None, "hidden_dtype": values if hidden else None,
-        "data": {"path": os.path.abspath(d.path), "sha256": data_file_digest(d.path)},
+        "data": {"path": os.path.abspath(d.path), "sha256": file_sha256(d.path)},
     }
 
 
@@ -249,7 +250,7 @@ def _prepare(recipe, stage, top_k: int, values: str, hidden: bool, device, rank:
     set_seed(recipe.seed)  # a preset teacher is built from the recipe's seed, as `llavadi train` builds it
     teacher = load_model(recipe.teacher)
     teacher.model.to(device).eval().requires_grad_(False)
-    vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(teacher.model.config)
     if not 1 <= top_k <= vocab:
         raise CacheError(f"--top-k must be in 1..{vocab} (the teacher's vocabulary), got {top_k}")
     plan = _plan(stage, teacher, hidden)

@@ -36,6 +36,8 @@ from llavadi.data.encode import SampleError
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
 from llavadi.data.images import check_images
+from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
+from llavadi.teacher.cache_format import CacheError
 from llavadi.train.stages import data_identity, stage_fingerprints, stage_status
 
 # keys of train.extra the runner sets itself, and why
@@ -89,8 +91,10 @@ def _text_layers(config) -> int:
     return int(getattr(config, "text_config", config).num_hidden_layers)
 
 
-def check_model_fit(stage: StageConfig, student, teacher, where: str) -> list[str]:
-    """Layer indices and term options against the model configs; tokenizers of logit terms."""
+def check_model_fit(stage: StageConfig, student, teacher, where: str, cache=None) -> list[str]:
+    """Layer indices and term options against the model configs; tokenizers of logit terms.
+
+    With a teacher `cache` (a CacheReader) the objective is the cache's (its teacher config, top-k)."""
     from llavadi.train.runner import build_objective
 
     problems = []
@@ -102,7 +106,7 @@ def check_model_fit(stage: StageConfig, student, teacher, where: str) -> list[st
     use_teacher = teacher if stage.distill.terms else None
     try:
         with torch.device("meta"):  # projectors sized from the configs, no memory
-            objective = build_objective(stage, student, use_teacher)
+            objective = build_objective(stage, student, use_teacher, cache)
     except ValueError as e:
         return problems + [f"{where}.distill: {e}"]
     for who, needs, model in (("student", objective.student_needs, student),
@@ -148,8 +152,11 @@ def finished_stages(recipe: Recipe, identities: dict[str, dict | None]) -> set[s
             == "done"}
 
 
-def check_stage_data(stage: StageConfig, student, teacher, progress: bool) -> tuple[StageCheck, list[str]]:
-    """Parse, tokenize and decode a stage's data as training will; bad samples are counted, not raised."""
+def check_stage_data(stage: StageConfig, student, teacher, progress: bool,
+                     cache=None) -> tuple[StageCheck, list[str]]:
+    """Parse, tokenize and decode a stage's data as training will; bad samples are counted, not raised.
+
+    With a teacher `cache`, every usable sample must be in it, unchanged since it was cached."""
     from llavadi.train.runner import build_dataset
 
     check = StageCheck(stage.name, stage.data.path)
@@ -163,12 +170,23 @@ def check_stage_data(stage: StageConfig, student, teacher, progress: bool) -> tu
     except SampleError as e:  # unreadable file, malformed JSON, or no usable sample at all
         return check, [str(e)]
     check.used, check.skipped = len(dataset), dataset.skipped
+    if cache is not None:
+        try:
+            check_dataset(cache, dataset, "teacher cache")
+        except CacheError as e:
+            return check, [str(e)]
     if stage.data.on_error == "skip" or not dataset.skipped:
         return check, []
     shown = [f"    {s.reason}" for s in dataset.skipped[:SHOWN_SAMPLES]]
     more = len(dataset.skipped) - SHOWN_SAMPLES
     return check, [f"{stage.data.path}: {len(dataset.skipped)} bad sample(s) of {len(dataset) + len(dataset.skipped)}:\n"
                    + "\n".join(shown) + (f"\n    ... and {more} more" if more > 0 else "")]
+
+
+def has_teacher_model(recipe: Recipe) -> bool:
+    """Whether the recipe names a teacher model (path, preset or vision + llm), not only a cache."""
+    t = recipe.teacher
+    return t is not None and bool(t.path or t.preset or t.vision or t.llm)
 
 
 def _describe(spec, what: str, problems: list[str]):
@@ -187,17 +205,22 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
     """
     problems: list[str] = []
     student = _describe(recipe.student, "student", problems)
-    teacher = _describe(recipe.teacher, "teacher", problems) if recipe.teacher is not None else None
+    # a teacher given only as a cache has no model files (its config is in the cache's manifest)
+    teacher = _describe(recipe.teacher, "teacher", problems) if has_teacher_model(recipe) else None
     identities = data_identities(recipe, progress)
     done = finished_stages(recipe, identities) if resume and not problems else set()
     checks: dict[str, StageCheck] = {}
     for i, stage in enumerate(recipe.stages):
         where = f"stages[{i}] ({stage.name})"
         problems += check_train_extra(stage.train, where)
-        if student is not None and (teacher is not None or not stage.distill.terms):
-            problems += check_model_fit(stage, student, teacher, where)
+        cache = None
+        if student is not None and uses_cache(recipe, stage):
+            cache, cache_problems = preflight_cache(recipe, stage, student, where)
+            problems += cache_problems
+        if student is not None and (teacher is not None or cache is not None or not stage.distill.terms):
+            problems += check_model_fit(stage, student, teacher, where, cache)
         check, data_problems = (StageCheck(stage.name, stage.data.path), []) if stage.name in done else \
-            check_stage_data(stage, student, teacher, progress)
+            check_stage_data(stage, student, teacher, progress, cache)
         check.identity = identities[stage.name] or {}
         problems += [f"{where}.data: {p}" for p in data_problems]
         checks[stage.name] = check

@@ -41,7 +41,7 @@ from llavadi.models.build import (
     save_model,
     set_trainable,
 )
-from llavadi.teacher.cache import cached_teacher, stage_cache, teacher_config
+from llavadi.teacher.cache import cached_objective, cached_teacher, stage_cache
 from llavadi.teacher.on_policy import OnPolicySampler
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
@@ -129,9 +129,7 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     checked against the cache's)."""
     terms = stage.distill.terms
     if cache is not None:
-        return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
-                                teacher_config=teacher_config(cache), chunk_size=stage.distill.chunk_size,
-                                teacher_signal="topk")
+        return cached_objective(stage, student, cache)
     if teacher is not None and any(t.is_logit_term for t in terms):
         check_same_tokenizer(student.tokenizer, teacher.tokenizer)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,

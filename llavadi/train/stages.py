@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from llavadi.atomic import fsync_dir, remove_stale_temporaries, write_json_atomic
 from llavadi.config import ConfigError, Recipe, StageConfig
 from llavadi.identity import file_sha256, folder_identity, json_digest
+from llavadi.teacher.cache_format import cache_identity
 
 STAGE_RECORD = "stage.json"
 DONE_MARKER = "done.json"
@@ -70,7 +71,10 @@ def changes(old, new, limit: int = SHOWN_CHANGES) -> list[str]:
 
 
 def model_identity(spec) -> dict:
-    """What a model spec starts from: a preset's name, or its folders' files."""
+    """What a model spec starts from: a preset's name, or its folders' files (a teacher cache: its files)."""
+    if getattr(spec, "cache", None):  # a teacher cache: its manifest and index, by content
+        return {"cache": cache_identity(spec.cache),
+                **({"files": folder_identity(spec.path)} if spec.path else {})}
     if spec.preset:
         return {"preset": spec.preset}
     if spec.path:
@@ -94,7 +98,7 @@ def stage_recipe(recipe: Recipe, stage: StageConfig) -> dict:
 
     def spec(m):  # what a model spec says besides its paths
         return None if m is None else {k: v for k, v in dataclasses.asdict(m).items()
-                                       if k not in ("path", "vision", "llm") and v is not None}
+                                       if k not in ("path", "vision", "llm", "cache") and v is not None}
 
     return {"stage": s, "student": spec(recipe.student), "seed": recipe.seed,
             "teacher": spec(recipe.teacher) if stage.distill.terms else None}
