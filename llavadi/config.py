@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from llavadi.data.images import DEFAULT_MAX_PIXELS
+from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB
 from llavadi.distill.terms import TermSpec
 
 
@@ -92,11 +93,14 @@ class DistillConfig:
 
     ce_weight: float = 1.0
     terms: list[TermSpec] = field(default_factory=list)  # validated against each term's class on parsing
-    chunk_size: int | None = 1024  # positions per LM-head chunk in logit terms (null: one plain pass)
+    chunk_size: int | None = None  # positions per LM-head chunk of CE and logit terms (null: from chunk_mib)
+    chunk_mib: float = DEFAULT_CHUNK_MIB  # else as many positions as keep one model's fp32 chunk logits within this many MiB
 
     def validate(self, where: str):
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"{where}.chunk_size must be >= 1")
+        if not self.chunk_mib > 0:
+            raise ConfigError(f"{where}.chunk_mib must be > 0")
         if self.ce_weight == 0 and not self.terms:
             raise ConfigError(f"{where}: ce_weight is 0 and no term is given: nothing to train on")
 

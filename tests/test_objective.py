@@ -210,12 +210,14 @@ def test_every_term_gives_finite_nonzero_gradient():
 def test_chunked_equals_plain_in_value_and_gradient(chunk_size):
     terms = [t for t in ALL_TERMS if t.is_logit_term]
     plain, student, teacher = build(terms, chunk_size=None)
+    plain.fused = False
     loss_plain, logged_plain = run(plain, student, teacher)
     loss_plain.backward()
     g_plain = grads(student)
     student.zero_grad()
     chunked = copy.deepcopy(plain)
     chunked.chunk_size = chunk_size
+    chunked.fused = True
     loss_chunked, logged_chunked = run(chunked, student, teacher)
     loss_chunked.backward()
     g_chunked = grads(student)
@@ -540,7 +542,7 @@ def test_real_tiny_llava_pair_with_different_image_token_counts():
     chunked = DistillObjective(terms, chunk_size=3, **kwargs)
     assert (chunked.ctx.student_tokens_per_image, chunked.ctx.teacher_tokens_per_image) == (4, 16)
     plain = copy.deepcopy(chunked)
-    plain.chunk_size = None
+    plain.fused = False
     ids_s, types_s, labels, _ = make_batch(4, batch=3)
     ids_t, types_t, _, _ = make_batch(16, batch=3)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # samples 0 and 1 have images

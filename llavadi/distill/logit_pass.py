@@ -1,10 +1,23 @@
-"""The shared LM-head pass of CE and every logit term: only at selected positions, in chunks.
+"""The shared LM-head pass of CE and every logit term: only at selected positions, in chunks, fused.
 
-The union of the positions that CE and the logit terms select is gathered once; the student's LM
-head (and the dense teacher's) runs on those rows only, ``chunk_size`` rows at a time. Each chunk
-is wrapped in activation checkpointing, so full (N, V) logits of both models never exist at once,
-in forward or backward (a chunk's logits are recomputed in backward). ``chunk_size=None`` is the
-plain path (one chunk, no checkpointing): same functions, same values.
+The union of the positions that CE and the logit terms select is gathered once; within a chunk, a
+slot that reads every row reads the chunk itself (rows are copied only for a slot reading some). Each "slot" (CE first when on, then each logit term) has a coefficient
+c_j = weight_j / global count_j, known before the pass (the objective's normalisers), so the pass
+returns the loss share sum_j c_j * sum_j and the detached per-slot sums (for logging).
+
+Fused path (default, ``FusedLogitLoss``): per chunk of selected rows, the student's logits (one
+matmul) and the dense teacher's (one matmul, no grad, computed once), one log-softmax per model
+and temperature shared by CE and every term (``logits.LogitRows``), each slot's per-row values
+AND sum_j c_j * (their gradient w.r.t. the student logits) in closed form; then that gradient is
+projected to the chunk's hidden rows and to the LM-head weight (two matmuls). Backward only
+scales the stored gradients: four large matmuls per chunk, no recompute, and nothing of size
+positions x vocabulary outlives a chunk. Logits are the LM head's output in the model's dtype (as
+the model's own forward gives them), upcast to float32 for the softmax; gradients are accumulated
+in float32 and returned in the input dtypes.
+
+Plain path (``fused=False``): the logits of all selected rows at once, each slot's sum by
+``F.cross_entropy`` / the term's ``dense`` / ``sparse`` and autograd: the reference the fused path
+is tested against.
 
 A top-k teacher (``ModelView.topk_ids`` / ``topk_logprobs``) replaces the teacher's LM head by its
 stored top-k per position; the logit terms then use their sparse form.
@@ -12,99 +25,231 @@ stored top-k per position; the logit terms then use their sparse form.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from dataclasses import dataclass
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llavadi.distill.logits import LogitRows, target_nll
 from llavadi.distill.positions import prediction_rows, require_mapped
 from llavadi.distill.selection import IGNORE_INDEX, shifted_labels
 from llavadi.distill.view import ModelView
 
 Tensor = torch.Tensor
+DEFAULT_CHUNK_MIB = 32.0  # fp32 logits of one model per chunk; chosen by benchmarks/kd_loss.py --sweep
 
 
-def _slot_masks(student: ModelView, labels: Tensor, ce: bool, terms: list) -> Tensor:
-    """(B*T, n_slots) membership of every position in CE (first, when on) and each logit term's selection."""
-    masks = ([shifted_labels(labels) != IGNORE_INDEX] if ce else [])
-    masks += [term.selection().mask(student.token_types) for term in terms]
-    return torch.stack(masks, dim=-1).reshape(-1, len(masks))
+def head_weights(view: ModelView) -> tuple[Tensor, Tensor | None]:
+    """The LM head's weight (V, H) and bias (V,) or None: the one place the pass reads them (a sharded head gathers here)."""
+    head = view.lm_head
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the {view.who}'s LM head is a {type(head).__name__}, not an nn.Linear: the logit pass computes "
+                         "logits as hidden @ weight.T + bias and cannot honour a head that does more (e.g. an adapter "
+                         "on it); merge it first")
+    return head.weight, head.bias
 
 
-def _teacher_inputs(student: ModelView, teacher: ModelView, rows: Tensor, needs_teacher: Tensor,
-                    device: torch.device) -> tuple[Tensor, ...]:
+def rows_per_chunk(vocab: int, chunk_size: int | None, chunk_mib: float) -> int:
+    """Selected positions per chunk: `chunk_size`, or as many as keep one model's fp32 logits within `chunk_mib` MiB."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, int(chunk_mib * 2**20) // (4 * vocab))
+
+
+@dataclass
+class _Rows:
+    """The selected rows of one micro-batch, on the host: which positions, which slots, CE targets."""
+
+    index: Tensor  # (n,) flat positions
+    member: Tensor  # (n, n_slots) bool
+    targets: Tensor  # (n,) CE targets (IGNORE_INDEX where CE does not read the row)
+
+    @property
+    def n(self) -> int:
+        """Number of rows."""
+        return self.member.shape[0]
+
+
+def _select_rows(student: ModelView, labels: Tensor, ce: bool, terms: list) -> _Rows:
+    """Rows that CE or a logit term reads; bookkeeping on the host (one copy of the small type map, then no sync)."""
+    types = student.token_types.cpu()
+    targets = shifted_labels(labels.cpu()).reshape(-1)
+    masks = ([targets != IGNORE_INDEX] if ce else []) + [term.selection().mask(types).reshape(-1) for term in terms]
+    member = torch.stack(masks, dim=-1)
+    index = member.any(dim=-1).nonzero().squeeze(1)
+    return _Rows(index, member[index], targets[index])
+
+
+def _teacher_inputs(student: ModelView, teacher: ModelView, rows: _Rows, first_term: int) -> tuple[Tensor, ...]:
     """The teacher's rows matching the student's: last hidden states (dense) or top-k ids and log-probs."""
-    types_s, types_t = student.token_types, teacher.token_types
+    types_s, types_t = student.token_types.cpu(), teacher.token_types.cpu()
     batch, length = types_s.shape
-    rows_t = prediction_rows(types_s, types_t)[rows]
-    require_mapped(rows_t[needs_teacher], (rows // length)[needs_teacher], types_s, types_t, "logit terms")
+    rows_t = prediction_rows(types_s, types_t)[rows.index]
+    needs_teacher = rows.member[:, first_term:].any(dim=-1)
+    require_mapped(rows_t[needs_teacher], (rows.index // length)[needs_teacher], types_s, types_t, "logit terms")
     rows_t = rows_t.clamp_min(0)
     t_len = types_t.shape[1]
+    device = student.last_hidden.device
     if teacher.is_topk:
         k = teacher.topk_ids.shape[-1]
-        where = teacher.topk_ids.device
-        return (teacher.topk_ids.reshape(batch * t_len, k)[rows_t.to(where)].to(device),
-                teacher.topk_logprobs.reshape(batch * t_len, k)[rows_t.to(where)].detach().to(device))
+        ids, logprobs = teacher.topk_ids.reshape(batch * t_len, k), teacher.topk_logprobs.reshape(batch * t_len, k)
+        return ids[rows_t.to(ids.device)].to(device), logprobs[rows_t.to(logprobs.device)].detach().to(device)
     if teacher.last_hidden is None or teacher.lm_head is None:
         raise ValueError("logit terms need the teacher's last hidden state and LM head, or its top-k ids and log-probs")
-    t_hidden = teacher.last_hidden.detach()  # rows stay on the teacher's device: its LM head runs there
-    return (t_hidden.reshape(batch * t_len, -1)[rows_t.to(t_hidden.device)],)
+    hidden = teacher.last_hidden.detach().reshape(batch * t_len, -1)  # stays on the teacher's device: its head runs there
+    return (hidden[rows_t.to(hidden.device)],)
 
 
-def _chunk_sums(student: ModelView, teacher: ModelView | None, slots: list, hidden_chunk: Tensor,
-                target_chunk: Tensor, member_chunk: Tensor, *teacher_chunk: Tensor) -> Tensor:
-    """(n_slots,) sums of CE and each logit term over one chunk of rows."""
-    logits_s = student.lm_head(hidden_chunk).float()
-    sparse = teacher is not None and teacher.is_topk
-    logits_t = None
-    if teacher_chunk and not sparse:
+class _ChunkedPass:
+    """The fused pass's work: per chunk, logits, every slot's values and their weighted gradient, projected."""
+
+    def __init__(self, slots: list, coefs: list[float], rows: _Rows, teacher_inputs: tuple[Tensor, ...],
+                 teacher_head: tuple[Tensor, Tensor | None] | None, step: int) -> None:
+        self.slots, self.coefs, self.rows = slots, coefs, rows
+        self.teacher_inputs, self.teacher_head, self.step = teacher_inputs, teacher_head, step
+        self.keep_raw = any(term is not None and term.reads_raw_logits() for term in slots)
+        self.sparse = len(teacher_inputs) == 2
+
+    def run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+            needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, tuple]:
+        """(weighted total, per-slot sums, gradients of hidden / weight / bias or None) over all chunks."""
+        device, acc = hidden.device, torch.promote_types(weight.dtype, torch.float32)
+        grad_h = torch.empty_like(hidden) if needs[0] else None
+        grad_w = torch.empty(weight.shape, dtype=acc, device=device) if needs[1] else None  # the first chunk writes it
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=device) if needs[2] and bias is not None else None
+        sums = torch.zeros(len(self.slots), dtype=acc, device=device)
+        want_grad = any(needs)
+        buffer = torch.empty(min(self.step, hidden.shape[0]), weight.shape[0], dtype=acc, device=device) \
+            if want_grad else None  # one gradient buffer reused by every chunk
+        for start in range(0, hidden.shape[0], self.step):
+            end = min(start + self.step, hidden.shape[0])
+            h = hidden[start:end]
+            rows = LogitRows(F.linear(h, weight, bias), self._teacher_logits(start, end, device), owned=True,
+                             keep_raw=self.keep_raw)
+            grad = buffer[: end - start].zero_() if want_grad else None
+            for j in range(len(self.slots)):
+                self._slot(j, rows, start, end, grad, sums)
+            if want_grad:
+                _project(grad, h, weight, None if grad_h is None else grad_h[start:end], grad_w, grad_b, start == 0)
+        total = (sums * torch.tensor(self.coefs, dtype=acc, device=device)).sum()
+        grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                 None if grad_b is None else grad_b.to(bias.dtype))
+        return total, sums, grads
+
+    def _teacher_logits(self, start: int, end: int, device: torch.device) -> Tensor | None:
+        if self.teacher_head is None:
+            return None
         with torch.no_grad():
-            logits_t = teacher.lm_head(teacher_chunk[0]).float().to(logits_s.device)
-        if logits_t.shape[-1] != logits_s.shape[-1]:
-            raise ValueError(f"student vocabulary {logits_s.shape[-1]} != teacher vocabulary {logits_t.shape[-1]}: "
-                             "logit terms need a shared tokenizer and LM head size")
+            logits = F.linear(self.teacher_inputs[0][start:end], *self.teacher_head)
+        return logits.to(device)
+
+    def _slot(self, j: int, rows: LogitRows, start: int, end: int, grad: Tensor | None, sums: Tensor) -> None:
+        """Slot j's values on this chunk's rows into sums[j], and c_j * their gradient into `grad`."""
+        member = self.rows.member[start:end, j]
+        count = int(member.sum())
+        if count == 0:
+            return
+        index = None if count == end - start else member.nonzero().squeeze(1)
+        sub = rows if index is None else rows.subset(index.to(sums.device))
+        coef = self.coefs[j]
+        slot_grad = None if grad is None or coef == 0 else (grad if index is None else grad.new_zeros(count, grad.shape[1]))
+        value = self._values(self.slots[j], sub, slice(start, end), index, slot_grad, coef, sums.device)
+        sums[j] += value.sum()
+        if index is not None and slot_grad is not None:
+            grad.index_add_(0, index.to(grad.device), slot_grad)
+
+    def _values(self, term, rows: LogitRows, chunk: slice, index: Tensor | None, grad: Tensor | None,
+                coef: float, device: torch.device) -> Tensor:
+        def pick(x: Tensor) -> Tensor:
+            x = x[chunk]
+            return x if index is None else x[index.to(x.device)]
+
+        if term is None:
+            return target_nll(rows, pick(self.rows.targets).to(device), grad, coef)
+        if self.sparse:
+            return term.sparse_value_grad(rows, pick(self.teacher_inputs[0]), pick(self.teacher_inputs[1]), grad, coef)
+        return term.dense_value_grad(rows, grad, coef)
+
+
+def _project(grad: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor | None, grad_w: Tensor | None,
+             grad_b: Tensor | None, first: bool) -> None:
+    """A chunk's logit gradient (n, V) to its hidden rows (n, H) and into the weight (V, H) and bias accumulators."""
+    if grad_h is not None:
+        grad_h.copy_(grad.to(weight.dtype) @ weight)
+    if grad_w is not None:  # the first chunk writes the (uninitialised) accumulator: no separate zero-fill pass
+        torch.addmm(grad_w, grad.t(), h.to(grad_w.dtype), beta=0.0 if first else 1.0, out=grad_w)
+    if grad_b is not None:
+        grad_b.add_(grad.sum(dim=0))
+
+
+class FusedLogitLoss(torch.autograd.Function):
+    """sum_j c_j * sum_j of CE and the logit terms, with gradients computed in the forward pass and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, work: _ChunkedPass) -> tuple[Tensor, Tensor]:
+        needs = tuple(ctx.needs_input_grad[:3])
+        total, sums, grads = work.run(hidden, weight, bias, needs)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_sums: Tensor):
+        grads, ctx.grads = ctx.grads, None
+        # in place: the stored gradients are ours alone, so scaling them costs no memory
+        return (*(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads), None)
+
+
+def _plain_sums(slots: list, rows: _Rows, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                teacher_inputs: tuple[Tensor, ...], teacher_head) -> Tensor:
+    """(n_slots,) sums by autograd over the logits of all selected rows at once (the reference path)."""
+    logits_s = F.linear(hidden, weight, bias).float()
+    logits_t = None
+    if teacher_head is not None:
+        with torch.no_grad():
+            logits_t = F.linear(teacher_inputs[0], *teacher_head).float().to(logits_s.device)
+    targets = rows.targets.to(logits_s.device)
     out = []
     for j, term in enumerate(slots):
-        sel = member_chunk[:, j]
-        if not bool(sel.any()):  # this chunk has no row of this slot
-            out.append(logits_s.sum() * 0.0)
-        elif term is None:
-            out.append(F.cross_entropy(logits_s[sel], target_chunk[sel], reduction="sum"))
-        elif sparse:
-            out.append(term.sparse(logits_s[sel], teacher_chunk[0][sel], teacher_chunk[1][sel]).sum())
+        sel = rows.member[:, j].to(logits_s.device)
+        if term is None:
+            out.append(F.cross_entropy(logits_s[sel], targets[sel], reduction="sum"))
+        elif len(teacher_inputs) == 2:
+            out.append(term.sparse(logits_s[sel], teacher_inputs[0][sel], teacher_inputs[1][sel]).sum())
         else:
             out.append(term.dense(logits_s[sel], logits_t[sel]).sum())
     return torch.stack(out)
 
 
-def logit_sums(student: ModelView, teacher: ModelView | None, labels: Tensor, ce: bool, terms: list,
-               chunk_size: int | None) -> list[Tensor]:
-    """Sums of CE (first, when `ce`) and of each logit term over their selected positions."""
+def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce: bool, terms: list,
+               coefs: list[float], chunk_size: int | None = None, chunk_mib: float = DEFAULT_CHUNK_MIB,
+               fused: bool = True) -> tuple[Tensor, Tensor]:
+    """(sum_j coefs[j] * sum_j, detached per-slot sums) of CE (first, when `ce`) and each logit term over their positions."""
     slots = ([None] if ce else []) + list(terms)
-    if not slots:
-        return []
+    if len(coefs) != len(slots):
+        raise ValueError(f"{len(slots)} slots (CE and logit terms) but {len(coefs)} coefficients")
     if student.last_hidden is None or student.lm_head is None:
         raise ValueError("CE and logit terms need the student's last hidden state and LM head")
+    zero = student.last_hidden.sum() * 0.0  # keeps the graph connected when nothing is selected
+    if not slots:
+        return zero, zero.new_zeros(0).detach()
     batch, length, width = student.last_hidden.shape
-    member_full = _slot_masks(student, labels, ce, terms)
-    rows = member_full.any(dim=-1).nonzero().squeeze(1)
-    member = member_full[rows]
-    hidden_s = student.last_hidden.reshape(batch * length, width)[rows]
-    row_targets = shifted_labels(labels).reshape(-1)[rows]
-    teacher_inputs: tuple[Tensor, ...] = ()
-    if terms:
-        needs_teacher = member[:, 1 if ce else 0:].any(dim=-1)
-        teacher_inputs = _teacher_inputs(student, teacher, rows, needs_teacher, hidden_s.device)
-
-    def run_chunk(*args):
-        return _chunk_sums(student, teacher, slots, *args)
-
-    totals = hidden_s.new_zeros(len(slots), dtype=torch.float32) + student.last_hidden.sum() * 0.0
-    step = chunk_size or max(rows.shape[0], 1)
-    for start in range(0, rows.shape[0], step):
-        args = (hidden_s[start:start + step], row_targets[start:start + step], member[start:start + step])
-        args += tuple(x[start:start + step] for x in teacher_inputs)
-        if chunk_size is None:
-            totals = totals + run_chunk(*args)
-        else:  # recompute the chunk's logits in backward instead of storing them
-            totals = totals + checkpoint(run_chunk, *args, use_reentrant=False)
-    return list(totals.unbind(0))
+    rows = _select_rows(student, labels, ce, terms)
+    hidden = student.last_hidden.reshape(batch * length, width)[rows.index.to(student.last_hidden.device)]
+    weight, bias = head_weights(student)
+    teacher_inputs: tuple[Tensor, ...] = _teacher_inputs(student, teacher, rows, int(ce)) if terms else ()
+    teacher_head = head_weights(teacher) if len(teacher_inputs) == 1 else None
+    if teacher_head is not None and teacher_head[0].shape[0] != weight.shape[0]:
+        raise ValueError(f"student vocabulary {weight.shape[0]} != teacher vocabulary {teacher_head[0].shape[0]}: "
+                         "logit terms need a shared tokenizer and LM head size")
+    if not fused:
+        sums = _plain_sums(slots, rows, hidden, weight, bias, teacher_inputs, teacher_head)
+        return zero + (sums * torch.tensor(coefs, dtype=sums.dtype, device=sums.device)).sum(), sums.detach()
+    work = _ChunkedPass(slots, coefs, rows, teacher_inputs, teacher_head,
+                        rows_per_chunk(weight.shape[0], chunk_size, chunk_mib))
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
+        total, sums = FusedLogitLoss.apply(hidden, weight, bias, work)
+    else:
+        total, sums, _ = work.run(hidden, weight, bias, (False, False, False))
+    return zero + total, sums

@@ -1,13 +1,22 @@
-"""Logit divergences between a student and a teacher: one definition of each, per position.
+"""Logit divergences between a student and a teacher: one definition of each, with its gradient.
 
 Every public divergence takes student and teacher logits of shape (N, V) and returns a
-per-position tensor (N,) in float32 whatever the input dtype (bf16 logits are upcast before the
-softmax). Summing / averaging over positions is the caller's job (see objective.py).
+per-position tensor (N,) in float32 (float64 inputs stay float64; bf16 logits are upcast before
+the softmax). Summing / averaging over positions is the caller's job (see objective.py). Dense
+logits must be finite (an LM head's output is); only a sparse teacher has exact zeros.
 
-Temperature: both sides' logits are divided by ``temperature`` before the softmax. The result
-is NOT multiplied by T^2 by default (``scale_t2=False``): the value is the divergence between
-the two tempered distributions. Pass ``scale_t2=True`` for Hinton's T^2 factor, which keeps
-gradient magnitudes comparable across temperatures.
+One definition: each divergence is a "core" on log-probabilities that returns its per-row value
+and, when asked, adds coef * (its gradient with respect to the student's logits) into a given
+tensor, in closed form. The public functions below call the core for the value only (autograd
+differentiates that value: the plain path); the fused LM-head pass (``logit_pass.py``) calls
+``dense_value_grad`` / ``sparse_value_grad`` on the same cores and never runs autograd. A
+``LogitRows`` holds one chunk's logits and computes each model's tempered log-softmax once, so
+CE and every logit term of a chunk share it.
+
+Temperature: both sides' logits are divided by ``temperature`` before the softmax (T = 1 costs
+nothing). The result is NOT multiplied by T^2 by default (``scale_t2=False``): the value is the
+divergence between the two tempered distributions. Pass ``scale_t2=True`` for Hinton's T^2
+factor, which keeps gradient magnitudes comparable across temperatures.
 
 Directions: ``p_T`` is the teacher distribution, ``p_S`` the student's.
 - forward_kl = KL(p_T || p_S)  (mode covering; the LLaVADI paper's choice)
@@ -23,11 +32,20 @@ Directions: ``p_T`` is the teacher distribution, ``p_S`` the student's.
 - logit_mse = mean over the vocabulary of (z_S - z_T)^2 on tempered logits, or on row-wise
   standardised logits with ``zscore=True`` (then temperature has no effect: it cancels).
 
+Gradients with respect to the tempered student logits u = z_S / T (then divided by T), with
+p = p_S, q = p_T, m = log M and D the row's value:
+forward KL p - q; reverse KL p (log p - log q - D); JSD (1-beta) p (log p - m - KL(p||M));
+skew forward KL (1-alpha) (p S - r) with r = p q / M, S = sum r; skew reverse KL
+p (log p - m - alpha p/M - D + alpha sum p^2/M); TVD p (g - sum p g) with g = sign(p - q) / 2.
+
 Sparse teacher (offline top-k cache): ``sparse_forward_kl`` / ``sparse_jsd`` take the teacher as
 top-k token ids (N, k) and the teacher's full-vocabulary log-probs at those ids at T=1 (N, k).
 Both sides are collapsed onto k+1 categories (the k ids plus one "rest" bucket for every other
-token) and the dense log-prob core of the same divergence is applied, so there is one
-definition. The teacher's missing mass r = 1 - sum_k p_T is treated by ``missing_mass``:
+token) and the same core is applied, so there is one definition. The collapsed student is the
+softmax of the logits [u_ids, logsumexp(u_rest)], so a core's gradient on the k+1 categories maps
+back to the vocabulary: each id gets its category's, each other token the rest bucket's times its
+share of the student's rest mass. The teacher's missing mass r = 1 - sum_k p_T is treated by
+``missing_mass``:
 - "renormalize" (default): the teacher distribution is its top-k renormalised and zero
   elsewhere; the student keeps its full distribution (its mass outside the top-k lands in the
   rest bucket). This is EXACTLY the dense divergence against that truncated teacher.
@@ -57,7 +75,7 @@ MISSING_MASS_TREATMENTS = ("renormalize", "rest")
 REST_MASS_FLOOR = 1e-12  # teacher rest mass below this is float rounding of 1 - sum(top-k)
 
 
-# ---------------------------------------------------------------- helpers on log-probs
+# ---------------------------------------------------------------- checks
 def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -71,94 +89,306 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _tempered_logprobs(logits: Tensor, temperature: float) -> Tensor:
-    """float32 log-softmax of logits / temperature over the last dimension."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
-
-
-def _finish(value: Tensor, temperature: float, scale_t2: bool) -> Tensor:
-    return value * (temperature**2) if scale_t2 else value
-
-
-def _kl_rows(logp_a: Tensor, logp_b: Tensor) -> Tensor:
-    """KL(a || b) per row from log-probs; terms where a == 0 count 0 (also when b == 0 there)."""
-    p_a = logp_a.exp()
-    support = p_a > 0
-    # mask the inputs (not only the product) so that 0 * (-inf) never appears, not even in backward
-    diff = torch.where(support, logp_a, torch.zeros_like(logp_a)) - torch.where(
-        support, logp_b, torch.zeros_like(logp_b)
-    )
-    return (p_a * diff).sum(dim=-1)
-
-
-def _log_mixture(logp_a: Tensor, logp_b: Tensor, weight_a: float) -> Tensor:
-    """log(weight_a * p_a + (1 - weight_a) * p_b), exact at weight_a in {0, 1}."""
-    if weight_a == 1.0:
-        return logp_a
-    if weight_a == 0.0:
-        return logp_b
-    stacked = torch.stack([logp_a + math.log(weight_a), logp_b + math.log(1.0 - weight_a)])
-    return torch.logsumexp(stacked, dim=0)
-
-
 def _check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-# ---------------------------------------------------------------- cores on log-probs
-# The dense and sparse public functions both call these: one definition per divergence.
-def _forward_kl_core(logp_s: Tensor, logp_t: Tensor) -> Tensor:
-    return _kl_rows(logp_t, logp_s)
+def _upcast(logits: Tensor) -> Tensor:
+    """float32 (or float64) logits: low-precision logits are upcast before any softmax."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def _reverse_kl_core(logp_s: Tensor, logp_t: Tensor) -> Tensor:
-    return _kl_rows(logp_s, logp_t)
+# ---------------------------------------------------------------- shared log-probs
+class Dist:
+    """Log-probs of rows (N, V) and their probabilities (computed once, on first use).
+
+    ``exact_zeros``: some log-probs may be -inf (a renormalised top-k teacher, an empty rest
+    bucket); only then do the cores mask 0 * log 0 terms, which would otherwise touch every element.
+    """
+
+    __slots__ = ("logp", "exact_zeros", "_p")
+
+    def __init__(self, logp: Tensor, exact_zeros: bool = False) -> None:
+        self.logp = logp
+        self.exact_zeros = exact_zeros
+        self._p: Tensor | None = None
+
+    @property
+    def p(self) -> Tensor:
+        """The probabilities exp(logp)."""
+        if self._p is None:
+            self._p = self.logp.exp()
+        return self._p
 
 
-def _jsd_core(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+class LogitRows:
+    """Student logits (N, V) and optionally the dense teacher's, with tempered log-softmaxes computed once.
+
+    Every term of a chunk reads the same ``student(T)`` / ``teacher(T)``. With ``owned=True`` the
+    logit tensors belong to the caller's chunk and are released once their T=1 log-softmax exists,
+    unless ``keep_raw`` (logit_mse without z-scoring reads them).
+    Other temperatures are derived from the T=1 log-probs when the raw logits are gone: a softmax
+    does not change when a row is shifted by a constant.
+    """
+
+    def __init__(self, student: Tensor, teacher: Tensor | None = None, *, owned: bool = False,
+                 keep_raw: bool = True) -> None:
+        self._logits = {"student": _upcast(student), "teacher": None if teacher is None else _upcast(teacher)}
+        self._raw = {"student": True, "teacher": teacher is not None}
+        self._in_place = owned and not keep_raw
+        self._cache: dict[tuple[str, float], Dist] = {}
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows."""
+        return self._logits["student"].shape[0]
+
+    def student(self, temperature: float) -> Dist:
+        """The student's log-softmax of logits / temperature."""
+        return self._dist("student", temperature)
+
+    def teacher(self, temperature: float) -> Dist:
+        """The dense teacher's log-softmax of logits / temperature."""
+        if self._logits["teacher"] is None:
+            raise ValueError("these rows have no dense teacher logits")
+        return self._dist("teacher", temperature)
+
+    def raw(self, shift_invariant: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The student's and teacher's logits as given; with `shift_invariant`, possibly shifted per row.
+
+        Logits overwritten in place by their T=1 log-probs are a per-row shift of the raw ones:
+        good for a reader that does not see such shifts (z-scored logits), an error otherwise.
+        """
+        out = []
+        for side in ("student", "teacher"):
+            logits = self._logits[side]
+            if logits is not None and not self._raw[side] and not shift_invariant:
+                raise ValueError("raw logits were not kept for these rows (LogitRows(..., keep_raw=False))")
+            out.append(logits)
+        return out[0], out[1]
+
+    def _dist(self, side: str, temperature: float) -> Dist:
+        key = (side, float(temperature))
+        if key not in self._cache:
+            logits = self._logits[side]
+            source = logits if self._raw[side] else self._cache[(side, 1.0)].logp
+            self._cache[key] = Dist(F.log_softmax(source if temperature == 1.0 else source / temperature, dim=-1))
+            if temperature == 1.0 and self._in_place and self._raw[side]:
+                self._logits[side] = self._cache[key].logp  # the raw chunk logits are released
+                self._raw[side] = False
+        return self._cache[key]
+
+    def subset(self, index: Tensor) -> LogitRows:
+        """The rows `index` (a copy), keeping what is already computed."""
+        sub = LogitRows.__new__(LogitRows)
+        sub._logits = {}
+        for side, logits in self._logits.items():
+            if logits is None or self._raw[side]:
+                sub._logits[side] = None if logits is None else logits[index]
+            else:  # shifted per row: a valid source for every softmax, not for logit_mse (which keeps raw)
+                sub._logits[side] = self._cache[(side, 1.0)].logp[index]
+        sub._raw = dict(self._raw)
+        sub._in_place = False
+        sub._cache = {}
+        for key, dist in self._cache.items():
+            in_place = key[1] == 1.0 and not self._raw[key[0]]
+            sub._cache[key] = Dist(sub._logits[key[0]] if in_place else dist.logp[index], dist.exact_zeros)
+            if dist._p is not None:
+                sub._cache[key]._p = dist._p[index]
+        return sub
+
+
+# ---------------------------------------------------------------- helpers on log-probs
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product (N,) without an (N, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _masked(values: Tensor, keep: Tensor | None) -> Tensor:
+    """`values` where `keep` (zero elsewhere, also where values are nan from 0 * log 0); `keep` None: all."""
+    return values if keep is None else torch.where(keep, values, torch.zeros((), dtype=values.dtype,
+                                                                               device=values.device))
+
+
+def _kl(a: Dist, b: Dist) -> Tensor:
+    """KL(a || b) per row; terms where a == 0 count 0 (also when b == 0 there)."""
+    diff = a.logp - b.logp
+    return _rowdot(a.p, _masked(diff, a.p > 0 if a.exact_zeros else None))
+
+
+def _log_mixture(a: Dist, b: Dist, weight_a: float) -> Dist:
+    """log(weight_a * p_a + (1 - weight_a) * p_b), exact at weight_a in {0, 1}."""
+    if weight_a == 1.0:
+        return a
+    if weight_a == 0.0:
+        return b
+    logp = torch.logaddexp(a.logp + math.log(weight_a), b.logp + math.log(1.0 - weight_a))
+    return Dist(logp, a.exact_zeros and b.exact_zeros)
+
+
+def _add_scaled(grad: Tensor, coef: float, p: Tensor, factor: Tensor, keep: Tensor | None) -> None:
+    """grad += coef * p * factor (zero where not `keep`)."""
+    grad.add_(_masked(p * factor, keep), alpha=coef)
+
+
+def _support(*dists: Dist) -> Tensor | None:
+    """Where the first distribution is > 0, when any of them may have exact zeros (None: everywhere)."""
+    return dists[0].p > 0 if any(d.exact_zeros for d in dists) else None
+
+
+# ---------------------------------------------------------------- cores: value, and coef * gradient into `grad`
+# (gradient with respect to the tempered student logits; callers divide by T)
+def _forward_kl_core(s: Dist, t: Dist, grad: Tensor | None, coef: float) -> Tensor:
+    value = _kl(t, s)
+    if grad is not None:
+        grad.add_(s.p, alpha=coef).sub_(t.p, alpha=coef)
+    return value
+
+
+def _reverse_kl_core(s: Dist, t: Dist, grad: Tensor | None, coef: float) -> Tensor:
+    value = _kl(s, t)
+    if grad is not None:
+        _add_scaled(grad, coef, s.p, s.logp - t.logp - value.unsqueeze(-1), _support(s, t))
+    return value
+
+
+def _jsd_core(s: Dist, t: Dist, grad: Tensor | None, coef: float, beta: float) -> Tensor:
     _check_unit("beta", beta)
     if beta == 0.0:
-        return _forward_kl_core(logp_s, logp_t)
+        return _forward_kl_core(s, t, grad, coef)
     if beta == 1.0:
-        return _reverse_kl_core(logp_s, logp_t)
-    logp_m = _log_mixture(logp_t, logp_s, beta)  # M = beta p_T + (1-beta) p_S
-    return beta * _kl_rows(logp_t, logp_m) + (1.0 - beta) * _kl_rows(logp_s, logp_m)
+        return _reverse_kl_core(s, t, grad, coef)
+    m = _log_mixture(t, s, beta)  # M = beta p_T + (1-beta) p_S
+    kl_s = _kl(s, m)
+    if grad is not None:
+        _add_scaled(grad, coef * (1.0 - beta), s.p, s.logp - m.logp - kl_s.unsqueeze(-1), _support(s, t))
+    return beta * _kl(t, m) + (1.0 - beta) * kl_s
 
 
-def _skew_forward_kl_core(logp_s: Tensor, logp_t: Tensor, alpha: float) -> Tensor:
+def _skew_forward_kl_core(s: Dist, t: Dist, grad: Tensor | None, coef: float, alpha: float) -> Tensor:
     _check_unit("alpha", alpha)
-    return _kl_rows(logp_t, _log_mixture(logp_t, logp_s, alpha))
+    m = _log_mixture(t, s, alpha)
+    value = _kl(t, m)
+    if grad is not None and alpha < 1.0:  # alpha = 1: KL(p_T || p_T), constant
+        keep = (s.p > 0) & (t.p > 0) if (s.exact_zeros or t.exact_zeros) else None
+        r = _masked((s.logp + t.logp - m.logp).exp(), keep)  # p_S p_T / M
+        grad.add_(s.p * r.sum(-1, keepdim=True) - r, alpha=coef * (1.0 - alpha))
+    return value
 
 
-def _skew_reverse_kl_core(logp_s: Tensor, logp_t: Tensor, alpha: float) -> Tensor:
+def _skew_reverse_kl_core(s: Dist, t: Dist, grad: Tensor | None, coef: float, alpha: float) -> Tensor:
     _check_unit("alpha", alpha)
-    return _kl_rows(logp_s, _log_mixture(logp_s, logp_t, alpha))
+    m = _log_mixture(s, t, alpha)
+    value = _kl(s, m)
+    if grad is not None:
+        keep = _support(s, t)
+        factor = s.logp - m.logp - value.unsqueeze(-1)
+        if alpha > 0.0:  # at alpha = 0, p_S / M = p_S / p_T may overflow; its weight is 0
+            ratio = _masked((s.logp - m.logp).exp(), keep)  # p_S / M <= 1 / alpha
+            factor = factor - alpha * (ratio - _rowdot(s.p, ratio).unsqueeze(-1))
+        _add_scaled(grad, coef, s.p, factor, keep)
+    return value
 
 
-# ---------------------------------------------------------------- dense divergences
+def _tvd_core(s: Dist, t: Dist, grad: Tensor | None, coef: float) -> Tensor:
+    value = 0.5 * (t.p - s.p).abs().sum(dim=-1)
+    if grad is not None:
+        half_sign = 0.5 * torch.sign(s.p - t.p)
+        grad.add_(s.p * (half_sign - _rowdot(s.p, half_sign).unsqueeze(-1)), alpha=coef)
+    return value
+
+
+_CORES: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
+    "forward_kl": (_forward_kl_core, ()),
+    "reverse_kl": (_reverse_kl_core, ()),
+    "jsd": (_jsd_core, ("beta",)),
+    "tvd": (_tvd_core, ()),
+    "skew_forward_kl": (_skew_forward_kl_core, ("alpha",)),
+    "skew_reverse_kl": (_skew_reverse_kl_core, ("alpha",)),
+}
+
+
+def _core_options(name: str, opt: dict) -> dict:
+    allowed = _CORES[name][1]
+    unknown = sorted(set(opt) - set(allowed))
+    if unknown:
+        raise TypeError(f"divergence {name!r} takes no option(s) {unknown}")
+    return opt
+
+
+# ---------------------------------------------------------------- value and gradient of a chunk's rows
+def dense_value_grad(name: str, rows: LogitRows, grad: Tensor | None = None, coef: float = 1.0, *,
+                     temperature: float = 1.0, scale_t2: bool = False, **opt) -> Tensor:
+    """Per-row divergence `name` (N,) between the rows' student and teacher; adds coef * d value / d student logits into `grad`."""
+    _check_temperature(temperature)
+    if name == "logit_mse":
+        return _logit_mse_value_grad(rows, grad, coef, temperature=temperature, scale_t2=scale_t2, **opt)
+    if name not in _CORES:
+        raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+    core, _ = _CORES[name]
+    factor = temperature**2 if scale_t2 else 1.0
+    value = core(rows.student(temperature), rows.teacher(temperature), grad, coef * factor / temperature,
+                 **_core_options(name, opt))
+    return value * factor if scale_t2 else value
+
+
+def target_nll(rows: LogitRows, targets: Tensor, grad: Tensor | None = None, coef: float = 1.0) -> Tensor:
+    """Cross-entropy -log p_S(target) per row (N,) at T=1; adds coef * (p_S - onehot(target)) into `grad`."""
+    s = rows.student(1.0)
+    targets = targets.unsqueeze(-1)
+    value = -s.logp.gather(-1, targets).squeeze(-1)
+    if grad is not None:
+        grad.add_(s.p, alpha=coef).scatter_add_(-1, targets, torch.full(targets.shape, -coef, dtype=grad.dtype,
+                                                                         device=grad.device))
+    return value
+
+
+def _standardize(logits: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-standardised logits, and the centred logits and std they came from."""
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    std = centred.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return centred / (std + eps), centred, std
+
+
+def _logit_mse_value_grad(rows: LogitRows, grad: Tensor | None, coef: float, *, temperature: float,
+                          scale_t2: bool, zscore: bool = False, eps: float = 1e-6) -> Tensor:
+    z_s, z_t = rows.raw(shift_invariant=zscore)
+    if z_t is None:
+        raise ValueError("logit_mse needs dense teacher logits")
+    u_s, u_t = z_s / temperature, z_t / temperature
+    if zscore:
+        u_s, centred, std = _standardize(u_s, eps)
+        u_t = _standardize(u_t, eps)[0]
+    factor = temperature**2 if scale_t2 else 1.0
+    diff = u_s - u_t
+    if grad is not None:
+        g = diff * (2.0 / diff.shape[-1])  # d mean(diff^2) / d u_s
+        if zscore:  # through (x - mean) / (std + eps)
+            g = (g - g.mean(-1, keepdim=True)) / (std + eps) - centred * (g * centred).mean(-1, keepdim=True) / (
+                std * (std + eps) ** 2)
+        grad.add_(g, alpha=coef * factor / temperature)
+    return diff.pow(2).mean(dim=-1) * factor
+
+
+# ---------------------------------------------------------------- dense divergences (value; autograd-differentiable)
+def _dense(name: str, student_logits: Tensor, teacher_logits: Tensor, **opt) -> Tensor:
+    _check_pair(student_logits, teacher_logits)
+    return dense_value_grad(name, LogitRows(student_logits, teacher_logits), **opt)
+
+
 def forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, scale_t2: bool = False
 ) -> Tensor:
     """KL(p_T || p_S) per position, (N,) float32."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    value = _forward_kl_core(
-        _tempered_logprobs(student_logits, temperature), _tempered_logprobs(teacher_logits, temperature)
-    )
-    return _finish(value, temperature, scale_t2)
+    return _dense("forward_kl", student_logits, teacher_logits, temperature=temperature, scale_t2=scale_t2)
 
 
 def reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, scale_t2: bool = False
 ) -> Tensor:
     """KL(p_S || p_T) per position, (N,) float32."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    value = _reverse_kl_core(
-        _tempered_logprobs(student_logits, temperature), _tempered_logprobs(teacher_logits, temperature)
-    )
-    return _finish(value, temperature, scale_t2)
+    return _dense("reverse_kl", student_logits, teacher_logits, temperature=temperature, scale_t2=scale_t2)
 
 
 def jsd(
@@ -170,21 +400,12 @@ def jsd(
     scale_t2: bool = False,
 ) -> Tensor:
     """Generalised Jensen-Shannon divergence with mixture weight beta on the teacher, (N,)."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    value = _jsd_core(
-        _tempered_logprobs(student_logits, temperature), _tempered_logprobs(teacher_logits, temperature), beta
-    )
-    return _finish(value, temperature, scale_t2)
+    return _dense("jsd", student_logits, teacher_logits, beta=beta, temperature=temperature, scale_t2=scale_t2)
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, scale_t2: bool = False) -> Tensor:
     """Total variation distance 1/2 sum |p_T - p_S| per position, (N,)."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    p_s = _tempered_logprobs(student_logits, temperature).exp()
-    p_t = _tempered_logprobs(teacher_logits, temperature).exp()
-    return _finish(0.5 * (p_t - p_s).abs().sum(dim=-1), temperature, scale_t2)
+    return _dense("tvd", student_logits, teacher_logits, temperature=temperature, scale_t2=scale_t2)
 
 
 def skew_forward_kl(
@@ -196,12 +417,8 @@ def skew_forward_kl(
     scale_t2: bool = False,
 ) -> Tensor:
     """DistiLLM skew KL: KL(p_T || alpha p_T + (1-alpha) p_S) per position, (N,)."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    value = _skew_forward_kl_core(
-        _tempered_logprobs(student_logits, temperature), _tempered_logprobs(teacher_logits, temperature), alpha
-    )
-    return _finish(value, temperature, scale_t2)
+    return _dense("skew_forward_kl", student_logits, teacher_logits, alpha=alpha, temperature=temperature,
+                  scale_t2=scale_t2)
 
 
 def skew_reverse_kl(
@@ -213,18 +430,8 @@ def skew_reverse_kl(
     scale_t2: bool = False,
 ) -> Tensor:
     """DistiLLM skew reverse KL: KL(p_S || alpha p_S + (1-alpha) p_T) per position, (N,)."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    value = _skew_reverse_kl_core(
-        _tempered_logprobs(student_logits, temperature), _tempered_logprobs(teacher_logits, temperature), alpha
-    )
-    return _finish(value, temperature, scale_t2)
-
-
-def _standardize(logits: Tensor, eps: float = 1e-6) -> Tensor:
-    mean = logits.mean(dim=-1, keepdim=True)
-    std = logits.std(dim=-1, unbiased=False, keepdim=True)
-    return (logits - mean) / (std + eps)
+    return _dense("skew_reverse_kl", student_logits, teacher_logits, alpha=alpha, temperature=temperature,
+                  scale_t2=scale_t2)
 
 
 def logit_mse(
@@ -236,26 +443,73 @@ def logit_mse(
     scale_t2: bool = False,
 ) -> Tensor:
     """Mean over the vocabulary of squared logit differences per position, (N,)."""
-    _check_pair(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    z_s = student_logits.float() / temperature
-    z_t = teacher_logits.float() / temperature
-    if zscore:
-        z_s, z_t = _standardize(z_s), _standardize(z_t)
-    return _finish((z_s - z_t).pow(2).mean(dim=-1), temperature, scale_t2)
+    return _dense("logit_mse", student_logits, teacher_logits, zscore=zscore, temperature=temperature,
+                  scale_t2=scale_t2)
 
 
 # ---------------------------------------------------------------- sparse (top-k) teacher
-def _log_mass_outside(logp_full: Tensor, topk_ids: Tensor) -> Tensor:
-    """log of the probability mass outside the top-k ids, per row (-inf with zero gradient when k covers V)."""
-    outside = torch.ones_like(logp_full, dtype=torch.bool).scatter(-1, topk_ids, False)
-    has_outside = outside.any(dim=-1, keepdim=True)
-    # summed directly (not 1 - top-k mass) so tiny tails keep their precision; rows without a tail get a dummy input
-    masked = torch.where(outside, logp_full, torch.full_like(logp_full, float("-inf")))
-    masked = torch.where(has_outside, masked, torch.zeros_like(logp_full))
-    return torch.where(
-        has_outside.squeeze(-1), torch.logsumexp(masked, dim=-1), torch.full_like(masked[:, 0], float("-inf"))
-    )
+def _check_sparse(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, missing_mass: str) -> None:
+    if missing_mass not in MISSING_MASS_TREATMENTS:
+        raise ValueError(f"missing_mass must be one of {MISSING_MASS_TREATMENTS}, got {missing_mass!r}")
+    if student_logits.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape != topk_logprobs.shape:
+        raise ValueError(
+            "sparse divergences take student logits (N, V) and teacher top-k ids and log-probs (N, k); got "
+            f"{tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_logprobs.shape)}"
+        )
+    if topk_ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"student has {student_logits.shape[0]} positions, teacher top-k {topk_ids.shape[0]}")
+
+
+class _Collapsed:
+    """Student and teacher over the k teacher ids plus one rest bucket, and how to map gradients back to V."""
+
+    def __init__(self, full: Dist, topk_ids: Tensor, topk_logprobs: Tensor, temperature: float,
+                 missing_mass: str) -> None:
+        self.ids = topk_ids.long()
+        self.full = full
+        self.outside = torch.ones_like(full.logp, dtype=torch.bool).scatter(-1, self.ids, False)
+        has_outside = self.outside.any(dim=-1, keepdim=True)
+        # summed directly (not 1 - top-k mass) so tiny tails keep their precision; rows without a tail get a dummy input
+        masked = torch.where(self.outside, full.logp, torch.full_like(full.logp, float("-inf")))
+        masked = torch.where(has_outside, masked, torch.zeros_like(full.logp))
+        logp_rest = torch.where(has_outside.squeeze(-1), torch.logsumexp(masked, dim=-1),
+                                torch.full_like(masked[:, 0], float("-inf")))
+        self.logp_rest = logp_rest.unsqueeze(-1)
+        self.student = Dist(torch.cat([full.logp.gather(-1, self.ids), self.logp_rest], dim=-1), exact_zeros=True)
+
+        teacher_logprobs = topk_logprobs.detach().to(full.logp.dtype)
+        shape_t = F.log_softmax(teacher_logprobs / temperature, dim=-1)  # tempered shape within the top-k
+        k, vocab = self.ids.shape[-1], full.logp.shape[-1]
+        if missing_mass == "renormalize" or k >= vocab:
+            logp_t_topk, logp_t_rest = shape_t, torch.full_like(logp_rest, float("-inf"))
+        else:
+            # r = 1 - top-k mass at T=1; floored so float rounding never makes the rest bucket exactly empty
+            rest = (-torch.expm1(torch.logsumexp(teacher_logprobs, dim=-1).clamp(max=0.0))).clamp_min(REST_MASS_FLOOR)
+            logp_t_topk, logp_t_rest = shape_t + torch.log1p(-rest).unsqueeze(-1), torch.log(rest)
+        self.teacher = Dist(torch.cat([logp_t_topk, logp_t_rest.unsqueeze(-1)], dim=-1), exact_zeros=True)
+
+    def expand_grad(self, grad_collapsed: Tensor, grad: Tensor) -> None:
+        """grad (N, V) += the collapsed (N, k+1) gradient mapped back to the vocabulary."""
+        share = (self.full.logp - self.logp_rest).exp()  # each other token's share of the student's rest mass
+        grad.add_(_masked(grad_collapsed[:, -1:] * share, self.outside))
+        grad.scatter_add_(-1, self.ids, grad_collapsed[:, :-1])
+
+
+def sparse_value_grad(name: str, rows: LogitRows, topk_ids: Tensor, topk_logprobs: Tensor,
+                      grad: Tensor | None = None, coef: float = 1.0, *, temperature: float = 1.0,
+                      scale_t2: bool = False, missing_mass: str = "renormalize", **opt) -> Tensor:
+    """Per-row divergence `name` (N,) against a top-k teacher; adds coef * d value / d student logits into `grad`."""
+    _check_temperature(temperature)
+    if name not in SPARSE_DIVERGENCES:
+        raise ValueError(f"divergence {name!r} has no top-k form; valid: {', '.join(SPARSE_DIVERGENCES)}")
+    collapsed = _Collapsed(rows.student(temperature), topk_ids, topk_logprobs, temperature, missing_mass)
+    factor = temperature**2 if scale_t2 else 1.0
+    grad_c = None if grad is None else torch.zeros_like(collapsed.student.logp)
+    value = _CORES[name][0](collapsed.student, collapsed.teacher, grad_c, coef * factor / temperature,
+                            **_core_options(name, opt))
+    if grad is not None:
+        collapsed.expand_grad(grad_c, grad)
+    return value * factor if scale_t2 else value
 
 
 def collapse_to_topk(
@@ -268,37 +522,10 @@ def collapse_to_topk(
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probs over the k teacher ids plus one rest bucket: two (N, k+1) tensors."""
     _check_temperature(temperature)
-    if missing_mass not in MISSING_MASS_TREATMENTS:
-        raise ValueError(f"missing_mass must be one of {MISSING_MASS_TREATMENTS}, got {missing_mass!r}")
-    if (
-        student_logits.dim() != 2
-        or teacher_topk_ids.dim() != 2
-        or teacher_topk_ids.shape != teacher_topk_logprobs.shape
-    ):
-        raise ValueError(
-            "sparse divergences take student logits (N, V) and teacher top-k ids and log-probs (N, k); got "
-            f"{tuple(student_logits.shape)}, {tuple(teacher_topk_ids.shape)}, {tuple(teacher_topk_logprobs.shape)}"
-        )
-    if teacher_topk_ids.shape[0] != student_logits.shape[0]:
-        raise ValueError(f"student has {student_logits.shape[0]} positions, teacher top-k {teacher_topk_ids.shape[0]}")
-    logp_s_full = _tempered_logprobs(student_logits, temperature)
-    logp_s_topk = logp_s_full.gather(-1, teacher_topk_ids.long())
-    logp_s_rest = _log_mass_outside(logp_s_full, teacher_topk_ids.long())
-
-    teacher_logprobs = teacher_topk_logprobs.detach().float()
-    shape_t = F.log_softmax(teacher_logprobs / temperature, dim=-1)  # tempered shape within the top-k
-    k, vocab = teacher_topk_ids.shape[-1], student_logits.shape[-1]
-    if missing_mass == "renormalize" or k >= vocab:
-        logp_t_topk = shape_t
-        logp_t_rest = torch.full_like(logp_s_rest, float("-inf"))
-    else:
-        # r = 1 - top-k mass at T=1; floored so float rounding never makes the rest bucket exactly empty
-        rest = (-torch.expm1(torch.logsumexp(teacher_logprobs, dim=-1).clamp(max=0.0))).clamp_min(REST_MASS_FLOOR)
-        logp_t_topk = shape_t + torch.log1p(-rest).unsqueeze(-1)
-        logp_t_rest = torch.log(rest)
-    logp_s = torch.cat([logp_s_topk, logp_s_rest.unsqueeze(-1)], dim=-1)
-    logp_t = torch.cat([logp_t_topk, logp_t_rest.unsqueeze(-1)], dim=-1)
-    return logp_s, logp_t
+    _check_sparse(student_logits, teacher_topk_ids, teacher_topk_logprobs, missing_mass)
+    collapsed = _Collapsed(LogitRows(student_logits).student(temperature), teacher_topk_ids, teacher_topk_logprobs,
+                           temperature, missing_mass)
+    return collapsed.student.logp, collapsed.teacher.logp
 
 
 def sparse_forward_kl(
@@ -311,10 +538,18 @@ def sparse_forward_kl(
     missing_mass: str = "renormalize",
 ) -> Tensor:
     """Forward KL against a top-k teacher (missing mass per ``missing_mass``), (N,) float32."""
-    logp_s, logp_t = collapse_to_topk(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature=temperature, missing_mass=missing_mass
-    )
-    return _finish(_forward_kl_core(logp_s, logp_t), temperature, scale_t2)
+    _check_sparse(student_logits, teacher_topk_ids, teacher_topk_logprobs, missing_mass)
+    return sparse_value_grad("forward_kl", LogitRows(student_logits), teacher_topk_ids, teacher_topk_logprobs,
+                             temperature=temperature, scale_t2=scale_t2, missing_mass=missing_mass)
+
+
+def check_sparse_jsd(beta: float, missing_mass: str, k: int, vocab: int) -> None:
+    """Refuse reverse KL (beta 1) against a renormalised top-k teacher: infinite wherever the student has mass outside."""
+    if beta == 1.0 and missing_mass == "renormalize" and k < vocab:
+        raise ValueError(
+            "sparse jsd with beta=1 (reverse KL) against a renormalised top-k teacher is infinite wherever "
+            "the student has mass outside the top-k; use missing_mass='rest' or beta < 1"
+        )
 
 
 def sparse_jsd(
@@ -328,15 +563,10 @@ def sparse_jsd(
     missing_mass: str = "renormalize",
 ) -> Tensor:
     """Generalised JSD against a top-k teacher (missing mass per ``missing_mass``), (N,) float32."""
-    if beta == 1.0 and missing_mass == "renormalize" and teacher_topk_ids.shape[-1] < student_logits.shape[-1]:
-        raise ValueError(
-            "sparse jsd with beta=1 (reverse KL) against a renormalised top-k teacher is infinite wherever "
-            "the student has mass outside the top-k; use missing_mass='rest' or beta < 1"
-        )
-    logp_s, logp_t = collapse_to_topk(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature=temperature, missing_mass=missing_mass
-    )
-    return _finish(_jsd_core(logp_s, logp_t, beta), temperature, scale_t2)
+    check_sparse_jsd(beta, missing_mass, teacher_topk_ids.shape[-1], student_logits.shape[-1])
+    _check_sparse(student_logits, teacher_topk_ids, teacher_topk_logprobs, missing_mass)
+    return sparse_value_grad("jsd", LogitRows(student_logits), teacher_topk_ids, teacher_topk_logprobs, beta=beta,
+                             temperature=temperature, scale_t2=scale_t2, missing_mass=missing_mass)
 
 
 # ---------------------------------------------------------------- registries by exact name

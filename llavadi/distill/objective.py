@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from llavadi.distill.logit_pass import logit_sums
+from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB, logit_loss
 from llavadi.distill.selection import Selection, Targets, count_selections, selection_name
 from llavadi.distill.terms import TermContext, TermSpec, build_term
 from llavadi.distill.terms.base import TEACHER_SIGNALS
@@ -57,18 +57,23 @@ class DistillObjective(nn.Module):
     """CE plus weighted distillation terms routed to token types; its terms own their projectors."""
 
     def __init__(self, terms: list, ce_weight: float = 1.0, student_config: Any = None, teacher_config: Any = None,
-                 chunk_size: int | None = 1024, student_tokens_per_image: int | None = None,
-                 teacher_tokens_per_image: int | None = None, teacher_signal: str = "dense") -> None:
+                 chunk_size: int | None = None, student_tokens_per_image: int | None = None,
+                 teacher_tokens_per_image: int | None = None, teacher_signal: str = "dense",
+                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True) -> None:
         super().__init__()
         specs = [TermSpec.from_dict(t, f"distill.terms[{i}]") for i, t in enumerate(terms)]
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of positions or None (plain path), got {chunk_size}")
+            raise ValueError(f"chunk_size must be a positive number of positions or None (from chunk_mib), got {chunk_size}")
+        if not chunk_mib > 0:
+            raise ValueError(f"chunk_mib must be > 0, got {chunk_mib}")
         if teacher_signal not in TEACHER_SIGNALS:
             raise ValueError(f"teacher_signal must be one of {TEACHER_SIGNALS}, got {teacher_signal!r}")
         if specs and teacher_config is None and teacher_signal == "dense":
             raise ValueError(f"distillation terms {[s.name for s in specs]} need a teacher_config (a teacher model)")
         self.ce_weight = float(ce_weight)
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size  # positions per LM-head chunk; None: as many as fit chunk_mib
+        self.chunk_mib = chunk_mib
+        self.fused = fused  # False: the plain autograd path (the reference)
         self.teacher_signal = teacher_signal
         ctx = TermContext(
             student_width=text_width(student_config) if student_config is not None else None,
@@ -146,22 +151,21 @@ class DistillObjective(nn.Module):
         teacher = self._check_teacher(teacher, student.token_types.device)
         ce = self.ce_weight != 0
         logit_terms = [t for t in self.terms if t.is_logit_term]
-        sums = dict(zip(["ce"] * ce + [t.label for t in logit_terms],
-                        logit_sums(student, teacher, labels, ce, logit_terms, self.chunk_size)))
+        counts = {t.label: max(float(normalizers[t.selection()]), 1.0) for t in self.terms}
+        counts["ce"] = max(float(normalizers[Targets()]), 1.0) if ce else 1.0
+        # the LM-head pass takes each slot's share of the loss (weight / global count) and returns sum_j share_j * sum_j
+        slot_labels = ["ce"] * ce + [t.label for t in logit_terms]
+        weights = [self.ce_weight] * ce + [t.weight for t in logit_terms]
+        total, slot_sums = logit_loss(student, teacher, labels, ce, logit_terms,
+                                      [w / counts[label] for w, label in zip(weights, slot_labels)],
+                                      self.chunk_size, self.chunk_mib, self.fused)
+        logged = {label: value / counts[label] for label, value in zip(slot_labels, slot_sums.unbind(0))}
         for term in self.terms:
             if not term.is_logit_term:
-                sums[term.label] = term(student, teacher)
-        total = student.last_hidden.sum() * 0.0  # keeps the graph connected when nothing is selected
-        logged: dict[str, Tensor] = {}
-        if ce:
-            value = sums["ce"] / max(float(normalizers[Targets()]), 1.0)
-            total = total + self.ce_weight * value
-            logged["ce"] = value.detach()
-        for term in self.terms:
-            value = sums[term.label] / max(float(normalizers[term.selection()]), 1.0)
-            total = total + term.weight * value
-            logged[term.label] = value.detach()
-        return total, logged
+                value = term(student, teacher) / counts[term.label]
+                total = total + term.weight * value
+                logged[term.label] = value.detach()
+        return total, {label: logged[label] for label in ["ce"] * ce + self.term_labels}  # recipe order
 
     def _check_teacher(self, teacher: ModelView | None, device: torch.device) -> ModelView | None:
         if not self.terms:

@@ -23,13 +23,18 @@ def corresponding_positions(student_types: Tensor, teacher_types: Tensor) -> Ten
     """(B, T_s) teacher position of the token matching each student token (k-th of its type), -1 if none."""
     if student_types.shape[0] != teacher_types.shape[0]:
         raise ValueError(f"student batch has {student_types.shape[0]} samples, teacher batch {teacher_types.shape[0]}")
+    batch, t_len = teacher_types.shape
     mapping = torch.full_like(student_types, -1)
-    for b in range(student_types.shape[0]):
-        for token_type in _MATCHED_TYPES:
-            s_pos = (student_types[b] == int(token_type)).nonzero().squeeze(1)
-            t_pos = (teacher_types[b] == int(token_type)).nonzero().squeeze(1)
-            if len(s_pos) == len(t_pos):
-                mapping[b, s_pos] = t_pos
+    positions = torch.arange(t_len, device=teacher_types.device).expand(batch, t_len)
+    for token_type in _MATCHED_TYPES:  # a fixed number of whole-batch operations, no per-sample loop, no sync
+        in_s, in_t = student_types == int(token_type), teacher_types == int(token_type)
+        rank_s, rank_t = in_s.cumsum(dim=1) - 1, in_t.cumsum(dim=1) - 1  # k: the token is the k-th of its type
+        # by_rank[b, k] = teacher position of the k-th token of the type; column t_len collects the other tokens
+        by_rank = torch.full((batch, t_len + 1), -1, dtype=mapping.dtype, device=teacher_types.device)
+        by_rank.scatter_(1, torch.where(in_t, rank_t, t_len), positions.to(mapping.dtype))
+        matched = in_s & (in_s.sum(dim=1) == in_t.sum(dim=1)).unsqueeze(1)  # only equal counts correspond
+        found = by_rank.gather(1, torch.where(matched, rank_s, t_len).clamp_max(t_len))
+        mapping = torch.where(matched, found, mapping)
     return mapping
 
 

@@ -134,7 +134,7 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
         check_same_tokenizer(student.tokenizer, teacher.tokenizer)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
                             teacher_config=teacher.model.config if teacher is not None else None,
-                            chunk_size=stage.distill.chunk_size)
+                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib)
 
 
 def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None, cache,

@@ -1,9 +1,11 @@
 """Logit terms: a divergence between the student's and the teacher's next-token distributions.
 
 Each reads the positions that PREDICT tokens of its group (``Predictions(tokens)``, response by
-default). The objective applies both LM heads at those positions only, in chunks, and calls
-``dense`` (teacher logits) or ``sparse`` (top-k teacher: ids and log-probs) on each chunk; one
-definition of each divergence lives in ``llavadi.distill.logits``.
+default). The objective applies both LM heads at those positions only, in chunks (``logit_pass.py``), and
+asks each term for its per-row values and their gradient with respect to the student's logits
+(``dense_value_grad`` / ``sparse_value_grad``); the plain reference path differentiates ``dense``
+/ ``sparse`` with autograd instead. One definition of each divergence, value and gradient, lives
+in ``llavadi.distill.logits``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,18 @@ ZSCORE = Option("zscore", bool, False, "compare row-standardised logits (tempera
 
 
 class LogitTerm(Term):
-    """A divergence of next-token distributions; the objective feeds it LM-head logits chunk by chunk."""
+    """A divergence of next-token distributions; the objective feeds it LM-head logits chunk by chunk.
+
+    A built-in term names its ``divergence`` in ``llavadi.distill.logits``: its value (``dense``,
+    ``sparse``: per row, differentiated by autograd on the plain path) and its closed-form gradient
+    (``dense_value_grad``, ``sparse_value_grad``: the fused path) come from the same definition. A
+    term without one gives ``dense`` (and ``sparse``); the fused path then differentiates it per
+    chunk with autograd.
+    """
 
     is_logit_term: ClassVar[bool] = True
     supports_sparse: ClassVar[bool] = False
+    divergence: ClassVar[str | None] = None  # name in llavadi.distill.logits.DIVERGENCES
 
     def check_setting(self, ctx: TermContext, given: set[str], where: str) -> None:
         if ctx.teacher_signal == "topk" and not self.supports_sparse:
@@ -58,13 +68,56 @@ class LogitTerm(Term):
         """The divergence's temperature."""
         return self.opts["temperature"]
 
+    def divergence_options(self) -> dict[str, Any]:
+        """The options passed to the divergence (temperature, scale_t2, and the term's own)."""
+        return {"temperature": self.opts["temperature"], "scale_t2": self.opts["scale_t2"]}
+
+    def reads_raw_logits(self) -> bool:
+        """Whether the term reads logits themselves, not only their softmax (then the fused pass keeps them)."""
+        return self.divergence is None
+
     def dense(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """Per-row divergence (N,) against dense teacher logits."""
-        raise NotImplementedError
+        if self.divergence is None:
+            raise NotImplementedError(f"term {self.name!r} gives neither a divergence name nor dense()")
+        return div.DIVERGENCES[self.divergence](student_logits, teacher_logits, **self.divergence_options())
 
     def sparse(self, student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
         """Per-row divergence (N,) against a top-k teacher."""
-        raise NotImplementedError(f"term {self.name!r} has no top-k form")
+        if self.divergence not in div.SPARSE_DIVERGENCES:
+            raise NotImplementedError(f"term {self.name!r} has no top-k form")
+        return div.SPARSE_DIVERGENCES[self.divergence](student_logits, topk_ids, topk_logprobs,
+                                                       missing_mass=self.opts["missing_mass"],
+                                                       **self.divergence_options())
+
+    def dense_value_grad(self, rows: div.LogitRows, grad: Tensor | None, coef: float) -> Tensor:
+        """Per-row values (N,); adds coef * their gradient w.r.t. the student logits into `grad` (if given)."""
+        if self.divergence is not None:
+            return div.dense_value_grad(self.divergence, rows, grad, coef, **self.divergence_options())
+        student_logits, teacher_logits = rows.raw()
+        return _autograd_value_grad(lambda x: self.dense(x, teacher_logits), student_logits, grad, coef)
+
+    def sparse_value_grad(self, rows: div.LogitRows, topk_ids: Tensor, topk_logprobs: Tensor,
+                          grad: Tensor | None, coef: float) -> Tensor:
+        """Per-row values (N,) against a top-k teacher; adds coef * their gradient into `grad` (if given)."""
+        if self.divergence in div.SPARSE_DIVERGENCES:
+            return div.sparse_value_grad(self.divergence, rows, topk_ids, topk_logprobs, grad, coef,
+                                         missing_mass=self.opts["missing_mass"], **self.divergence_options())
+        student_logits, _ = rows.raw()
+        return _autograd_value_grad(lambda x: self.sparse(x, topk_ids, topk_logprobs), student_logits, grad, coef)
+
+
+def _autograd_value_grad(per_row, logits: Tensor, grad: Tensor | None, coef: float) -> Tensor:
+    """per_row(logits) (N,), and coef * its gradient added into `grad`, by autograd (terms without a closed form)."""
+    if grad is None:
+        with torch.no_grad():
+            return per_row(logits)
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_(True)
+        value = per_row(leaf)
+        (leaf_grad,) = torch.autograd.grad(value.sum(), leaf)
+    grad.add_(leaf_grad, alpha=coef)
+    return value.detach()
 
 
 _LOGIT_TERMS: dict[str, type[LogitTerm]] = {}
@@ -75,10 +128,6 @@ def _logit(cls):
     return register(cls)
 
 
-def _common(opts: dict[str, Any]) -> dict[str, Any]:
-    return {"temperature": opts["temperature"], "scale_t2": opts["scale_t2"]}
-
-
 @_logit
 class ForwardKL(LogitTerm):
     """KL(p_T || p_S): mode covering; the LLaVADI paper's choice."""
@@ -87,13 +136,7 @@ class ForwardKL(LogitTerm):
     summary = "KL(teacher || student) of next-token distributions"
     options = (TEMPERATURE, SCALE_T2, MISSING_MASS)
     supports_sparse = True
-
-    def dense(self, student_logits, teacher_logits):
-        return div.forward_kl(student_logits, teacher_logits, **_common(self.opts))
-
-    def sparse(self, student_logits, topk_ids, topk_logprobs):
-        return div.sparse_forward_kl(student_logits, topk_ids, topk_logprobs, **_common(self.opts),
-                                     missing_mass=self.opts["missing_mass"])
+    divergence = "forward_kl"
 
 
 @_logit
@@ -103,9 +146,7 @@ class ReverseKL(LogitTerm):
     name = "reverse_kl"
     summary = "KL(student || teacher)"
     options = (TEMPERATURE, SCALE_T2)
-
-    def dense(self, student_logits, teacher_logits):
-        return div.reverse_kl(student_logits, teacher_logits, **_common(self.opts))
+    divergence = "reverse_kl"
 
 
 @_logit
@@ -116,6 +157,7 @@ class JSD(LogitTerm):
     summary = "generalised JSD with mixture weight beta on the teacher"
     options = (TEMPERATURE, SCALE_T2, BETA, MISSING_MASS)
     supports_sparse = True
+    divergence = "jsd"
 
     def check_setting(self, ctx, given, where):
         super().check_setting(ctx, given, where)
@@ -123,12 +165,8 @@ class JSD(LogitTerm):
             raise ValueError(f"{where}: beta 1 (reverse KL) against a renormalised top-k teacher is infinite wherever "
                              "the student has mass outside the top-k; set missing_mass: rest or beta < 1")
 
-    def dense(self, student_logits, teacher_logits):
-        return div.jsd(student_logits, teacher_logits, beta=self.opts["beta"], **_common(self.opts))
-
-    def sparse(self, student_logits, topk_ids, topk_logprobs):
-        return div.sparse_jsd(student_logits, topk_ids, topk_logprobs, beta=self.opts["beta"], **_common(self.opts),
-                              missing_mass=self.opts["missing_mass"])
+    def divergence_options(self):
+        return {**super().divergence_options(), "beta": self.opts["beta"]}
 
 
 @_logit
@@ -138,9 +176,7 @@ class TVD(LogitTerm):
     name = "tvd"
     summary = "total variation 1/2 sum |p_T - p_S|"
     options = (TEMPERATURE, SCALE_T2)
-
-    def dense(self, student_logits, teacher_logits):
-        return div.tvd(student_logits, teacher_logits, **_common(self.opts))
+    divergence = "tvd"
 
 
 @_logit
@@ -150,9 +186,10 @@ class SkewForwardKL(LogitTerm):
     name = "skew_forward_kl"
     summary = "KL(teacher || alpha teacher + (1-alpha) student)"
     options = (TEMPERATURE, SCALE_T2, ALPHA)
+    divergence = "skew_forward_kl"
 
-    def dense(self, student_logits, teacher_logits):
-        return div.skew_forward_kl(student_logits, teacher_logits, alpha=self.opts["alpha"], **_common(self.opts))
+    def divergence_options(self):
+        return {**super().divergence_options(), "alpha": self.opts["alpha"]}
 
 
 @_logit
@@ -162,9 +199,10 @@ class SkewReverseKL(LogitTerm):
     name = "skew_reverse_kl"
     summary = "KL(student || alpha student + (1-alpha) teacher)"
     options = (TEMPERATURE, SCALE_T2, ALPHA)
+    divergence = "skew_reverse_kl"
 
-    def dense(self, student_logits, teacher_logits):
-        return div.skew_reverse_kl(student_logits, teacher_logits, alpha=self.opts["alpha"], **_common(self.opts))
+    def divergence_options(self):
+        return {**super().divergence_options(), "alpha": self.opts["alpha"]}
 
 
 @_logit
@@ -174,6 +212,7 @@ class LogitMSE(LogitTerm):
     name = "logit_mse"
     summary = "mean over the vocabulary of squared logit differences"
     options = (TEMPERATURE, SCALE_T2, ZSCORE)
+    divergence = "logit_mse"
 
     @classmethod
     def check(cls, tokens, opts, given, where):
@@ -181,5 +220,8 @@ class LogitMSE(LogitTerm):
             raise ValueError(f"{where}: temperature cancels in z-scored logits; drop it (or set scale_t2: true, "
                              "the only place it then acts)")
 
-    def dense(self, student_logits, teacher_logits):
-        return div.logit_mse(student_logits, teacher_logits, zscore=self.opts["zscore"], **_common(self.opts))
+    def divergence_options(self):
+        return {**super().divergence_options(), "zscore": self.opts["zscore"]}
+
+    def reads_raw_logits(self):
+        return not self.opts["zscore"]  # z-scored logits do not see the per-row shift of log-probs
