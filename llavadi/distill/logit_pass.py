@@ -101,6 +101,34 @@ def _teacher_inputs(student: ModelView, teacher: ModelView, rows: _Rows, first_t
     return (hidden[rows_t.to(hidden.device)],)
 
 
+class _Workspace:
+    """The chunk-sized buffers of one pass, allocated once and reused by every chunk.
+
+    Per model two (rows, V) buffers: the LM head writes its logits into the first, their log-softmax
+    goes into the second, and (unless a term reads raw logits) their probabilities overwrite the first.
+    Plus the gradient buffer. Reuse keeps the allocator out of the loop: no per-chunk page faults, and
+    no heap fragmentation from chunk-sized blocks freed and allocated again.
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, teacher: bool,
+                 gradient: bool) -> None:
+        def buffers(n: int) -> list[Tensor]:
+            return [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(n)]
+
+        self.student = buffers(2)
+        self.teacher = buffers(2) if teacher else None
+        self.grad = buffers(1)[0] if gradient else None
+
+
+def _head_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """h @ weight.T + bias written into `out` (float32 or float64); a low-precision head computes in its own dtype first."""
+    if weight.dtype != out.dtype or weight.device != out.device:
+        return out.copy_(F.linear(h, weight, bias))  # the model's logits, as its own forward gives them, upcast
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
 class _ChunkedPass:
     """The fused pass's work: per chunk, logits, every slot's values and their weighted gradient, projected."""
 
@@ -119,30 +147,27 @@ class _ChunkedPass:
         grad_w = torch.empty(weight.shape, dtype=acc, device=device) if needs[1] else None  # the first chunk writes it
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=device) if needs[2] and bias is not None else None
         sums = torch.zeros(len(self.slots), dtype=acc, device=device)
-        want_grad = any(needs)
-        buffer = torch.empty(min(self.step, hidden.shape[0]), weight.shape[0], dtype=acc, device=device) \
-            if want_grad else None  # one gradient buffer reused by every chunk
+        work = _Workspace(min(self.step, hidden.shape[0]), weight.shape[0], acc, device, self.teacher_head is not None,
+                          any(needs))
         for start in range(0, hidden.shape[0], self.step):
             end = min(start + self.step, hidden.shape[0])
-            h = hidden[start:end]
-            rows = LogitRows(F.linear(h, weight, bias), self._teacher_logits(start, end, device), owned=True,
-                             keep_raw=self.keep_raw)
-            grad = buffer[: end - start].zero_() if want_grad else None
+            h, n = hidden[start:end], end - start
+            student = _head_into(work.student[0][:n], h, weight, bias)
+            teacher = None
+            if self.teacher_head is not None:
+                with torch.no_grad():
+                    teacher = _head_into(work.teacher[0][:n], self.teacher_inputs[0][start:end], *self.teacher_head)
+            rows = LogitRows(student, teacher, owned=True, keep_raw=self.keep_raw,
+                             spare={"student": work.student[1][:n], "teacher": work.teacher and work.teacher[1][:n]})
+            grad = None if work.grad is None else work.grad[:n].zero_()
             for j in range(len(self.slots)):
                 self._slot(j, rows, start, end, grad, sums)
-            if want_grad:
+            if grad is not None:
                 _project(grad, h, weight, None if grad_h is None else grad_h[start:end], grad_w, grad_b, start == 0)
         total = (sums * torch.tensor(self.coefs, dtype=acc, device=device)).sum()
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
         return total, sums, grads
-
-    def _teacher_logits(self, start: int, end: int, device: torch.device) -> Tensor | None:
-        if self.teacher_head is None:
-            return None
-        with torch.no_grad():
-            logits = F.linear(self.teacher_inputs[0][start:end], *self.teacher_head)
-        return logits.to(device)
 
     def _slot(self, j: int, rows: LogitRows, start: int, end: int, grad: Tensor | None, sums: Tensor) -> None:
         """Slot j's values on this chunk's rows into sums[j], and c_j * their gradient into `grad`."""

@@ -126,17 +126,19 @@ class LogitRows:
     """Student logits (N, V) and optionally the dense teacher's, with tempered log-softmaxes computed once.
 
     Every term of a chunk reads the same ``student(T)`` / ``teacher(T)``. With ``owned=True`` the
-    logit tensors belong to the caller's chunk and are released once their T=1 log-softmax exists,
-    unless ``keep_raw`` (logit_mse without z-scoring reads them).
+    logit tensors belong to the caller's chunk: once their T=1 log-softmax exists they are
+    overwritten by the probabilities, unless ``keep_raw`` (logit_mse without z-scoring reads them).
+    ``spare`` buffers (the fused pass's, reused across chunks) receive the T=1 log-probs.
     Other temperatures are derived from the T=1 log-probs when the raw logits are gone: a softmax
     does not change when a row is shifted by a constant.
     """
 
     def __init__(self, student: Tensor, teacher: Tensor | None = None, *, owned: bool = False,
-                 keep_raw: bool = True) -> None:
+                 keep_raw: bool = True, spare: dict[str, Tensor | None] | None = None) -> None:
         self._logits = {"student": _upcast(student), "teacher": None if teacher is None else _upcast(teacher)}
         self._raw = {"student": True, "teacher": teacher is not None}
         self._in_place = owned and not keep_raw
+        self._spare = spare or {}  # per side, a buffer like its logits that receives their T=1 log-probs
         self._cache: dict[tuple[str, float], Dist] = {}
 
     @property
@@ -172,11 +174,16 @@ class LogitRows:
         key = (side, float(temperature))
         if key not in self._cache:
             logits = self._logits[side]
-            source = logits if self._raw[side] else self._cache[(side, 1.0)].logp
-            self._cache[key] = Dist(F.log_softmax(source if temperature == 1.0 else source / temperature, dim=-1))
-            if temperature == 1.0 and self._in_place and self._raw[side]:
-                self._logits[side] = self._cache[key].logp  # the raw chunk logits are released
-                self._raw[side] = False
+            if temperature == 1.0 and self._raw[side]:
+                spare = self._spare.get(side)
+                dist = Dist(F.log_softmax(logits, dim=-1) if spare is None else torch.log_softmax(logits, -1, out=spare))
+                if self._in_place:  # the raw logits are not read again: their buffer takes the probabilities
+                    dist._p = torch.exp(dist.logp, out=logits)
+                    self._logits[side], self._raw[side] = dist.logp, False
+                self._cache[key] = dist
+            else:
+                source = logits if self._raw[side] else self._cache[(side, 1.0)].logp
+                self._cache[key] = Dist(F.log_softmax(source / temperature, dim=-1))
         return self._cache[key]
 
     def subset(self, index: Tensor) -> LogitRows:
@@ -189,7 +196,7 @@ class LogitRows:
             else:  # shifted per row: a valid source for every softmax, not for logit_mse (which keeps raw)
                 sub._logits[side] = self._cache[(side, 1.0)].logp[index]
         sub._raw = dict(self._raw)
-        sub._in_place = False
+        sub._in_place, sub._spare = False, {}
         sub._cache = {}
         for key, dist in self._cache.items():
             in_place = key[1] == 1.0 and not self._raw[key[0]]

@@ -1,0 +1,256 @@
+"""Forward-KL distillation loss from hidden states, forward + backward: llavadi's fused pass against TRL.
+
+Variants (each in its own process, one thread; rounds interleaved: every variant once per round):
+- ``trl_dense``: student logits by autograd, teacher logits without grad, TRL's
+  ``GKDTrainer.generalized_jsd_loss(beta=0)`` (from the installed trl), backward;
+- ``trl_chunked``: TRL 1.16's ``_chunked_divergence_loss(beta=0)`` from ``trl.trainer.distillation_trainer``
+  (its CPU path: every position projected on 4096-token tiles);
+- ``llavadi``: ``DistillObjective`` with one ``forward_kl`` term (ce_weight 0) at its default chunk size,
+  or ``llavadi@<MiB>`` with ``chunk_mib`` set (``--sweep``), or ``llavadi_plain`` (the autograd reference).
+All compute the same loss (sum over positions / N) and gradients for the student's hidden states and
+LM-head weight; the first run of each variant is a warm-up whose loss and gradients are compared with
+``trl_dense``'s. Time: median over rounds; extra peak: peak RSS above the RSS before the step (VmHWM reset).
+
+Usage: python benchmarks/kd_loss.py [--positions 1024 4096] [--rounds 3] [--sweep 8 16 32 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
+
+
+class Problem:
+    """The inputs of every variant, from one seed: hidden states (N, H) of both models and their LM heads."""
+
+    def __init__(self, n: int, width: int, vocab: int) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.hidden_s = torch.randn(n, width, generator=g)
+        self.hidden_t = torch.randn(n, width, generator=g)
+        self.weight_s = torch.nn.Parameter(torch.randn(vocab, width, generator=g) * 0.02)
+        self.weight_t = torch.randn(vocab, width, generator=g) * 0.02
+
+
+def _step_fn(variant: str, p: Problem):
+    """A function running one forward + backward; returns (loss, leaf whose .grad is the hidden-state gradient)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, width = p.hidden_s.shape
+    if variant == "trl_dense":
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+        labels = torch.zeros(1, n, dtype=torch.long)  # every position counts
+
+        def step():
+            leaf = p.hidden_s.clone().requires_grad_(True)
+            student_logits = F.linear(leaf, p.weight_s).unsqueeze(0)
+            with torch.no_grad():
+                teacher_logits = F.linear(p.hidden_t, p.weight_t).unsqueeze(0)
+            loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=0.0)
+            loss.backward()
+            return loss, leaf
+
+        return step
+    if variant == "trl_chunked":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        mask = torch.ones(1, n, dtype=torch.long)
+
+        def step():
+            leaf = p.hidden_s.clone().requires_grad_(True)
+            loss, _, _ = _chunked_divergence_loss(leaf.unsqueeze(0), p.hidden_t.unsqueeze(0), p.weight_s, p.weight_t,
+                                                  mask, beta=0.0)
+            loss.backward()
+            return loss, leaf
+
+        return step
+    return _llavadi_step(variant, p)
+
+
+def _llavadi_step(variant: str, p: Problem):
+    import torch
+    import torch.nn as nn
+
+    from llavadi.data.token_types import TokenType
+    from llavadi.distill.objective import DistillObjective
+    from llavadi.distill.terms import TermSpec
+    from llavadi.distill.view import ModelView
+
+    n, width = p.hidden_s.shape
+    vocab = p.weight_s.shape[0]
+
+    class Cfg:
+        hidden_size = width
+
+    kwargs = {}
+    if variant.startswith("llavadi@"):
+        kwargs["chunk_mib"] = float(variant.split("@")[1])
+    elif variant == "llavadi_plain":
+        kwargs["fused"] = False
+    objective = DistillObjective([TermSpec("forward_kl")], ce_weight=0.0, teacher_config=Cfg(), **kwargs)
+    head_s, head_t = nn.Linear(width, vocab, bias=False), nn.Linear(width, vocab, bias=False)
+    head_s.weight = p.weight_s
+    head_t.weight = nn.Parameter(p.weight_t, requires_grad=False)
+    # n + 1 response tokens: the logit at position t predicts token t + 1, so positions 0..n-1 are read
+    types = torch.full((1, n + 1), int(TokenType.RESPONSE))
+    labels = torch.zeros(1, n + 1, dtype=torch.long)
+    pad = torch.zeros(1, width)
+    teacher = ModelView(token_types=types, last_hidden=torch.cat([p.hidden_t, pad]).unsqueeze(0), lm_head=head_t)
+
+    def step():
+        leaf = p.hidden_s.clone().requires_grad_(True)
+        student = ModelView(token_types=types, last_hidden=torch.cat([leaf, pad]).unsqueeze(0), lm_head=head_s)
+        loss, _ = objective(student, teacher, labels)
+        loss.backward()
+        return loss, leaf
+
+    return step
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Serve `run` / `check DIR` commands from stdin for one variant; one JSON line per command."""
+    import torch
+
+    torch.set_num_threads(1)
+    problem = Problem(args.n, args.hidden, args.vocab)
+    step = _step_fn(args.variant, problem)
+    for line in sys.stdin:
+        command = line.split()
+        problem.weight_s.grad = None
+        before = _status_kib("VmRSS")
+        _reset_peak()
+        start = time.perf_counter()
+        loss, leaf = step()
+        seconds = time.perf_counter() - start
+        extra = (_status_kib("VmHWM") - before) / 1024
+        if command[0] == "check":
+            torch.save({"loss": loss.item(), "grad_h": leaf.grad, "grad_w": problem.weight_s.grad.flatten()[::7].clone()},
+                       os.path.join(command[1], f"{args.variant}.pt"))
+        del loss, leaf
+        print(json.dumps({"seconds": seconds, "extra_peak_mib": extra}), flush=True)
+
+
+class Worker:
+    """A variant's process, kept alive across rounds."""
+
+    def __init__(self, variant: str, n: int, args: argparse.Namespace) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--n", str(n),
+               "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
+        self.variant = variant
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, command: str) -> dict:
+        """Run one step in the worker; its time and extra peak memory."""
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"variant {self.variant} failed (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the worker."""
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _agreement(tmp: str, variants: list[str]) -> dict[str, float]:
+    """Largest difference of loss / hidden gradient / sampled weight gradient from trl_dense, relative to its max."""
+    import torch
+
+    ref = torch.load(os.path.join(tmp, "trl_dense.pt"))
+    out = {}
+    for v in variants:
+        got = torch.load(os.path.join(tmp, f"{v}.pt"))
+        out[v] = max(abs(got["loss"] - ref["loss"]) / abs(ref["loss"]),
+                     float((got["grad_h"] - ref["grad_h"]).abs().max() / ref["grad_h"].abs().max()),
+                     float((got["grad_w"] - ref["grad_w"]).abs().max() / ref["grad_w"].abs().max()))
+    return out
+
+
+def measure(n: int, variants: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Warm-up + check, then `rounds` interleaved rounds; per variant the median time and extra peak."""
+    workers = [Worker(v, n, args) for v in variants]
+    results: dict[str, dict] = {v: {"seconds": [], "extra_peak_mib": []} for v in variants}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for w in workers:
+                w.ask(f"check {tmp}")
+            agreement = _agreement(tmp, variants)
+        for _ in range(args.rounds):
+            for w in workers:
+                r = w.ask("run")
+                for key in r:
+                    results[w.variant][key].append(r[key])
+    finally:
+        for w in workers:
+            w.close()
+    return {v: {"seconds": statistics.median(r["seconds"]), "min_seconds": min(r["seconds"]),
+                "extra_peak_mib": statistics.median(r["extra_peak_mib"]),
+                "max_extra_peak_mib": max(r["extra_peak_mib"]), "agreement": agreement[v]}
+            for v, r in results.items()}
+
+
+def main() -> None:
+    """Measure every N and print one table with the ratios of this run."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sweep", type=float, nargs="*", default=[],
+                        help="also llavadi with these chunk_mib values (the default is chosen from this)")
+    parser.add_argument("--plain", action="store_true", help="also llavadi's plain autograd path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.variant = args.worker
+        worker(args)
+        return
+    variants = ["trl_dense", "trl_chunked", "llavadi"] + [f"llavadi@{m:g}" for m in args.sweep]
+    variants += ["llavadi_plain"] if args.plain else []
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults (no MALLOC_* set)"
+    print(f"forward KL from hidden states, forward + backward, H={args.hidden}, V={args.vocab}, fp32, 1 thread per "
+          f"process, median of {args.rounds} interleaved rounds after a warm-up; allocator: {malloc}")
+    print("| N | variant | time (s) | min (s) | extra peak (MiB, median / max) | time / TRL dense | time / TRL chunked "
+          "| peak / TRL chunked | max diff vs TRL dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.positions:
+        res = measure(n, variants, args)
+        dense, chunked = res["trl_dense"], res["trl_chunked"]
+        for v in variants:
+            r = res[v]
+            print(f"| {n} | {v} | {r['seconds']:.2f} | {r['min_seconds']:.2f} | {r['extra_peak_mib']:.0f} / "
+                  f"{r['max_extra_peak_mib']:.0f} | {r['seconds'] / dense['seconds']:.2f}x | "
+                  f"{r['seconds'] / chunked['seconds']:.2f}x | "
+                  f"{r['extra_peak_mib'] / chunked['extra_peak_mib']:.3f}x | {r['agreement']:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
