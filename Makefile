@@ -25,8 +25,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/generation.py
-	$(PY) benchmarks/distill_memory.py
 	$(PY) benchmarks/image_check.py
+	$(PY) benchmarks/kd_loss.py --plain
+	$(PY) benchmarks/kd_step.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -216,3 +216,24 @@ def test_chunk_rows_from_mib_and_lm_heads_that_are_not_linear_are_refused():
         student, teacher, labels = _views()
         teacher.lm_head = nn.Linear(H_T, 5)
         DistillObjective([TermSpec("forward_kl")], teacher_config=Cfg(H_T))(student, teacher, labels)
+
+
+def test_a_sharded_lm_head_is_refused_clearly():
+    student, teacher, labels = _views()
+    student.lm_head.weight = nn.Parameter(torch.empty(0))  # a ZeRO-3 partitioned parameter outside its module
+    with pytest.raises(ValueError, match=r"LM head weight is sharded \(Parameter of shape \(0,\)\)"):
+        logit_loss(student, teacher, labels, True, [], [1.0])
+
+
+def test_recipe_chunk_options_are_validated_and_reach_the_objective():
+    from types import SimpleNamespace
+
+    from llavadi.config import ConfigError, DistillConfig
+    from llavadi.train.runner import build_objective
+
+    with pytest.raises(ConfigError, match="distill.chunk_mib must be > 0"):
+        DistillConfig(chunk_mib=0).validate("distill")
+    stage = SimpleNamespace(distill=DistillConfig(chunk_mib=8.0))  # SFT: CE only, no teacher
+    loaded = SimpleNamespace(tokenizer=None, model=SimpleNamespace(config=Cfg(H_S)))
+    objective = build_objective(stage, loaded, None)
+    assert (objective.chunk_size, objective.chunk_mib, objective.fused) == (None, 8.0, True)

@@ -9,7 +9,7 @@ MATCHED = (TokenType.IMAGE, TokenType.INSTRUCTION, TokenType.RESPONSE)
 
 
 def _reference(student_types, teacher_types):
-    """For each sample and type with equal counts in both models, the k-th student token maps to the k-th teacher one."""
+    """Per sample and type with equal counts in both models, the k-th student token maps to the k-th teacher one."""
     mapping = torch.full_like(student_types, -1)
     for b in range(student_types.shape[0]):
         for token_type in MATCHED:

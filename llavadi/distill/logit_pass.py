@@ -1,9 +1,10 @@
 """The shared LM-head pass of CE and every logit term: only at selected positions, in chunks, fused.
 
 The union of the positions that CE and the logit terms select is gathered once; within a chunk, a
-slot that reads every row reads the chunk itself (rows are copied only for a slot reading some). Each "slot" (CE first when on, then each logit term) has a coefficient
-c_j = weight_j / global count_j, known before the pass (the objective's normalisers), so the pass
-returns the loss share sum_j c_j * sum_j and the detached per-slot sums (for logging).
+slot that reads every row reads the chunk itself (rows are copied only for a slot reading some).
+Each "slot" (CE first when on, then each logit term) has a coefficient c_j = weight_j / global
+count_j, known before the pass (the objective's normalisers), so the pass returns the loss share
+sum_j c_j * sum_j and the detached per-slot sums (for logging).
 
 Fused path (default, ``FusedLogitLoss``): per chunk of selected rows, the student's logits (one
 matmul) and the dense teacher's (one matmul, no grad, computed once), one log-softmax per model
@@ -41,13 +42,29 @@ DEFAULT_CHUNK_MIB = 32.0  # fp32 logits of one model per chunk; chosen by benchm
 
 
 def head_weights(view: ModelView) -> tuple[Tensor, Tensor | None]:
-    """The LM head's weight (V, H) and bias (V,) or None: the one place the pass reads them (a sharded head gathers here)."""
+    """The LM head's weight (V, H) and bias (V,) or None: the one place the pass reads them.
+
+    A sharded head (FSDP2, ZeRO-3) would be gathered here; it is refused for now.
+    """
     head = view.lm_head
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"the {view.who}'s LM head is a {type(head).__name__}, not an nn.Linear: the logit pass computes "
-                         "logits as hidden @ weight.T + bias and cannot honour a head that does more (e.g. an adapter "
-                         "on it); merge it first")
-    return head.weight, head.bias
+        raise ValueError(f"the {view.who}'s LM head is a {type(head).__name__}, not an nn.Linear: the logit pass "
+                         "computes logits as hidden @ weight.T + bias and cannot honour a head that does more (e.g. "
+                         "an adapter on it); merge it first")
+    weight = head.weight
+    if _is_dtensor(weight) or weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"the {view.who}'s LM head weight is sharded ({type(weight).__name__} of shape "
+                         f"{tuple(weight.shape)}): the logit pass reads it whole, and gathering a sharded head (FSDP2 "
+                         "full_tensor, DeepSpeed ZeRO-3) is not supported yet")
+    return weight, head.bias
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def rows_per_chunk(vocab: int, chunk_size: int | None, chunk_mib: float) -> int:
@@ -71,9 +88,8 @@ class _Rows:
         return self.member.shape[0]
 
 
-def _select_rows(student: ModelView, labels: Tensor, ce: bool, terms: list) -> _Rows:
-    """Rows that CE or a logit term reads; bookkeeping on the host (one copy of the small type map, then no sync)."""
-    types = student.token_types.cpu()
+def _select_rows(types: Tensor, labels: Tensor, ce: bool, terms: list) -> _Rows:
+    """Rows that CE or a logit term reads, from the host copies of the student's token types and labels."""
     targets = shifted_labels(labels.cpu()).reshape(-1)
     masks = ([targets != IGNORE_INDEX] if ce else []) + [term.selection().mask(types).reshape(-1) for term in terms]
     member = torch.stack(masks, dim=-1)
@@ -81,9 +97,10 @@ def _select_rows(student: ModelView, labels: Tensor, ce: bool, terms: list) -> _
     return _Rows(index, member[index], targets[index])
 
 
-def _teacher_inputs(student: ModelView, teacher: ModelView, rows: _Rows, first_term: int) -> tuple[Tensor, ...]:
+def _teacher_inputs(types_s: Tensor, student: ModelView, teacher: ModelView, rows: _Rows,
+                    first_term: int) -> tuple[Tensor, ...]:
     """The teacher's rows matching the student's: last hidden states (dense) or top-k ids and log-probs."""
-    types_s, types_t = student.token_types.cpu(), teacher.token_types.cpu()
+    types_t = teacher.token_types.cpu()
     batch, length = types_s.shape
     rows_t = prediction_rows(types_s, types_t)[rows.index]
     needs_teacher = rows.member[:, first_term:].any(dim=-1)
@@ -97,7 +114,8 @@ def _teacher_inputs(student: ModelView, teacher: ModelView, rows: _Rows, first_t
         return ids[rows_t.to(ids.device)].to(device), logprobs[rows_t.to(logprobs.device)].detach().to(device)
     if teacher.last_hidden is None or teacher.lm_head is None:
         raise ValueError("logit terms need the teacher's last hidden state and LM head, or its top-k ids and log-probs")
-    hidden = teacher.last_hidden.detach().reshape(batch * t_len, -1)  # stays on the teacher's device: its head runs there
+    # the rows stay on the teacher's device: its LM head runs there
+    hidden = teacher.last_hidden.detach().reshape(batch * t_len, -1)
     return (hidden[rows_t.to(hidden.device)],)
 
 
@@ -121,7 +139,7 @@ class _Workspace:
 
 
 def _head_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """h @ weight.T + bias written into `out` (float32 or float64); a low-precision head computes in its own dtype first."""
+    """h @ weight.T + bias written into `out` (float32 or float64); a low-precision head computes in its dtype first."""
     if weight.dtype != out.dtype or weight.device != out.device:
         return out.copy_(F.linear(h, weight, bias))  # the model's logits, as its own forward gives them, upcast
     if bias is None:
@@ -178,7 +196,9 @@ class _ChunkedPass:
         index = None if count == end - start else member.nonzero().squeeze(1)
         sub = rows if index is None else rows.subset(index.to(sums.device))
         coef = self.coefs[j]
-        slot_grad = None if grad is None or coef == 0 else (grad if index is None else grad.new_zeros(count, grad.shape[1]))
+        slot_grad = None
+        if grad is not None and coef != 0:
+            slot_grad = grad if index is None else grad.new_zeros(count, grad.shape[1])
         value = self._values(self.slots[j], sub, slice(start, end), index, slot_grad, coef, sums.device)
         sums[j] += value.sum()
         if index is not None and slot_grad is not None:
@@ -209,7 +229,7 @@ def _project(grad: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor | None, gra
 
 
 class FusedLogitLoss(torch.autograd.Function):
-    """sum_j c_j * sum_j of CE and the logit terms, with gradients computed in the forward pass and scaled in backward."""
+    """sum_j c_j * sum_j of CE and the logit terms; gradients computed in the forward pass, scaled in backward."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, work: _ChunkedPass) -> tuple[Tensor, Tensor]:
@@ -250,7 +270,7 @@ def _plain_sums(slots: list, rows: _Rows, hidden: Tensor, weight: Tensor, bias: 
 def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce: bool, terms: list,
                coefs: list[float], chunk_size: int | None = None, chunk_mib: float = DEFAULT_CHUNK_MIB,
                fused: bool = True) -> tuple[Tensor, Tensor]:
-    """(sum_j coefs[j] * sum_j, detached per-slot sums) of CE (first, when `ce`) and each logit term over their positions."""
+    """(sum_j coefs[j] * sum_j, detached per-slot sums) of CE (first, when `ce`) and each logit term."""
     slots = ([None] if ce else []) + list(terms)
     if len(coefs) != len(slots):
         raise ValueError(f"{len(slots)} slots (CE and logit terms) but {len(coefs)} coefficients")
@@ -260,10 +280,11 @@ def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce
     if not slots:
         return zero, zero.new_zeros(0).detach()
     batch, length, width = student.last_hidden.shape
-    rows = _select_rows(student, labels, ce, terms)
+    types = student.token_types.cpu()  # row bookkeeping on the host: small copies once, no sync per chunk
+    rows = _select_rows(types, labels, ce, terms)
     hidden = student.last_hidden.reshape(batch * length, width)[rows.index.to(student.last_hidden.device)]
     weight, bias = head_weights(student)
-    teacher_inputs: tuple[Tensor, ...] = _teacher_inputs(student, teacher, rows, int(ce)) if terms else ()
+    teacher_inputs: tuple[Tensor, ...] = _teacher_inputs(types, student, teacher, rows, int(ce)) if terms else ()
     teacher_head = head_weights(teacher) if len(teacher_inputs) == 1 else None
     if teacher_head is not None and teacher_head[0].shape[0] != weight.shape[0]:
         raise ValueError(f"student vocabulary {weight.shape[0]} != teacher vocabulary {teacher_head[0].shape[0]}: "

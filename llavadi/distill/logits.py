@@ -176,7 +176,8 @@ class LogitRows:
             logits = self._logits[side]
             if temperature == 1.0 and self._raw[side]:
                 spare = self._spare.get(side)
-                dist = Dist(F.log_softmax(logits, dim=-1) if spare is None else torch.log_softmax(logits, -1, out=spare))
+                logp = F.log_softmax(logits, dim=-1) if spare is None else torch.log_softmax(logits, -1, out=spare)
+                dist = Dist(logp)
                 if self._in_place:  # the raw logits are not read again: their buffer takes the probabilities
                     dist._p = torch.exp(dist.logp, out=logits)
                     self._logits[side], self._raw[side] = dist.logp, False
@@ -327,7 +328,7 @@ def _core_options(name: str, opt: dict) -> dict:
 # ---------------------------------------------------------------- value and gradient of a chunk's rows
 def dense_value_grad(name: str, rows: LogitRows, grad: Tensor | None = None, coef: float = 1.0, *,
                      temperature: float = 1.0, scale_t2: bool = False, **opt) -> Tensor:
-    """Per-row divergence `name` (N,) between the rows' student and teacher; adds coef * d value / d student logits into `grad`."""
+    """Per-row divergence `name` (N,) of the rows' student and teacher; adds coef * d value / d student logits."""
     _check_temperature(temperature)
     if name == "logit_mse":
         return _logit_mse_value_grad(rows, grad, coef, temperature=temperature, scale_t2=scale_t2, **opt)
@@ -551,7 +552,7 @@ def sparse_forward_kl(
 
 
 def check_sparse_jsd(beta: float, missing_mass: str, k: int, vocab: int) -> None:
-    """Refuse reverse KL (beta 1) against a renormalised top-k teacher: infinite wherever the student has mass outside."""
+    """Refuse reverse KL (beta 1) against a renormalised top-k teacher: infinite where the student has mass outside."""
     if beta == 1.0 and missing_mass == "renormalize" and k < vocab:
         raise ValueError(
             "sparse jsd with beta=1 (reverse KL) against a renormalised top-k teacher is infinite wherever "

@@ -63,7 +63,8 @@ class DistillObjective(nn.Module):
         super().__init__()
         specs = [TermSpec.from_dict(t, f"distill.terms[{i}]") for i, t in enumerate(terms)]
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of positions or None (from chunk_mib), got {chunk_size}")
+            raise ValueError(f"chunk_size must be a positive number of positions or None (from chunk_mib), "
+                             f"got {chunk_size}")
         if not chunk_mib > 0:
             raise ValueError(f"chunk_mib must be > 0, got {chunk_mib}")
         if teacher_signal not in TEACHER_SIGNALS:

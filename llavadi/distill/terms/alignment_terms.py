@@ -66,14 +66,14 @@ class HiddenMSE(Term):
         return Needs(last_hidden=True, hidden_layers=frozenset(t for _, t in self.pairs if t is not None))
 
     def forward(self, student: ModelView, teacher: ModelView) -> Tensor:
-        types_s = student.token_types
+        types_s = student.token_types.cpu()  # row bookkeeping on the host: one copy of the type map, no further sync
         flat_rows = type_mask(types_s, self.tokens).reshape(-1).nonzero().squeeze(1)
-        rows_t = teacher_rows(types_s, teacher.token_types, flat_rows, f"term {self.label!r}")
+        rows_t = teacher_rows(types_s, teacher.token_types.cpu(), flat_rows, f"term {self.label!r}")
         total = self.zero(student)
         for projector, (layer_s, layer_t) in zip(self.projectors, self.pairs):
             s = student.hidden(layer_s, self.name)
             t = teacher.hidden(layer_t, self.name).detach()
-            s_rows = s.reshape(-1, s.shape[-1])[flat_rows]
+            s_rows = s.reshape(-1, s.shape[-1])[flat_rows.to(s.device)]
             t_rows = t.reshape(-1, t.shape[-1])[rows_t.to(t.device)].to(s.device)
             total = total + token_alignment_loss(s_rows, t_rows, projector, self.opts["loss"]).sum()
         return total / len(self.pairs)  # averaged over pairs: the weight means the same for any number of layers
