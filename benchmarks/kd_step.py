@@ -4,7 +4,8 @@ Tiny LLaVA models with a 32000-token vocabulary (the LM heads then cost what the
 models relative to a thin body), the paper's recipe: CE + forward KL on response logits (T=1) +
 last-hidden-state MSE through Linear-GELU-Linear, on response tokens. One process, one thread,
 rounds interleaved (every measurement once per round), median reported; forward + backward (the
-optimizer step is the same for SFT and KD and is left out).
+optimizer step is the same for SFT and KD and is left out). Wall and CPU time are both measured;
+ratios use CPU time (one thread: it does not count waiting for a core on a shared machine).
 
 Two batches of 8 x 256 tokens:
 - ``text``: 16 instruction tokens then 240 response tokens (every position but the first few has a loss);
@@ -123,16 +124,16 @@ def steps(student, teacher, batch: dict, plain: bool) -> tuple[dict, object, obj
     return out, kd, online
 
 
-def measure(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each function over interleaved rounds, after one warm-up call each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+def measure(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function over interleaved rounds, after one warm-up call each."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for r in range(rounds + 1):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             if r:
-                times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+                times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
 
 
 def profile_kd(kd, online, batch: dict, top: int) -> None:
@@ -170,17 +171,18 @@ def main() -> None:
     for layout in args.layouts:
         batch = batch_of(layout)
         fns, kd, online = steps(student, teacher, batch, args.plain)
-        t = measure(fns, args.rounds)
+        times = measure(fns, args.rounds)
+        t = {k: cpu for k, (_, cpu) in times.items()}
         floor_a = t["sft"] + t["teacher_forward"]
         floor_b = t["sft"] + t["teacher_view+head_rows"]
         n_rows = int((batch["token_types"][:, 1:] == RES).sum())
         print(f"\nlayout {layout!r}: {n_rows} KD positions of {BATCH * SEQ}")
-        print("| measurement | seconds |\n|---|---|")
-        for name, seconds in t.items():
-            print(f"| {name} | {seconds:.3f} |")
-        print(f"| floor A = sft + teacher_forward | {floor_a:.3f} |\n| floor B = sft + teacher_view+head_rows | "
+        print("| measurement | wall (s) | CPU (s) |\n|---|---|---|")
+        for name, (wall, cpu) in times.items():
+            print(f"| {name} | {wall:.3f} | {cpu:.3f} |")
+        print(f"| floor A = sft + teacher_forward | | {floor_a:.3f} |\n| floor B = sft + teacher_view+head_rows | | "
               f"{floor_b:.3f} |")
-        print(f"kd / floor A = {t['kd'] / floor_a:.2f}x, kd / floor B = {t['kd'] / floor_b:.2f}x"
+        print(f"CPU time: kd / floor A = {t['kd'] / floor_a:.2f}x, kd / floor B = {t['kd'] / floor_b:.2f}x"
               + (f", kd_plain / kd = {t['kd_plain'] / t['kd']:.2f}x" if "kd_plain" in t else ""))
         profile_kd(kd, online, batch, args.top)
 

@@ -237,3 +237,13 @@ def test_recipe_chunk_options_are_validated_and_reach_the_objective():
     loaded = SimpleNamespace(tokenizer=None, model=SimpleNamespace(config=Cfg(H_S)))
     objective = build_objective(stage, loaded, None)
     assert (objective.chunk_size, objective.chunk_mib, objective.fused) == (None, 8.0, True)
+
+
+def test_a_micro_batch_without_selected_positions_gives_zero_loss_and_zero_gradients():
+    student, teacher, labels = _views()
+    types = torch.where(student.token_types == RES, torch.full_like(student.token_types, INS), student.token_types)
+    student.token_types = teacher.token_types = types  # no response token: nothing to predict
+    objective = DistillObjective([TermSpec("forward_kl")], teacher_config=Cfg(H_T), chunk_size=4)
+    loss, logged, grads = _loss_and_grads(objective, student, teacher, torch.full_like(labels, -100))
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in logged.values())
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())

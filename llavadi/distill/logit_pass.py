@@ -97,8 +97,35 @@ def _select_rows(types: Tensor, labels: Tensor, ce: bool, terms: list) -> _Rows:
     return _Rows(index, member[index], targets[index])
 
 
-def _teacher_inputs(types_s: Tensor, student: ModelView, teacher: ModelView, rows: _Rows,
-                    first_term: int) -> tuple[Tensor, ...]:
+def _consecutive(index: Tensor) -> slice | None:
+    """The host index as a slice when it is first, first + 1, ..., else None."""
+    if len(index) and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index))):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return None
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` (on the host) of x: a view when they are consecutive, else a copy."""
+    span = _consecutive(index)
+    return x[span] if span is not None else x[index.to(x.device)]
+
+
+@dataclass
+class _TeacherRows:
+    """The teacher's signal at the selected rows: a dense teacher's hidden states and LM head, or its top-k."""
+
+    hidden: Tensor | None = None  # (B * T_t, H_t) last hidden states, on the teacher's device (its head runs there)
+    index: Tensor | None = None  # (n,) host: the teacher row of each selected student row
+    head: tuple[Tensor, Tensor | None] | None = None  # its LM head's weight and bias
+    topk_ids: Tensor | None = None  # (n, k) on the student's device
+    topk_logprobs: Tensor | None = None
+
+    def hidden_rows(self, chunk: slice) -> Tensor:
+        """The dense teacher's hidden states at the chunk's rows."""
+        return _gather(self.hidden, self.index[chunk])
+
+
+def _teacher_rows(types_s: Tensor, student: ModelView, teacher: ModelView, rows: _Rows, first_term: int) -> _TeacherRows:
     """The teacher's rows matching the student's: last hidden states (dense) or top-k ids and log-probs."""
     types_t = teacher.token_types.cpu()
     batch, length = types_s.shape
@@ -107,16 +134,15 @@ def _teacher_inputs(types_s: Tensor, student: ModelView, teacher: ModelView, row
     require_mapped(rows_t[needs_teacher], (rows.index // length)[needs_teacher], types_s, types_t, "logit terms")
     rows_t = rows_t.clamp_min(0)
     t_len = types_t.shape[1]
-    device = student.last_hidden.device
     if teacher.is_topk:
-        k = teacher.topk_ids.shape[-1]
+        k, device = teacher.topk_ids.shape[-1], student.last_hidden.device
         ids, logprobs = teacher.topk_ids.reshape(batch * t_len, k), teacher.topk_logprobs.reshape(batch * t_len, k)
-        return ids[rows_t.to(ids.device)].to(device), logprobs[rows_t.to(logprobs.device)].detach().to(device)
+        return _TeacherRows(topk_ids=_gather(ids, rows_t).to(device),
+                            topk_logprobs=_gather(logprobs, rows_t).detach().to(device))
     if teacher.last_hidden is None or teacher.lm_head is None:
         raise ValueError("logit terms need the teacher's last hidden state and LM head, or its top-k ids and log-probs")
-    # the rows stay on the teacher's device: its LM head runs there
-    hidden = teacher.last_hidden.detach().reshape(batch * t_len, -1)
-    return (hidden[rows_t.to(hidden.device)],)
+    return _TeacherRows(hidden=teacher.last_hidden.detach().reshape(batch * t_len, -1), index=rows_t,
+                        head=head_weights(teacher))
 
 
 class _Workspace:
@@ -150,56 +176,57 @@ def _head_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> T
 class _ChunkedPass:
     """The fused pass's work: per chunk, logits, every slot's values and their weighted gradient, projected."""
 
-    def __init__(self, slots: list, coefs: list[float], rows: _Rows, teacher_inputs: tuple[Tensor, ...],
-                 teacher_head: tuple[Tensor, Tensor | None] | None, step: int) -> None:
-        self.slots, self.coefs, self.rows = slots, coefs, rows
-        self.teacher_inputs, self.teacher_head, self.step = teacher_inputs, teacher_head, step
+    def __init__(self, slots: list, coefs: list[float], rows: _Rows, teacher: _TeacherRows | None, step: int) -> None:
+        self.slots, self.coefs, self.rows, self.teacher, self.step = slots, coefs, rows, teacher, step
         self.keep_raw = any(term is not None and term.reads_raw_logits() for term in slots)
-        self.sparse = len(teacher_inputs) == 2
 
     def run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
             needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, tuple]:
-        """(weighted total, per-slot sums, gradients of hidden / weight / bias or None) over all chunks."""
-        device, acc = hidden.device, torch.promote_types(weight.dtype, torch.float32)
-        grad_h = torch.empty_like(hidden) if needs[0] else None
-        grad_w = torch.empty(weight.shape, dtype=acc, device=device) if needs[1] else None  # the first chunk writes it
+        """(weighted total, per-slot sums, gradients of hidden (all its rows) / weight / bias or None)."""
+        device, acc, n_rows = hidden.device, torch.promote_types(weight.dtype, torch.float32), self.rows.n
+        grad_h = torch.zeros_like(hidden) if needs[0] else None  # rows without a loss get zero
+        grad_w = None
+        if needs[1]:  # written by the first chunk (no separate zero-fill pass), zero when there is no chunk
+            grad_w = torch.empty(weight.shape, dtype=acc, device=device) if n_rows else weight.new_zeros(weight.shape,
+                                                                                                         dtype=acc)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=device) if needs[2] and bias is not None else None
         sums = torch.zeros(len(self.slots), dtype=acc, device=device)
-        work = _Workspace(min(self.step, hidden.shape[0]), weight.shape[0], acc, device, self.teacher_head is not None,
-                          any(needs))
-        for start in range(0, hidden.shape[0], self.step):
-            end = min(start + self.step, hidden.shape[0])
-            h, n = hidden[start:end], end - start
+        dense = self.teacher is not None and self.teacher.head is not None
+        work = _Workspace(min(self.step, n_rows), weight.shape[0], acc, device, dense, any(needs))
+        for start in range(0, n_rows, self.step):
+            chunk = slice(start, min(start + self.step, n_rows))
+            n = chunk.stop - start
+            h = _gather(hidden, self.rows.index[chunk])  # gathered per chunk: no (positions, H) copy
             student = _head_into(work.student[0][:n], h, weight, bias)
             teacher = None
-            if self.teacher_head is not None:
+            if dense:
                 with torch.no_grad():
-                    teacher = _head_into(work.teacher[0][:n], self.teacher_inputs[0][start:end], *self.teacher_head)
+                    teacher = _head_into(work.teacher[0][:n], self.teacher.hidden_rows(chunk), *self.teacher.head)
             rows = LogitRows(student, teacher, owned=True, keep_raw=self.keep_raw,
                              spare={"student": work.student[1][:n], "teacher": work.teacher and work.teacher[1][:n]})
             grad = None if work.grad is None else work.grad[:n].zero_()
             for j in range(len(self.slots)):
-                self._slot(j, rows, start, end, grad, sums)
+                self._slot(j, rows, chunk, grad, sums)
             if grad is not None:
-                _project(grad, h, weight, None if grad_h is None else grad_h[start:end], grad_w, grad_b, start == 0)
+                _project(grad, h, weight, grad_h, self.rows.index[chunk], grad_w, grad_b, start == 0)
         total = (sums * torch.tensor(self.coefs, dtype=acc, device=device)).sum()
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
         return total, sums, grads
 
-    def _slot(self, j: int, rows: LogitRows, start: int, end: int, grad: Tensor | None, sums: Tensor) -> None:
+    def _slot(self, j: int, rows: LogitRows, chunk: slice, grad: Tensor | None, sums: Tensor) -> None:
         """Slot j's values on this chunk's rows into sums[j], and c_j * their gradient into `grad`."""
-        member = self.rows.member[start:end, j]
+        member = self.rows.member[chunk, j]
         count = int(member.sum())
         if count == 0:
             return
-        index = None if count == end - start else member.nonzero().squeeze(1)
+        index = None if count == chunk.stop - chunk.start else member.nonzero().squeeze(1)
         sub = rows if index is None else rows.subset(index.to(sums.device))
         coef = self.coefs[j]
         slot_grad = None
         if grad is not None and coef != 0:
             slot_grad = grad if index is None else grad.new_zeros(count, grad.shape[1])
-        value = self._values(self.slots[j], sub, slice(start, end), index, slot_grad, coef, sums.device)
+        value = self._values(self.slots[j], sub, chunk, index, slot_grad, coef, sums.device)
         sums[j] += value.sum()
         if index is not None and slot_grad is not None:
             grad.index_add_(0, index.to(grad.device), slot_grad)
@@ -212,16 +239,21 @@ class _ChunkedPass:
 
         if term is None:
             return target_nll(rows, pick(self.rows.targets).to(device), grad, coef)
-        if self.sparse:
-            return term.sparse_value_grad(rows, pick(self.teacher_inputs[0]), pick(self.teacher_inputs[1]), grad, coef)
+        if self.teacher.topk_ids is not None:
+            return term.sparse_value_grad(rows, pick(self.teacher.topk_ids), pick(self.teacher.topk_logprobs), grad, coef)
         return term.dense_value_grad(rows, grad, coef)
 
 
-def _project(grad: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor | None, grad_w: Tensor | None,
+def _project(grad: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor | None, index: Tensor, grad_w: Tensor | None,
              grad_b: Tensor | None, first: bool) -> None:
-    """A chunk's logit gradient (n, V) to its hidden rows (n, H) and into the weight (V, H) and bias accumulators."""
+    """A chunk's logit gradient (n, V) to its hidden rows `index` of grad_h and into the weight and bias accumulators."""
     if grad_h is not None:
-        grad_h.copy_(grad.to(weight.dtype) @ weight)
+        grad_rows = (grad.to(weight.dtype) @ weight).to(grad_h.dtype)
+        span = _consecutive(index)
+        if span is not None:
+            grad_h[span] = grad_rows
+        else:
+            grad_h.index_copy_(0, index.to(grad_h.device), grad_rows)
     if grad_w is not None:  # the first chunk writes the (uninitialised) accumulator: no separate zero-fill pass
         torch.addmm(grad_w, grad.t(), h.to(grad_w.dtype), beta=0.0 if first else 1.0, out=grad_w)
     if grad_b is not None:
@@ -247,21 +279,21 @@ class FusedLogitLoss(torch.autograd.Function):
 
 
 def _plain_sums(slots: list, rows: _Rows, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                teacher_inputs: tuple[Tensor, ...], teacher_head) -> Tensor:
+                teacher: _TeacherRows | None) -> Tensor:
     """(n_slots,) sums by autograd over the logits of all selected rows at once (the reference path)."""
-    logits_s = F.linear(hidden, weight, bias).float()
+    logits_s = F.linear(_gather(hidden, rows.index), weight, bias).float()
     logits_t = None
-    if teacher_head is not None:
+    if teacher is not None and teacher.head is not None:
         with torch.no_grad():
-            logits_t = F.linear(teacher_inputs[0], *teacher_head).float().to(logits_s.device)
+            logits_t = F.linear(teacher.hidden_rows(slice(None)), *teacher.head).float().to(logits_s.device)
     targets = rows.targets.to(logits_s.device)
     out = []
     for j, term in enumerate(slots):
         sel = rows.member[:, j].to(logits_s.device)
         if term is None:
             out.append(F.cross_entropy(logits_s[sel], targets[sel], reduction="sum"))
-        elif len(teacher_inputs) == 2:
-            out.append(term.sparse(logits_s[sel], teacher_inputs[0][sel], teacher_inputs[1][sel]).sum())
+        elif teacher.topk_ids is not None:
+            out.append(term.sparse(logits_s[sel], teacher.topk_ids[sel], teacher.topk_logprobs[sel]).sum())
         else:
             out.append(term.dense(logits_s[sel], logits_t[sel]).sum())
     return torch.stack(out)
@@ -282,18 +314,16 @@ def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce
     batch, length, width = student.last_hidden.shape
     types = student.token_types.cpu()  # row bookkeeping on the host: small copies once, no sync per chunk
     rows = _select_rows(types, labels, ce, terms)
-    hidden = student.last_hidden.reshape(batch * length, width)[rows.index.to(student.last_hidden.device)]
+    hidden = student.last_hidden.reshape(batch * length, width)  # a view: rows are gathered chunk by chunk
     weight, bias = head_weights(student)
-    teacher_inputs: tuple[Tensor, ...] = _teacher_inputs(types, student, teacher, rows, int(ce)) if terms else ()
-    teacher_head = head_weights(teacher) if len(teacher_inputs) == 1 else None
-    if teacher_head is not None and teacher_head[0].shape[0] != weight.shape[0]:
-        raise ValueError(f"student vocabulary {weight.shape[0]} != teacher vocabulary {teacher_head[0].shape[0]}: "
-                         "logit terms need a shared tokenizer and LM head size")
+    teacher_rows = _teacher_rows(types, student, teacher, rows, int(ce)) if terms else None
+    if teacher_rows is not None and teacher_rows.head is not None and teacher_rows.head[0].shape[0] != weight.shape[0]:
+        raise ValueError(f"student vocabulary {weight.shape[0]} != teacher vocabulary {teacher_rows.head[0].shape[0]}"
+                         ": logit terms need a shared tokenizer and LM head size")
     if not fused:
-        sums = _plain_sums(slots, rows, hidden, weight, bias, teacher_inputs, teacher_head)
+        sums = _plain_sums(slots, rows, hidden, weight, bias, teacher_rows)
         return zero + (sums * torch.tensor(coefs, dtype=sums.dtype, device=sums.device)).sum(), sums.detach()
-    work = _ChunkedPass(slots, coefs, rows, teacher_inputs, teacher_head,
-                        rows_per_chunk(weight.shape[0], chunk_size, chunk_mib))
+    work = _ChunkedPass(slots, coefs, rows, teacher_rows, rows_per_chunk(weight.shape[0], chunk_size, chunk_mib))
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
         total, sums = FusedLogitLoss.apply(hidden, weight, bias, work)
     else:
