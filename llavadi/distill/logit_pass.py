@@ -209,7 +209,7 @@ class _ChunkedPass:
                 self._slot(j, rows, chunk, grad, sums)
             if grad is not None:
                 _project(grad, h, weight, grad_h, self.rows.index[chunk], grad_w, grad_b, start == 0)
-        total = (sums * torch.tensor(self.coefs, dtype=acc, device=device)).sum()
+        total = _weighted_total(sums, self.coefs)
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
         return total, sums, grads
@@ -242,6 +242,11 @@ class _ChunkedPass:
         if self.teacher.topk_ids is not None:
             return term.sparse_value_grad(rows, pick(self.teacher.topk_ids), pick(self.teacher.topk_logprobs), grad, coef)
         return term.dense_value_grad(rows, grad, coef)
+
+
+def _weighted_total(sums: Tensor, coefs: list[float]) -> Tensor:
+    """sum_j coefs[j] * sums[j], with the coefficients as Python numbers (no host-to-device copy)."""
+    return sum((coef * sums[j] for j, coef in enumerate(coefs)), sums.new_zeros(()))
 
 
 def _project(grad: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor | None, index: Tensor, grad_w: Tensor | None,
@@ -322,7 +327,7 @@ def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce
                          ": logit terms need a shared tokenizer and LM head size")
     if not fused:
         sums = _plain_sums(slots, rows, hidden, weight, bias, teacher_rows)
-        return zero + (sums * torch.tensor(coefs, dtype=sums.dtype, device=sums.device)).sum(), sums.detach()
+        return zero + _weighted_total(sums, coefs), sums.detach()
     work = _ChunkedPass(slots, coefs, rows, teacher_rows, rows_per_chunk(weight.shape[0], chunk_size, chunk_mib))
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
         total, sums = FusedLogitLoss.apply(hidden, weight, bias, work)
