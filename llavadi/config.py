@@ -17,6 +17,7 @@ import yaml
 from llavadi.data.images import DEFAULT_MAX_PIXELS
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB
 from llavadi.distill.terms import TermSpec
+from llavadi.training_args import TrainArgsError, train_section
 
 
 class ConfigError(ValueError):
@@ -107,34 +108,38 @@ class DistillConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation hyper-parameters of a stage (mapped onto transformers.TrainingArguments)."""
+    """A stage's `transformers.TrainingArguments` fields by their own names (llavadi.training_args).
 
-    learning_rate: float = 2e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    dataloader_workers: int = 0
+    `args` holds the effective TrainingArguments values: llavadi's defaults overlaid with the
+    recipe's `train` keys. `max_nonfinite_skips` is llavadi's own key of the section.
+    """
+
+    args: dict = field(default_factory=lambda: train_section({}, "train"))
     max_nonfinite_skips: int = 0  # optimisation steps with a NaN/inf loss or gradient skipped before stopping
-    extra: dict = field(default_factory=dict)  # passed to TrainingArguments as is (e.g. fsdp, deepspeed)
+
+    @classmethod
+    def from_dict(cls, raw, where: str) -> "TrainConfig":
+        """Check every key against TrainingArguments' fields (closest name on a typo)."""
+        skips = 0
+        if isinstance(raw, dict) and "max_nonfinite_skips" in raw:
+            raw = dict(raw)
+            skips = raw.pop("max_nonfinite_skips")
+            if not isinstance(skips, int) or isinstance(skips, bool):
+                raise ConfigError(f"{where}.max_nonfinite_skips: expected an integer, got {skips!r}")
+        try:
+            return cls(train_section(raw, where), skips)
+        except TrainArgsError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_dict(self) -> dict:
+        """The section in recipe keys."""
+        return {**self.args, "max_nonfinite_skips": self.max_nonfinite_skips}
 
     def validate(self, where: str):
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{where}.learning_rate must be > 0")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
+        """Refuse a stage that would train nothing, and a negative skip budget."""
+        a = self.args
+        if a.get("max_steps", -1) <= 0 and a.get("num_train_epochs", 0) <= 0:
+            raise ConfigError(f"{where}: set num_train_epochs > 0 or max_steps > 0")
         if self.max_nonfinite_skips < 0:
             raise ConfigError(f"{where}.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
 
@@ -258,6 +263,8 @@ def _convert(tp, value, where):
         inner = [a for a in args if a is not type(None)]
         tp = inner[0] if len(inner) == 1 else tp
     if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "from_dict"):  # validates itself (the train section), errors naming the key
+            return tp.from_dict(value, where)
         return _build(tp, value, where)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -373,5 +380,8 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    """Plain dict of a recipe (for writing next to outputs)."""
-    return dataclasses.asdict(recipe)
+    """Plain dict of a recipe in recipe keys (for writing next to outputs; `load_recipe` reads it back)."""
+    raw = dataclasses.asdict(recipe)
+    for stage, config in zip(raw["stages"], recipe.stages):
+        stage["train"] = config.train.to_dict()
+    return raw

@@ -23,7 +23,7 @@ def test_make_data_train_eval_score_report(tmp_path, capsys):
     recipe = {"student": {"preset": "tiny-student"}, "output_dir": str(tmp_path / "run"), "device": "cpu",
               "data": {"image_folder": str(data / "images"), "system": "", "max_length": 128},
               "stages": [{"name": "finetune", "data": {"path": str(data / "instruct.json")},
-                          "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1}}]}
+                          "train": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp_path / "r.yaml"), "stages.finetune.train.max_steps=3", "--quiet"]) == 0
     final = tmp_path / "run" / "final"

@@ -26,7 +26,7 @@ def test_valid_recipe_merges_stage_data_defaults():
     s = r.stages[0]
     assert s.data.path == "d.json" and s.data.image_folder == "imgs" and s.data.template == "vicuna_v1"
     assert s.distill.terms[0].options == {"temperature": 2.0}
-    assert s.train.learning_rate == 2e-5
+    assert s.train.args["learning_rate"] == 2e-5
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -37,7 +37,8 @@ def test_valid_recipe_merges_stage_data_defaults():
     (lambda r: r.pop("teacher"), r"distillation terms need a `teacher`"),
     (lambda r: r["student"].update(path="x"), r"student: give exactly one of"),
     (lambda r: r.update(student={"preset": "huge"}), r"student.preset: unknown preset 'huge'"),
-    (lambda r: r["stages"][0].update(train={"batch_size": "eight"}), r"stages\[0\].train.batch_size: expected an integer"),
+    (lambda r: r["stages"][0].update(train={"per_device_train_batch_size": "eight"}),
+     r"stages\[0\].train.per_device_train_batch_size: expected an integer"),
     (lambda r: r["stages"][0]["data"].update(template="llama9"), r"unknown template 'llama9'"),
     (lambda r: r.update(stages=[]), r"at least one stage"),
     (lambda r: r["stages"].append(dict(r["stages"][0])), r"stage names must be unique"),
@@ -56,7 +57,7 @@ def test_overrides_by_stage_name_and_index():
     apply_override(raw, "stages.0.distill.terms.0.weight=0.5")
     apply_override(raw, "seed=3")
     r = recipe_from_dict(raw)
-    assert r.stages[0].train.learning_rate == 1e-4
+    assert r.stages[0].train.args["learning_rate"] == 1e-4
     assert r.stages[0].distill.terms[0].weight == 0.5
     assert r.seed == 3
     with pytest.raises(ConfigError, match="no item named 'pretrain'"):
@@ -70,7 +71,7 @@ def test_load_recipe_resolves_paths_against_the_file(tmp_path):
     r = load_recipe(str(tmp_path / "r.yaml"), ["stages.finetune.train.max_steps=5"])
     assert r.stages[0].data.path == str(tmp_path / "d.json")
     assert r.stages[0].data.image_folder == str(tmp_path / "imgs")
-    assert r.stages[0].train.max_steps == 5
+    assert r.stages[0].train.args["max_steps"] == 5
 
 
 def test_bad_yaml_names_the_file(tmp_path):
@@ -83,6 +84,7 @@ def test_paper_recipe_is_valid():
     r = load_recipe(os.path.join(ROOT, "recipes", "llavadi.yaml"))
     ft = r.stages[1]
     assert [t.name for t in ft.distill.terms] == ["forward_kl", "hidden_mse"]
-    assert ft.train.learning_rate == 2e-5 and ft.train.scheduler == "cosine" and ft.train.warmup_ratio == 0.03
+    train = ft.train.args
+    assert train["learning_rate"] == 2e-5 and train["lr_scheduler_type"] == "cosine" and train["warmup_steps"] == 0.03
     assert ft.trainable.vision_from_layer == 6 and ft.data.max_length == 2048
     assert r.stages[0].trainable.llm is False and r.stages[0].data.template == "plain"

@@ -66,10 +66,11 @@ def workspace(tmp_path_factory):
 
 
 def _recipe_dict(root, out, batch_size, grad_accum, data="data.json", **extra_train_args):
-    train = {"learning_rate": LEARNING_RATE, "max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum,
-             "scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
+    train = {"learning_rate": LEARNING_RATE, "max_steps": 1, "per_device_train_batch_size": batch_size,
+             "gradient_accumulation_steps": grad_accum, "lr_scheduler_type": "constant", "warmup_steps": 0.0,
+             "weight_decay": 0.0,
              "max_grad_norm": 1e9,  # no clipping: compare raw gradients
-             "logging_steps": 1, "save_steps": 100, "extra": {"optim": "sgd", **extra_train_args}}
+             "logging_steps": 1, "save_steps": 100, "optim": "sgd", **extra_train_args}
     return {"student": {"path": str(root / "student0")}, "teacher": {"path": str(root / "teacher0")},
             "output_dir": str(out), "device": "cpu", "seed": 0,
             "data": {"image_folder": str(root / "imgs"), "template": "vicuna_v1", "system": ""},

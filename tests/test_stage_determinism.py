@@ -18,8 +18,8 @@ from llavadi.train.runner import run_recipe
 
 def _pretrain(root):
     return {"name": "pretrain", "data": {"path": str(root / "caps.json"), "template": "plain"},
-            "train": {"learning_rate": 3e-3, "max_steps": 3, "batch_size": 4, "logging_steps": 1, "save_steps": 100,
-                      "scheduler": "constant", "warmup_ratio": 0.0}}
+            "train": {"learning_rate": 3e-3, "max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 100,
+                      "lr_scheduler_type": "constant", "warmup_steps": 0.0}}
 
 
 def test_second_stage_is_the_same_after_a_rerun_between_stages(workspace, tmp_path):  # noqa: F811

@@ -266,9 +266,9 @@ def test_preset_stages_are_recipe_stages():
             stages.append(stage)
         recipe = recipe_from_dict({"student": {"preset": preset.name}, "stages": stages})
         for stage in recipe.stages:
-            assert stage.train.max_steps > 0 and stage.train.extra == {"adam_beta2": 0.98}
+            assert stage.train.args["max_steps"] > 0 and stage.train.args["adam_beta2"] == 0.98
             assert stage.trainable.projector and stage.trainable.llm
         assert recipe.stages[0].name == "pretrain" and recipe.stages[0].data.template == "plain"
     edited = PRESETS["tiny-teacher"].stage("finetune")
-    edited["train"]["extra"]["adam_beta2"] = 0.5  # a copy: the preset itself is unchanged
-    assert PRESETS["tiny-teacher"].stage("finetune")["train"]["extra"] == {"adam_beta2": 0.98}
+    edited["train"]["adam_beta2"] = 0.5  # a copy: the preset itself is unchanged
+    assert PRESETS["tiny-teacher"].stage("finetune")["train"]["adam_beta2"] == 0.98

@@ -48,8 +48,8 @@ def _recipe(root, out, stages, teacher=True, **extra):
 
 
 def _finetune(root, steps=8, terms=None, **train):
-    t = {"learning_rate": 3e-3, "max_steps": steps, "batch_size": 4, "logging_steps": 1, "save_steps": 100,
-         "scheduler": "constant", "warmup_ratio": 0.0}
+    t = {"learning_rate": 3e-3, "max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 100,
+         "lr_scheduler_type": "constant", "warmup_steps": 0.0}
     t.update(train)
     return {"name": "finetune", "data": {"path": str(root / "inst.json")}, "train": t,
             "distill": {"terms": terms or []}}
@@ -89,7 +89,7 @@ def test_pretrain_stage_trains_projector_only(workspace, tmp_path):
     out = tmp_path / "run"
     pre = {"name": "pretrain", "data": {"path": str(workspace / "caps.json"), "template": "plain"},
            "trainable": {"projector": True, "llm": False},
-           "train": {"learning_rate": 1e-2, "max_steps": 3, "batch_size": 4, "save_steps": 100}}
+           "train": {"learning_rate": 1e-2, "max_steps": 3, "per_device_train_batch_size": 4, "save_steps": 100}}
     run_recipe(_recipe(workspace, out, [pre], teacher=False), log=lambda *_: None)
     before, after = _weights(workspace / "student0"), _weights(out / "pretrain" / "model")
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -79,9 +79,9 @@ VISION_PRETRAIN = {"steps": 300, "lr": 3e-3, "batch_size": 64, "position_lr_scal
 # vision tower frozen; a checkpoint every 200 steps so an interrupted demo resumes. The caption stage
 # ("pretrain", template "plain") trains projector AND language model: the tiny LLM has no
 # language pretraining, so a projector-only stage 1 (as in LLaVA) does not help it.
-_TRAIN = {"batch_size": 32, "warmup_ratio": 0.03, "scheduler": "cosine", "weight_decay": 0.0,
-          "max_grad_norm": 1.0, "logging_steps": 50, "save_steps": 200, "save_total_limit": 1,
-          "extra": {"adam_beta2": 0.98}}
+_TRAIN = {"per_device_train_batch_size": 32, "warmup_steps": 0.03, "lr_scheduler_type": "cosine",
+          "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 50, "save_steps": 200, "save_total_limit": 1,
+          "adam_beta2": 0.98}
 
 
 def _stage(template: str, learning_rate: float, max_steps: int) -> dict:

@@ -4,9 +4,8 @@ Checked for every stage before the first model's weights are read (loading a 13B
 minutes; a mistake found after it, or after stage 1 has trained, costs a run):
 - the model folders: config.json, a weights file, tokenizer, image processor, llavadi.json, read
   from the files only (`llavadi.models.describe`);
-- `train.extra` keys against TrainingArguments' fields (with the closest name), keys the runner
-  owns (`output_dir`: resume looks for checkpoints in `<output_dir>/<stage>/checkpoints`), and the
-  scheduler's name;
+- each stage's TrainingArguments, built once (field names and value types were checked when the
+  recipe was read, `llavadi.training_args`): values and combinations TrainingArguments refuses;
 - `vision_from_layer` and every term's layer indices against the model configs; the objective is
   built on the meta device in the models' context (widths, image-token counts), which also checks
   the tokenizers of logit terms (tokenizer files only);
@@ -23,30 +22,24 @@ tokenized again: it was checked when the stage ran and has not changed since.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from llavadi.atomic import write_json_atomic
-from llavadi.config import ConfigError, Recipe, StageConfig, TrainConfig
+from llavadi.config import ConfigError, Recipe, StageConfig
 from llavadi.data.dataset import LlavaDataset, Skipped, read_json_records, record_image_paths
 from llavadi.data.encode import SampleError
+from llavadi.device import resolve_device
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
 from llavadi.data.images import check_images
 from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
 from llavadi.teacher.cache_format import CacheError
 from llavadi.train.stages import data_identity, stage_fingerprints, stage_status
+from llavadi.training_args import TrainArgsError, check_training_arguments
 
-# keys of train.extra the runner sets itself, and why
-RESERVED_EXTRA = {
-    "output_dir": "checkpoints go to <output_dir>/<stage>/checkpoints, where a rerun resumes from them; "
-                  "set the recipe's output_dir instead",
-    "logging_nan_inf_filter": "a NaN loss is always logged as NaN (train.max_nonfinite_skips decides what happens)",
-    "resume_from_checkpoint": "rerunning the same command resumes from the latest complete checkpoint",
-}
 SHOWN_SAMPLES = 10
 REPORT_FILE = "preflight_report.json"
 
@@ -66,25 +59,18 @@ class StageCheck:
     identity: dict = field(default_factory=dict)  # for the stage's fingerprint
 
 
-def check_train_extra(train: TrainConfig, where: str) -> list[str]:
-    """Problems with `train.extra` (unknown or reserved TrainingArguments keys) and the scheduler name."""
-    from transformers import SchedulerType, TrainingArguments
+def check_train_arguments(recipe: Recipe, stage: StageConfig, where: str) -> list[str]:
+    """The stage's TrainingArguments built once: values and combinations TrainingArguments refuses.
 
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    problems = []
-    for key in train.extra:
-        if key in RESERVED_EXTRA:
-            problems.append(f"{where}.train.extra.{key}: not allowed: {RESERVED_EXTRA[key]}")
-        elif key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{where}.train.extra.{key}: not a transformers.TrainingArguments field{hint}")
-    names = sorted(s.value for s in SchedulerType)
-    if train.scheduler not in names:
-        close = difflib.get_close_matches(train.scheduler, names, n=1)
-        problems.append(f"{where}.train.scheduler: unknown scheduler {train.scheduler!r}"
-                        + (f" (did you mean {close[0]!r}?)" if close else f"; choose one of {names}"))
-    return problems
+    Field names and value types were checked when the recipe was read (llavadi.training_args).
+    """
+    use_cpu = resolve_device(recipe.device).type == "cpu"
+    checkpoints = os.path.join(recipe.output_dir, stage.name, "checkpoints")
+    try:
+        check_training_arguments([(f"{where}.train", stage.train.args, checkpoints)], recipe.seed, use_cpu)
+    except TrainArgsError as e:
+        return [str(e)]
+    return []
 
 
 def _text_layers(config) -> int:
@@ -212,7 +198,7 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
     checks: dict[str, StageCheck] = {}
     for i, stage in enumerate(recipe.stages):
         where = f"stages[{i}] ({stage.name})"
-        problems += check_train_extra(stage.train, where)
+        problems += check_train_arguments(recipe, stage, where)
         cache = None
         if student is not None and uses_cache(recipe, stage):
             cache, cache_problems = preflight_cache(recipe, stage, student, where)

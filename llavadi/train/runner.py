@@ -15,7 +15,6 @@ Layout of `output_dir`:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from llavadi.train.stages import (
     publish_stage,
     stage_fingerprints,
 )
+from llavadi.training_args import training_argument_kwargs
 from llavadi.train.trainer import DistillTrainer
 
 TEACHER_PREFIX = "teacher_"
@@ -86,39 +86,8 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 
 def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device: str,
                        quiet: bool = False) -> TrainingArguments:
-    """TrainingArguments for a stage."""
-    t = stage.train
-    report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
-    kwargs = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        lr_scheduler_type=t.scheduler,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        dataloader_num_workers=t.dataloader_workers,
-        remove_unused_columns=False,
-        report_to=report_to,
-        seed=recipe.seed,
-        use_cpu=device == "cpu",
-        ddp_find_unused_parameters=False,
-        save_only_model=False,
-        disable_tqdm=quiet,  # quiet: log lines instead of a progress bar (parallel runs, CI logs)
-    )
-    if t.gradient_checkpointing:
-        kwargs["gradient_checkpointing"] = True
-    kwargs.update(t.extra)
-    return TrainingArguments(**kwargs)
+    """TrainingArguments for a stage: its `train` fields plus what llavadi sets (llavadi.training_args)."""
+    return TrainingArguments(**training_argument_kwargs(stage.train.args, out_dir, recipe.seed, device == "cpu", quiet))
 
 
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
@@ -185,7 +154,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         for m in (student.model, use_teacher.model if use_teacher else None):
             if m is not None:
                 m.set_attn_implementation("eager")
-    if stage.train.gradient_checkpointing:
+    if stage.train.args.get("gradient_checkpointing"):
         student.model.config.use_cache = False
     prefixes = tuple(v.prefix for v in dataset.views)
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)

@@ -35,7 +35,8 @@ DONE_MARKER = "done.json"
 STAGING_DIR = ".publish-staging"
 CHECKPOINTS_DIR = "checkpoints"
 # settings that change when and how a stage reports or saves, not what it trains
-OPERATIONAL_TRAIN_KEYS = ("logging_steps", "save_steps", "save_total_limit", "dataloader_workers")
+OPERATIONAL_TRAIN_KEYS = ("logging_steps", "logging_strategy", "logging_first_step", "save_steps", "save_strategy",
+                          "save_total_limit", "dataloader_num_workers", "report_to", "run_name", "disable_tqdm")
 SHOWN_CHANGES = 6
 
 
@@ -94,7 +95,7 @@ def stage_recipe(recipe: Recipe, stage: StageConfig) -> dict:
     """The settings that decide a stage's result (paths are covered by the data and model identities)."""
     s = dataclasses.asdict(stage)
     s["data"] = {k: v for k, v in s["data"].items() if k not in ("path", "image_folder")}
-    s["train"] = {k: v for k, v in s["train"].items() if k not in OPERATIONAL_TRAIN_KEYS}
+    s["train"] = {k: v for k, v in stage.train.to_dict().items() if k not in OPERATIONAL_TRAIN_KEYS}
 
     def spec(m):  # what a model spec says besides its paths
         return None if m is None else {k: v for k, v in dataclasses.asdict(m).items()

@@ -47,8 +47,8 @@ def make_workspace(root: Path) -> Path:
 
 def recipe_dict(root: Path, out: Path, finetune_train: dict | None = None, terms: list | None = None) -> dict:
     """The two-stage recipe (pretrain, finetune with forward KL + hidden MSE) writing into `out`."""
-    train = {"learning_rate": 3e-3, "batch_size": 4, "logging_steps": 1, "scheduler": "constant",
-             "warmup_ratio": 0.0, "save_steps": SAVE_STEPS}
+    train = {"learning_rate": 3e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
+             "lr_scheduler_type": "constant", "warmup_steps": 0.0, "save_steps": SAVE_STEPS}
     return {
         "student": {"path": str(root / "student0")}, "teacher": {"path": str(root / "teacher0")},
         "output_dir": str(out), "device": "cpu", "seed": 0,
