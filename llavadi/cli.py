@@ -51,13 +51,29 @@ def _cmd_terms(args) -> int:
     return 0
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help text followed by the option's default, unless it has none (None, a flag off) or says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or "default" in text or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    p = argparse.ArgumentParser(prog="llavadi", description="Distil LLaVA-style multimodal LLMs.")
+    from llavadi import __version__
+
+    p = argparse.ArgumentParser(prog="llavadi", description="Distil LLaVA-style multimodal LLMs.",
+                                formatter_class=_HelpWithDefaults)
+    p.add_argument("--version", action="version", version=f"llavadi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic task (CPU, minutes)")
-    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--out", default="runs/demo", help="output directory")
     d.add_argument("--seeds", type=int, default=1, help="student seeds to run (mean and spread reported)")
     d.add_argument("--fresh", action="store_true", help="ignore cached data, vision tower and teacher")
     d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
@@ -70,16 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("make-data", help="write a dataset")
-    m.add_argument("kind", choices=["synthetic"])
-    m.add_argument("--out", required=True)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("kind", choices=["synthetic"], help="which dataset")
+    m.add_argument("--out", required=True, help="output folder (images, caption/instruction/eval sets)")
+    m.add_argument("--seed", type=int, default=0, help="random seed of the generated set")
     m.add_argument("--n-instruct", type=int, default=None, help="instruction samples (default: the demo's)")
     m.set_defaults(func=_cmd_make_data)
 
     t = sub.add_parser("train", help="run a recipe's stages")
     t.add_argument("recipe", help="YAML recipe")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.finetune.train.learning_rate=1e-4")
-    t.add_argument("--output-dir", default=None)
+    t.add_argument("overrides", nargs="*", help="key=value overrides, anywhere on the line, e.g. "
+                                                "stages.finetune.train.learning_rate=1e-4")
+    t.add_argument("--output-dir", default=None, help="overrides the recipe's output_dir")
     t.add_argument("--no-resume", action="store_true",
                    help="start every stage afresh: delete the output folder's stages, checkpoints included")
     t.add_argument("--force", action="store_true",
@@ -88,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--check", action="store_true",
                    help="validate the recipe, data, images and model files, say what would run; train nothing")
     t.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=_cmd_train, takes_overrides=True)
 
     k = sub.add_parser("terms", help="list the distillation terms, what they compare and their options")
     k.add_argument("names", nargs="*", help="terms to describe (default: all)")
@@ -104,7 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.register(sub)
     eval_commands.register(sub)
     ablate.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpWithDefaults
     return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; a command's key=value overrides may come anywhere on the line (after options too)."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not getattr(args, "takes_overrides", False) or any(r.startswith("-") or "=" not in r for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = list(args.overrides) + rest
+    if getattr(args, "takes_overrides", False) and "=" in args.recipe and not os.path.exists(args.recipe):
+        parser.error(f"{args.command}: the recipe file comes first, got {args.recipe!r}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(os.environ["LLAVADI_THREADS"]))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     from llavadi.config import ConfigError
     from llavadi.data.encode import SampleError
     from llavadi.teacher.cache_format import CacheError

@@ -293,7 +293,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(text) if text != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({e}); quote it") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {assignment!r}: the value {text!r} is not valid YAML ({problem}); "
+                          "quote it") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `score` and `report` subcommands to the CLI's subparsers."""
     score = subparsers.add_parser(
         "score", help="score a predictions file (LLaVA answer JSONL) against a benchmark's annotations")
-    score.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    score.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="benchmark whose rules score")
     score.add_argument("--predictions", required=True, help="answer JSONL: question_id, text per line")
     score.add_argument("--annotations", required=True, help="the benchmark's annotation file or folder")
     score.add_argument("--questions", help="question file defining the evaluation set (LLaVA form)")

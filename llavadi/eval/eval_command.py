@@ -42,15 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("eval", help="generate answers to a benchmark with a saved model and score them")
     p.add_argument("--model", required=True, help="saved model directory (HF files + llavadi.json)")
-    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="benchmark to answer and score")
     p.add_argument("--questions", required=True, help="the benchmark's question file (LLaVA form)")
     p.add_argument("--images", default=None, help="folder the question file's image paths are relative to")
     p.add_argument("--annotations", default=None,
                    help="ground truth file/folder (not needed for 'synthetic'; without it, answers are not scored)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--teacher", default=None, help="teacher model directory: adds agreement and teacher-forced KL")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, fp16, bf16")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")

@@ -223,14 +223,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="LLaVA-format instruction file (JSON list or JSONL)")
     p.add_argument("--images", default=None, help="folder the samples' image paths are relative to")
     p.add_argument("--out", required=True, help="output file (.jsonl for JSONL, otherwise a JSON list)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, fp16, bf16")
     p.add_argument("--no-keep-original", action="store_true",
                    help="do not store the input conversations as 'original_conversations'")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="bad samples: stop (default) or leave them out and list them in the report")
+                   help="bad samples: stop, or leave them out and list them in the report")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_regenerate)
 

@@ -1,0 +1,7 @@
+"""`python -m llavadi`: the `llavadi` command."""
+
+import sys
+
+from llavadi.cli import main
+
+sys.exit(main())
