@@ -47,8 +47,8 @@ def one_at_a_time(bundle, questions, max_new_tokens):
             ids = torch.tensor([encode_question(encoder, q)])
             kwargs = {}
             if q.image:
-                img = load_image(q.image, q.question_id, bundle.pad_to_square)
-                kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, img)[None]
+                img = load_image(q.image, q.question_id)
+                kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, img, bundle.pad_to_square)[None]
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
                                  max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id, **kwargs)

@@ -229,11 +229,15 @@ def test_non_square_image_is_padded_to_square(word_tokenizer, tmp_path):
     write_json(tmp_path / "d.json", [_sample(0)])
     item = _dataset(word_tokenizer, tmp_path / "d.json", tmp_path)[0]
     assert item["pixel_values"].shape == (3, 32, 32)
-    # the padded rows are the mean colour (the image's own colour here): no black bars
-    assert item["pixel_values"].std(dim=(1, 2)).max() < 1e-3
+    # LLaVA-1.5's expand2square: centred on a square of the processor's mean colour (0-255), then the processor
     processor = make_image_processor(32)
-    expected = [(c / 255 - m) / sd for c, m, sd in zip((200, 10, 10), processor.image_mean, processor.image_std)]
-    assert item["pixel_values"].mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-3)
+    canvas = Image.new("RGB", (64, 64), tuple(int(m * 255) for m in processor.image_mean))
+    canvas.paste(Image.new("RGB", (64, 32), (200, 10, 10)), (0, 16))
+    assert torch.equal(item["pixel_values"], processor(images=canvas, return_tensors="pt")["pixel_values"][0])
+    # the padded bands normalise to ~0 (the mean), the image band to the red
+    red = [(c / 255 - m) / sd for c, m, sd in zip((200, 10, 10), processor.image_mean, processor.image_std)]
+    assert item["pixel_values"][:, :6].abs().max() < 0.05  # int() of the mean: within 1/255 of it
+    assert item["pixel_values"][:, 10:22].mean(dim=(1, 2)).tolist() == pytest.approx(red, abs=1e-3)
 
 
 CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"

@@ -99,7 +99,10 @@ def test_saved_directory_loads_as_a_bundle_and_incomplete_ones_are_named(word_to
     save_model(LoadedModel(model, word_tokenizer, make_image_processor(32), {"template": "plain"}), str(tmp_path / "m"),
                {"stage": "pretrain"})
     loaded = load_llava_dir(tmp_path / "m")
-    assert loaded.meta == {"template": "plain", "stage": "pretrain", "n_image_tokens": 4}
+    # tokenizer_chat_template: the tokenizer had no chat template of its own (the saved one is llavadi's)
+    assert loaded.meta == {"template": "plain", "stage": "pretrain", "n_image_tokens": 4,
+                           "tokenizer_chat_template": None}
+    assert loaded.tokenizer.chat_template is None
     assert loaded.template == "plain" and loaded.encoder().n_image_tokens == 4
     assert loaded.image_processor.crop_size == {"height": 32, "width": 32}
     with torch.no_grad():

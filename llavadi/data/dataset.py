@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageStat
+from PIL import Image
 
 from llavadi.data.encode import ConversationEncoder, SampleError
 from llavadi.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, ImageVerdict, check_images, open_image
@@ -172,30 +172,38 @@ def image_problems(verdicts: dict[str, ImageVerdict], max_pixels: int | None) ->
     return out
 
 
-def expand_to_square(img: Image.Image) -> Image.Image:
-    """Pad an RGB image to a square with its mean colour, centred (LLaVA-1.5's expand2square)."""
+def square_fill(image_processor) -> tuple[int, int, int]:
+    """The padding colour: the image processor's mean in 0-255 (LLaVA-1.5's, and LlavaImageProcessor's do_pad)."""
+    mean = getattr(image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
+    mean = list(mean) * 3 if len(mean) == 1 else list(mean)
+    return tuple(int(m * 255) for m in mean[:3])
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad an RGB image to a square with `fill`, centred (LLaVA-1.5's expand2square)."""
     if img.width == img.height:
         return img
     side = max(img.size)
-    canvas = Image.new("RGB", (side, side), tuple(int(m) for m in ImageStat.Stat(img).mean))
+    canvas = Image.new("RGB", (side, side), tuple(fill))
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     return canvas
 
 
-def load_image(path: str, sample_id: str, pad_to_square: bool = True,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An RGB image; padded to a square with the mean colour as LLaVA-1.5 does."""
+def load_image(path: str, sample_id: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image file decoded completely, in RGB (padding to a square happens in `pixel_values_for`)."""
     try:
-        img = open_image(path, max_pixels)
+        return open_image(path, max_pixels)
     except ImageTooLarge as e:
         raise SampleError(f"sample {sample_id!r}: {path}: {e}") from None
     except Exception as e:  # PIL raises several types for unreadable files
         raise SampleError(f"sample {sample_id!r}: unreadable image {path} ({type(e).__name__}: {e})") from e
-    return expand_to_square(img) if pad_to_square else img
 
 
-def pixel_values_for(image_processor, img: Image.Image) -> torch.Tensor:
-    """(3, H, W) float tensor from an image processor."""
+def pixel_values_for(image_processor, img: Image.Image, pad_to_square: bool = True) -> torch.Tensor:
+    """(3, H, W) pixels as llavadi trains and evaluates: padded to a square with the processor's mean
+    colour (LLaVA-1.5), then the image processor. A saved llavadi model's processor does the same by itself."""
+    if pad_to_square:
+        img = expand_to_square(img, square_fill(image_processor))
     return image_processor(images=img, return_tensors="pt")["pixel_values"][0]
 
 
@@ -266,8 +274,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             item[p + "labels"] = enc.labels
             if rec.image is not None:
                 if img is None:
-                    img = load_image(rec.image, rec.sample_id, view.pad_to_square, self.max_pixels)
-                item[p + "pixel_values"] = pixel_values_for(view.image_processor, img)
+                    img = load_image(rec.image, rec.sample_id, self.max_pixels)
+                item[p + "pixel_values"] = pixel_values_for(view.image_processor, img, view.pad_to_square)
         return item
 
     def _replacement(self, idx: int, error: SampleError) -> dict:

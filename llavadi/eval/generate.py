@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from llavadi.data.collator import pad_sequences
-from llavadi.data.dataset import expand_to_square, load_image, pixel_values_for
+from llavadi.data.dataset import load_image, pixel_values_for
 from llavadi.data.images import open_image
 from llavadi.data.encode import ConversationEncoder, SampleError
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
@@ -114,15 +114,14 @@ def encode_question(encoder: ConversationEncoder, question: EvalQuestion) -> lis
                                  sample_id=str(question.question_id)).input_ids
 
 
-def question_image(question: EvalQuestion, pad_to_square: bool = True) -> Image.Image:
-    """The question's RGB image (from its file or its base64 bytes), padded to a square as in training."""
+def question_image(question: EvalQuestion) -> Image.Image:
+    """The question's RGB image, from its file or its base64 bytes (padding happens in `pixel_values_for`)."""
     if question.image is not None:
-        return load_image(question.image, str(question.question_id), pad_to_square)
+        return load_image(question.image, str(question.question_id))
     try:
-        img = open_image(io.BytesIO(base64.b64decode(question.image_base64)))
+        return open_image(io.BytesIO(base64.b64decode(question.image_base64)))
     except Exception as e:  # binascii and PIL raise several types for bad data (and ImageTooLarge)
         raise SampleError(f"question {question.question_id!r}: undecodable base64 image ({e})") from e
-    return expand_to_square(img) if pad_to_square else img
 
 
 def _pad_id(tokenizer) -> int:
@@ -147,7 +146,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def _pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dtype) -> torch.Tensor | None:
-    pix = [pixel_values_for(bundle.image_processor, question_image(q, bundle.pad_to_square))
+    pix = [pixel_values_for(bundle.image_processor, question_image(q), bundle.pad_to_square)
            for q in questions if q.has_image]
     if not pix:
         return None

@@ -29,7 +29,9 @@ from transformers import (
 from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
-from llavadi.models.meta import DEFAULT_TEMPLATE, read_model_meta, write_model_meta
+from llavadi.models.chat_template import llavadi_chat_template
+from llavadi.models.image_processor import padding_image_processor
+from llavadi.models.meta import DEFAULT_TEMPLATE, TOKENIZER_CHAT_TEMPLATE, read_model_meta, write_model_meta
 from llavadi.models.image_tokens import n_image_tokens  # noqa: F401  (part of this module's API)
 
 
@@ -121,7 +123,12 @@ def load_llava_dir(path: str | os.PathLike, dtype=None) -> LoadedModel:
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
-    return LoadedModel(model, tokenizer, image_processor, read_model_meta(path, model.config))
+    meta = read_model_meta(path, model.config)
+    if TOKENIZER_CHAT_TEMPLATE in meta:
+        # the saved files carry llavadi's rendering; the language model's own template stays what
+        # `template: chat_template` means
+        tokenizer.chat_template = meta[TOKENIZER_CHAT_TEMPLATE]
+    return LoadedModel(model, tokenizer, image_processor, meta)
 
 
 def vision_model_class(path: str):
@@ -259,15 +266,18 @@ def _used_vision_layers(config, n_layers: int) -> int:
 # ----------------------------------------------------------------------------- saving
 
 def llava_processor(loaded: LoadedModel) -> LlavaProcessor:
-    """The LlavaProcessor that expands `<image>` to exactly the model's number of image tokens."""
+    """The processor saved with a model: `<image>` expanded to the model's image-token count, images padded
+    to a square as llavadi pads them (llavadi.models.image_processor), and a chat template rendering the
+    model's prompt (template + system prompt; llavadi.models.chat_template)."""
     cfg = loaded.model.config
     return LlavaProcessor(
-        image_processor=loaded.image_processor,
+        image_processor=padding_image_processor(loaded.image_processor, loaded.pad_to_square),
         tokenizer=loaded.tokenizer,
         patch_size=cfg.vision_config.patch_size,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
         image_token=IMAGE_PLACEHOLDER,
+        chat_template=llavadi_chat_template(loaded.template, loaded.system, loaded.tokenizer),
     )
 
 
@@ -280,8 +290,12 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> s
         os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        llava_processor(loaded).save_pretrained(tmp)
-        write_model_meta(tmp, {**loaded.meta, **(meta or {})}, loaded.model.config)
+        processor = llava_processor(loaded)
+        processor.save_pretrained(tmp)  # its chat template is written for the tokenizer too
+        meta = {**loaded.meta, **(meta or {})}
+        if processor.chat_template != loaded.tokenizer.chat_template:  # what template: chat_template reads
+            meta[TOKENIZER_CHAT_TEMPLATE] = loaded.tokenizer.chat_template
+        write_model_meta(tmp, meta, loaded.model.config)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -3,7 +3,8 @@
 Keys: `template` (conversation template name), `system` (system prompt; null = the template's
 default), `n_image_tokens` (image placeholder tokens per image, checked against the model's
 vision tower on reading), `stage` (the training stage that produced it) and optionally
-`pad_to_square`. A directory without the file is a plain HF LLaVA model: prompted with the
+`pad_to_square`, and `tokenizer_chat_template` (the language model's own chat template, when the
+saved files carry llavadi's rendering instead). A directory without the file is a plain HF LLaVA model: prompted with the
 LLaVA-1.5 defaults (`vicuna_v1`, LLaVA's system prompt).
 """
 
@@ -18,6 +19,7 @@ from llavadi.models.image_tokens import n_image_tokens
 
 META_FILE = "llavadi.json"
 DEFAULT_TEMPLATE = "vicuna_v1"
+TOKENIZER_CHAT_TEMPLATE = "tokenizer_chat_template"
 
 
 def read_model_meta(model_dir: str | os.PathLike, config=None) -> dict:

@@ -158,7 +158,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         student.model.config.use_cache = False
     prefixes = tuple(v.prefix for v in dataset.views)
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
-    processor = llava_processor(student)
+    processor = llava_processor(LoadedModel(student.model, student.tokenizer, student.image_processor, meta))
     args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
     source, on_policy = teacher_signals(recipe, stage, student, use_teacher, cache, objective, dataset, collator,
                                         args.device)
