@@ -211,11 +211,24 @@ def _assert_same_step(reference, out):
 needs_torchrun = pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
 
 
+def _logged(out) -> dict:
+    """The step-1 log line of a run (loss and each term)."""
+    with open(os.path.join(out, "finetune", "checkpoints", "checkpoint-1", "trainer_state.json")) as f:
+        (line,) = [h for h in json.load(f)["log_history"] if "loss" in h]
+    return line
+
+
 @needs_torchrun
 def test_two_processes_x4_equal_one_batch_of_8(workspace, batch_of_8, tmp_path):
     out = tmp_path / "ddp"
     _torchrun(tmp_path, _recipe_dict(workspace, out, batch_size=4, grad_accum=1, ddp_backend="gloo"))
     _assert_same_step(batch_of_8[:2], out)
+    # the logged terms are reduced over both processes: they add up to the loss and equal one process's
+    two, one = _logged(out), _logged(workspace / "batch8")
+    weights = {"loss/ce": 1.0, **{f"loss/{t['name']}": t["weight"] for t in TERMS}}
+    assert two["loss"] == pytest.approx(sum(w * two[k] for k, w in weights.items()), rel=1e-4)
+    for key in ("loss", *weights):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 
 @needs_torchrun

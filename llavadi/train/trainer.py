@@ -39,6 +39,17 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def sum_over_processes(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Each value summed over all processes of torch.distributed (as floats; unchanged when not distributed)."""
+    keys = sorted(values)
+    if _world_size() == 1:
+        return {k: float(values[k]) for k in keys}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device) for k in keys])
+    dist.all_reduce(stacked)
+    return dict(zip(keys, stacked.tolist()))
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is the DistillationModule's objective against a frozen teacher's signal."""
 
@@ -99,10 +110,11 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs):
         self.guard.adjust_log(logs, self.state.global_step)
         if self._term_count and "loss" in logs:
-            # term values are per micro-batch shares of the step's mean: sum over the window
+            # term values are each process's share of the step's global mean, per micro-batch: sum them
+            # over the accumulation window and over processes (every process logs at the same step)
             steps = max(1, self._term_count / self.args.gradient_accumulation_steps)
-            for k, v in self._term_sums.items():
-                logs[f"loss/{k}"] = round(float(v) / steps, 6)
+            for k, v in sum_over_processes(self._term_sums).items():
+                logs[f"loss/{k}"] = round(v / steps, 6)
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, *args, **kwargs)
