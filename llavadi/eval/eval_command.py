@@ -29,6 +29,7 @@ from llavadi.eval.generate import decode_answer, from_benchmark_questions, load_
 from llavadi.eval.journal import AnswerJournal, journaled_answer_ids
 from llavadi.eval.report import write_result
 from llavadi.identity import file_sha256, folder_identity
+from llavadi.models.model_card import CARD_FILE, record_eval_result
 
 ANSWERS_FILE = "answers.jsonl"
 TEACHER_ANSWERS_FILE = "teacher_answers.jsonl"
@@ -231,11 +232,12 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
              template: str | None = None, system: str | None = None, teacher_template: str | None = None,
              teacher_system: str | None = None, name: str | None = None,
              benchmark_options: dict | None = None, progress: bool = True, student=None, teacher=None,
-             on_error: str = "raise") -> dict:
+             on_error: str = "raise", update_card: bool = True) -> dict:
     """Answer, score (and compare with a teacher); write answers + metrics files; return the result dict.
 
     `student` / `teacher` may be already loaded `LoadedModel`s (e.g. models just trained);
-    then `model_dir` / `teacher_dir` only name them in the answer files.
+    then `model_dir` / `teacher_dir` only name them in the answer files. With `update_card`, the
+    headline metrics go into the model folder's llavadi model card (README.md), if it has one.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -280,4 +282,6 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
     write_result(result, out)  # last: a result file names a complete set of answers
     for journal in journals:
         journal.discard()
+    if update_card and os.path.isdir(model_dir) and record_eval_result(model_dir, result):
+        result["notes"].append(f"results added to the model card {os.path.join(model_dir, CARD_FILE)}")
     return result

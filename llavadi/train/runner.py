@@ -40,6 +40,7 @@ from llavadi.models.build import (
     save_model,
     set_trainable,
 )
+from llavadi.models.model_card import write_model_card
 from llavadi.teacher.cache import cached_objective, cached_teacher, stage_cache
 from llavadi.teacher.on_policy import OnPolicySampler
 from llavadi.teacher.online import OnlineTeacher
@@ -171,7 +172,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     ledger = _train_or_finish(trainer, ckpt, stage.name, log)
     out = LoadedModel(module.student, student.tokenizer, student.image_processor, meta)
     if trainer.args.should_save:
-        _publish(stage_dir, fingerprint, out, module, dataset, ledger, stage.data.path)
+        _publish(stage_dir, fingerprint, out, module, dataset, ledger, stage.data.path, _last_logged(trainer, ckpt))
     if dataset.skipped:
         log(f"[{stage.name}] WARNING: {len(dataset.skipped)} sample(s) skipped: see {stage_dir}/data_report.json")
     return out
@@ -196,8 +197,20 @@ def _train_or_finish(trainer: DistillTrainer, ckpt: str | None, name: str, log) 
     return marker if marker and marker.get("step") == trainer.state.global_step else ledger
 
 
+def _last_logged(trainer: DistillTrainer, ckpt: str | None) -> dict:
+    """The stage's last log line with a loss (from the checkpoint when the stage was published without training)."""
+    history = trainer.state.log_history
+    if not history and ckpt is not None:
+        try:
+            with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+                history = json.load(f).get("log_history", [])
+        except (OSError, ValueError):
+            history = []
+    return next((h for h in reversed(history) if "loss" in h), {})
+
+
 def _publish(stage_dir: str, fingerprint: StageFingerprint, out: LoadedModel, module: DistillationModule,
-             dataset: LlavaDataset, ledger: dict, data_path: str) -> None:
+             dataset: LlavaDataset, ledger: dict, data_path: str, last_logs: dict) -> None:
     """Write model, projectors and data report, then the completion marker (`publish_stage`)."""
     bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # the guard stops non-finite steps; this catches what slips past it (e.g. overflow in a cast)
@@ -211,6 +224,7 @@ def _publish(stage_dir: str, fingerprint: StageFingerprint, out: LoadedModel, mo
         "nonfinite_steps_skipped": ledger.get("nonfinite_skipped", []),
         "train_loss": loss if loss is not None and math.isfinite(loss) else None,
         "steps": ledger.get("step"),
+        "last_logs": last_logs,  # the model card's final term values
     }
 
     def write(folder: str) -> None:
@@ -219,6 +233,19 @@ def _publish(stage_dir: str, fingerprint: StageFingerprint, out: LoadedModel, mo
         write_json_atomic(os.path.join(folder, "data_report.json"), report)
 
     publish_stage(stage_dir, fingerprint, write, summary={"steps": report["steps"], "train_loss": report["train_loss"]})
+
+
+def write_card(recipe: Recipe, model_dir: str, student: LoadedModel, teacher: LoadedModel | None) -> str:
+    """The model card of `model_dir` from the recipe and each stage's data_report.json."""
+    reports = {}
+    for stage in recipe.stages:
+        path = os.path.join(recipe.output_dir, stage.name, "data_report.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                reports[stage.name] = json.load(f)
+    params = {"student": sum(p.numel() for p in student.model.parameters()),
+              "teacher": sum(p.numel() for p in teacher.model.parameters()) if teacher is not None else None}
+    return write_model_card(model_dir, recipe_to_dict(recipe), reports, params)
 
 
 def _is_main_process() -> bool:
@@ -277,6 +304,7 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, q
     final = os.path.join(recipe.output_dir, "final")
     if _is_main_process():
         save_model(student, final, student.meta)
+        write_card(recipe, final, student, teacher)
     _say_skipped(recipe, log)
     log(f"final student: {final}")
     return final
