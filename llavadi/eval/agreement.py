@@ -25,7 +25,9 @@ from llavadi.eval.generate import (
     decode_answer,
     encode_question,
     generate_answer_ids,
+    length_sorted_batches,
 )
+from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.eval.normalize import normalize_simple
 from llavadi.models.build import LoadedModel
 
@@ -85,11 +87,30 @@ def _answer_hidden(bundle: LoadedModel, questions: list[EvalQuestion], prompts: 
     return hidden[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)]
 
 
+def _batch_kl(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion], prompts_t, prompts_s,
+              answers: list[list[int]], temperature: float) -> tuple[list[float], float, int]:
+    """One batch: (per-question mean KL, summed KL, number of answer tokens)."""
+    h_t = _answer_hidden(teacher, questions, prompts_t, answers)
+    h_s = _answer_hidden(student, questions, prompts_s, answers)
+    logits_t = teacher.model.get_output_embeddings()(h_t)
+    logits_s = student.model.get_output_embeddings()(h_s)
+    kl = forward_kl(logits_s, logits_t.to(logits_s.device), temperature=temperature).double().cpu()
+    per_question, offset = [], 0
+    for a in answers:
+        per_question.append(float(kl[offset:offset + len(a)].mean()))
+        offset += len(a)
+    return per_question, float(kl.sum()), kl.numel()
+
+
 @torch.no_grad()
 def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion],
                       answer_ids: list[list[int]], batch_size: int = 16, temperature: float = 1.0,
-                      progress: bool = False) -> tuple[float, int, list[float]]:
-    """(mean KL(p_T||p_S) over all answer tokens, number of answer tokens, per-question mean KL)."""
+                      progress: bool = False, shard: Shard | None = None) -> tuple[float, int, list[float]]:
+    """(mean KL(p_T||p_S) over all answer tokens, number of answer tokens, per-question mean KL).
+
+    `shard`: under data parallelism this process runs its share of the batches; the sums are
+    combined in batch order, so the result equals one process's.
+    """
     if not questions:
         raise ValueError("teacher-forced KL needs at least one question")
     if len(questions) != len(answer_ids):
@@ -98,37 +119,26 @@ def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: lis
         if not a:
             raise ValueError(f"question {q.question_id!r}: empty teacher answer, no token to compare on")
     _check_compatible(student, teacher)
+    shard = shard or ONE_PROCESS
     teacher_encoder, student_encoder = teacher.encoder(), student.encoder()
     prompts_t = [encode_question(teacher_encoder, q) for q in questions]
     prompts_s = [encode_question(student_encoder, q) for q in questions]
-    order = sorted(range(len(questions)), key=lambda i: -(len(prompts_t[i]) + len(answer_ids[i])))
-    per_question: list[float] = [0.0] * len(questions)
-    total, count = 0.0, 0
+    batches = length_sorted_batches([len(p) + len(a) for p, a in zip(prompts_t, answer_ids)], batch_size)
+    mine = [k for k in range(len(batches)) if shard.owns(k)]
     bar = None
-    if progress:
+    if progress and shard.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(questions), desc="teacher-forced KL", unit="q")
+        bar = tqdm(total=sum(len(batches[k]) for k in mine), desc="teacher-forced KL", unit="q")
     modes = (student.model.training, teacher.model.training)
     student.model.eval()
     teacher.model.eval()
+    local = {}
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            qs = [questions[i] for i in idx]
-            ans = [answer_ids[i] for i in idx]
-            h_t = _answer_hidden(teacher, qs, [prompts_t[i] for i in idx], ans)
-            h_s = _answer_hidden(student, qs, [prompts_s[i] for i in idx], ans)
-            logits_t = teacher.model.get_output_embeddings()(h_t)
-            logits_s = student.model.get_output_embeddings()(h_s)
-            kl = forward_kl(logits_s, logits_t.to(logits_s.device), temperature=temperature).double().cpu()
-            offset = 0
-            for i, a in zip(idx, ans):
-                piece = kl[offset:offset + len(a)]
-                per_question[i] = float(piece.mean())
-                offset += len(a)
-            total += float(kl.sum())
-            count += kl.numel()
+        for k in mine:
+            idx = batches[k]
+            local[k] = _batch_kl(student, teacher, [questions[i] for i in idx], [prompts_t[i] for i in idx],
+                                 [prompts_s[i] for i in idx], [answer_ids[i] for i in idx], temperature)
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -136,28 +146,43 @@ def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: lis
             bar.close()
         student.model.train(modes[0])
         teacher.model.train(modes[1])
+    return _combine_batches(batches, shard.gather(local), len(questions))
+
+
+def _combine_batches(batches: list[list[int]], results: dict, n_questions: int) -> tuple[float, int, list[float]]:
+    """Batch results put together in batch order (the same float sums as one process)."""
+    per_question: list[float] = [0.0] * n_questions
+    total, count = 0.0, 0
+    for k, idx in enumerate(batches):
+        batch_per_question, batch_sum, batch_count = results[k]
+        for i, value in zip(idx, batch_per_question):
+            per_question[i] = value
+        total += batch_sum
+        count += batch_count
     return total / count, count, per_question
 
 
 def measure_agreement(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion],
                       batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True,
                       student_answer_ids: list[list[int]] | None = None,
-                      teacher_answer_ids: list[list[int]] | None = None) -> AgreementResult:
+                      teacher_answer_ids: list[list[int]] | None = None,
+                      shard: Shard | None = None) -> AgreementResult:
     """Greedy answers of both models, their agreement rate and the mean KL on the teacher's answer tokens.
 
-    Answers already generated (e.g. resumed from a journal) are passed as `*_answer_ids`.
+    Answers already generated (e.g. resumed from a journal) are passed as `*_answer_ids`; `shard`:
+    data parallelism (llavadi.eval.parallel), the results equal one process's.
     """
     teacher_ids = teacher_answer_ids
     if teacher_ids is None:
-        teacher_ids = generate_answer_ids(teacher, questions, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
+        teacher_ids = generate_answer_ids(teacher, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                          progress=progress, desc="teacher answers", shard=shard)
     if student_answer_ids is None:
         student_answer_ids = generate_answer_ids(student, questions, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, progress=progress,
-                                                 desc="student answers")
+                                                 desc="student answers", shard=shard)
     teacher_answers = [decode_answer(teacher.tokenizer, a) for a in teacher_ids]
     student_answers = [decode_answer(student.tokenizer, a) for a in student_answer_ids]
     mean_kl, n_tokens, per_question = teacher_forced_kl(student, teacher, questions, teacher_ids,
-                                                        batch_size=batch_size, progress=progress)
+                                                        batch_size=batch_size, progress=progress, shard=shard)
     return AgreementResult(teacher_answers, student_answers, agreement_rate(teacher_answers, student_answers),
                            mean_kl, n_tokens, per_question)

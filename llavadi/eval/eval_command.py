@@ -27,6 +27,7 @@ from llavadi.data.images import DEFAULT_MAX_PIXELS, check_images
 from llavadi.eval.benchmarks import EvalDataError, get_benchmark, prediction_record, predictions_from_records
 from llavadi.eval.generate import decode_answer, from_benchmark_questions, load_for_eval, question_image
 from llavadi.eval.journal import AnswerJournal, journaled_answer_ids
+from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.eval.report import write_result
 from llavadi.identity import file_sha256, folder_identity
 from llavadi.models.model_card import CARD_FILE, record_eval_result
@@ -40,19 +41,24 @@ SHOWN_PROBLEMS = 10
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` subcommand to the CLI's subparsers."""
     from llavadi.eval.benchmarks import BENCHMARKS
+    from llavadi.eval.suite import run_eval_command
 
-    p = subparsers.add_parser("eval", help="generate answers to a benchmark with a saved model and score them")
+    p = subparsers.add_parser("eval", help="generate answers to benchmarks with a saved model and score them "
+                                           "(data-parallel under torchrun / accelerate launch)")
     p.add_argument("--model", required=True, help="saved model directory (HF files + llavadi.json)")
-    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="benchmark to answer and score")
-    p.add_argument("--questions", required=True, help="the benchmark's question file (LLaVA form)")
+    p.add_argument("--suite", default=None, help="YAML list of benchmarks ({benchmark, questions, images, "
+                                                  "annotations, limit, all_rounds, name}): several in one call")
+    p.add_argument("--benchmark", default=None, choices=sorted(BENCHMARKS), help="one benchmark to answer and score")
+    p.add_argument("--questions", default=None, help="the benchmark's question file (LLaVA form)")
     p.add_argument("--images", default=None, help="folder the question file's image paths are relative to")
     p.add_argument("--annotations", default=None,
                    help="ground truth file/folder (not needed for 'synthetic'; without it, answers are not scored)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (a suite: one subfolder per benchmark)")
     p.add_argument("--teacher", default=None, help="teacher model directory: adds agreement and teacher-forced KL")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (data-parallel: each process "
+                                                     "takes cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, fp16, bf16")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--template", default=None, help="override the model's conversation template (llavadi.json)")
@@ -64,27 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="questions with a bad image: stop before any model loads (default), or leave them out "
                         "(listed in the result, scored as missing)")
+    p.add_argument("--no-model-card", action="store_true",
+                   help="leave the model's card (README.md) as it is; by default the results are added to it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_eval)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """The `eval` subcommand: evaluate, print the metrics JSON."""
-    try:
-        result = evaluate(args.model, args.benchmark, args.questions, args.images, args.out,
-                          teacher_dir=args.teacher, annotations=args.annotations, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-                          limit=args.limit, template=args.template, system=args.system,
-                          teacher_template=args.teacher_template, teacher_system=args.teacher_system, name=args.name,
-                          benchmark_options={"all_rounds": True} if args.all_rounds else None,
-                          progress=not args.no_progress, on_error=args.on_error)
-    except ValueError as err:  # EvalDataError, SampleError and bad options: a message, not a traceback
-        print(f"llavadi eval: error: {err}", file=sys.stderr)
-        return 2
-    for note in result.get("notes", []):
-        print(f"[{args.benchmark}] {note}", file=sys.stderr)
-    print(json.dumps(result["metrics"], indent=2))
-    return 0
+    p.set_defaults(func=run_eval_command)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -175,14 +164,16 @@ def _annotations(bench, annotations: str | None, questions: str, notes: list[str
 
 def _add_teacher_comparison(result: dict, bench, bench_questions, questions, keys, keep, student, teacher,
                             teacher_id: str, student_ids, ann, journal: AnswerJournal, batch_size: int,
-                            max_new_tokens: int, progress: bool) -> list[dict]:
+                            max_new_tokens: int, progress: bool, shard: Shard) -> list[dict]:
     """Agreement and teacher-forced KL into `result`; returns the teacher's answer records (scored too)."""
     from llavadi.eval.agreement import measure_agreement
 
     teacher_ids = journaled_answer_ids(teacher, questions, journal, keys, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers")
+                                       max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers",
+                                       shard=shard)
     agreement = measure_agreement(student, teacher, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                  progress=progress, student_answer_ids=student_ids, teacher_answer_ids=teacher_ids)
+                                  progress=progress, student_answer_ids=student_ids, teacher_answer_ids=teacher_ids,
+                                  shard=shard)
     teacher_records = [{**prediction_record(bench_questions[i], t), "model_id": teacher_id}
                        for i, t in zip(keep, agreement.teacher_answers)]
     result["metrics"]["agreement"] = round(100.0 * agreement.agreement, 4)
@@ -226,24 +217,38 @@ def _identity(path: str | None):
     return folder_identity(path) if os.path.isdir(path) else str(path)
 
 
+def _write_outputs(out: Path, records: list[dict], teacher_records: list[dict] | None, result: dict,
+                   journals: list[AnswerJournal]) -> None:
+    """Answers, teacher answers, then the result (last: a result file names a complete set of answers)."""
+    _write_jsonl(out / ANSWERS_FILE, records)
+    if teacher_records is not None:
+        _write_jsonl(out / TEACHER_ANSWERS_FILE, teacher_records)
+    write_result(result, out)
+    for journal in journals:
+        journal.discard()
+
+
 def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None, out_dir: str,
              teacher_dir: str | None = None, annotations: str | None = None, batch_size: int = 16,
              max_new_tokens: int = 16, device: str = "auto", dtype: str = "auto", limit: int | None = None,
              template: str | None = None, system: str | None = None, teacher_template: str | None = None,
              teacher_system: str | None = None, name: str | None = None,
              benchmark_options: dict | None = None, progress: bool = True, student=None, teacher=None,
-             on_error: str = "raise", update_card: bool = True) -> dict:
+             on_error: str = "raise", update_card: bool = True, shard: Shard | None = None) -> dict:
     """Answer, score (and compare with a teacher); write answers + metrics files; return the result dict.
 
     `student` / `teacher` may be already loaded `LoadedModel`s (e.g. models just trained);
     then `model_dir` / `teacher_dir` only name them in the answer files. With `update_card`, the
     headline metrics go into the model folder's llavadi model card (README.md), if it has one.
+    `shard`: under data parallelism (llavadi.eval.parallel) every process answers its share and
+    gets the same result back; the main process alone writes files.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    shard = shard or ONE_PROCESS
     bench = get_benchmark(benchmark, **(benchmark_options or {}))
     bench_questions, eval_questions = _questions(bench, questions, images, limit)
-    keep, skipped = _usable(eval_questions, images, on_error, progress)
+    keep, skipped = _usable(eval_questions, images, on_error, progress and shard.is_main)
     notes: list[str] = []
     ann = _annotations(bench, annotations, questions, notes)
     out = Path(out_dir)
@@ -258,14 +263,15 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
     journals = [_journal(out, "answers", model_dir, student, settings)]
     t0 = time.perf_counter()
     student_ids = journaled_answer_ids(student, asked, journals[0], keys, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, progress=progress, desc="answers")
+                                       max_new_tokens=max_new_tokens, progress=progress, desc="answers", shard=shard)
     seconds = max(time.perf_counter() - t0, 1e-9)
     records = [{**prediction_record(bench_questions[i], decode_answer(student.tokenizer, a)), "model_id": model_id}
                for i, a in zip(keep, student_ids)]
     result = _result(bench, bench_questions, records, ann, notes, model_id, skipped)
     result["generation"] = {"model": str(model_dir), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                             "seconds": round(seconds, 3), "questions_per_second": round(len(records) / seconds, 3),
-                            "template": student.template, "n_image_tokens": student.n_image_tokens}
+                            "template": student.template, "n_image_tokens": student.n_image_tokens,
+                            "processes": shard.world}
     teacher_records = None
     if teacher_dir is not None or teacher is not None:
         if teacher is None:
@@ -275,13 +281,9 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
         journals.append(_journal(out, "teacher_answers", teacher_dir, teacher, settings))
         teacher_records = _add_teacher_comparison(result, bench, bench_questions, asked, keys, keep, student, teacher,
                                                   teacher_id, student_ids, ann, journals[1], batch_size,
-                                                  max_new_tokens, progress)
-    _write_jsonl(out / ANSWERS_FILE, records)
-    if teacher_records is not None:
-        _write_jsonl(out / TEACHER_ANSWERS_FILE, teacher_records)
-    write_result(result, out)  # last: a result file names a complete set of answers
-    for journal in journals:
-        journal.discard()
-    if update_card and os.path.isdir(model_dir) and record_eval_result(model_dir, result):
-        result["notes"].append(f"results added to the model card {os.path.join(model_dir, CARD_FILE)}")
+                                                  max_new_tokens, progress, shard)
+    if shard.is_main:
+        _write_outputs(out, records, teacher_records, result, journals)
+        if update_card and os.path.isdir(model_dir) and record_eval_result(model_dir, result):
+            result["notes"].append(f"results added to the model card {os.path.join(model_dir, CARD_FILE)}")
     return result

@@ -25,6 +25,7 @@ from llavadi.data.images import open_image
 from llavadi.data.encode import ConversationEncoder, SampleError
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 from llavadi.device import resolve_device
+from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.models.build import LoadedModel, load_llava_dir
 
 
@@ -217,14 +218,17 @@ def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: li
 @torch.no_grad()
 def generate_answer_ids(bundle: LoadedModel, questions: list[EvalQuestion], batch_size: int = 16,
                         max_new_tokens: int = 16, device=None, progress: bool = True, desc: str = "generating",
-                        prompt_ids: list[list[int]] | None = None, on_batch=None) -> list[list[int]]:
+                        prompt_ids: list[list[int]] | None = None, on_batch=None,
+                        shard: Shard | None = None) -> list[list[int]]:
     """Greedy answer token ids per question (original order), up to and including the first eos.
 
     `device`: where to run (the model is moved there if it is elsewhere); None keeps the model's device.
     `prompt_ids`: ready-made prompts (e.g. multi-turn histories), one per question, instead of
     encoding each question's one-turn prompt with the model's own template; the questions then
     only bring their images. `on_batch(indices, answer_ids)` is called as each batch finishes
-    (e.g. to persist it), with the questions' indices.
+    (e.g. to persist it), with the questions' indices. `shard`: under data parallelism each
+    process generates every world-th batch; the batches of a round are gathered, so every process
+    gets every answer (and every `on_batch` call) back (llavadi.eval.parallel).
     """
     net, tok = bundle.model, bundle.tokenizer
     if batch_size < 1 or max_new_tokens < 1:
@@ -234,34 +238,44 @@ def generate_answer_ids(bundle: LoadedModel, questions: list[EvalQuestion], batc
     pad_id, eos_ids = _pad_id(tok), eos_token_ids(net, tok)
     if prompt_ids is not None and len(prompt_ids) != len(questions):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(questions)} questions")
+    shard = shard or ONE_PROCESS
     encoder = bundle.encoder()
     prompts = prompt_ids if prompt_ids is not None else [encode_question(encoder, q) for q in questions]
-    # longest first: a batch that does not fit in memory fails at once, not at the end
-    order = sorted(range(len(questions)), key=lambda i: -len(prompts[i]))
+    batches = length_sorted_batches([len(p) for p in prompts], batch_size)
     answers: list[list[int] | None] = [None] * len(questions)
     bar = None
-    if progress:
+    if progress and shard.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(questions), desc=desc, unit="q")
     was_training = net.training
     net.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = _generate_batch(bundle, [prompts[i] for i in idx], [questions[i] for i in idx], max_new_tokens,
-                                    pad_id, eos_ids, encoder.image_token_id)
-            for i, ids in zip(idx, batch):
-                answers[i] = ids
-            if on_batch is not None:
-                on_batch(idx, batch)
-            if bar is not None:
-                bar.update(len(idx))
+        for first in range(0, len(batches), shard.world):  # one round: a batch per process
+            k = first + shard.rank
+            local = {}
+            if k < len(batches):
+                local[k] = _generate_batch(bundle, [prompts[i] for i in batches[k]],
+                                           [questions[i] for i in batches[k]], max_new_tokens, pad_id, eos_ids,
+                                           encoder.image_token_id)
+            for done, batch_answers in sorted(shard.gather(local).items()):
+                for i, ids in zip(batches[done], batch_answers):
+                    answers[i] = ids
+                if on_batch is not None:
+                    on_batch(batches[done], batch_answers)
+                if bar is not None:
+                    bar.update(len(batches[done]))
     finally:
         if bar is not None:
             bar.close()
         net.train(was_training)
     return answers  # type: ignore[return-value]
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of `batch_size`, longest first: a batch that does not fit in memory fails at once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def decode_answer(tokenizer, ids: list[int]) -> str:

@@ -98,19 +98,26 @@ class AnswerJournal:
 
 def journaled_answer_ids(bundle, questions, journal: AnswerJournal, keys: list[str], batch_size: int = 16,
                          max_new_tokens: int = 16, progress: bool = True, desc: str = "generating",
-                         prompt_ids: list[list[int]] | None = None) -> list[list[int]]:
-    """`generate_answer_ids` for questions whose key the journal lacks; every answer's ids, in order."""
-    from llavadi.eval.generate import generate_answer_ids
+                         prompt_ids: list[list[int]] | None = None, shard=None) -> list[list[int]]:
+    """`generate_answer_ids` for questions whose key the journal lacks; every answer's ids, in order.
 
-    done = journal.load()
+    `shard` (data parallelism, llavadi.eval.parallel): the main process alone reads and appends the
+    journal; every process learns what is done from it and gets every answer back.
+    """
+    from llavadi.eval.generate import generate_answer_ids
+    from llavadi.eval.parallel import ONE_PROCESS
+
+    shard = shard or ONE_PROCESS
+    done = shard.broadcast(journal.load() if shard.is_main else None)
     todo = [i for i, k in enumerate(keys) if k not in done]
-    if len(todo) < len(keys):
+    if len(todo) < len(keys) and shard.is_main:
         journal.log(f"{desc}: {len(keys) - len(todo)} of {len(keys)} answers found in {journal.path}; "
                     f"generating the other {len(todo)}")
 
     def persist(batch_indices: list[int], answers: list[list[int]]) -> None:
         records = [{"key": keys[todo[i]], "ids": ids} for i, ids in zip(batch_indices, answers)]
-        journal.append(records)
+        if shard.is_main:
+            journal.append(records)
         done.update((r["key"], r) for r in records)
 
     try:
@@ -118,7 +125,7 @@ def journaled_answer_ids(bundle, questions, journal: AnswerJournal, keys: list[s
             generate_answer_ids(bundle, [questions[i] for i in todo], batch_size=batch_size,
                                 max_new_tokens=max_new_tokens, progress=progress, desc=desc,
                                 prompt_ids=None if prompt_ids is None else [prompt_ids[i] for i in todo],
-                                on_batch=persist)
+                                on_batch=persist, shard=shard)
     finally:
         journal.close()
     return [done[k]["ids"] for k in keys]

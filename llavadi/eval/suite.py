@@ -1,0 +1,180 @@
+"""`llavadi eval` on several benchmarks in one call, data-parallel under `torchrun` / `accelerate launch`.
+
+A suite file (YAML) lists the benchmarks, paths relative to the file:
+
+    - {benchmark: pope, questions: pope/llava_pope_test.jsonl, images: coco/val2014, annotations: pope/coco}
+    - {benchmark: mmbench, questions: mmbench/mmbench_dev_20230712.tsv, all_rounds: true}
+    - {benchmark: synthetic, questions: synth/eval_questions.jsonl, images: synth/images, limit: 200}
+
+Every entry's files are checked before any model loads; the models load once; each benchmark
+writes into `<out>/<benchmark>/` (`<out>/<name>/` with a `name`), and `<out>/results.md` and
+`results.json` combine the headline metrics. One benchmark given by flags writes into `<out>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from llavadi.eval.benchmarks import BENCHMARKS, EvalDataError, get_benchmark
+from llavadi.eval.parallel import Shard, start_data_parallel, stop_data_parallel
+
+SUITE_RESULTS = "results"
+
+
+@dataclass
+class SuiteEntry:
+    """One benchmark of a suite: its files and options."""
+
+    benchmark: str
+    questions: str
+    images: str | None = None
+    annotations: str | None = None
+    limit: int | None = None
+    all_rounds: bool = False
+    name: str | None = None  # output folder (default: the benchmark's name)
+    where: str = field(default="", compare=False)
+
+    @property
+    def folder(self) -> str:
+        """The entry's output folder name."""
+        return self.name or self.benchmark
+
+    @property
+    def options(self) -> dict:
+        """Benchmark constructor options."""
+        return {"all_rounds": True} if self.all_rounds else {}
+
+
+def _entry(raw, where: str, base: str) -> SuiteEntry:
+    keys = {f.name for f in fields(SuiteEntry)} - {"where"}
+    if not isinstance(raw, dict):
+        raise EvalDataError(f"{where}: expected a mapping with {sorted(keys)}")
+    unknown = sorted(set(raw) - keys)
+    if unknown:
+        raise EvalDataError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(keys)}")
+    for key in ("benchmark", "questions"):
+        if not isinstance(raw.get(key), str):
+            raise EvalDataError(f"{where}: `{key}` is required (a string)")
+    if raw["benchmark"] not in BENCHMARKS:
+        raise EvalDataError(f"{where}: unknown benchmark {raw['benchmark']!r}; choose one of {sorted(BENCHMARKS)}")
+    entry = SuiteEntry(**raw, where=where)
+    for key in ("questions", "images", "annotations"):
+        value = getattr(entry, key)
+        if value is not None and not os.path.isabs(value):
+            setattr(entry, key, os.path.normpath(os.path.join(base, value)))
+    return entry
+
+
+def load_suite(path: str) -> list[SuiteEntry]:
+    """The entries of a suite file; a mistake names the file and the entry."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise EvalDataError(f"{path}: cannot read suite file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise EvalDataError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(raw, list) or not raw:
+        raise EvalDataError(f"{path}: a suite is a non-empty list of benchmarks ({{benchmark, questions, ...}})")
+    base = os.path.dirname(os.path.abspath(path))
+    entries = [_entry(item, f"{path}[{i}]", base) for i, item in enumerate(raw)]
+    folders = [e.folder for e in entries]
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+        raise EvalDataError(f"{path}: {twice} appear twice; give the entries distinct `name`s (output folders)")
+    return entries
+
+
+def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
+    """Read every entry's questions (and annotations) and check its images, before any model loads."""
+    from llavadi.eval.eval_command import _annotations, _questions, _usable
+
+    for entry in entries:
+        try:
+            bench = get_benchmark(entry.benchmark, **entry.options)
+            _, eval_questions = _questions(bench, entry.questions, entry.images, entry.limit)
+            _usable(eval_questions, entry.images, on_error, progress=False)
+            _annotations(bench, entry.annotations, entry.questions, [])
+        except ValueError as e:
+            raise EvalDataError(f"{entry.where}: {e}" if entry.where else str(e)) from None
+
+
+def run_suite(entries: list[SuiteEntry], args: argparse.Namespace, shard: Shard, device: str,
+              separate_folders: bool) -> list[dict]:
+    """Load the models once, evaluate every entry; returns each entry's result."""
+    from llavadi.eval.eval_command import evaluate
+    from llavadi.eval.generate import load_for_eval
+
+    student = load_for_eval(args.model, device=device, dtype=args.dtype, template=args.template, system=args.system)
+    teacher = None
+    if args.teacher:
+        teacher = load_for_eval(args.teacher, device=device, dtype=args.dtype, template=args.teacher_template,
+                                system=args.teacher_system)
+    results = []
+    for entry in entries:
+        out = os.path.join(args.out, entry.folder) if separate_folders else args.out
+        results.append(evaluate(args.model, entry.benchmark, entry.questions, entry.images, out,
+                                teacher_dir=args.teacher, annotations=entry.annotations, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, limit=entry.limit, name=args.name,
+                                benchmark_options=entry.options, progress=not args.no_progress, student=student,
+                                teacher=teacher, on_error=args.on_error, update_card=not args.no_model_card,
+                                shard=shard))
+    return results
+
+
+def _entries_from_args(args: argparse.Namespace) -> tuple[list[SuiteEntry], bool]:
+    """(entries, whether each gets its own folder): the suite file's, or the one benchmark of the flags."""
+    single = ("benchmark", "questions", "images", "annotations", "limit", "all_rounds")
+    if args.suite:
+        given = [f"--{k.replace('_', '-')}" for k in single if getattr(args, k) not in (None, False)]
+        if given:
+            raise EvalDataError(f"{', '.join(given)}: with --suite, give these per benchmark in the suite file")
+        return load_suite(args.suite), True
+    if not args.benchmark or not args.questions:
+        raise EvalDataError("give --benchmark and --questions (one benchmark), or --suite FILE (several)")
+    return [SuiteEntry(args.benchmark, args.questions, args.images, args.annotations, args.limit,
+                       args.all_rounds)], False
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """The `eval` subcommand: check every input, evaluate (data-parallel when launched so), print the metrics."""
+    shard = None
+    try:
+        entries, separate = _entries_from_args(args)
+        check_inputs(entries, args.on_error)
+        shard, device = start_data_parallel(args.device)
+        results = run_suite(entries, args, shard, device, separate)
+    except (ValueError, FileNotFoundError) as err:  # EvalDataError, SampleError, bad options: a message
+        print(f"llavadi eval: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if shard is not None:
+            stop_data_parallel(shard)
+    if not shard.is_main:
+        return 0
+    for entry, result in zip(entries, results):
+        for note in result.get("notes", []):
+            print(f"[{entry.folder}] {note}", file=sys.stderr)
+    if not separate:
+        print(json.dumps(results[0]["metrics"], indent=2))
+        return 0
+    _write_suite_results(args.out, entries, results)
+    print(json.dumps({e.folder: r["metrics"] for e, r in zip(entries, results)}, indent=2))
+    return 0
+
+
+def _write_suite_results(out: str, entries: list[SuiteEntry], results: list[dict]) -> None:
+    from llavadi.eval.report import combine
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(out, f"{SUITE_RESULTS}.json").write_text(
+        json.dumps({e.folder: r for e, r in zip(entries, results)}, indent=2) + "\n", encoding="utf-8")
+    # one row (the model), a column per entry's headline metric
+    Path(out, f"{SUITE_RESULTS}.md").write_text(combine([{**r, "benchmark": e.folder} for e, r in zip(entries, results)]),
+                                               encoding="utf-8")
