@@ -91,38 +91,37 @@ def _choice_message(where: str, value: str, choices: list[str]) -> str:
 
 
 def _convert(value: Any, tp, where: str) -> Any:
-    """`value` checked against the field annotation `tp`; a numeric string becomes a float for float fields."""
+    """`value` checked against the field annotation `tp`; a numeric string becomes a float for float fields.
+
+    Booleans and numbers are checked strictly, and strings against an enum's choices (with the
+    closest one); anything else (strings, lists, mappings) passes to TrainingArguments, which the
+    runner builds once before any model loads.
+    """
     allowed = _allowed_types(tp)
+    enums = [t for t in allowed if isinstance(t, type) and issubclass(t, enum.Enum)]
+    if isinstance(value, str) and enums:
+        choices = [e.value for t in enums for e in t]
+        if value not in choices:
+            raise TrainArgsError(_choice_message(where, value, choices))
+        return value
+    if not allowed <= {bool, int, float, type(None)}:
+        return value
     if value is None:
-        if type(None) in allowed or typing.Any in allowed:
+        if type(None) in allowed:
             return None
         raise TrainArgsError(f"{where}: must not be null")
     if isinstance(value, bool):
         if bool in allowed:
             return value
-        raise TrainArgsError(f"{where}: expected {_describe(allowed)}, got {value!r}")
-    if isinstance(value, int) and (int in allowed or float in allowed):
+    elif isinstance(value, int) and (int in allowed or float in allowed):
         return value
-    if isinstance(value, float) and float in allowed:
+    elif isinstance(value, float) and float in allowed:
         return value
-    if isinstance(value, str):
-        enums = [t for t in allowed if isinstance(t, type) and issubclass(t, enum.Enum)]
-        if enums:
-            choices = [e.value for t in enums for e in t]
-            if value not in choices:
-                raise TrainArgsError(_choice_message(where, value, choices))
-            return value
-        if str in allowed:
-            return value
-        if float in allowed:  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if isinstance(value, dict) and dict in allowed or isinstance(value, list) and list in allowed:
-        return value
-    if typing.Any in allowed or not any(isinstance(t, type) for t in allowed):
-        return value
+    elif isinstance(value, str) and float in allowed:  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     raise TrainArgsError(f"{where}: expected {_describe(allowed)}, got {value!r}")
 
 

@@ -92,6 +92,7 @@ def test_suite_evaluates_every_benchmark_as_single_calls_do(workspace, one_proce
     (lambda s: s[0].update(questions="missing.jsonl"), r"suite.yaml\[0\]: .*missing.jsonl: file not found"),
     (lambda s: s[1].update(benchmark="popee"), r"suite.yaml\[1\]: unknown benchmark 'popee'"),
     (lambda s: s[0].update(image="imgs"), r"suite.yaml\[0\]: unknown key\(s\) \['image'\]"),
+    (lambda s: s[0].update(annotations="none.json"), r"suite.yaml\[0\]: annotations .*none.json not found"),
     (lambda s: s[1].pop("name"), r"\['synthetic'\] appear twice; give the entries distinct `name`s"),
     (lambda s: s[0].update(images="nowhere"), r"suite.yaml\[0\]: \d+ question\(s\) with an unusable image:\s+"
                                               r"question 'q0': .*nowhere/img0.png"),

@@ -92,15 +92,16 @@ def load_suite(path: str) -> list[SuiteEntry]:
 
 
 def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
-    """Read every entry's questions (and annotations) and check its images, before any model loads."""
-    from llavadi.eval.eval_command import _annotations, _questions, _usable
+    """Read every entry's questions, check its images and that its annotations exist, before any model loads."""
+    from llavadi.eval.eval_command import _questions, _usable
 
     for entry in entries:
         try:
             bench = get_benchmark(entry.benchmark, **entry.options)
             _, eval_questions = _questions(bench, entry.questions, entry.images, entry.limit)
             _usable(eval_questions, entry.images, on_error, progress=False)
-            _annotations(bench, entry.annotations, entry.questions, [])
+            if entry.annotations is not None and not os.path.exists(entry.annotations):
+                raise EvalDataError(f"annotations {entry.annotations} not found")
         except ValueError as e:
             raise EvalDataError(f"{entry.where}: {e}" if entry.where else str(e)) from None
 

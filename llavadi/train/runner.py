@@ -243,8 +243,10 @@ def write_card(recipe: Recipe, model_dir: str, student: LoadedModel, teacher: Lo
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 reports[stage.name] = json.load(f)
-    params = {"student": sum(p.numel() for p in student.model.parameters()),
-              "teacher": sum(p.numel() for p in teacher.model.parameters()) if teacher is not None else None}
+    def count(model):  # a ZeRO-3 partitioned parameter keeps its full size in ds_numel
+        return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+    params = {"student": count(student.model), "teacher": count(teacher.model) if teacher is not None else None}
     return write_model_card(model_dir, recipe_to_dict(recipe), reports, params)
 
 
