@@ -44,7 +44,6 @@ class Shard:
             merged.update(part)
         return merged
 
-
     def broadcast(self, obj: Any) -> Any:
         """The main process's `obj`, on every process."""
         if self.world == 1:
