@@ -104,7 +104,7 @@ def recipe(root, out, teacher, batch_size):
         "student": {"path": os.path.join(root, "student")}, "teacher": teacher, "output_dir": out, "device": "cpu",
         "data": {"image_folder": os.path.join(root, "imgs"), "template": "vicuna_v1", "system": "", "max_length": 256},
         "stages": [{"name": "finetune", "data": {"path": os.path.join(root, "data.json")},
-                    "train": {"batch_size": batch_size}, "distill": {"terms": [{"name": "forward_kl"}]}}]})
+                    "train": {"per_device_train_batch_size": batch_size}, "distill": {"terms": [{"name": "forward_kl"}]}}]})
 
 
 def dir_bytes(directory, pick=lambda name: True):

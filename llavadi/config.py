@@ -17,7 +17,7 @@ import yaml
 from llavadi.data.images import DEFAULT_MAX_PIXELS
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB
 from llavadi.distill.terms import TermSpec
-from llavadi.training_args import TrainArgsError, train_section
+from llavadi.training_args import TrainArgsError, train_section, training_argument_default
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,10 @@ class TrainConfig:
             return cls(train_section(raw, where), skips)
         except TrainArgsError as e:
             raise ConfigError(str(e)) from None
+
+    def value(self, name: str):
+        """A TrainingArguments field's effective value: the section's, else TrainingArguments' default."""
+        return self.args[name] if name in self.args else training_argument_default(name)
 
     def to_dict(self) -> dict:
         """The section in recipe keys."""

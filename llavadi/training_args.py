@@ -63,6 +63,12 @@ def training_argument_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+def training_argument_default(name: str) -> Any:
+    """TrainingArguments' own default of the field `name`."""
+    f = training_argument_fields()[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _unknown_key_message(key: str, where: str) -> str:
     if key in RENAMED:
         return (f"{where}.{key}: not a TrainingArguments field; write `{RENAMED[key]}` "

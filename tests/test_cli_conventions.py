@@ -30,6 +30,8 @@ def test_overrides_may_follow_options(tmp_path):
     assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.output_dir == "x" and args.quiet
     args = parse_args(build_parser(), ["train", "--quiet", recipe, "seed=3"])
     assert args.overrides == ["seed=3"] and args.recipe == recipe
+    args = parse_args(build_parser(), ["cache-teacher", recipe, "--out", "c", "seed=3", "--top-k", "8", "e=1"])
+    assert args.overrides == ["seed=3", "e=1"] and args.out == "c" and args.top_k == 8
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -37,7 +39,7 @@ def test_overrides_may_follow_options(tmp_path):
     (["train", "RECIPE", "--output-dir", "x", "stray"], "unrecognized arguments: stray"),
     (["train", "seed=1", "RECIPE"], "the recipe file comes first"),
     (["score", "--benchmark", "pope", "--predictions", "p", "--annotations", "a", "k=v"],
-     "unrecognized arguments: k=v"),  # only train takes overrides
+     "unrecognized arguments: k=v"),  # only the commands reading a recipe take overrides
 ])
 def test_what_is_not_an_override_is_refused(tmp_path, capsys, argv, message):
     argv = [_recipe(tmp_path) if a == "RECIPE" else a for a in argv]

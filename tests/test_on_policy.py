@@ -48,8 +48,8 @@ def ws(tmp_path_factory):
 
 def _raw(ws, out, on_policy=None, terms=None, steps=2, **train):
     stage = {"name": "finetune", "data": {"path": str(ws / "data.json")},
-             "train": {"learning_rate": 1e-2, "max_steps": steps, "batch_size": 4, "scheduler": "constant",
-                       "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 100, **train},
+             "train": {"learning_rate": 1e-2, "max_steps": steps, "per_device_train_batch_size": 4,
+                       "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1, "save_steps": 100, **train},
              "distill": {"terms": [{"name": "forward_kl"}] if terms is None else terms}}
     if on_policy is not None:
         stage["on_policy"] = on_policy

@@ -69,9 +69,9 @@ def ws(tmp_path_factory):
 
 
 def _raw(ws, out, teacher=None, terms=None, data="data.json", batch_size=8, grad_accum=1, steps=1, **train_extra):
-    train = {"learning_rate": 0.5, "max_steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
-             "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1e9, "logging_steps": 1,
-             "save_steps": 100, "extra": {"optim": "sgd", **train_extra}}
+    train = {"learning_rate": 0.5, "max_steps": steps, "per_device_train_batch_size": batch_size,
+             "gradient_accumulation_steps": grad_accum, "lr_scheduler_type": "constant", "warmup_steps": 0,
+             "max_grad_norm": 1e9, "logging_steps": 1, "save_steps": 100, "optim": "sgd", **train_extra}
     raw = {"student": {"path": str(ws / "student0")}, "output_dir": str(out), "device": "cpu", "seed": 0,
            "data": {"image_folder": str(ws / "imgs"), "template": "vicuna_v1", "system": ""},
            "stages": [{"name": "finetune", "data": {"path": str(ws / data)}, "train": train,

@@ -285,7 +285,8 @@ def cache_teacher(recipe, out_dir: str, stage_name: str | None = None, top_k: in
         images = ImageDigests()
         todo = _todo(dataset, read_entries(out_dir), images)
         counts = _write_share(dataset, todo[rank::world], images, teacher.model, manifest, plan, out_dir, rank,
-                              world, batch_size or stage.train.batch_size, shard_samples, dev, progress)
+                              world, batch_size or stage.train.value("per_device_train_batch_size"), shard_samples,
+                              dev, progress)
         _barrier(world)
         stats = {"out": out_dir, "stage": stage.name, "processes": world, "samples": len(dataset),
                  "computed": len(todo), "kept": len(dataset) - len(todo), "skipped": [vars(s) for s in dataset.skipped],
@@ -312,7 +313,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("cache-teacher", help="run the teacher once over a stage's data and store its top-k "
                                                     "signal (train with `teacher: {cache: DIR}`)")
     p.add_argument("recipe", help="YAML recipe (its teacher and the stage's data and terms are used)")
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, anywhere on the line")
     p.add_argument("--stage", default=None, help="stage to cache (default: the only stage with distillation terms)")
     p.add_argument("--out", required=True, help="cache directory (a rerun resumes it)")
     p.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (default 64)")
@@ -325,7 +326,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-samples", type=int, default=1024, help="samples per shard (the unit of a resume)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_cache_teacher)
+    p.set_defaults(func=run_cache_teacher, takes_overrides=True)
 
 
 def run_cache_teacher(args: argparse.Namespace) -> int:
