@@ -116,11 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     from llavadi.experiments import ablate
     from llavadi.teacher import cache_teacher, regenerate
 
-    cache_teacher.register(sub)
-    regenerate.register(sub)
-    eval_command.register(sub)
-    eval_commands.register(sub)
-    ablate.register(sub)
+    for command_module in (cache_teacher, regenerate, eval_command, eval_commands, ablate):
+        command_module.register(sub)
     for command in sub.choices.values():
         command.formatter_class = _HelpWithDefaults
     return p
