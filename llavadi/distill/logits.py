@@ -475,19 +475,24 @@ class _Collapsed:
                  missing_mass: str) -> None:
         self.ids = topk_ids.long()
         self.full = full
-        self.outside = torch.ones_like(full.logp, dtype=torch.bool).scatter(-1, self.ids, False)
-        has_outside = self.outside.any(dim=-1, keepdim=True)
-        # summed directly (not 1 - top-k mass) so tiny tails keep their precision; rows without a tail get a dummy input
-        masked = torch.where(self.outside, full.logp, torch.full_like(full.logp, float("-inf")))
-        masked = torch.where(has_outside, masked, torch.zeros_like(full.logp))
-        logp_rest = torch.where(has_outside.squeeze(-1), torch.logsumexp(masked, dim=-1),
-                                torch.full_like(masked[:, 0], float("-inf")))
+        k, vocab = self.ids.shape[-1], full.logp.shape[-1]
+        # the student's log-probs outside the top-k (-inf at the ids); the rest mass is summed from them
+        # directly (not 1 - top-k mass) so tiny tails keep their precision
+        if k < vocab:  # fewer ids than tokens: every row has a tail; one pass over V
+            self.tail = full.logp.scatter(-1, self.ids, float("-inf"))
+            logp_rest = torch.logsumexp(self.tail, dim=-1)
+        else:  # rows whose ids cover the vocabulary have no tail: they get a dummy input (finite gradients)
+            outside = torch.ones_like(full.logp, dtype=torch.bool).scatter(-1, self.ids, False)
+            has_outside = outside.any(dim=-1, keepdim=True)
+            self.tail = torch.where(outside, full.logp, torch.full_like(full.logp, float("-inf")))
+            dummy = torch.where(has_outside, self.tail, torch.zeros_like(full.logp))
+            logp_rest = torch.where(has_outside.squeeze(-1), torch.logsumexp(dummy, dim=-1),
+                                    torch.full_like(dummy[:, 0], float("-inf")))
         self.logp_rest = logp_rest.unsqueeze(-1)
         self.student = Dist(torch.cat([full.logp.gather(-1, self.ids), self.logp_rest], dim=-1), exact_zeros=True)
 
         teacher_logprobs = topk_logprobs.detach().to(full.logp.dtype)
         shape_t = F.log_softmax(teacher_logprobs / temperature, dim=-1)  # tempered shape within the top-k
-        k, vocab = self.ids.shape[-1], full.logp.shape[-1]
         if missing_mass == "renormalize" or k >= vocab:
             logp_t_topk, logp_t_rest = shape_t, torch.full_like(logp_rest, float("-inf"))
         else:
@@ -497,9 +502,11 @@ class _Collapsed:
         self.teacher = Dist(torch.cat([logp_t_topk, logp_t_rest.unsqueeze(-1)], dim=-1), exact_zeros=True)
 
     def expand_grad(self, grad_collapsed: Tensor, grad: Tensor) -> None:
-        """grad (N, V) += the collapsed (N, k+1) gradient mapped back to the vocabulary."""
-        share = (self.full.logp - self.logp_rest).exp()  # each other token's share of the student's rest mass
-        grad.add_(_masked(grad_collapsed[:, -1:] * share, self.outside))
+        """grad (N, V) += the collapsed (N, k+1) gradient mapped back to the vocabulary (uses up the tail)."""
+        rest = torch.where(torch.isfinite(self.logp_rest), self.logp_rest, torch.zeros_like(self.logp_rest))
+        share = self.tail.sub_(rest).exp_()  # each other token's share of the student's rest mass; 0 at the ids
+        self.tail = None
+        grad.addcmul_(share, grad_collapsed[:, -1:])
         grad.scatter_add_(-1, self.ids, grad_collapsed[:, :-1])
 
 
