@@ -17,6 +17,7 @@ import yaml
 from llavadi.data.images import DEFAULT_MAX_PIXELS
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB
 from llavadi.distill.terms import TermSpec
+from llavadi.models.hub import is_hub_id
 from llavadi.training_args import TrainArgsError, train_section, training_argument_default
 
 
@@ -24,9 +25,46 @@ class ConfigError(ValueError):
     """A recipe mistake; the message names the key path."""
 
 
+# LoRA on the linear layers of LLaMA-family decoder layers (attention and MLP)
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODEL_DTYPES = ("bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+LORA_SAVES = ("merged", "adapter")
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA (or 4-bit QLoRA) student: adapters on the language model's linear layers."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))  # in the language model
+    save: str = "merged"  # the stage's model: merged into a plain HF LLaVA, or "adapter" beside it as well
+    quantize: str | None = None  # "4bit": QLoRA (bitsandbytes, CUDA)
+
+    def validate(self, where: str):
+        if self.r < 1:
+            raise ConfigError(f"{where}.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.target_modules, list) or not self.target_modules or \
+                not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(f"{where}.target_modules: give a list of layer names, e.g. {list(LLAMA_LORA_TARGETS)}")
+        if "lm_head" in self.target_modules:
+            raise ConfigError(f"{where}.target_modules: the LM head cannot carry an adapter (the distillation "
+                              "losses read its weight directly); remove 'lm_head'")
+        if self.save not in LORA_SAVES:
+            raise ConfigError(f"{where}.save must be one of {list(LORA_SAVES)}, got {self.save!r}")
+        if self.quantize not in (None, "4bit"):
+            raise ConfigError(f"{where}.quantize must be null or '4bit', got {self.quantize!r}")
+
+
 @dataclass
 class ModelSpec:
-    """Where a model comes from: a local LLaVA dir, a vision+LLM composition, or a tiny preset."""
+    """Where a model comes from (a LLaVA dir or hub id, a vision+LLM composition, a tiny preset) and how it runs."""
 
     path: str | None = None
     vision: str | None = None
@@ -34,8 +72,13 @@ class ModelSpec:
     preset: str | None = None
     vision_feature_layer: int = -2
     cache: str | None = None  # teacher only: an offline top-k cache written by `llavadi cache-teacher`
+    revision: str | None = None  # a hub revision (branch, tag or commit) of a hub id in `path`
+    dtype: str | None = None  # bf16 | fp16 | fp32; None: the checkpoint's own
+    attn_implementation: str | None = None  # sdpa | flash_attention_2 | eager; None: transformers' default
+    lora: LoraSpec | None = None  # student only: train the language model through LoRA adapters
 
     def validate(self, where: str):
+        self._validate_knobs(where)
         kinds = [k for k, v in (("path", self.path), ("vision+llm", self.vision or self.llm), ("preset", self.preset)) if v]
         if self.cache and not kinds:  # a cached teacher needs no model (given, its fingerprint is checked)
             return
@@ -48,6 +91,17 @@ class ModelSpec:
 
             if self.preset not in PRESETS:
                 raise ConfigError(f"{where}.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+
+    def _validate_knobs(self, where: str):
+        if self.revision is not None and not self.path:
+            raise ConfigError(f"{where}.revision applies to a hub id given in `path` only")
+        if self.dtype is not None and self.dtype not in MODEL_DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {list(MODEL_DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"{where}.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, "
+                              f"got {self.attn_implementation!r}")
+        if self.lora is not None:
+            self.lora.validate(f"{where}.lora")
 
     def describe(self) -> str:
         """Short human-readable source of the model."""
@@ -220,6 +274,8 @@ class Recipe:
             if self.teacher.cache and on_policy:
                 raise ConfigError(f"teacher.cache: stages {on_policy} use on_policy, whose samples the teacher must "
                                   "score online; drop `cache` (keep teacher.path) or on_policy")
+            if self.teacher.lora is not None:
+                raise ConfigError("teacher.lora: LoRA applies to the student; the teacher is frozen")
         if not self.stages:
             raise ConfigError("stages: a recipe needs at least one stage (e.g. finetune)")
         names = [s.name for s in self.stages]
@@ -360,9 +416,14 @@ def _resolve_paths(recipe: Recipe, base_dir: str) -> None:
     def fix(p):
         return p if (p is None or os.path.isabs(p)) else os.path.normpath(os.path.join(base_dir, p))
 
+    def fix_model(p):
+        # a hub id (owner/name) stays one unless a folder of that name sits beside the recipe
+        local = fix(p)
+        return p if p is not None and is_hub_id(p) and not os.path.exists(local) else local
+
     for spec in (recipe.student, recipe.teacher):
         if spec is not None:
-            spec.path, spec.vision, spec.llm = fix(spec.path), fix(spec.vision), fix(spec.llm)
+            spec.path, spec.vision, spec.llm = fix_model(spec.path), fix_model(spec.vision), fix_model(spec.llm)
             spec.cache = fix(spec.cache)
     for s in recipe.stages:
         s.data.path, s.data.image_folder = fix(s.data.path), fix(s.data.image_folder)

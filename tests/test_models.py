@@ -117,9 +117,15 @@ def test_saved_directory_loads_as_a_bundle_and_incomplete_ones_are_named(word_to
         load_llava_dir(tmp_path / "bare")
 
 
-def test_missing_local_path_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub id"):
+        load_model(ModelSpec(path=str(tmp_path / "no-such-model")))
+    # a hub id is fetched by the hub client; offline (as every test runs) and not cached: a clear error
+    with pytest.raises(FileNotFoundError, match="not a local directory, and loading it from the hub failed "
+                                                r"\(HF_HUB_OFFLINE is set"):
         load_model(ModelSpec(path="llava-hf/llava-1.5-7b-hf"))
+    with pytest.raises(ValueError, match="revision.*applies to hub ids only"):
+        load_model(ModelSpec(path=str(tmp_path), revision="main"))
 
 
 @pytest.mark.parametrize("rule, expect", [

@@ -27,6 +27,7 @@ from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 from llavadi.device import resolve_device
 from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.models.build import LoadedModel, load_llava_dir
+from llavadi.models.dtypes import DTYPES as _DTYPES
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ def from_benchmark_questions(questions, image_root: str | os.PathLike | None) ->
     return out
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

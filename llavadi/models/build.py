@@ -1,11 +1,12 @@
 """Build teacher and student LlavaForConditionalGeneration models, freeze modules, save them.
 
 A model spec (see `llavadi.config.ModelSpec`) is one of:
-- `path`: a local HF LLaVA checkpoint directory (e.g. a saved llava-hf model or a llavadi student);
-- `vision` + `llm`: a local CLIP/SigLIP vision checkpoint and a local causal-LM checkpoint composed
-  with a new 2-layer GELU MLP projector (LLaVA-1.5's), the image token added to the tokenizer;
+- `path`: a HF LLaVA checkpoint directory (e.g. a saved llava-hf model or a llavadi student);
+- `vision` + `llm`: a CLIP/SigLIP vision checkpoint and a causal-LM checkpoint composed with a new
+  2-layer GELU MLP projector (LLaVA-1.5's), the image token added to the tokenizer;
 - `preset`: a named tiny preset built from config (llavadi.models.presets), no download.
-Nothing is ever fetched from a hub: every path must exist locally.
+A local directory is never fetched from anywhere; a name of the form owner/name that is not a local
+directory is a hub id, downloaded by the hub client (at `revision`; nothing when HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from transformers import (
     LlavaProcessor,
 )
 
-from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode
+from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode, fsync_dir
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
 from llavadi.models.chat_template import llavadi_chat_template
+from llavadi.models.dtypes import torch_dtype
+from llavadi.models.hub import hub_error, source_kwargs
 from llavadi.models.image_processor import padding_image_processor
 from llavadi.models.meta import DEFAULT_TEMPLATE, TOKENIZER_CHAT_TEMPLATE, read_model_meta, write_model_meta
 from llavadi.models.image_tokens import n_image_tokens  # noqa: F401  (part of this module's API)
@@ -44,6 +47,7 @@ class LoadedModel:
     tokenizer: object
     image_processor: object
     meta: dict = field(default_factory=dict)
+    source: str | None = None  # the directory or hub id it was loaded from (None: built in memory)
 
     @property
     def n_image_tokens(self) -> int:
@@ -79,19 +83,21 @@ class LoadedModel:
                                    max_length)
 
 
-def _require_dir(path: str, what: str) -> str:
-    if not path or not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"{what} {path!r} is not a local directory; llavadi never downloads models: "
-            "give the path of a checkpoint on disk"
-        )
-    return path
+def _pretrained(cls, path: str, what: str, revision: str | None = None, **kwargs):
+    """cls.from_pretrained from a local directory (never downloads) or a hub id (the hub client fetches it)."""
+    source = source_kwargs(path, what, revision)
+    try:
+        return cls.from_pretrained(path, **source, **kwargs)
+    except OSError as e:
+        if source.get("local_files_only"):
+            raise
+        raise hub_error(path, what, e) from e
 
 
 def vision_image_processor(vision_config, path: str):
     """The vision checkpoint's own image processor, else CLIP preprocessing for its image size."""
     try:
-        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return _pretrained(AutoImageProcessor, path, "vision encoder path")
     except (OSError, ValueError):
         pass
     import importlib.util
@@ -104,23 +110,23 @@ def vision_image_processor(vision_config, path: str):
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def load_llava_dir(path: str | os.PathLike, dtype=None) -> LoadedModel:
-    """A saved LLaVA directory (HF files + llavadi.json) as a LoadedModel, on the CPU.
+def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = None, **model_kwargs) -> LoadedModel:
+    """A saved LLaVA directory (HF files + llavadi.json), or a LLaVA hub id, as a LoadedModel on the CPU.
 
     The directory must hold the model's config, its tokenizer and its image processor; a
     llavadi.json whose n_image_tokens disagrees with the vision tower is an error.
+    `model_kwargs` go to from_pretrained (e.g. a quantization_config).
     """
     path = str(path)
-    _require_dir(path, "model path")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    source_kwargs(path, "model path", revision)  # a missing path or a misplaced revision fails first
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json; is this a saved model directory?")
-    kw = {"local_files_only": True}
     if dtype is not None:
-        kw["dtype"] = dtype
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model_kwargs["dtype"] = dtype
+    model = _pretrained(LlavaForConditionalGeneration, path, "model path", revision, **model_kwargs)
+    tokenizer = _pretrained(AutoTokenizer, path, "model path", revision)
     try:
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        image_processor = _pretrained(AutoImageProcessor, path, "model path", revision)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
     meta = read_model_meta(path, model.config)
@@ -128,12 +134,12 @@ def load_llava_dir(path: str | os.PathLike, dtype=None) -> LoadedModel:
         # the saved files carry llavadi's rendering; the language model's own template stays what
         # `template: chat_template` means
         tokenizer.chat_template = meta[TOKENIZER_CHAT_TEMPLATE]
-    return LoadedModel(model, tokenizer, image_processor, meta)
+    return LoadedModel(model, tokenizer, image_processor, meta, source=path)
 
 
 def vision_model_class(path: str):
     """CLIPVisionModel or SiglipVisionModel, as the vision checkpoint's config.json says."""
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg = _pretrained(AutoConfig, path, "vision encoder path")
     kind = cfg.model_type
     if kind in ("clip", "clip_vision_model"):
         from transformers import CLIPVisionModel as cls
@@ -145,16 +151,13 @@ def vision_model_class(path: str):
 
 
 def _load_vision(path: str, dtype):
-    cls = vision_model_class(path)
-    kw = {"local_files_only": True}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    return cls.from_pretrained(path, **kw)
+    return _pretrained(vision_model_class(path), path, "vision encoder path",
+                       **({} if dtype is None else {"dtype": dtype}))
 
 
 def composed_tokenizer(llm_path: str):
     """The language model's tokenizer with LLaVA's image token (and a pad token) added."""
-    tokenizer = AutoTokenizer.from_pretrained(llm_path, local_files_only=True)
+    tokenizer = _pretrained(AutoTokenizer, llm_path, "language model path")
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
     if tokenizer.pad_token is None:
@@ -178,14 +181,10 @@ def composed_config(vision_config, text_config, tokenizer, vision_feature_layer:
 
 def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -2,
                   select_strategy: str = "default", dtype=None, seed: int = 0) -> LoadedModel:
-    """A new LLaVA from a local vision encoder + a local causal LM + a fresh 2-layer GELU projector."""
-    _require_dir(vision_path, "vision encoder path")
-    _require_dir(llm_path, "language model path")
+    """A new LLaVA from a vision encoder + a causal LM (local dirs or hub ids) + a fresh 2-layer GELU projector."""
     vision = _load_vision(vision_path, dtype)
-    kw = {"local_files_only": True}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, **kw)
+    llm = _pretrained(AutoModelForCausalLM, llm_path, "language model path",
+                      **({} if dtype is None else {"dtype": dtype}))
     tokenizer = composed_tokenizer(llm_path)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))
@@ -201,18 +200,26 @@ def compose_llava(vision_path: str, llm_path: str, vision_feature_layer: int = -
     return LoadedModel(model, tokenizer, image_processor, {})
 
 
-def load_model(spec, dtype=None) -> LoadedModel:
-    """Build the model a `ModelSpec` describes."""
+def load_model(spec, dtype=None, **model_kwargs) -> LoadedModel:
+    """Build the model a `ModelSpec` describes, in its dtype (`dtype` overrides) and attention implementation."""
+    dtype = dtype if dtype is not None else torch_dtype(getattr(spec, "dtype", None))
     if spec.path:
-        return load_llava_dir(spec.path, dtype=dtype)
-    if spec.vision or spec.llm:
-        return compose_llava(spec.vision, spec.llm, spec.vision_feature_layer, dtype=dtype)
-    from llavadi.models.presets import build_preset
+        loaded = load_llava_dir(spec.path, dtype=dtype, revision=getattr(spec, "revision", None), **model_kwargs)
+    elif model_kwargs:
+        raise ValueError(f"{sorted(model_kwargs)} apply to a model loaded from `path` only")
+    elif spec.vision or spec.llm:
+        loaded = compose_llava(spec.vision, spec.llm, spec.vision_feature_layer, dtype=dtype)
+    else:
+        from llavadi.models.presets import build_preset
 
-    model, tokenizer, image_processor = build_preset(spec.preset)
-    if dtype is not None:
-        model.to(dtype)
-    return LoadedModel(model, tokenizer, image_processor, {})
+        model, tokenizer, image_processor = build_preset(spec.preset)
+        if dtype is not None:
+            model.to(dtype)
+        loaded = LoadedModel(model, tokenizer, image_processor, {})
+    attn = getattr(spec, "attn_implementation", None)
+    if attn is not None:
+        loaded.model.set_attn_implementation(attn)
+    return loaded
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -281,14 +288,17 @@ def llava_processor(loaded: LoadedModel) -> LlavaProcessor:
     )
 
 
-def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> str:
-    """Save model, tokenizer, processor and llavadi.json as a plain HF directory, atomically."""
+def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, state_dict: dict | None = None) -> str:
+    """Save model, tokenizer, processor and llavadi.json as a plain HF directory, atomically.
+
+    `state_dict`: the weights to write instead of the model's own (e.g. gathered from a sharded engine).
+    """
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
     try:
         os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         loaded.tokenizer.save_pretrained(tmp)
         processor = llava_processor(loaded)
         processor.save_pretrained(tmp)  # its chat template is written for the tokenizer too
@@ -299,6 +309,27 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None) -> s
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def publish_copy(src_dir: str, out_dir: str) -> str:
+    """Copy a saved model directory to `out_dir` atomically (a temporary copy, fsynced, then renamed)."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
+    try:
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
+        shutil.copytree(src_dir, tmp, dirs_exist_ok=True)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

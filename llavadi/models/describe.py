@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from llavadi.models.hub import is_hub_id, source_kwargs
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 
 
@@ -29,8 +31,10 @@ class ConfigOnlyModel:
 
 
 def _folder(path: str | None, what: str) -> str:
+    if path and not os.path.isdir(path) and is_hub_id(path):
+        return path  # a hub id: the hub client reads its files (and says what is missing)
     if not path or not os.path.isdir(path):
-        raise ModelFilesError(f"{what} {path!r} is not a local directory; llavadi never downloads models: "
+        raise ModelFilesError(f"{what} {path!r} is neither a local directory nor a hub id (owner/name): "
                               "give the path of a checkpoint on disk")
     if not os.path.isfile(os.path.join(path, "config.json")):
         found = sorted(os.listdir(path))[:8]
@@ -51,20 +55,21 @@ def _read(what: str, path: str, load):
         raise ModelFilesError(f"{path}: cannot read its {what} ({type(e).__name__}: {e})") from None
 
 
-def describe_llava_dir(path: str, what: str = "model path"):
-    """A saved LLaVA directory's config, tokenizer, image processor and llavadi.json (no weights)."""
+def describe_llava_dir(path: str, what: str = "model path", revision: str | None = None):
+    """A saved LLaVA directory's (or hub id's) config, tokenizer, image processor and llavadi.json (no weights)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     from llavadi.models.build import LoadedModel
     from llavadi.models.meta import read_model_meta
 
     _folder(path, what)
-    config = _read("config.json", path, lambda: AutoConfig.from_pretrained(path, local_files_only=True))
+    source = _read("location", path, lambda: source_kwargs(path, what, revision))
+    config = _read("config.json", path, lambda: AutoConfig.from_pretrained(path, **source))
     if getattr(config, "model_type", None) != "llava":
         raise ModelFilesError(f"{what} {path}: config.json has model_type {config.model_type!r}, not 'llava'; "
                               "for a vision encoder + language model use `vision:` and `llm:`")
-    tokenizer = _read("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path, local_files_only=True))
-    processor = _read("image processor", path, lambda: AutoImageProcessor.from_pretrained(path, local_files_only=True))
+    tokenizer = _read("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path, **source))
+    processor = _read("image processor", path, lambda: AutoImageProcessor.from_pretrained(path, **source))
     meta = _read("llavadi.json", path, lambda: read_model_meta(path, config))
     return LoadedModel(ConfigOnlyModel(config), tokenizer, processor, meta)
 
@@ -83,9 +88,10 @@ def _describe_composed(spec):
     vision_path = _folder(spec.vision, "vision encoder path")
     llm_path = _folder(spec.llm, "language model path")
     cls = _read("config.json", vision_path, lambda: vision_model_class(vision_path))
-    vision_config = _read("config.json", vision_path,
-                          lambda: cls.config_class.from_pretrained(vision_path, local_files_only=True))
-    text_config = _read("config.json", llm_path, lambda: AutoConfig.from_pretrained(llm_path, local_files_only=True))
+    vision_config = _read("config.json", vision_path, lambda: cls.config_class.from_pretrained(
+        vision_path, **source_kwargs(vision_path, "vision encoder path")))
+    text_config = _read("config.json", llm_path, lambda: AutoConfig.from_pretrained(
+        llm_path, **source_kwargs(llm_path, "language model path")))
     tokenizer = _read("tokenizer", llm_path, lambda: composed_tokenizer(llm_path))
     config = composed_config(vision_config, text_config, tokenizer, spec.vision_feature_layer)
     processor = _read("image processor", vision_path, lambda: vision_image_processor(vision_config, vision_path))
@@ -97,7 +103,7 @@ def describe_model(spec):
     from llavadi.models.build import LoadedModel
 
     if spec.path:
-        return describe_llava_dir(spec.path)
+        return describe_llava_dir(spec.path, revision=getattr(spec, "revision", None))
     if spec.vision or spec.llm:
         return _describe_composed(spec)
     from llavadi.models.presets import build_image_processor, get_preset, llava_config

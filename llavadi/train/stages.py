@@ -78,10 +78,12 @@ def model_identity(spec) -> dict:
                 **({"files": folder_identity(spec.path)} if spec.path else {})}
     if spec.preset:
         return {"preset": spec.preset}
+    def files(p):  # a hub id is identified by its name and revision
+        return folder_identity(p) if os.path.isdir(p) else {"hub": p, "revision": spec.revision}
+
     if spec.path:
-        return {"files": folder_identity(spec.path)}
-    return {"vision": folder_identity(spec.vision), "llm": folder_identity(spec.llm),
-            "vision_feature_layer": spec.vision_feature_layer}
+        return {"files": files(spec.path)}
+    return {"vision": files(spec.vision), "llm": files(spec.llm), "vision_feature_layer": spec.vision_feature_layer}
 
 
 def data_identity(path: str, image_folder: str | None, image_verdicts: dict) -> dict:
