@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from llavadi.distill.objective import DistillObjective
-from llavadi.distill.view import ModelView, llava_view, model_inputs
+from llavadi.distill.view import ModelView, base_llava, llava_view, model_inputs
 
 Tensor = torch.Tensor
 PROJECTOR_FILE = "distill_projectors.safetensors"
@@ -50,26 +50,34 @@ class DistillationModule(nn.Module):
         return loss, logged
 
     def _touch_image_path(self) -> Tensor:
-        """0 * (sum of the trainable vision tower / multimodal projector weights): puts them in this rank's graph.
+        """0 * the image path run on one blank image: puts its trainable weights in this rank's graph.
 
-        A micro-batch without images never runs them; DDP (find_unused_parameters=False) would then
-        all-reduce their gradient bucket on the ranks that had images but not on this one, a collective
-        mismatch that aborts gloo. With a zero gradient here every rank reduces the same buckets.
+        A micro-batch without images never runs the vision tower / multimodal projector; DDP
+        (find_unused_parameters=False) would then all-reduce their gradient bucket on the ranks that had
+        images but not on this one, a collective mismatch that aborts gloo. A zero gradient from a real
+        forward (not a read of the weights, which sharding engines gather only around a module's own
+        forward) makes every rank reduce the same buckets.
         """
-        core = self.student.model
-        params = [p for m in (core.vision_tower, core.multi_modal_projector) for p in m.parameters() if p.requires_grad]
-        if not params:
-            return torch.zeros((), device=self.student.device)
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
+        llava = base_llava(self.student)
+        core, config = llava.model, llava.config
+        trainable = [p for m in (core.vision_tower, core.multi_modal_projector) for p in m.parameters() if p.requires_grad]
+        if not trainable:
+            return torch.zeros((), device=llava.device)
+        vision = config.vision_config
+        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
+                            dtype=llava.dtype, device=llava.device)
+        features = core.get_image_features(pixel_values=blank, vision_feature_layer=config.vision_feature_layer,
+                                           vision_feature_select_strategy=config.vision_feature_select_strategy)
+        return torch.stack([f.float().sum() for f in features.pooler_output]).sum() * 0.0
 
-    # ---- the Trainer's activation-checkpointing switches act on the student
+    # ---- the Trainer's activation-checkpointing switches act on the student (a PeftModel's adapted LLaVA)
     def activation_checkpointing_enable(self, **kwargs):
         """Activation checkpointing on the student."""
-        return self.student.activation_checkpointing_enable(**kwargs)
+        return base_llava(self.student).activation_checkpointing_enable(**kwargs)
 
     def gradient_checkpointing_enable(self, **kwargs):
         """Activation checkpointing on the student (older name)."""
-        return self.student.gradient_checkpointing_enable(**kwargs)
+        return base_llava(self.student).gradient_checkpointing_enable(**kwargs)
 
     def student_state(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The student's part of a (possibly gathered) state dict of this module."""

@@ -133,8 +133,19 @@ def model_inputs(batch: dict, prefix: str = "") -> dict:
     return {k: batch[prefix + k] for k in MODEL_KEYS if prefix + k in batch}
 
 
+def base_llava(model: nn.Module) -> nn.Module:
+    """The LlavaForConditionalGeneration inside `model`: itself, or the model a PEFT wrapper adapts.
+
+    A PeftModel's own attributes do not lead there (its ``.model`` is the adapted LLaVA, not the
+    LLaVA's base model); the adapted model's layers carry the adapters, so running it trains them.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The decoder layers of a LLaVA model's language model (None if they cannot be found)."""
+    model = base_llava(model)
     lm = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(lm, "layers", None)
     return layers if isinstance(layers, nn.ModuleList) else None
@@ -166,7 +177,8 @@ def _capture(layers: nn.ModuleList, hidden: set[int], attention: set[int], out: 
 
 
 def llava_view(model: nn.Module, inputs: dict, token_types: Tensor, needs: Needs, who: str = "model") -> ModelView:
-    """Run a LlavaForConditionalGeneration's base model and package what `needs` asks for."""
+    """Run a LlavaForConditionalGeneration's base model (a PeftModel's adapted one) and package what `needs` asks for."""
+    model = base_llava(model)
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of the {who}'s language model ({type(model).__name__})")

@@ -19,6 +19,7 @@ class OnlineTeacher:
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.prefix = prefix
+        self.lm_head: nn.Module | None = None  # set when the model's own head is partitioned (ZeRO-3): a full copy
         model.to(self.device)
         model.eval()
         model.requires_grad_(False)
@@ -29,4 +30,7 @@ class OnlineTeacher:
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch, prefix).items()}
         token_types = batch[prefix + "token_types"].to(self.device)
         with torch.no_grad():
-            return llava_view(self.model, inputs, token_types, needs, who="teacher")
+            view = llava_view(self.model, inputs, token_types, needs, who="teacher")
+        if self.lm_head is not None:
+            view.lm_head = self.lm_head
+        return view

@@ -122,11 +122,20 @@ class Term(nn.Module):
         return Needs()
 
     def zero(self, student: ModelView) -> Tensor:
-        """A zero that keeps the student and this term's parameters in the graph (nothing selected)."""
-        zero = student.last_hidden.sum() * 0.0 if student.last_hidden is not None else torch.zeros(())
-        for p in self.parameters():
-            zero = zero + p.sum() * 0.0
-        return zero.float()
+        """A zero that keeps the student and this term's projectors in the graph (nothing selected).
+
+        Each projector (``self.projectors``, maps (N, student width) rows) runs on no rows instead of
+        its weights being read: engines that shard parameters (DeepSpeed ZeRO-3, FSDP) gather a
+        module's weights only around its own forward, and a weight read outside it is an empty shard.
+        """
+        if student.last_hidden is None:
+            return torch.zeros(())
+        zero = student.last_hidden.sum().float() * 0.0
+        for projector in getattr(self, "projectors", ()):
+            dtype = next((p.dtype for p in projector.parameters()), student.last_hidden.dtype)
+            no_rows = student.last_hidden.new_zeros(0, student.last_hidden.shape[-1], dtype=dtype)
+            zero = zero + projector(no_rows).float().sum()
+        return zero
 
     def forward(self, student: ModelView, teacher: ModelView) -> Tensor:
         """The term's sum over its selection (unnormalised, float32)."""
