@@ -14,13 +14,19 @@ $(VENV)/.llavadi-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[plots,logging]"
+	touch $@
+
+# what the tests import besides: pytest, hypothesis, peft, deepspeed (DeepSpeed builds its CPU op once,
+# into .venv/torch_extensions, on the first DeepSpeed test)
+$(VENV)/.llavadi-test-installed: $(VENV)/.llavadi-installed pyproject.toml
 	$(PY) -m pip install -q -e ".[test,plots,logging]"
 	touch $@
 
 demo: setup
 	$(VENV)/bin/llavadi demo --out $(DEMO_OUT)
 
-test: setup
+test: setup $(VENV)/.llavadi-test-installed
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: setup
@@ -28,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/image_check.py
 	$(PY) benchmarks/kd_loss.py --plain
 	$(PY) benchmarks/kd_step.py
+	$(PY) benchmarks/scale_estimate.py
 
 clean:
 	rm -rf $(VENV) runs

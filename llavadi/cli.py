@@ -150,13 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     from llavadi.train.guard import NonFiniteLossError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ConfigError, SampleError, CacheError, FileNotFoundError) as e:
         print(f"llavadi {args.command}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:  # training stopped: the last checkpoint is kept, nothing published
         print(f"llavadi {args.command}: training stopped: {e}", file=sys.stderr)
         return 3
+    _teardown()  # not after an error: the other processes may never reach the barrier
+    return code
+
+
+def _teardown() -> None:
+    """End a multi-process run cleanly: barrier, then destroy the process group (nothing otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from llavadi.train.engines import teardown_process_group
+
+        teardown_process_group()
 
 
 if __name__ == "__main__":

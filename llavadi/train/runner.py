@@ -7,10 +7,16 @@ Layout of `output_dir`:
   recipe.yaml              the resolved recipe (written once the checks pass)
   <stage>/stage.json       the fingerprint the stage is trained under (written when it starts)
   <stage>/checkpoints/     Trainer checkpoints (resume restores weights, optimiser, scheduler)
-  <stage>/model/           the student after the stage, a plain HF LLaVA directory
+  <stage>/model/           the student after the stage, a plain HF LLaVA directory (a LoRA student merged)
+  <stage>/distill_projectors.safetensors   the distillation projectors after the stage
+  <stage>/adapter/         a LoRA student's adapter, with `student.lora.save: adapter`
   <stage>/data_report.json samples used / skipped / truncated / replaced, steps, loss
   <stage>/done.json        completion marker, written after the outputs
-  final/                   the student after the last stage
+  final/                   the student after the last stage (a copy of its <stage>/model)
+
+Multi-process runs (torchrun, accelerate launch, DeepSpeed, FSDP): every rank runs the same
+stages; the stage's student is gathered by the engine on every rank and written by rank 0, and
+every stage starts from the student its previous stage saved (llavadi.train.engines).
 """
 
 from __future__ import annotations
@@ -25,26 +31,29 @@ import yaml
 from transformers import TrainingArguments, set_seed
 
 from llavadi.atomic import write_json_atomic, write_text_atomic
-from llavadi.config import Recipe, StageConfig, recipe_to_dict
+from llavadi.config import ConfigError, ModelSpec, Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
 from llavadi.distill.compat import check_same_tokenizer
-from llavadi.distill.module import DistillationModule, save_projectors
+from llavadi.distill.module import DistillationModule
 from llavadi.distill.objective import DistillObjective
 from llavadi.device import resolve_device
-from llavadi.models.build import (
-    LoadedModel,
-    llava_processor,
-    load_llava_dir,
-    load_model,
-    save_model,
-    set_trainable,
-)
+from llavadi.models.build import LoadedModel, llava_processor, load_model, publish_copy, set_trainable
+from llavadi.models.dtypes import torch_dtype
+from llavadi.models.lora import apply_lora, quantization_config
 from llavadi.models.model_card import write_model_card
 from llavadi.teacher.cache import cached_objective, cached_teacher, stage_cache
 from llavadi.teacher.on_policy import OnPolicySampler
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
+from llavadi.train.engines import (
+    barrier,
+    check_engine_request,
+    engine_arguments,
+    is_main_process,
+    release_engine_state,
+    require_engine,
+)
 from llavadi.train.guard import NonFiniteLossError
 from llavadi.train.preflight import preflight
 from llavadi.train.stages import (
@@ -86,9 +95,11 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device: str,
-                       quiet: bool = False) -> TrainingArguments:
-    """TrainingArguments for a stage: its `train` fields plus what llavadi sets (llavadi.training_args)."""
-    return TrainingArguments(**training_argument_kwargs(stage.train.args, out_dir, recipe.seed, device == "cpu", quiet))
+                       quiet: bool = False, train_args: dict | None = None) -> TrainingArguments:
+    """TrainingArguments for a stage: its `train` fields (`train_args`: as completed by engine_arguments) plus
+    what llavadi sets (llavadi.training_args)."""
+    fields = stage.train.args if train_args is None else train_args
+    return TrainingArguments(**training_argument_kwargs(fields, out_dir, recipe.seed, device == "cpu", quiet))
 
 
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
@@ -133,8 +144,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         meta = {**student.meta, "stage": stage.name}
     if status == "done":
         log(f"[{stage.name}] already done: loading {final_dir}")
-        return load_llava_dir(final_dir)
-    main = _is_main_process()
+        return load_student(recipe, final_dir)
+    main = is_main_process()
     device = resolve_device(recipe.device).type
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     ckpt = latest_complete_checkpoint(ckpt_dir, log=log, set_aside=main) if status == "resume" else None
@@ -142,9 +153,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         begin_stage(stage_dir, fingerprint)
     use_teacher = teacher if stage.distill.terms else None
     cache = stage_cache(recipe, stage, student)  # None: the teacher runs online
-    counts = set_trainable(student.model, stage.trainable.projector, stage.trainable.llm,
-                           stage.trainable.vision_from_layer)
-    log(f"[{stage.name}] trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    student, trained, lora = trainable_student(recipe, stage, student, log)
     dataset = build_dataset(stage, student, use_teacher)
     log(dataset.report())
     # the projectors' initial weights must not depend on what ran before in this process (a stage
@@ -160,22 +169,59 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     prefixes = tuple(v.prefix for v in dataset.views)
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
     processor = llava_processor(LoadedModel(student.model, student.tokenizer, student.image_processor, meta))
-    args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet)
+    where = f"stages.{stage.name}.train"
+    train_args = engine_arguments(stage.train.args, student.model, where)
+    args = training_arguments(recipe, stage, ckpt_dir, device, quiet=quiet, train_args=train_args)
+    # the sampler generates with the student's model, whose layers carry a LoRA student's adapters
     source, on_policy = teacher_signals(recipe, stage, student, use_teacher, cache, objective, dataset, collator,
                                         args.device)
-    module = DistillationModule(student.model, objective)
+    module = DistillationModule(trained, objective)
     trainer = DistillTrainer(
         model=module, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, teacher=source, meta=meta, callbacks=callbacks, on_policy=on_policy,
         max_nonfinite_skips=stage.train.max_nonfinite_skips,
     )
+    require_engine(trainer, train_args, where)
     ledger = _train_or_finish(trainer, ckpt, stage.name, log)
-    out = LoadedModel(module.student, student.tokenizer, student.image_processor, meta)
+    state = trainer.gather_student_state()  # every rank: the engine gathers what it shards
     if trainer.args.should_save:
-        _publish(stage_dir, fingerprint, out, module, dataset, ledger, stage.data.path, _last_logged(trainer, ckpt))
+        _publish(stage_dir, fingerprint, trainer, state, dataset, ledger, stage.data.path, _last_logged(trainer, ckpt),
+                 adapter=lora is not None and lora.save == "adapter")
     if dataset.skipped:
         log(f"[{stage.name}] WARNING: {len(dataset.skipped)} sample(s) skipped: see {stage_dir}/data_report.json")
-    return out
+    del trainer, module, source, on_policy, state
+    release_engine_state()
+    barrier()  # the stage's files are written before any rank reads them
+    # the next stage starts from the saved student, as when this stage is found done: a LoRA student is
+    # merged there, and a sharded one is whole again
+    return load_student(recipe, final_dir)
+
+
+def load_student(recipe: Recipe, model_dir: str) -> LoadedModel:
+    """A student saved by a stage, loaded as the recipe's student spec says (dtype, attention implementation)."""
+    spec = recipe.student
+    return load_model(ModelSpec(path=model_dir, dtype=spec.dtype, attn_implementation=spec.attn_implementation))
+
+
+def trainable_student(recipe: Recipe, stage: StageConfig, student: LoadedModel, log=print):
+    """(student, the module to train, the LoRA spec or None): trainable flags set by the stage's rule, and
+    the student wrapped in a LoRA PeftModel when the recipe has `student.lora` and the stage trains the LLM."""
+    lora = recipe.student.lora if stage.trainable.llm else None
+    if lora is not None and lora.quantize:  # QLoRA: the language model's linear layers loaded in 4 bits
+        if student.source is None:
+            raise ConfigError("student.lora.quantize: 4-bit loading reads the student from disk; a preset or composed "
+                              "student is on disk only after a first stage (e.g. a projector pretraining stage)")
+        spec = recipe.student
+        student = load_model(ModelSpec(path=student.source, dtype=spec.dtype, attn_implementation=spec.attn_implementation),
+                             quantization_config=quantization_config(lora, torch_dtype(spec.dtype)))
+    counts = set_trainable(student.model, stage.trainable.projector, stage.trainable.llm,
+                           stage.trainable.vision_from_layer)
+    trained = apply_lora(student.model, lora, base_path=student.source) if lora else student.model
+    if lora:
+        counts["llm"] = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "lora_" in n)
+    log(f"[{stage.name}] trainable parameters{' (LLM: LoRA)' if lora else ''}: "
+        + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return student, trained, lora
 
 
 def _train_or_finish(trainer: DistillTrainer, ckpt: str | None, name: str, log) -> dict:
@@ -209,10 +255,10 @@ def _last_logged(trainer: DistillTrainer, ckpt: str | None) -> dict:
     return next((h for h in reversed(history) if "loss" in h), {})
 
 
-def _publish(stage_dir: str, fingerprint: StageFingerprint, out: LoadedModel, module: DistillationModule,
-             dataset: LlavaDataset, ledger: dict, data_path: str, last_logs: dict) -> None:
-    """Write model, projectors and data report, then the completion marker (`publish_stage`)."""
-    bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+def _publish(stage_dir: str, fingerprint: StageFingerprint, trainer: DistillTrainer, state: dict,
+             dataset: LlavaDataset, ledger: dict, data_path: str, last_logs: dict, adapter: bool = False) -> None:
+    """Write model, projectors (from the gathered `state`) and data report, then the completion marker."""
+    bad = [n for n, p in state.items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:  # the guard stops non-finite steps; this catches what slips past it (e.g. overflow in a cast)
         raise NonFiniteLossError(f"the stage's weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[:3]}); "
                                  "nothing was published. Lower the learning rate and rerun with --force")
@@ -228,8 +274,8 @@ def _publish(stage_dir: str, fingerprint: StageFingerprint, out: LoadedModel, mo
     }
 
     def write(folder: str) -> None:
-        save_model(out, os.path.join(folder, "model"), out.meta)
-        save_projectors(module.projector_state(), folder, module.objective.term_labels)
+        trainer.write_student(state, os.path.join(folder, "model"), folder,
+                              adapter_dir=os.path.join(folder, "adapter") if adapter else None)
         write_json_atomic(os.path.join(folder, "data_report.json"), report)
 
     publish_stage(stage_dir, fingerprint, write, summary={"steps": report["steps"], "train_loss": report["train_loss"]})
@@ -250,14 +296,6 @@ def write_card(recipe: Recipe, model_dir: str, student: LoadedModel, teacher: Lo
     return write_model_card(model_dir, recipe_to_dict(recipe), reports, params)
 
 
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=print, quiet: bool = False,
                 act: bool = True) -> tuple[dict[str, str], dict[str, StageFingerprint]]:
     """Before any model loads: clean interrupted writes, validate everything, plan the stages.
@@ -265,8 +303,11 @@ def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=pr
     Returns each stage's status ('done', 'resume', 'fresh') and fingerprint. `act=False` (a check
     only) deletes and writes nothing but the preflight report.
     """
-    main = _is_main_process()
+    main = is_main_process()
     names = [s.name for s in recipe.stages]
+    device = resolve_device(recipe.device).type
+    for stage in recipe.stages:  # an engine that cannot run here (it would silently be DDP) fails first
+        check_engine_request(stage.train.args, device, f"stages.{stage.name}.train")
     if main and act:
         for path in clean_interrupted_writes(recipe.output_dir, names):
             log(f"removed {path} (left by an interrupted write)")
@@ -288,7 +329,7 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, q
                force: bool = False) -> str:
     """Run every stage; returns the directory of the final student."""
     set_seed(recipe.seed)
-    if not _is_main_process():
+    if not is_main_process():
         log = lambda *_: None  # noqa: E731 - one process speaks
     os.makedirs(recipe.output_dir, exist_ok=True)
     plan, fingerprints = prepare_run(recipe, resume=resume, force=force, log=log, quiet=quiet)
@@ -304,9 +345,10 @@ def run_recipe(recipe: Recipe, resume: bool = True, log=print, callbacks=None, q
         student = run_stage(recipe, stage, student, teacher, fingerprints[stage.name], plan[stage.name], log=log,
                             callbacks=callbacks, quiet=quiet)
     final = os.path.join(recipe.output_dir, "final")
-    if _is_main_process():
-        save_model(student, final, student.meta)
+    if is_main_process():  # the last stage's student, as saved (gathered from every rank), and its card
+        publish_copy(os.path.join(recipe.output_dir, recipe.stages[-1].name, "model"), final)
         write_card(recipe, final, student, teacher)
+    barrier()
     _say_skipped(recipe, log)
     log(f"final student: {final}")
     return final

@@ -11,10 +11,13 @@ of each step by the student's own answers before the positions are counted.
 Every term is a sum over positions divided by the number of such positions in the whole
 optimisation step (all micro-batches of the accumulation window, all processes), counted in
 ``get_batch_samples``: accumulation and multi-process runs then give the gradients of one big batch.
-Checkpoints hold the student as a plain HF directory and the projectors beside it; resume loads
-both (``_load_from_checkpoint``). A checkpoint is marked complete (``llavadi.train.checkpoints``)
-after everything in it is written. ``StepGuard`` (``llavadi.train.guard``) stops the run at a
-non-finite step (or skips up to ``max_nonfinite_skips`` of them) and keeps the stage's totals.
+Checkpoints hold the student as a plain HF directory (a LoRA student: its adapter) and the
+projectors beside it; resume loads both (``_load_from_checkpoint``; DeepSpeed and FSDP resume from
+their own checkpoint files). A checkpoint is marked complete (``llavadi.train.checkpoints``) after
+everything in it is written. ``StepGuard`` (``llavadi.train.guard``) stops the run at a non-finite
+step (or skips up to ``max_nonfinite_skips`` of them) and keeps the stage's totals. The stage's
+student is written from the engine's gathered state (``gather_student_state`` on every rank, then
+``write_student``; llavadi.train.engines), whatever the engine shards.
 """
 
 from __future__ import annotations
@@ -30,19 +33,25 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llavadi.distill.module import DistillationModule, load_projectors, save_projectors
 from llavadi.distill.selection import all_reduce_counts, sum_counts
+from llavadi.models.build import LoadedModel, save_model
+from llavadi.models.lora import is_peft_model, load_adapter, merged_llava, save_adapter
 from llavadi.models.meta import write_model_meta
 from llavadi.train.checkpoints import read_checkpoint_marker, remove_checkpoint_marker, write_checkpoint_marker
+from llavadi.train.engines import (
+    engine_started,
+    gathered_state_dict,
+    register_student_head,
+    shard_teacher,
+    world_size,
+    zero3_init_paused,
+)
 from llavadi.train.guard import StepGuard
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def sum_over_processes(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Each value summed over all processes of torch.distributed (as floats; unchanged when not distributed)."""
     keys = sorted(values)
-    if _world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return {k: float(values[k]) for k in keys}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device) for k in keys])
@@ -62,6 +71,11 @@ class DistillTrainer(Trainer):
         if not isinstance(self.model, DistillationModule):
             raise TypeError(f"DistillTrainer trains a DistillationModule, got {type(self.model).__name__}")
         self.objective = self.model.objective
+        register_student_head(self)
+        if teacher is not None and getattr(teacher, "model", None) is not None:  # an online teacher: shard it like the student
+            teacher.model, head = shard_teacher(self, teacher.model)
+            if head is not None:
+                teacher.lm_head = head
         self.teacher = teacher
         self.on_policy = on_policy  # llavadi.teacher.on_policy.OnPolicySampler: student answers replace some samples
         self.meta = meta or {}
@@ -94,7 +108,7 @@ class DistillTrainer(Trainer):
         loss, terms = model(inputs, teacher, normalizers)
         if training:
             # DDP averages gradients over processes; our loss is already a global-batch mean
-            loss = loss * _world_size()
+            loss = loss * world_size()
         if model.training:
             for k, v in terms.items():  # tensors: no device sync per step, only at logging
                 self._term_sums[k] = self._term_sums.get(k, 0.0) + v.detach()
@@ -144,15 +158,19 @@ class DistillTrainer(Trainer):
         if self.args.should_save:
             write_checkpoint_marker(folder, ledger)  # last: the folder is complete
 
-    # -- checkpoints: plain HF student, projectors beside it, how to prompt it
+    # -- saving: checkpoints (resume) and the stage's student (a plain HF directory)
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """A checkpoint: the student (a LoRA student's adapter), the projectors, the processor, llavadi.json."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         module = self.accelerator.unwrap_model(self.model)
         state_dict = module.state_dict() if state_dict is None else state_dict
         os.makedirs(output_dir, exist_ok=True)
-        module.student.save_pretrained(output_dir, state_dict=module.student_state(state_dict))
+        if is_peft_model(module.student):
+            save_adapter(module.student, module.student_state(state_dict), output_dir)
+        else:
+            module.student.save_pretrained(output_dir, state_dict=module.student_state(state_dict))
         save_projectors(module.projector_state(state_dict), output_dir, self.objective.term_labels)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -160,13 +178,40 @@ class DistillTrainer(Trainer):
             write_model_meta(output_dir, self.meta, module.student.config)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def gather_student_state(self) -> dict:
+        """The trainable module's full state, gathered by the engine; a collective: every rank calls it."""
+        return gathered_state_dict(self)
+
+    def write_student(self, state: dict, model_dir: str, projector_dir: str, adapter_dir: str | None = None) -> None:
+        """From a gathered state (rank 0): the student as a plain HF LLaVA directory (a LoRA adapter merged in)
+        with tokenizer, processor and llavadi.json, the projectors, and with `adapter_dir` the LoRA adapter."""
+        module = self.accelerator.unwrap_model(self.model)
+        student_state = module.student_state(state)
+        processor = self.processing_class
+        if is_peft_model(module.student):
+            with zero3_init_paused(self):  # rank 0 alone builds the merged model
+                if adapter_dir is not None:
+                    save_adapter(module.student, student_state, adapter_dir)
+                plain, weights = merged_llava(module.student, student_state), None
+        else:
+            plain, weights = module.student, student_state
+        save_model(LoadedModel(plain, processor.tokenizer, processor.image_processor, self.meta), model_dir,
+                   state_dict=weights)
+        save_projectors(module.projector_state(state), projector_dir, self.objective.term_labels)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if engine_started(self):  # DeepSpeed / FSDP, mid-training: the engine's own checkpoint files
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # one process, DDP, or an engine not started yet (a finished checkpoint published without
+        # training): the module is whole; the checkpoint's student files hold the gathered weights
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
-        # the checkpoint's student is a plain HF directory with the checkpoint key names: let
-        # from_pretrained map them, then copy the weights in strictly
         student = module.student
-        saved = type(student).from_pretrained(resume_from_checkpoint, local_files_only=True, dtype=student.dtype)
-        student.load_state_dict(saved.state_dict(), strict=True)
+        if is_peft_model(student):  # the same adapter was rebuilt on the stage's starting student
+            load_adapter(student, resume_from_checkpoint)
+        else:
+            # the checkpoint's student is a plain HF directory with the checkpoint key names: let
+            # from_pretrained map them, then copy the weights in strictly
+            with zero3_init_paused(self):  # a whole model, not one partitioned at construction
+                saved = type(student).from_pretrained(resume_from_checkpoint, local_files_only=True, dtype=student.dtype)
+            student.load_state_dict(saved.state_dict(), strict=True)
         load_projectors(module.objective, resume_from_checkpoint)
