@@ -6,10 +6,15 @@ import atexit
 import json
 import os
 import shutil
+import sys
 import tempfile
 
-import pytest
-import torch
+# no test touches the network: a hub id resolves from the local hub cache only (read when the hub
+# client is first imported, so before anything imports transformers)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "LLAVADI_CACHE_DIR" not in os.environ:
     os.environ["LLAVADI_CACHE_DIR"] = tempfile.mkdtemp(prefix="llavadi-test-cache-")
     atexit.register(shutil.rmtree, os.environ["LLAVADI_CACHE_DIR"], ignore_errors=True)
+# DeepSpeed compiles a small CPU communication op on its first run (~40 s); keep the build in the venv
+# so later runs (and every test subprocess, which inherits this) reuse it
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 WORDS = (
     "USER ASSISTANT : what color shape is the in top left right bottom center middle how many "
@@ -117,3 +125,21 @@ def only_teardown_abort(returncode: int, log: str, *written) -> bool:
     without an active exception", rare but still seen after barrier + destroy_process_group) after
     every result was written; the results are then still checked in full by the caller."""
     return returncode != 0 and GLOO_TEARDOWN_ABORT in log and all(os.path.isfile(p) for p in written)
+
+
+def probe_inputs() -> dict:
+    """A fixed prompt with the tiny student's 4 image tokens, for comparing logits before and after saving."""
+    tok = make_word_tokenizer()
+    image = tok.convert_tokens_to_ids("<image>")
+    ids = [tok.bos_token_id] + [image] * 4 + tok("what color is the square ?", add_special_tokens=False).input_ids
+    return {"input_ids": [ids], "image_size": 32}
+
+
+def final_logits(out, probe: dict) -> torch.Tensor:
+    """Logits of the saved final/ student (plain from_pretrained) on the probe inputs."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(out, "final"), local_files_only=True)
+    size = probe["image_size"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(probe["input_ids"]), pixel_values=torch.zeros(1, 3, size, size)).logits

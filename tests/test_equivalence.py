@@ -167,35 +167,45 @@ def _torchrun_unavailable() -> str | None:
     return None
 
 
-def _torchrun(tmp_path, recipe: dict) -> list[dict]:
-    """Train `recipe` with 2 gloo processes (one thread each); returns each rank's report."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _torchrun(tmp_path, recipe: dict, launcher: list[str] = TORCHRUN, timeout: float = 180,
+              probe: dict | None = None, steps: int = 1) -> list[dict]:
+    """Train `recipe` with 2 gloo processes (one thread each) started by `launcher`; returns each rank's report.
+
+    `probe`: inputs on which each rank records the trained student's logits (see dist_worker.py).
+    `steps`: optimisation steps the ranks are expected to train, one micro-batch of 4 each per step.
+    """
     reports = tmp_path / "reports"
     reports.mkdir()
+    if probe is not None:
+        write_json(reports / "probe.json", probe)
     recipe_path = tmp_path / "recipe.json"
     write_json(recipe_path, recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           WORKER, str(recipe_path), str(reports)]
+    cmd = [*launcher, WORKER, str(recipe_path), str(reports)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        log, _ = proc.communicate(timeout=180)
+        log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers share the new session
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers share the new session
         log, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 180 s; output tail:\n{log[-3000:]}")
+        pytest.fail(f"{cmd[2]} did not finish in {timeout:.0f} s; output tail:\n{log[-3000:]}")
     from conftest import only_teardown_abort
 
     written = [reports / f"rank{r}.json" for r in range(2)]
     assert proc.returncode == 0 or only_teardown_abort(proc.returncode, log, *written), \
-        f"torchrun exited {proc.returncode} after {time.monotonic() - start:.0f} s:\n{log[-3000:]}"
+        f"{cmd[2]} exited {proc.returncode} after {time.monotonic() - start:.0f} s:\n{log[-3000:]}"
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]  # two real processes, not one silently
-    # one micro-batch of 4 per rank; together the same 8 samples as the single-process batch
-    assert all(len(r["micro_batches"]) == 1 and len(r["micro_batches"][0]) == 4 for r in ranks)
-    assert sorted(ranks[0]["micro_batches"][0] + ranks[1]["micro_batches"][0]) == SAMPLE_IDS
+    # one micro-batch of 4 per rank and step; together the same 8 samples as the single-process batch
+    assert all(len(r["micro_batches"]) == steps and all(len(b) == 4 for b in r["micro_batches"]) for r in ranks)
+    for step in range(steps):
+        assert sorted(ranks[0]["micro_batches"][step] + ranks[1]["micro_batches"][step]) == SAMPLE_IDS
     return ranks
 
 

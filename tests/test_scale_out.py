@@ -1,0 +1,191 @@
+"""Scale-out with 2 CPU processes, through `llavadi train`: DeepSpeed ZeRO-2 and ZeRO-3 (student and
+projectors owned by the engine, teacher partitioned under ZeRO-3) give the step of one process with
+the whole batch and a `final/` that plain `from_pretrained` loads; `accelerate launch --multi_gpu`
+starts 2 processes; a LoRA student trains under DDP and is saved merged.
+
+The reference is the one-process batch of 8 of tests/test_equivalence.py (plain SGD, so equal weights
+after one step mean equal gradients).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+from conftest import final_logits, probe_inputs
+from safetensors.torch import load_file
+
+from llavadi.config import recipe_from_dict
+from llavadi.train.runner import run_recipe
+from test_equivalence import (  # noqa: F401  (workspace and batch_of_8 are fixtures used here)
+    TOLERANCE,
+    _assert_same_step,
+    _max_difference,
+    _recipe_dict,
+    _torchrun,
+    _torchrun_unavailable,
+    batch_of_8,
+    workspace,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO_ROOT, "configs")
+# the first DeepSpeed run builds its CPU communication op (~40 s alone, longer on a busy machine)
+DEEPSPEED_TIMEOUT = 420
+
+
+def _deepspeed_unavailable() -> str | None:
+    reason = _torchrun_unavailable()
+    if reason is not None:
+        return reason
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (an import of deepspeed can fail in many ways: say which)
+        return f"deepspeed cannot be imported ({type(e).__name__}: {e}); pip install 'llavadi[deepspeed]'"
+    return None
+
+
+def _accelerate_unavailable() -> str | None:
+    reason = _torchrun_unavailable()
+    if reason is not None:
+        return reason
+    try:
+        import accelerate.commands.launch  # noqa: F401
+    except ImportError as e:
+        return f"accelerate's launcher cannot be imported: {e}"
+    return None
+
+
+needs_deepspeed = pytest.mark.skipif(_deepspeed_unavailable() is not None, reason=str(_deepspeed_unavailable()))
+needs_accelerate = pytest.mark.skipif(_accelerate_unavailable() is not None, reason=str(_accelerate_unavailable()))
+
+
+def _final_weights_complete(out, reference_out) -> None:
+    """final/ loads with plain from_pretrained, has no empty tensor, and equals the reference's final/."""
+    from transformers import LlavaForConditionalGeneration
+
+    final = os.path.join(out, "final")
+    model = LlavaForConditionalGeneration.from_pretrained(final, local_files_only=True)
+    saved = load_file(os.path.join(final, "model.safetensors"))
+    assert saved and all(t.numel() > 0 for t in saved.values())
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in LlavaForConditionalGeneration.from_pretrained(os.path.join(reference_out, "final")).parameters())
+    diff, where = _max_difference(load_file(os.path.join(reference_out, "final", "model.safetensors")), saved)
+    assert diff <= TOLERANCE, f"final/ differs by {diff:.3g} at {where}"
+    assert os.path.isfile(os.path.join(final, "llavadi.json")) and os.path.isfile(os.path.join(final, "tokenizer.json"))
+
+
+@needs_deepspeed
+def test_zero2_two_processes_equal_one_batch_of_8(workspace, batch_of_8, tmp_path):
+    out = tmp_path / "zero2"
+    ranks = _torchrun(tmp_path, _recipe_dict(workspace, out, batch_size=4, grad_accum=1,
+                                             deepspeed=os.path.join(CONFIGS, "zero2.json")), timeout=DEEPSPEED_TIMEOUT)
+    _assert_same_step(batch_of_8[:2], out)
+    _final_weights_complete(out, workspace / "batch8")
+    assert all(r["teacher_weights"]["local"] == r["teacher_weights"]["total"] for r in ranks)  # replicated
+
+
+def _two_stages(recipe: dict) -> dict:
+    """The recipe with a first stage identical to its stage: the second starts from what the first saved."""
+    first = copy.deepcopy(recipe["stages"][0])
+    first["name"] = "first"
+    return {**recipe, "stages": [first, *recipe["stages"]]}
+
+
+@needs_deepspeed
+def test_zero3_partitioned_two_processes_two_stages_equal_one_batch_of_8(workspace, tmp_path):
+    """Every weight partitioned (student, projectors, teacher); two distillation stages, so the second stage
+    starts from the student the first gathered and saved, with the teacher partitioned once."""
+    reference = tmp_path / "batch8"
+    run_recipe(recipe_from_dict(_two_stages(_recipe_dict(workspace, reference, batch_size=8, grad_accum=1))),
+               log=lambda *_: None)
+    with open(os.path.join(CONFIGS, "zero3.json")) as f:
+        config = json.load(f)
+    # tiny models fit under the default persistence threshold: 0 partitions every weight
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    out = tmp_path / "zero3"
+    recipe = _two_stages(_recipe_dict(workspace, out, batch_size=4, grad_accum=1, deepspeed=config))
+    ranks = _torchrun(tmp_path, recipe, timeout=DEEPSPEED_TIMEOUT, steps=2)
+    for stage in ("first", "finetune"):
+        for name in ("model/model.safetensors", "distill_projectors.safetensors"):
+            diff, where = _max_difference(load_file(reference / stage / name), load_file(out / stage / name))
+            assert diff <= TOLERANCE, f"{stage}/{name} differs by {diff:.3g} at {where}"
+    _final_weights_complete(out, reference)
+    # the teacher is partitioned for inference too: each rank owns about half of its weights
+    assert all(0 < r["teacher_weights"]["local"] < 0.6 * r["teacher_weights"]["total"] for r in ranks), ranks
+
+
+@needs_accelerate
+def test_accelerate_launch_multi_gpu_starts_two_processes_on_cpu(workspace, batch_of_8, tmp_path):
+    # no ddp_backend: accelerate chooses gloo on the CPU; --cpu would start ONE process
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = tmp_path / "accelerate"
+    _torchrun(tmp_path, _recipe_dict(workspace, out, batch_size=4, grad_accum=1), launcher=launcher)
+    _assert_same_step(batch_of_8[:2], out)
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}  # no dropout: both runs draw no random numbers
+
+
+@pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
+def test_lora_ddp_two_processes_merge_reload_and_equal_one_batch_of_8(workspace, tmp_path):
+    reference = tmp_path / "lora8"
+    recipe8 = _recipe_dict(workspace, reference, batch_size=8, grad_accum=1)
+    recipe8["student"]["lora"] = LORA
+    student8, proj8, _ = _train_recipe(recipe8)
+
+    out = tmp_path / "lora_ddp"
+    recipe = _recipe_dict(workspace, out, batch_size=4, grad_accum=1, ddp_backend="gloo")
+    recipe["student"]["lora"] = LORA
+    probe = probe_inputs()
+    _torchrun(tmp_path, recipe, probe=probe)
+    # the merged, reloaded student gives the trained PeftModel's logits
+    peft_logits = load_file(tmp_path / "reports" / "rank0_logits.safetensors")["logits"]
+    assert (final_logits(out, probe) - peft_logits).abs().max().item() <= TOLERANCE
+    # and the two processes took the step of one process with the whole batch
+    _assert_same_step((student8, proj8), out)
+    initial = load_file(os.path.join(workspace, "student0", "model.safetensors"))
+    assert _max_difference(initial, student8)[0] > 1e-3  # the LoRA step did change the merged weights
+
+
+def _train_recipe(raw: dict):
+    run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    out = raw["output_dir"]
+    return (load_file(os.path.join(out, "finetune", "model", "model.safetensors")),
+            load_file(os.path.join(out, "finetune", "distill_projectors.safetensors")), None)
+
+
+@needs_deepspeed
+def test_zero3_lora_resume_from_a_checkpoint_continues_the_same_run(workspace, tmp_path):
+    """ZeRO-3 with a LoRA student: resumed from DeepSpeed's checkpoint, the run ends where the uninterrupted
+    one does, and the merged student is written from the gathered state (rank 0 alone builds it)."""
+    import shutil
+
+    with open(os.path.join(CONFIGS, "zero3.json")) as f:
+        config = json.load(f)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    straight = tmp_path / "straight"
+    recipe = _recipe_dict(workspace, straight, batch_size=4, grad_accum=1, deepspeed=config)
+    recipe["student"]["lora"] = LORA
+    recipe["stages"][0]["train"].update(max_steps=2, save_steps=1)
+    (tmp_path / "a").mkdir()
+    _torchrun(tmp_path / "a", recipe, timeout=DEEPSPEED_TIMEOUT, steps=2)
+    # a run killed after its first checkpoint: no step-2 checkpoint, no stage model, no final/
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for gone in ("finetune/model", "finetune/checkpoints/checkpoint-2", "final"):
+        shutil.rmtree(resumed / gone)
+    recipe["output_dir"] = str(resumed)
+    (tmp_path / "b").mkdir()
+    ranks = _torchrun(tmp_path / "b", recipe, timeout=DEEPSPEED_TIMEOUT, steps=1)
+    assert all(len(r["micro_batches"]) == 1 for r in ranks)  # only step 2 was trained again
+    diff, where = _max_difference(load_file(straight / "final" / "model.safetensors"),
+                                  load_file(resumed / "final" / "model.safetensors"))
+    assert diff <= TOLERANCE, f"resumed final/ differs by {diff:.3g} at {where}"
+    diff, where = _max_difference(load_file(straight / "finetune" / "distill_projectors.safetensors"),
+                                  load_file(resumed / "finetune" / "distill_projectors.safetensors"))
+    assert diff <= TOLERANCE, f"resumed projectors differ by {diff:.3g} at {where}"
