@@ -3,7 +3,7 @@ rank trained on. The CLI tears the process group down at the end, as for a user'
 
 Used by tests/test_equivalence.py and tests/test_scale_out.py:
 `torchrun --nproc_per_node 2 tests/dist_worker.py recipe.json report_dir`.
-Each rank writes <report_dir>/rank<r>.json with the world size it saw, the sample ids of every
+Each rank writes <report_dir>/rank<r>.json with the world size it saw (when training or saving a stage), the sample ids of every
 micro-batch it trained on (so the test can check that the ranks split the data without overlap),
 and how many teacher weights this rank owns against the teacher's total (a ZeRO-3 teacher is
 partitioned: each rank owns about 1/world of it). With <report_dir>/probe.json ({"input_ids": [[...]], "image_size": S}), the trained
@@ -74,6 +74,13 @@ def main(recipe_path: str, report_dir: str) -> None:
         return original(self, model, inputs, *args, **kwargs)
 
     trainer_module.DistillTrainer.compute_loss = recording_compute_loss
+    original_gather = trainer_module.DistillTrainer.gather_student_state
+
+    def recording_gather(self, *args, **kwargs):  # every rank, also when a stage is published without training
+        facts["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+        return original_gather(self, *args, **kwargs)
+
+    trainer_module.DistillTrainer.gather_student_state = recording_gather
     if os.path.isfile(os.path.join(report_dir, "probe.json")):
         _record_probe_logits(report_dir)
     rank = _rank()

@@ -1,7 +1,8 @@
 """Scale-out with 2 CPU processes, through `llavadi train`: DeepSpeed ZeRO-2 and ZeRO-3 (student and
 projectors owned by the engine, teacher partitioned under ZeRO-3) give the step of one process with
 the whole batch and a `final/` that plain `from_pretrained` loads; `accelerate launch --multi_gpu`
-starts 2 processes; a LoRA student trains under DDP and is saved merged.
+starts 2 processes; a LoRA student trains under DDP and is saved merged; under ZeRO-3 a LoRA run
+resumed from a checkpoint, or republished from its last-step checkpoint, ends as the uninterrupted one.
 
 The reference is the one-process batch of 8 of tests/test_equivalence.py (plain SGD, so equal weights
 after one step mean equal gradients).
@@ -189,3 +190,32 @@ def test_zero3_lora_resume_from_a_checkpoint_continues_the_same_run(workspace, t
     diff, where = _max_difference(load_file(straight / "finetune" / "distill_projectors.safetensors"),
                                   load_file(resumed / "finetune" / "distill_projectors.safetensors"))
     assert diff <= TOLERANCE, f"resumed projectors differ by {diff:.3g} at {where}"
+
+
+@needs_deepspeed
+def test_zero3_lora_last_step_checkpoint_is_published_without_training(workspace, tmp_path):
+    """A ZeRO-3 run killed after its last checkpoint but before publishing: the rerun trains nothing, loads the
+    checkpoint into the whole (not yet partitioned) LoRA student, and publishes the uninterrupted run's student."""
+    import shutil
+
+    with open(os.path.join(CONFIGS, "zero3.json")) as f:
+        config = json.load(f)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    straight = tmp_path / "straight"
+    recipe = _recipe_dict(workspace, straight, batch_size=4, grad_accum=1, deepspeed=config)
+    recipe["student"]["lora"] = LORA
+    recipe["stages"][0]["train"].update(max_steps=1, save_steps=1)
+    (tmp_path / "a").mkdir()
+    _torchrun(tmp_path / "a", recipe, timeout=DEEPSPEED_TIMEOUT, steps=1)
+    again = tmp_path / "again"
+    shutil.copytree(straight, again)
+    for gone in ("finetune/model", "final"):  # checkpoint-1 (the last step) is kept
+        shutil.rmtree(again / gone)
+    recipe["output_dir"] = str(again)
+    (tmp_path / "b").mkdir()
+    ranks = _torchrun(tmp_path / "b", recipe, timeout=DEEPSPEED_TIMEOUT, steps=0)
+    assert all(r["micro_batches"] == [] for r in ranks)  # nothing trained again
+    _final_weights_complete(again, straight)
+    diff, where = _max_difference(load_file(straight / "finetune" / "distill_projectors.safetensors"),
+                                  load_file(again / "finetune" / "distill_projectors.safetensors"))
+    assert diff <= TOLERANCE, f"republished projectors differ by {diff:.3g} at {where}"
