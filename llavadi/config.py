@@ -44,6 +44,7 @@ class LoraSpec:
     quantize: str | None = None  # "4bit": QLoRA (bitsandbytes, CUDA)
 
     def validate(self, where: str):
+        """Refuse out-of-range options, naming the key (`where` is the spec's path, e.g. student.lora)."""
         if self.r < 1:
             raise ConfigError(f"{where}.r must be >= 1, got {self.r}")
         if self.alpha <= 0:

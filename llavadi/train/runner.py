@@ -139,9 +139,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     """Train the student through one stage (`status` from `plan_stages`); returns it, published in <stage>/."""
     stage_dir = os.path.join(recipe.output_dir, stage.name)
     final_dir = os.path.join(stage_dir, "model")
-    meta = {**student.meta, "template": stage.data.template, "system": stage.data.system, "stage": stage.name}
-    if stage.data.template == "plain":  # a pretrain stage does not change how the model is prompted
-        meta = {**student.meta, "stage": stage.name}
+    meta = _stage_meta(student, stage)
     if status == "done":
         log(f"[{stage.name}] already done: loading {final_dir}")
         return load_student(recipe, final_dir)
@@ -195,6 +193,13 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     # the next stage starts from the saved student, as when this stage is found done: a LoRA student is
     # merged there, and a sharded one is whole again
     return load_student(recipe, final_dir)
+
+
+def _stage_meta(student: LoadedModel, stage: StageConfig) -> dict:
+    """The llavadi.json of the stage's student: how to prompt it, and the stage that made it."""
+    if stage.data.template == "plain":  # a pretrain stage does not change how the model is prompted
+        return {**student.meta, "stage": stage.name}
+    return {**student.meta, "template": stage.data.template, "system": stage.data.system, "stage": stage.name}
 
 
 def load_student(recipe: Recipe, model_dir: str) -> LoadedModel:
