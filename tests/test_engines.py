@@ -5,6 +5,7 @@ attention implementation, revision and LoRA options."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -58,6 +59,19 @@ def test_a_requested_engine_that_does_not_run_is_an_error():
     require_engine(trainer, {"ddp_backend": "gloo"}, "stages.x.train")  # nothing asked, nothing to check
     with pytest.raises(ConfigError, match="not both"):
         check_engine_request({"deepspeed": "a.json", "fsdp": "full_shard"}, "cuda", "stages.x.train")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_on_policy_under_zero3_is_an_error_before_any_model_loads(workspace, tmp_path):
+    """The student generates during an on_policy stage; under ZeRO-3 every forward gathers its weights
+    collectively, so ranks generating answers of different lengths would hang: refused, ZeRO-2 accepted."""
+    raw = _recipe_dict(workspace, tmp_path / "run", batch_size=8, grad_accum=1,
+                       deepspeed=os.path.join(REPO_ROOT, "configs", "zero3.json"))
+    raw["stages"][0]["on_policy"] = {"fraction": 0.5}
+    raw["student"]["path"] = str(tmp_path / "not-loaded-yet")  # loading it would fail with another error
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.train\.extra\.deepspeed: on_policy generates with"):
+        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    check_engine_request({"deepspeed": os.path.join(REPO_ROOT, "configs", "zero2.json")}, "cpu", "w", on_policy=True)
 
 
 def test_deepspeed_configs_are_checked_for_saving(tmp_path):

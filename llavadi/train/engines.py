@@ -79,8 +79,9 @@ def _accelerator_available() -> bool:
                for kind in ("cuda", "xpu", "npu", "mlu", "musa", "hpu"))
 
 
-def check_engine_request(extra: dict, device: str, where: str) -> None:
-    """Refuse, before any model loads, an engine that cannot run here (it would silently be DDP)."""
+def check_engine_request(extra: dict, device: str, where: str, on_policy: bool = False) -> None:
+    """Refuse, before any model loads, an engine that cannot run here (it would silently be DDP), or that
+    cannot run the stage (`on_policy`: the student generates during training)."""
     engine = requested_engine(extra)
     if engine == "fsdp" and (device == "cpu" or not _accelerator_available()):
         raise ConfigError(f"{where}.extra.fsdp: FSDP runs only on accelerator devices (GPU, XPU, ...); on "
@@ -92,7 +93,12 @@ def check_engine_request(extra: dict, device: str, where: str) -> None:
         except ImportError as e:
             raise ConfigError(f"{where}.extra.deepspeed: DeepSpeed cannot be imported ({e}); "
                               "pip install 'llavadi[deepspeed]'") from None
-        deepspeed_config(extra["deepspeed"], where)
+        config = deepspeed_config(extra["deepspeed"], where)
+        if on_policy and config["zero_optimization"].get("stage") == 3:
+            # each forward of a partitioned model gathers its weights collectively: ranks generating
+            # answers of different lengths would wait for each other forever
+            raise ConfigError(f"{where}.extra.deepspeed: on_policy generates with the student, whose weights ZeRO-3 "
+                              "partitions; use ZeRO-2 or DDP for an on_policy stage")
 
 
 def deepspeed_config(value, where: str) -> dict:

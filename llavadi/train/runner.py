@@ -312,7 +312,7 @@ def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=pr
     names = [s.name for s in recipe.stages]
     device = resolve_device(recipe.device).type
     for stage in recipe.stages:  # an engine that cannot run here (it would silently be DDP) fails first
-        check_engine_request(stage.train.args, device, f"stages.{stage.name}.train")
+        check_engine_request(stage.train.args, device, f"stages.{stage.name}.train", on_policy=stage.on_policy is not None)
     if main and act:
         for path in clean_interrupted_writes(recipe.output_dir, names):
             log(f"removed {path} (left by an interrupted write)")
