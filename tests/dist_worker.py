@@ -69,7 +69,7 @@ def main(recipe_path: str, report_dir: str) -> None:
         if model.training:
             seen.append(list(inputs["sample_ids"]))
             facts["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
-            if not facts["teacher_weights"] and self.teacher is not None:
+            if not facts["teacher_weights"] and getattr(self.teacher, "model", None) is not None:  # an online teacher
                 facts["teacher_weights"] = _teacher_weights(self.teacher.model)
         return original(self, model, inputs, *args, **kwargs)
 
