@@ -44,7 +44,10 @@ DEFAULT_CHUNK_MIB = 32.0  # fp32 logits of one model per chunk; chosen by benchm
 def head_weights(view: ModelView) -> tuple[Tensor, Tensor | None]:
     """The LM head's weight (V, H) and bias (V,) or None: the one place the pass reads them.
 
-    A sharded head (FSDP2, ZeRO-3) would be gathered here; it is refused for now.
+    Sharding engines hand it over whole, once per forward (llavadi.train.engines): under ZeRO-3 the
+    student's head is an external parameter of the trainable module, gathered for its whole forward
+    and backward, and the teacher's is a gathered copy; FSDP2 unshards the root module's parameters
+    (the head among them) for its forward. A sharded weight here was read outside those.
     """
     head = view.lm_head
     if not isinstance(head, nn.Linear):
@@ -54,8 +57,8 @@ def head_weights(view: ModelView) -> tuple[Tensor, Tensor | None]:
     weight = head.weight
     if _is_dtensor(weight) or weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"the {view.who}'s LM head weight is sharded ({type(weight).__name__} of shape "
-                         f"{tuple(weight.shape)}): the logit pass reads it whole, and gathering a sharded head (FSDP2 "
-                         "full_tensor, DeepSpeed ZeRO-3) is not supported yet")
+                         f"{tuple(weight.shape)}): the logit pass reads it whole; run it inside the forward of the "
+                         "module the engine shards (DistillationModule), where FSDP2 and ZeRO-3 have gathered it")
     return weight, head.bias
 
 
