@@ -41,7 +41,7 @@ from llavadi.train.runner import run_recipe
 def test_fsdp_on_the_cpu_is_an_error_before_any_model_loads(workspace, tmp_path, capsys):
     raw = _recipe_dict(workspace, tmp_path / "run", batch_size=8, grad_accum=1, fsdp="full_shard")
     raw["student"]["path"] = str(tmp_path / "not-loaded-yet")  # loading it would fail with another error
-    with pytest.raises(ConfigError, match=r"stages\.finetune\.train\.extra\.fsdp: FSDP runs only on accelerator"):
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.train\.fsdp: FSDP runs only on accelerator"):
         run_recipe(recipe_from_dict(raw), log=lambda *_: None)
     from llavadi.cli import main
 
@@ -69,7 +69,7 @@ def test_on_policy_under_zero3_is_an_error_before_any_model_loads(workspace, tmp
                        deepspeed=os.path.join(REPO_ROOT, "configs", "zero3.json"))
     raw["stages"][0]["on_policy"] = {"fraction": 0.5}
     raw["student"]["path"] = str(tmp_path / "not-loaded-yet")  # loading it would fail with another error
-    with pytest.raises(ConfigError, match=r"stages\.finetune\.train\.extra\.deepspeed: on_policy generates with"):
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.train\.deepspeed: on_policy generates with"):
         run_recipe(recipe_from_dict(raw), log=lambda *_: None)
     check_engine_request({"deepspeed": os.path.join(REPO_ROOT, "configs", "zero2.json")}, "cpu", "w", on_policy=True)
 
@@ -80,7 +80,7 @@ def test_deepspeed_configs_are_checked_for_saving(tmp_path):
     del zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert deepspeed_config(zero3, "w")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
-    with pytest.raises(ConfigError, match="w.extra.deepspeed: stage3_gather_16bit_weights_on_model_save is false"):
+    with pytest.raises(ConfigError, match="w.deepspeed: stage3_gather_16bit_weights_on_model_save is false"):
         deepspeed_config(zero3, "w")
     zero2 = deepspeed_config(os.path.join(REPO_ROOT, "configs", "zero2.json"), "w")
     assert zero2["zero_optimization"]["stage"] == 2 and "stage3_gather_16bit_weights_on_model_save" not in \

@@ -54,7 +54,7 @@ def test_lora_student_with_every_term_merges_and_reloads(workspace, tmp_path, pe
     probe, taken = peft_logits_at_save
     pre = {"name": "pretrain", "data": {"path": str(workspace / "caps.json"), "template": "plain"},
            "trainable": {"projector": True, "llm": False},
-           "train": {"learning_rate": 1e-2, "max_steps": 2, "batch_size": 4, "save_steps": 100}}
+           "train": {"learning_rate": 1e-2, "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 100}}
     terms = [{"name": name} for name in TERMS]  # every registered term, with its defaults
     fine = _finetune(workspace, steps=3, terms=terms, gradient_checkpointing=True)
     out = tmp_path / "run"

@@ -1,6 +1,6 @@
 """Scale-out through the Trainer's engines: DDP, DeepSpeed ZeRO-2/3 and FSDP2, with no silent fallback.
 
-What a stage's `train.extra` asks for is checked before any model loads (``check_engine_request``),
+What a stage's `train` section (TrainingArguments fields) asks for is checked before any model loads (``check_engine_request``),
 completed from the model (``engine_arguments``), and confirmed once the Trainer exists
 (``require_engine``): a recipe that asks for DeepSpeed or FSDP and would get plain DDP is an error.
 
@@ -65,13 +65,13 @@ def teardown_process_group() -> None:
 
 # ----------------------------------------------------------------------------- what a stage asks for
 
-def requested_engine(extra: dict) -> str | None:
-    """'deepspeed', 'fsdp' or None (DDP or one process), from a stage's train.extra."""
-    if extra.get("deepspeed") and extra.get("fsdp"):
-        raise ConfigError("train.extra: give `deepspeed` or `fsdp`, not both")
-    if extra.get("deepspeed"):
+def requested_engine(train_args: dict) -> str | None:
+    """'deepspeed', 'fsdp' or None (DDP or one process), from a stage's `train` fields."""
+    if train_args.get("deepspeed") and train_args.get("fsdp"):
+        raise ConfigError("train: give `deepspeed` or `fsdp`, not both")
+    if train_args.get("deepspeed"):
         return "deepspeed"
-    return "fsdp" if extra.get("fsdp") else None
+    return "fsdp" if train_args.get("fsdp") else None
 
 
 def _accelerator_available() -> bool:
@@ -79,25 +79,25 @@ def _accelerator_available() -> bool:
                for kind in ("cuda", "xpu", "npu", "mlu", "musa", "hpu"))
 
 
-def check_engine_request(extra: dict, device: str, where: str, on_policy: bool = False) -> None:
+def check_engine_request(train_args: dict, device: str, where: str, on_policy: bool = False) -> None:
     """Refuse, before any model loads, an engine that cannot run here (it would silently be DDP), or that
     cannot run the stage (`on_policy`: the student generates during training)."""
-    engine = requested_engine(extra)
+    engine = requested_engine(train_args)
     if engine == "fsdp" and (device == "cpu" or not _accelerator_available()):
-        raise ConfigError(f"{where}.extra.fsdp: FSDP runs only on accelerator devices (GPU, XPU, ...); on "
+        raise ConfigError(f"{where}.fsdp: FSDP runs only on accelerator devices (GPU, XPU, ...); on "
                           f"{'the CPU' if device == 'cpu' else 'this machine (no accelerator found)'} accelerate "
-                          "would run plain DDP instead. Use DeepSpeed (train.extra.deepspeed, runs on CPU) or DDP")
+                          "would run plain DDP instead. Use DeepSpeed (train.deepspeed, runs on CPU) or DDP")
     if engine == "deepspeed":
         try:
             import deepspeed  # noqa: F401
         except ImportError as e:
-            raise ConfigError(f"{where}.extra.deepspeed: DeepSpeed cannot be imported ({e}); "
+            raise ConfigError(f"{where}.deepspeed: DeepSpeed cannot be imported ({e}); "
                               "pip install 'llavadi[deepspeed]'") from None
-        config = deepspeed_config(extra["deepspeed"], where)
+        config = deepspeed_config(train_args["deepspeed"], where)
         if on_policy and config["zero_optimization"].get("stage") == 3:
             # each forward of a partitioned model gathers its weights collectively: ranks generating
             # answers of different lengths would wait for each other forever
-            raise ConfigError(f"{where}.extra.deepspeed: on_policy generates with the student, whose weights ZeRO-3 "
+            raise ConfigError(f"{where}.deepspeed: on_policy generates with the student, whose weights ZeRO-3 "
                               "partitions; use ZeRO-2 or DDP for an on_policy stage")
 
 
@@ -112,14 +112,14 @@ def deepspeed_config(value, where: str) -> dict:
             with open(value) as f:
                 value = json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{where}.extra.deepspeed: cannot read {value!r} as a DeepSpeed JSON config ({e})") from None
+            raise ConfigError(f"{where}.deepspeed: cannot read {value!r} as a DeepSpeed JSON config ({e})") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}.extra.deepspeed: expected a JSON path or a mapping, got {type(value).__name__}")
+        raise ConfigError(f"{where}.deepspeed: expected a JSON path or a mapping, got {type(value).__name__}")
     config = copy.deepcopy(value)
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-            raise ConfigError(f"{where}.extra.deepspeed: stage3_gather_16bit_weights_on_model_save is false, but the "
+            raise ConfigError(f"{where}.deepspeed: stage3_gather_16bit_weights_on_model_save is false, but the "
                               "stage's model is saved as a plain HF directory: set it to true")
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return config
@@ -139,17 +139,23 @@ def layer_classes_to_wrap(model: nn.Module) -> list[str]:
     return list(dict.fromkeys([type(layers[0]).__name__, type(encoder_layers[0]).__name__]))
 
 
-def engine_arguments(extra: dict, student: nn.Module, where: str) -> dict:
-    """A stage's train.extra completed for its engine (TrainingArguments keyword arguments)."""
-    extra = dict(extra)
-    if world_size() <= 1 and "ddp_backend" in extra:
-        del extra["ddp_backend"]  # a one-process run has no process group: the backend would fail to initialise
-    engine = requested_engine(extra)
+def process_arguments(train_args: dict) -> dict:
+    """A stage's `train` fields as this process runs them: `ddp_backend` dropped when the run has one process."""
+    train_args = dict(train_args)
+    if world_size() <= 1 and "ddp_backend" in train_args:
+        del train_args["ddp_backend"]  # a one-process run has no process group: the backend would fail to initialise
+    return train_args
+
+
+def engine_arguments(train_args: dict, student: nn.Module, where: str) -> dict:
+    """A stage's `train` fields completed for its engine (TrainingArguments keyword arguments)."""
+    train_args = process_arguments(train_args)
+    engine = requested_engine(train_args)
     if engine == "deepspeed":
-        extra["deepspeed"] = deepspeed_config(extra["deepspeed"], where)
+        train_args["deepspeed"] = deepspeed_config(train_args["deepspeed"], where)
     elif engine == "fsdp":
-        extra["fsdp_config"] = _fsdp_config(extra.get("fsdp_config"), student, where)
-    return extra
+        train_args["fsdp_config"] = _fsdp_config(train_args.get("fsdp_config"), student, where)
+    return train_args
 
 
 def _fsdp_config(value, student: nn.Module, where: str) -> dict:
@@ -165,18 +171,18 @@ def _fsdp_config(value, student: nn.Module, where: str) -> dict:
         present = {type(m).__name__ for m in student.modules()}
         unknown = [c for c in ([given] if isinstance(given, str) else given) if c not in present]
         if unknown:
-            raise ConfigError(f"{where}.extra.fsdp_config.transformer_layer_cls_to_wrap: {unknown} are not classes "
+            raise ConfigError(f"{where}.fsdp_config.transformer_layer_cls_to_wrap: {unknown} are not classes "
                               f"of the student; its transformer blocks are {layer_classes_to_wrap(student)}")
     return config
 
 
-def require_engine(trainer, extra: dict, where: str) -> None:
+def require_engine(trainer, train_args: dict, where: str) -> None:
     """The engine the stage asked for is the one the Trainer runs (no silent fallback to DDP)."""
-    engine = requested_engine(extra)
+    engine = requested_engine(train_args)
     if engine == "deepspeed" and not trainer.is_deepspeed_enabled:
-        raise ConfigError(f"{where}.extra.deepspeed was given but the Trainer did not enable DeepSpeed")
+        raise ConfigError(f"{where}.deepspeed was given but the Trainer did not enable DeepSpeed")
     if engine == "fsdp" and not trainer.is_fsdp_enabled:
-        raise ConfigError(f"{where}.extra.fsdp was given but the Trainer did not enable FSDP (accelerate enables it "
+        raise ConfigError(f"{where}.fsdp was given but the Trainer did not enable FSDP (accelerate enables it "
                           "only on accelerator devices)")
 
 

@@ -37,6 +37,7 @@ from llavadi.models.describe import describe_model
 from llavadi.data.images import check_images
 from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
 from llavadi.teacher.cache_format import CacheError
+from llavadi.train.engines import process_arguments
 from llavadi.train.stages import data_identity, stage_fingerprints, stage_status
 from llavadi.training_args import TrainArgsError, check_training_arguments
 
@@ -67,7 +68,8 @@ def check_train_arguments(recipe: Recipe, stage: StageConfig, where: str) -> lis
     use_cpu = resolve_device(recipe.device).type == "cpu"
     checkpoints = os.path.join(recipe.output_dir, stage.name, "checkpoints")
     try:
-        check_training_arguments([(f"{where}.train", stage.train.args, checkpoints)], recipe.seed, use_cpu)
+        check_training_arguments([(f"{where}.train", process_arguments(stage.train.args), checkpoints)], recipe.seed,
+                                 use_cpu)
     except TrainArgsError as e:
         return [str(e)]
     return []
