@@ -113,11 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import eval_command
-    from llavadi.experiments import ablate
+    from llavadi.experiments import ablate, study_report
     from llavadi.teacher import cache_teacher, regenerate
 
     for command_module in (cache_teacher, regenerate, eval_command, eval_commands, ablate):
         command_module.register(sub)
+    study_report.extend_report_command(sub)  # `report` also takes study folders
     for command in sub.choices.values():
         command.formatter_class = _HelpWithDefaults
     return p

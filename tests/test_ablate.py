@@ -238,7 +238,7 @@ def test_summarise_by_hand():
     assert b["acc"]["delta"]["mean"] == 10.0 and b["acc"]["delta"]["std"] == pytest.approx(50 ** 0.5)  # +5, +15
     assert b["kl"]["delta"]["mean"] == pytest.approx(-0.25)
     c = s["variants"]["c"]["metrics"]
-    assert c["acc"]["n"] == 1 and c["acc"]["std"] == 0.0 and c["acc"]["delta"] == {"mean": -20.0, "std": 0.0, "n": 1}
+    assert c["acc"]["n"] == 1 and c["acc"]["std"] == 0.0 and c["acc"]["delta"] == {"mean": -20.0, "std": 0.0, "n": 1, "t": None, "df": 0, "p": None}
     assert "kl" not in c and any("'c': 1 of 2 seeds" in n for n in s["notes"])
     header, rows = _table_rows(ablate.format_table(s))
     assert header == ["variant", "seeds", "acc", "Δ acc", "kl", "Δ kl"]

@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-model-card", action="store_true",
                    help="leave the model's card (README.md) as it is; by default the results are added to it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-cost", action="store_true",
+                   help="do not measure parameters, peak memory, latency and throughput")
     p.set_defaults(func=run_eval_command)
 
 
@@ -234,14 +236,16 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
              template: str | None = None, system: str | None = None, teacher_template: str | None = None,
              teacher_system: str | None = None, name: str | None = None,
              benchmark_options: dict | None = None, progress: bool = True, student=None, teacher=None,
-             on_error: str = "raise", update_card: bool = True, shard: Shard | None = None) -> dict:
+             on_error: str = "raise", update_card: bool = True, shard: Shard | None = None,
+             cost: bool = True) -> dict:
     """Answer, score (and compare with a teacher); write answers + metrics files; return the result dict.
 
     `student` / `teacher` may be already loaded `LoadedModel`s (e.g. models just trained);
     then `model_dir` / `teacher_dir` only name them in the answer files. With `update_card`, the
     headline metrics go into the model folder's llavadi model card (README.md), if it has one.
     `shard`: under data parallelism (llavadi.eval.parallel) every process answers its share and
-    gets the same result back; the main process alone writes files.
+    gets the same result back; the main process alone writes files. `cost`: the main process also
+    measures what each model costs to run (`llavadi.eval.cost`; `cost`, and `teacher_cost` beside it).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -283,6 +287,10 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
                                                   teacher_id, student_ids, ann, journals[1], batch_size,
                                                   max_new_tokens, progress, shard)
     if shard.is_main:
+        if cost and asked:  # measured once, by the process that writes the result
+            from llavadi.eval.cost import measure_costs
+
+            result.update(measure_costs(student, teacher, asked, batch_size, max_new_tokens))
         _write_outputs(out, records, teacher_records, result, journals)
         if update_card and os.path.isdir(model_dir) and record_eval_result(model_dir, result):
             result["notes"].append(f"results added to the model card {os.path.join(model_dir, CARD_FILE)}")

@@ -125,7 +125,7 @@ def run_suite(entries: list[SuiteEntry], args: argparse.Namespace, shard: Shard,
                                 max_new_tokens=args.max_new_tokens, limit=entry.limit, name=args.name,
                                 benchmark_options=entry.options, progress=not args.no_progress, student=student,
                                 teacher=teacher, on_error=args.on_error, update_card=not args.no_model_card,
-                                shard=shard))
+                                shard=shard, cost=not getattr(args, "no_cost", False)))
     return results
 
 

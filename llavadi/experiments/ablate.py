@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from llavadi.config import ConfigError, Recipe, load_recipe, recipe_to_dict
-from llavadi.experiments.stats import mean_std
+from llavadi.experiments.atomic import atomic_path, write_text_atomic
+from llavadi.experiments.stats import mean_std, paired_t, significance_mark
 
 RUN_RECORD = "ablate_run.json"
 RESULTS_FILE = "results.json"
@@ -302,11 +303,7 @@ def _read_record(run: PlannedRun) -> dict | None:
 
 
 def _write_record(run: PlannedRun, record: dict) -> None:
-    os.makedirs(run.run_dir, exist_ok=True)
-    p = os.path.join(run.run_dir, RUN_RECORD)
-    with open(p + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(p + ".tmp", p)
+    write_text_atomic(os.path.join(run.run_dir, RUN_RECORD), json.dumps(record, indent=2))
 
 
 def _flatten(obj, prefix="") -> dict:
@@ -357,7 +354,7 @@ def run_status(grid: Grid, run: PlannedRun) -> str:
 
 # ----------------------------------------------------------------------------- running
 
-def _train_and_eval(grid: Grid, run: PlannedRun, log) -> dict:
+def train_and_eval(grid: Grid, run: PlannedRun, log) -> dict:
     """Train and evaluate one run as needed; returns {'trained': bool, 'evaluated': bool, 'seconds': ...}."""
     from llavadi.eval.eval_command import evaluate
     from llavadi.train.runner import run_recipe
@@ -411,64 +408,105 @@ def _columns(grid: Grid, results: list[dict]) -> list[str]:
     return [m for m in headline if m in _numeric(results[0]["metrics"])]
 
 
-def run_ablation(grid: Grid, log=print, only: list[str] | None = None) -> dict:
-    """Validate the whole grid, train + evaluate every missing run, write results, table and plot.
-
-    `only`: train/evaluate just these variants; cached runs of the others still enter the table.
-    Returns the summary (see `summarise`) with `runs` (per-run metrics) and `files`.
-    """
-    runs = plan_runs(grid)
+def _selected_runs(grid: Grid, runs: list[PlannedRun], only: list[str] | None) -> list[PlannedRun]:
     if only:
         unknown = [v for v in only if v not in grid.variants]
         if unknown:
             raise GridError(f"{grid.path}: --only {unknown}: no such variant; variants are {list(grid.variants)}")
-    selected = [r for r in runs if not only or r.variant in only]
-    selected_names = {r.name for r in selected}
-    check_cache(grid, runs)
-    missing = missing_inputs(grid, [r for r in selected if run_status(grid, r) != "done"])
-    if missing:
-        raise GridError(f"{grid.path}: missing inputs, nothing trained:\n  " + "\n  ".join(missing))
-    log(f"ablation {grid.path}: {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) -> {grid.output_dir}")
+    return [r for r in runs if not only or r.variant in only]
+
+
+def execute_runs(grid: Grid, todo: list[PlannedRun], log=print, jobs: int = 1) -> dict[str, dict]:
+    """Train + evaluate the runs not done, `jobs` at a time; per run name, what was done and how long it took.
+
+    Progress (run k of N, elapsed, time left) is logged as each run starts and ends. `jobs` > 1
+    runs cells in worker processes of one thread each (`llavadi.experiments.cells`); 1 runs
+    them here, one after the other.
+    """
+    from llavadi.experiments.cells import run_parallel
+    from llavadi.experiments.progress import Progress
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    # decided before anything runs: a cell's status changes as it runs
+    activity = {r.name: {"trained": run_status(grid, r) in ("todo", "resume"), "evaluated": True} for r in todo}
+    progress = Progress(len(todo), jobs)
+    if jobs > 1 and len(todo) > 1:
+        for name, seconds in run_parallel(grid.path, todo, jobs, progress, log).items():
+            activity[name]["seconds"] = seconds
+        return activity
+    for run in todo:
+        k, t0 = progress.start(), time.monotonic()
+        log(f"[{progress.line(k)}] {run.name}: started")
+        activity[run.name] = train_and_eval(grid, run, log)
+        progress.finish(time.monotonic() - t0)
+        activity[run.name]["seconds"] = round(time.monotonic() - t0, 1)
+        log(f"[{progress.line(k)}] {run.name}: done in {time.monotonic() - t0:.0f}s")
+    return activity
+
+
+def _collect(grid: Grid, runs: list[PlannedRun], activity: dict[str, dict], log) -> tuple[list[dict], list[dict]]:
+    """Per-run records (metrics from each run's result file) and the result dicts, in grid order."""
     records, results = [], []
-    t_start = time.time()
     for run in runs:
-        activity = {"trained": False, "evaluated": False}
-        if run.name in selected_names:
-            activity = _train_and_eval(grid, run, log)
-        elif run_status(grid, run) != "done":
+        if run_status(grid, run) != "done":
             log(f"[{run.name}] not run (not in --only, no cached result)")
             continue
         with open(_result_path(grid, run)) as f:
             result = json.load(f)
         results.append(result)
+        done = activity.get(run.name, {"trained": False, "evaluated": False})
         records.append({"variant": run.variant, "seed": run.seed, "run_dir": run.run_dir, "model": run.final_dir,
-                        "overrides": run.overrides, "metrics": result["metrics"], **activity})
-    columns = _columns(grid, results)
-    summary = summarise(records, grid.baseline, columns, variant_order=list(grid.variants))
+                        "overrides": run.overrides, "metrics": result["metrics"], **done})
+    return records, results
+
+
+def run_ablation(grid: Grid, log=print, only: list[str] | None = None, jobs: int = 1) -> dict:
+    """Validate the whole grid, train + evaluate every missing run, write results, table and plot.
+
+    `only`: train/evaluate just these variants; cached runs of the others still enter the table.
+    `jobs`: runs trained at once (worker processes of one thread each when > 1).
+    Returns the summary (see `summarise`) with `runs` (per-run metrics) and `files`.
+    """
+    runs = plan_runs(grid)
+    selected = _selected_runs(grid, runs, only)
+    check_cache(grid, runs)
+    todo = [r for r in selected if run_status(grid, r) != "done"]
+    missing = missing_inputs(grid, todo)
+    if missing:
+        raise GridError(f"{grid.path}: missing inputs, nothing trained:\n  " + "\n  ".join(missing))
+    log(f"ablation {grid.path}: {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) -> {grid.output_dir}; "
+        f"{len(todo)} run(s) to do, {len(selected) - len(todo)} cached" + (f", {jobs} at a time" if jobs > 1 else ""))
+    t_start = time.time()
+    activity = execute_runs(grid, todo, log, jobs)
+    records, results = _collect(grid, runs, activity, log)
+    summary = summarise(records, grid.baseline, _columns(grid, results), variant_order=list(grid.variants))
     summary["runs"] = records
+    summary["files"] = _write_outputs(grid, summary, round(time.time() - t_start, 1), log)
+    return summary
+
+
+def _write_outputs(grid: Grid, summary: dict, wall_seconds: float, log) -> dict:
+    """results.json, what_matters.md and what_matters.png of a grid; returns their paths."""
     os.makedirs(grid.output_dir, exist_ok=True)
     files = {"results": os.path.join(grid.output_dir, RESULTS_FILE),
              "table": os.path.join(grid.output_dir, TABLE_FILE),
              "plot": os.path.join(grid.output_dir, PLOT_FILE)}
     table = format_table(summary)
-    with open(files["table"], "w") as f:
-        f.write(_markdown_page(grid, summary, table))
-    plotted = plot(summary, files["plot"])
-    if plotted is None:
+    write_text_atomic(files["table"], _markdown_page(grid, summary, table))
+    if plot(summary, files["plot"]) is None:
         summary["notes"].append("no plot: matplotlib is not installed (pip install 'llavadi[plots]')")
         files["plot"] = None
-    summary["files"] = files
     grid_info = {**asdict(grid), "eval": asdict(grid.eval)}
-    out = {"grid": grid_info, "runs": records, "summary": {k: v for k, v in summary.items() if k != "runs"},
-           "wall_seconds": round(time.time() - t_start, 1)}
-    with open(files["results"] + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(files["results"] + ".tmp", files["results"])
+    out = {"grid": grid_info, "runs": summary["runs"],
+           "summary": {k: v for k, v in summary.items() if k not in ("runs", "files")},
+           "wall_seconds": wall_seconds}
+    write_text_atomic(files["results"], json.dumps(out, indent=2))
     log(table)
     for note in summary["notes"]:
         log(f"note: {note}")
     log(f"wrote {files['results']}, {files['table']}" + (f", {files['plot']}" if files["plot"] else ""))
-    return summary
+    return files
 
 
 # ----------------------------------------------------------------------------- summary, table, plot
@@ -478,8 +516,9 @@ def summarise(runs: list[dict], baseline: str, columns: list[str] | None = None,
     """Per variant and metric: mean and sample std over seeds, and Δ to the baseline paired by seed.
 
     `runs`: dicts with `variant`, `seed`, `metrics`. Δ = mean over the seeds both have of
-    (variant − baseline), with the sample std of those paired differences; with every seed
-    present it equals the difference of the means.
+    (variant − baseline), with the sample std of those paired differences and the paired t-test
+    (`t`, `df`, two-sided `p`; see `stats.paired_t`); with every seed present Δ equals the
+    difference of the means.
     """
     order = list(variant_order or [])
     order += [r["variant"] for r in runs if r["variant"] not in order]
@@ -506,7 +545,7 @@ def summarise(runs: list[dict], baseline: str, columns: list[str] | None = None,
             base = by_variant.get(baseline, {})
             common = sorted(s for s in values if metric in base.get(s, {}))
             if name != baseline and common:
-                stats["delta"] = mean_std([values[s] - base[s][metric] for s in common])
+                stats["delta"] = paired_t([values[s] for s in common], [base[s][metric] for s in common])
             entry["metrics"][metric] = stats
         variants[name] = entry
     expected = max((len(v["seeds"]) for v in variants.values()), default=0)
@@ -552,12 +591,14 @@ def format_table(summary: dict, columns: list[str] | None = None) -> str:
                 cells.append("—")
             elif "delta" in m:
                 dm = m["delta"]
-                cells.append(f"{dm['mean']:+.{d}f}" + (f" ± {dm['std']:.{d}f}" if dm["n"] > 1 else ""))
+                cells.append(f"{dm['mean']:+.{d}f}" + (f" ± {dm['std']:.{d}f}" if dm["n"] > 1 else "")
+                             + significance_mark(dm.get("p")))
             else:
                 cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"mean ± sample std over seeds; Δ = variant − `{baseline}`, paired by seed "
-                  "(± the sample std of the per-seed differences)."]
+                  "(± the sample std of the per-seed differences); * p < 0.05, ** p < 0.01 (two-sided "
+                  "paired t-test over seeds)."]
     return "\n".join(lines) + "\n"
 
 
@@ -604,7 +645,8 @@ def plot(summary: dict, path: str, columns: list[str] | None = None) -> str | No
         ax.set_title(c)
     fig.suptitle(f"mean ± std over seeds (baseline {baseline}, red)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 
@@ -617,13 +659,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                    help="train/evaluate only these variants (cached runs of the others stay in the table)")
     p.add_argument("--dry-run", action="store_true", help="validate the grid and list the runs; train nothing")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; with --jobs > 1: 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with one thread (default 1: in this process)")
     p.set_defaults(func=run_ablate_command)
 
 
 def run_ablate_command(args: argparse.Namespace) -> int:
     """The `ablate` subcommand."""
     from llavadi.eval.benchmarks import EvalDataError
+    from llavadi.experiments.cells import CellFailure
 
     try:
         grid = load_grid(args.grid)
@@ -633,20 +678,20 @@ def run_ablate_command(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        run_ablation(grid, only=args.only)
+        if args.jobs < 1:
+            raise GridError(f"--jobs must be >= 1, got {args.jobs}")
+        run_ablation(grid, only=args.only, jobs=args.jobs)
     except (ConfigError, EvalDataError) as err:  # GridError is a ConfigError
         print(f"llavadi ablate: error: {err}", file=sys.stderr)
         return 2
+    except CellFailure as err:
+        print(f"llavadi ablate: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _dry_run(grid: Grid, only: list[str] | None) -> int:
-    runs = plan_runs(grid)
-    if only:
-        unknown = [v for v in only if v not in grid.variants]
-        if unknown:
-            raise GridError(f"{grid.path}: --only {unknown}: no such variant; variants are {list(grid.variants)}")
-        runs = [r for r in runs if r.variant in only]
+    runs = _selected_runs(grid, plan_runs(grid), only)
     check_cache(grid, runs)
     print(f"grid {grid.path}: base recipe {grid.recipe}; {len(runs)} run(s) -> {grid.output_dir}")
     for run in runs:
