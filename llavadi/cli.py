@@ -36,7 +36,8 @@ def _cmd_demo(args) -> int:
     from llavadi.demo import run_demo
 
     run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke,
-             student_fraction=args.student_fraction, teacher_cache=args.teacher_cache)
+             student_fraction=args.student_fraction, teacher_answers=not args.no_teacher_answers,
+             teacher_cache=args.teacher_cache)
     return 0
 
 
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fresh", action="store_true", help="ignore cached data, vision tower and teacher")
     d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
     d.add_argument("--student-fraction", type=float, default=None,
-                   help="fraction of the instruction set the students see (default: the preset's, all)")
+                   help="share of the instruction set whose answers the students get (default 0.15; 1: all)")
+    d.add_argument("--no-teacher-answers", action="store_true",
+                   help="the distilled student does not get the other questions answered by the teacher")
     d.add_argument("--teacher-cache", action="store_true",
                    help="also train each distilled student from the teacher's offline top-k cache (llavadi "
                         "cache-teacher), next to the one distilled from the online teacher")

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from llavadi.experiments.stats import mean_std
+from llavadi.experiments.atomic import write_text_atomic
+from llavadi.experiments.stats import mean_std, paired_t
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset
 
@@ -44,6 +45,10 @@ DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is
 STUDENT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_student.yaml"
 TIMING_FILE = "demo_timing.json"  # a student run's seconds per instruction-tuning step, as its Trainer logged it
 SMOKE = {"data": {"n_caption": 64, "n_instruct": 96, "n_eval": 24}, "steps": 3, "vision_steps": 3}
+# the students get the answers of this share of the instruction set; the rest are questions only
+DEFAULT_STUDENT_FRACTION = 0.15
+TEACHER_ANSWERS_TAG = "-ta"  # runs of a distilled student that also learns the teacher's answers to the rest
+REGENERATE = {"batch_size": 64, "max_new_tokens": 16}  # the demo's answers are a few tokens long
 
 
 def _say(msg: str) -> None:
@@ -162,16 +167,19 @@ def _init_model(preset: str, vision_state: dict, seed: int, path: str) -> str:
     return path
 
 
-def _student_subset(instruct: str, fraction: float, out_path: str) -> str:
-    """The first `fraction` of the instruction set (same for every seed: the data is the constant)."""
+def _split_labels(instruct: str, fraction: float, out: str, tag: str) -> tuple[str, str]:
+    """The first `fraction` of the instruction set (labelled) and the rest (whose answers the students never see).
+
+    The same split for every seed: the data is the constant of a comparison.
+    """
     with open(instruct) as f:
         data = json.load(f)
     n = max(1, int(len(data) * fraction))
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data[:n], f)
-    os.replace(tmp, out_path)
-    return out_path
+    labelled = os.path.join(out, f"student_instruct{tag}.json")
+    unlabelled = os.path.join(out, f"unlabelled_instruct{tag}.json")
+    write_text_atomic(labelled, json.dumps(data[:n]))
+    write_text_atomic(unlabelled, json.dumps(data[n:]))
+    return labelled, unlabelled
 
 
 def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: str, teacher_dir: str | None):
@@ -222,7 +230,7 @@ def _train_teacher(out: str, paths: dict, vision_state: dict, fresh: bool, smoke
     recipe = _write_recipe(os.path.join(out, "recipes", "teacher.yaml"), _teacher_recipe(out, init, paths, smoke))
     _say(f"training the teacher ({recipe})")
     t0 = time.time()
-    _run_trainings([("teacher", recipe)], threads_each=max(1, min(2, os.cpu_count() or 1)))
+    _run_trainings([("teacher", recipe)], threads_each=_threads())
     _say(f"teacher trained in {time.time() - t0:.0f}s")
     return teacher_dir
 
@@ -277,25 +285,19 @@ def _teacher_cache(out: str, paths: dict, teacher_dir: str, student_data: str, t
     return cache_dir
 
 
-def _student_kinds(distill: bool, teacher_cache: str | None) -> tuple[str, ...]:
-    """The students of each seed, in the order they train (two at a time, one thread each)."""
-    if not distill:
-        return ("student_sft",)
-    if teacher_cache:  # online and cached distillation side by side: their step times compare fairly
-        return ("student_distilled", "student_distilled_cache", "student_sft")
-    return ("student_sft", "student_distilled")
-
-
 def _train_students(out: str, paths: dict, vision_state: dict, teacher_dir: str, seeds: int, fresh: bool,
-                    distill: bool, student_data: str, tag: str, smoke: bool,
+                    data: dict[str, tuple[str, str]], smoke: bool,
                     teacher_cache: str | None = None) -> dict[str, list[str]]:
-    """Per kind (student_sft, student_distilled[, student_distilled_cache]), each seed's final directory."""
-    kinds = _student_kinds(distill, teacher_cache)
-    runs: dict[str, list[str]] = {kind: [] for kind in kinds}
+    """Per kind (student_sft, student_distilled[, student_distilled_cache]), each seed's final directory.
+
+    `data`: per kind to train, in training order (two at a time), (its instruction file, the tag
+    its runs are cached under). `student_distilled_cache` reads the teacher's top-k cache.
+    """
+    runs: dict[str, list[str]] = {kind: [] for kind in data}
     for seed in range(seeds):
         init = _init_model("tiny-student", vision_state, 1000 + seed, os.path.join(out, "init", f"student-s{seed}"))
         jobs = []
-        for kind in kinds:
+        for kind, (student_data, tag) in data.items():
             name = f"{kind}{tag}-s{seed}"
             run_dir = os.path.join(out, name)
             if not fresh and os.path.isfile(os.path.join(run_dir, "final", "config.json")):
@@ -309,7 +311,7 @@ def _train_students(out: str, paths: dict, vision_state: dict, teacher_dir: str,
         for wave in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
             _say(f"training students for seed {seed}: {', '.join(n for n, _ in wave)} (in parallel)")
             t0 = time.time()
-            for name, seconds in _run_trainings(wave, threads_each=1 if len(jobs) > 1 else 2).items():
+            for name, seconds in _run_trainings(wave, threads_each=1 if len(jobs) > 1 else _threads()).items():
                 with open(os.path.join(out, name, TIMING_FILE), "w") as f:
                     json.dump({"finetune_seconds_per_step": seconds}, f)
             _say(f"students trained in {time.time() - t0:.0f}s")
@@ -322,56 +324,114 @@ def _step_seconds(final_dir: str) -> float | None:
     return json.load(open(path))["finetune_seconds_per_step"] if os.path.isfile(path) else None
 
 
-def _evaluate_all(out: str, paths: dict, teacher_dir: str, runs: dict[str, list[str]], tag: str) -> dict:
+def _evaluate_all(out: str, paths: dict, teacher_dir: str, runs: dict[str, list[str]],
+                  data: dict[str, tuple[str, str]]) -> dict:
     _say("evaluating on the held-out questions")
     results: dict = {"teacher": _evaluate("teacher", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
     for kind, dirs in runs.items():
         for seed, d in enumerate(dirs):
-            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
-                                                   teacher_dir)
+            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{data[kind][1]}-s{seed}", d, paths["eval"],
+                                                   paths["image_dir"], out, teacher_dir)
     return results
 
 
+def _threads() -> int:
+    """Torch threads for the demo's own work: LLAVADI_THREADS or else OMP_NUM_THREADS when set, else up to 2."""
+    return int(os.environ.get("LLAVADI_THREADS") or os.environ.get("OMP_NUM_THREADS") or
+               max(1, min(2, os.cpu_count() or 1)))
+
+
+def _teacher_answered(out: str, teacher_dir: str, paths: dict, labelled: str, unlabelled: str, tag: str,
+                      fresh: bool) -> str:
+    """The labelled subset plus the unlabelled questions answered by the teacher (`llavadi regenerate`), cached."""
+    from llavadi.teacher.regenerate import regenerate
+
+    combined = os.path.join(out, f"distilled_instruct{tag}.json")
+    with open(unlabelled) as f:
+        if not json.load(f):  # every question has its answer: nothing for the teacher to answer
+            return labelled
+    if not fresh and os.path.isfile(combined):
+        _say(f"teacher-answered questions: cached {combined}")
+        return combined
+    answered = os.path.join(out, f"teacher_answers{tag}.json")
+    t0 = time.time()
+    stats = regenerate(teacher_dir, unlabelled, paths["image_dir"], answered, device="cpu", keep_original=False,
+                       progress=False, **REGENERATE)
+    _say(f"the teacher answered {stats['samples_out']} unlabelled samples in {time.time() - t0:.0f}s "
+         f"({stats['n_cut_at_max_new_tokens']} answers cut at max_new_tokens)")
+    with open(labelled) as f, open(answered) as g:
+        records = json.load(f) + json.load(g)
+    write_text_atomic(combined, json.dumps(records))
+    return combined
+
+
+def _student_data(out: str, paths: dict, teacher_dir: str, fraction: float, distill: bool, teacher_answers: bool,
+                  fresh: bool) -> dict[str, tuple[str, str]]:
+    """Per student kind, (its instruction file, the tag its runs are cached under)."""
+    if fraction >= 1.0:
+        data = {"student_sft": (paths["instruct"], "")}
+        return {**data, "student_distilled": (paths["instruct"], "")} if distill else data
+    tag = f"-f{fraction:g}"  # runs on a label subset are cached apart
+    labelled, unlabelled = _split_labels(paths["instruct"], fraction, out, tag)
+    data = {"student_sft": (labelled, tag)}
+    if distill and teacher_answers:
+        data["student_distilled"] = (_teacher_answered(out, teacher_dir, paths, labelled, unlabelled, tag, fresh),
+                                     tag + TEACHER_ANSWERS_TAG)
+    elif distill:
+        data["student_distilled"] = (labelled, tag)
+    return data
+
+
 def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
-             student_fraction: float | None = None, smoke: bool = False, teacher_cache: bool = False) -> dict:
+             student_fraction: float | None = None, smoke: bool = False, teacher_answers: bool = True,
+             teacher_cache: bool = False) -> dict:
     """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check.
 
-    `teacher_cache`: also train each seed's distilled student from the teacher's offline top-k cache."""
+    `student_fraction` (default DEFAULT_STUDENT_FRACTION): the share of the instruction set whose
+    answers the students get; with `teacher_answers` the distilled student also gets the other
+    questions answered by the teacher. `teacher_cache`: also train each seed's distilled student
+    from the teacher's offline top-k cache (of the distilled student's data).
+    """
     t_start = time.time()
-    fraction = 1.0 if student_fraction is None else student_fraction
+    fraction = DEFAULT_STUDENT_FRACTION if student_fraction is None else student_fraction
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"student fraction must be in (0, 1], got {fraction}")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(_threads())
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     paths, fresh = _synthetic_data(out, fresh, smoke)
     vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
     teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
+    data = _student_data(out, paths, teacher_dir, fraction, distill, teacher_answers, fresh)
+    cache = None
+    if teacher_cache and distill:  # online and cached distillation side by side: their step times compare fairly
+        cache = _teacher_cache(out, paths, teacher_dir, *data["student_distilled"], fresh, smoke)
+        data = {"student_distilled": data["student_distilled"], "student_distilled_cache": data["student_distilled"],
+                "student_sft": data["student_sft"]}
+    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, data, smoke, cache)
 
-    student_data, tag = paths["instruct"], ""
-    if fraction < 1.0:
-        tag = f"-f{fraction:g}"  # runs on a label subset are cached apart
-        student_data = _student_subset(paths["instruct"], fraction, os.path.join(out, f"student_instruct{tag}.json"))
-    cache = _teacher_cache(out, paths, teacher_dir, student_data, tag, fresh, smoke) if teacher_cache and distill \
-        else None
-    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, distill, student_data, tag, smoke,
-                           cache)
-
-    results = _evaluate_all(out, paths, teacher_dir, runs, tag)
+    results = _evaluate_all(out, paths, teacher_dir, runs, data)
     summary = summarise(results, runs)
     for kind, dirs in runs.items():
         steps = [t for t in (_step_seconds(d) for d in dirs) if t is not None]
         if steps:
             summary[kind]["seconds_per_step"] = mean_std(steps)
-    example = _student_run_recipe("", "", paths, student_data, 0, teacher_dir, smoke)
+    summary["verdict"] = verdict(results, seeds) if distill else None
+    summary["cost"] = cost_line(results, runs)
+    example = _student_run_recipe("", "", paths, data["student_sft"][0], 0, teacher_dir, smoke)
     summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction,
+                           "teacher_answers_unlabelled": bool(distill and teacher_answers and fraction < 1.0),
+                           "data": {kind: path for kind, (path, _) in data.items()},
                            "distill_terms": _named_stage(example, "finetune")["distill"]["terms"],
                            "teacher_stages": _teacher_recipe(out, "", paths, smoke)["stages"],
                            "student_stages": example["stages"], "wall_seconds": round(time.time() - t_start, 1)}
-    with open(os.path.join(out, f"results{tag}.json"), "w") as f:
-        json.dump({"summary": summary, "runs": results}, f, indent=2, default=str)
+    tag = data.get("student_distilled", data["student_sft"])[1]
+    result_file = os.path.join(out, f"results{tag}.json")
+    write_text_atomic(result_file, json.dumps({"summary": summary, "runs": results}, indent=2, default=str))
     print(format_table(summary))
-    _say(f"done in {time.time() - t_start:.0f}s; results in {os.path.join(out, f'results{tag}.json')}")
+    for line in verdict_lines(summary.get("verdict")) + ([summary["cost"]["sentence"]] if summary["cost"] else []):
+        print(line)
+    _say(f"done in {time.time() - t_start:.0f}s; results in {result_file}")
     return summary
 
 
@@ -422,3 +482,54 @@ def format_table(summary: dict) -> str:
                 cells.append(f"{m['mean']:.{digits}f}" + (f" ± {m['std']:.{digits}f}" if m["n"] > 1 else ""))
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def verdict(results: dict, seeds: int) -> dict | None:
+    """Whether distillation clearly pays: per seed, the share of the SFT-to-teacher gap it closes; paired test.
+
+    The demo's bar: the distilled student closes at least half the gap on every seed, and its
+    gain over SFT exceeds twice the sample std of the per-seed gains.
+    """
+    teacher = _metrics(results["teacher"])["accuracy"]
+    sft = [_metrics(results[f"student_sft-s{s}"])["accuracy"] for s in range(seeds)]
+    distilled = [_metrics(results[f"student_distilled-s{s}"])["accuracy"] for s in range(seeds)]
+    closed = [(d - b) / (teacher - b) if teacher != b else None for d, b in zip(distilled, sft)]
+    test = paired_t(distilled, sft)
+    half_everywhere = all(c is not None and c >= 0.5 for c in closed)
+    beyond_noise = seeds > 1 and test["mean"] > 2 * test["std"]
+    return {"teacher": teacher, "sft": sft, "distilled": distilled, "gap_closed": closed, "gain": test,
+            "half_gap_every_seed": half_everywhere, "gain_over_2_std": beyond_noise,
+            "clearly_pays": half_everywhere and beyond_noise}
+
+
+def verdict_lines(v: dict | None) -> list[str]:
+    """The verdict in words (empty without a distilled student)."""
+    if not v:
+        return []
+    closed = ", ".join("–" if c is None else f"{100 * c:.0f}%" for c in v["gap_closed"])
+    g = v["gain"]
+    lines = [f"distilled − SFT accuracy: {g['mean']:+.1f}" + (f" ± {g['std']:.1f} (sample std over {g['n']} seeds, "
+                                                              f"paired t p = {g['p']:.3f})" if g["p"] is not None else ""),
+             f"share of the SFT-to-teacher gap closed, per seed: {closed}"]
+    if g["n"] > 1:
+        lines.append("distillation clearly pays (half the gap on every seed, gain > 2 std)" if v["clearly_pays"] else
+                     f"bar not met: half the gap on every seed {v['half_gap_every_seed']}, "
+                     f"gain > 2 std {v['gain_over_2_std']}")
+    return lines
+
+
+def cost_line(results: dict, runs: dict) -> dict | None:
+    """Accuracy kept and speed / memory against the teacher (measured in each student's eval run), best student."""
+    from llavadi.experiments.study_report import cost_summary
+
+    points = []
+    for kind, dirs in runs.items():
+        for seed in range(len(dirs)):
+            r = results[f"{kind}-s{seed}"]
+            if "cost" in r and "teacher_cost" in r:
+                points.append({"study": "demo", "variant": kind, "seed": seed, "baseline": kind == "student_sft",
+                               "metric": "accuracy", "accuracy": r["metrics"]["accuracy"],
+                               "teacher_accuracy": r["metrics"].get("teacher/accuracy"),
+                               "cost": r["cost"], "teacher_cost": r["teacher_cost"]})
+    best = "student_distilled" if runs.get("student_distilled") else "student_sft"
+    return cost_summary(points, {"study": "demo", "variant": best, "metric": "accuracy"})
