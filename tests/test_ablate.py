@@ -272,3 +272,18 @@ def test_demo_and_ablate_report_the_sample_std():
     assert summary["teacher"]["accuracy"] == {"mean": 70.0, "std": 0.0, "n": 1}
     assert "student_distilled" not in summary
     assert "3.0 ± 2.6" in demo.format_table(summary)
+
+
+def test_a_variant_may_train_another_base_recipe(workspace):
+    other = yaml.safe_load((workspace / "base.yaml").read_text())
+    other["stages"].append({**other["stages"][0], "name": "second", "distill": {"terms": []}})
+    (workspace / "two_stages.yaml").write_text(yaml.safe_dump(other))
+    variants = dict(VARIANTS, two={"recipe": "two_stages.yaml", "overrides": ["stages.second.train.max_steps=2"]})
+    grid = load_grid(_write_grid(workspace, "variant_recipe.yaml", variants=variants))
+    runs = {(r.variant, r.seed): r for r in ablate.plan_runs(grid)}
+    assert [s.name for s in runs[("two", 1)].recipe.stages] == ["finetune", "second"]
+    assert runs[("two", 1)].recipe.stages[1].train.max_steps == 2 and runs[("two", 1)].seed == 1
+    assert [s.name for s in runs[("fkl", 0)].recipe.stages] == ["finetune"]
+    bad = dict(VARIANTS, two={"recipes": "two_stages.yaml"})
+    with pytest.raises(GridError, match=r"variant 'two'.*mapping \{recipe: FILE"):
+        load_grid(_write_grid(workspace, "variant_recipe_bad.yaml", variants=bad))

@@ -51,7 +51,8 @@ def finished(study):
     import io
 
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("os.cpu_count", lambda: 2)  # two cells at once even on a one-core machine
         assert main(["ablate", grid_path, "--jobs", "2"]) == 0
     return printed.getvalue()
 
@@ -188,3 +189,34 @@ def test_report_errors_name_the_folder(tmp_path, capsys, study, finished):
     assert "empty: not a study folder" in capsys.readouterr().err
     assert main(["report", str(out)]) == 2
     assert "needs --out" in capsys.readouterr().err
+
+
+STUDIES = __import__("pathlib").Path(__file__).resolve().parent.parent / "recipes" / "studies"
+
+
+@pytest.mark.parametrize("path,n_variants,n_seeds", [
+    ("strategy.yaml", 5, 3), ("algorithm.yaml", 9, 3), ("data.yaml", 5, 3),
+    ("real/strategy.yaml", 4, 1), ("real/algorithm.yaml", 12, 1), ("real/data.yaml", 4, 1)])
+def test_every_shipped_study_plans_valid_recipes(path, n_variants, n_seeds):
+    grid = ablate.load_grid(str(STUDIES / path))
+    runs = ablate.plan_runs(grid)  # every (variant, seed) recipe built and validated
+    assert len(grid.variants) == n_variants and len(runs) == n_variants * n_seeds
+    assert grid.baseline == next(iter(grid.variants))
+    assert grid.eval.teacher is True  # agreement, KL and the teacher's cost next to every student's
+
+
+def test_the_strategy_study_trains_the_demos_own_student_stages():
+    from llavadi.demo import _named_stage, _student_recipe
+    from llavadi.models.presets import PRESETS
+
+    base = yaml.safe_load((STUDIES / "strategy_student.yaml").read_text())
+    pretrain, finetune = base["stages"]
+    assert pretrain["train"] == PRESETS["tiny-student"].stage("pretrain")["train"]
+    assert pretrain["trainable"] == PRESETS["tiny-student"].stage("pretrain")["trainable"]
+    demo_finetune = _named_stage(_student_recipe(), "finetune")
+    assert finetune["train"] == demo_finetune["train"] and finetune["distill"] == demo_finetune["distill"]
+    assert base["data"] == _student_recipe()["data"] | {"image_folder": base["data"]["image_folder"]}
+    # LLaVA-KD's variant: its two instruction-tuning stages together take the same number of steps
+    three = yaml.safe_load((STUDIES / "strategy_dpt_sft_dft.yaml").read_text())
+    assert [s["name"] for s in three["stages"]] == ["pretrain", "sft", "dft"]
+    assert sum(s["train"]["max_steps"] for s in three["stages"][1:]) == demo_finetune["train"]["max_steps"]

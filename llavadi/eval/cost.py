@@ -4,9 +4,10 @@
 `max_new_tokens`) on the first questions of the set, after one untimed warm-up answer:
 - latency at batch 1: ms per answer and generated tokens/s, answering `n_latency` questions one by one;
 - throughput at the eval batch size: ms per answer and tokens/s over up to two full batches;
-- peak memory while answering one full batch: on CUDA the allocator's peak (weights included);
-  elsewhere the peak of the bytes of every live tensor storage, counted from the weights plus each
-  tensor the model's operators create until it is freed (CPU has no allocator statistics).
+- peak memory while answering one full batch: the model's weights plus the most memory its
+  generation holds at once: on CUDA from the allocator's peak (less what was resident before, so
+  another model on the same device is not counted); elsewhere from the bytes of every tensor
+  storage the model's operators create, counted until it is freed (CPU has no allocator statistics).
 Generated tokens include the end-of-answer token. Timings are wall-clock on whatever else the
 machine is doing: compare models measured in the same run.
 """
@@ -88,9 +89,11 @@ def _peak_memory(bundle, questions, batch_size: int, max_new_tokens: int) -> tup
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)  # every model on the device, the teacher's too
         generate_answer_ids(bundle, questions, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_allocator"
+        grown = torch.cuda.max_memory_allocated(device) - resident
+        return int(weight_bytes(bundle.model) + grown), "cuda_allocator"
     with LiveTensorBytes(base=weight_bytes(bundle.model)) as meter:
         generate_answer_ids(bundle, questions, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
     return int(meter.peak), "live_tensors"

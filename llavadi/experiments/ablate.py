@@ -13,9 +13,12 @@ A grid file (YAML):
     variants:                          # name: [key=value overrides], the syntax of `llavadi train RECIPE key=value`
       ce: ["stages.finetune.distill.terms=[]"]
       fkl: ["stages.finetune.distill.terms=[{name: forward_kl}]"]
+      three_stages: {recipe: other.yaml, overrides: [...]}   # a variant trained from another base recipe
 
 `{seed}` in an override is replaced by the run's seed. Paths inside overrides resolve against the
-base recipe's folder (as with `llavadi train`); eval paths against the grid file's folder.
+variant's base recipe's folder (as with `llavadi train`); eval paths against the grid file's folder.
+`llavadi ablate GRID --jobs 2` trains two cells at a time, each in its own one-thread process;
+every start and end is logged with "run k of N, elapsed, time left".
 
 Every (variant, seed) recipe is built and validated, and its inputs checked, before anything
 trains. Run (variant, seed) trains into `<output_dir>/<variant>/seed<seed>` (`final/` = the
@@ -86,6 +89,11 @@ class Grid:
     eval: EvalSpec
     overrides: list[str] = field(default_factory=list)
     metrics: list[str] | str | None = None
+    variant_recipes: dict[str, str] = field(default_factory=dict)  # variants trained from another base recipe
+
+    def recipe_of(self, variant: str) -> str:
+        """The base recipe a variant's overrides apply to."""
+        return self.variant_recipes.get(variant, self.recipe)
 
 
 @dataclass
@@ -161,20 +169,28 @@ def _seeds(raw: dict, path: str) -> list[int]:
     return seeds
 
 
-def _variants(raw: dict, path: str) -> dict[str, list[str]]:
+def _variants(raw: dict, path: str, here) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Per variant its overrides, and the variants that train another base recipe (`{recipe, overrides}`)."""
     variants = raw["variants"]
     _expect(isinstance(variants, dict) and variants, f"{path}: variants", "expected a mapping name: [overrides]")
     parsed: dict[str, list[str]] = {}
+    recipes: dict[str, str] = {}
     for name, overrides in variants.items():
         where = f"{path}: variant {name!r}"
         _expect(isinstance(name, str) and VARIANT_NAME.fullmatch(name) is not None, where,
                 "a variant name is a folder name: letters, digits, '_', '.', '+', '-'")
+        if isinstance(overrides, dict):
+            unknown = sorted(set(overrides) - {"recipe", "overrides"})
+            _expect(not unknown and isinstance(overrides.get("recipe"), str), where,
+                    "a variant is a list of overrides, or a mapping {recipe: FILE, overrides: [...]}")
+            recipes[name] = here(overrides["recipe"])
+            overrides = overrides.get("overrides")
         parsed[name] = _str_list(overrides if overrides is not None else [], where)
         for o in parsed[name]:
             key = o.partition("=")[0].strip()
             _expect(key not in GRID_SET_KEYS, where, f"override {o!r}: `{key}` is set by the grid "
                     f"({'`seeds`' if key == 'seed' else '`output_dir`'}), not by a variant")
-    return parsed
+    return parsed, recipes
 
 
 def _eval_spec(ev, path: str, here) -> EvalSpec:
@@ -213,7 +229,7 @@ def load_grid(path: str) -> Grid:
         return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
     seeds = _seeds(raw, path)
-    variants = _variants(raw, path)
+    variants, variant_recipes = _variants(raw, path, here)
     baseline = raw["baseline"]
     _expect(baseline in variants, f"{path}: baseline", f"{baseline!r} is not a variant; variants are {list(variants)}")
     common = _str_list(raw.get("overrides") or [], f"{path}: overrides")
@@ -223,7 +239,8 @@ def load_grid(path: str) -> Grid:
             (isinstance(metrics, list) and metrics and all(isinstance(m, str) for m in metrics)),
             f"{path}: metrics", f"expected a list of metric names or `all`, got {metrics!r}")
     return Grid(path=os.path.abspath(path), recipe=here(raw["recipe"]), output_dir=os.path.abspath(raw["output_dir"]),
-                seeds=seeds, baseline=baseline, variants=variants, eval=spec, overrides=common, metrics=metrics)
+                seeds=seeds, baseline=baseline, variants=variants, eval=spec, overrides=common, metrics=metrics,
+                variant_recipes=variant_recipes)
 
 
 def plan_runs(grid: Grid) -> list[PlannedRun]:
@@ -233,7 +250,7 @@ def plan_runs(grid: Grid) -> list[PlannedRun]:
         for seed in grid.seeds:
             overrides = [o.replace("{seed}", str(seed)) for o in grid.overrides + variant_overrides]
             try:
-                recipe = load_recipe(grid.recipe, overrides + [f"seed={seed}"])
+                recipe = load_recipe(grid.recipe_of(variant), overrides + [f"seed={seed}"])
             except ConfigError as e:
                 raise GridError(f"{grid.path}: variant {variant!r} (seed {seed}): {e}") from None
             recipe.output_dir = os.path.join(grid.output_dir, variant, f"seed{seed}")
@@ -428,6 +445,10 @@ def execute_runs(grid: Grid, todo: list[PlannedRun], log=print, jobs: int = 1) -
 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    cores = os.cpu_count() or 1
+    if jobs > cores:  # more one-thread processes than cores only slows every one of them down
+        log(f"--jobs {jobs} > {cores} CPU core(s): running {cores} at a time")
+        jobs = cores
     # decided before anything runs: a cell's status changes as it runs
     activity = {r.name: {"trained": run_status(grid, r) in ("todo", "resume"), "evaluated": True} for r in todo}
     progress = Progress(len(todo), jobs)
@@ -608,6 +629,8 @@ def _markdown_page(grid: Grid, summary: dict, table: str) -> str:
              f"(`{grid.eval.questions}`).", "", table, "## Variants", "", "| variant | overrides |", "|---|---|"]
     for name, overrides in grid.variants.items():
         shown = "<br>".join(f"`{o}`" for o in overrides) or "(the base recipe)"
+        if name in grid.variant_recipes:
+            shown = f"recipe `{grid.variant_recipes[name]}`" + ("<br>" + shown if overrides else "")
         lines.append(f"| {name} | {shown} |")
     if grid.overrides:
         lines += ["", "Every variant also: " + ", ".join(f"`{o}`" for o in grid.overrides)]

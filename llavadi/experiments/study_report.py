@@ -266,7 +266,9 @@ def _study_blocks(study: Study, out_dir: str, notes: list[str]) -> list[tuple]:
               ("p", f"`{g['path']}`: base recipe `{g['recipe']}`, seeds {g['seeds']}, benchmark "
                     f"`{g['eval']['benchmark']}`; baseline **{g['baseline']}**."),
               ("table", study.table)]
-    variants = [f"**{name}**: " + (", ".join(f"`{o}`" for o in overrides) or "the base recipe")
+    recipes = g.get("variant_recipes") or {}
+    variants = [f"**{name}**: " + (f"recipe `{recipes[name]}` " if name in recipes else "")
+                + (", ".join(f"`{o}`" for o in overrides) or ("" if name in recipes else "the base recipe"))
                 for name, overrides in g["variants"].items()]
     blocks.append(("ul", variants))
     bars = f"{study.name}_bars.png"
