@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llavadi.experiments.atomic import write_text_atomic
+from llavadi.atomic import write_text_atomic
 from llavadi.experiments.stats import mean_std, paired_t
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset

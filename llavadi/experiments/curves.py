@@ -60,7 +60,7 @@ def plot_curves(cells: list[dict], path: str, title: str) -> str | None:
                                 for tag in tags))
     if not panels:
         return None
-    from llavadi.experiments.atomic import atomic_path
+    from llavadi.atomic import atomic_path
 
     variants = list(dict.fromkeys(c["variant"] for c in cells))
     seeds = sorted({c["seed"] for c in cells})

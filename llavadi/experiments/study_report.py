@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 from llavadi.experiments import ablate
-from llavadi.experiments.atomic import write_text_atomic
+from llavadi.atomic import write_text_atomic
 from llavadi.experiments.curves import loss_curves, plot_curves
 from llavadi.experiments.page import to_html, to_markdown
 from llavadi.experiments.stats import significance_mark
@@ -207,7 +207,7 @@ def plot_cost(points: list[dict], path: str) -> str | None:
     paired = [p for p in points if p["teacher_cost"] and p["accuracy"] is not None]
     if not paired:
         return None
-    from llavadi.experiments.atomic import atomic_path
+    from llavadi.atomic import atomic_path
 
     groups: dict[tuple, list[dict]] = {}
     for p in paired:
