@@ -114,7 +114,7 @@ def test_report_rebuilds_identical_tables_from_the_results(study, finished, tmp_
     # the cost line: accuracy kept and the speed / memory ratios of the same eval run
     cost = numbers["cost"]
     fkl = json.loads((out / "fkl" / "seed0" / "eval" / "synthetic.json").read_text())
-    speed = fkl["teacher_cost"]["batch_1"]["ms_per_answer"] / fkl["cost"]["batch_1"]["ms_per_answer"]
+    speed = fkl["cost"]["batch_1"]["tokens_per_second"] / fkl["teacher_cost"]["batch_1"]["tokens_per_second"]
     memory = fkl["teacher_cost"]["peak_memory_bytes"] / fkl["cost"]["peak_memory_bytes"]
     assert cost["speedup_batch_1"] == pytest.approx(speed) and cost["memory_ratio"] == pytest.approx(memory)
     assert f"{memory:.1f}x less memory" in cost["sentence"] and cost["sentence"] in report_md

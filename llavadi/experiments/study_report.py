@@ -148,8 +148,8 @@ def cost_summary(points: list[dict], best: dict | None) -> dict | None:
     """Teacher, SFT (baselines) and the best distilled variant: mean cost and accuracy, and the ratios.
 
     Ratios are taken per eval run (student and teacher measured in the same run), then averaged:
-    speed = teacher ms per answer / student ms per answer at batch 1; memory = teacher peak /
-    student peak.
+    speed = student / teacher generated tokens per second at batch 1 (and at the eval batch size);
+    memory = teacher peak / student peak.
     """
     paired = [p for p in points if p["teacher_cost"]]
     if not paired or best is None:
@@ -164,13 +164,15 @@ def cost_summary(points: list[dict], best: dict | None) -> dict | None:
                                                                      [p["accuracy"] for p in chosen])}
     teacher_accuracy = _mean(p["teacher_accuracy"] for p in chosen)
     kept = 100.0 * _mean(p["accuracy"] for p in chosen) / teacher_accuracy if teacher_accuracy else None
-    speed = _mean(p["teacher_cost"]["batch_1"]["ms_per_answer"] / p["cost"]["batch_1"]["ms_per_answer"] for p in chosen)
+    # tokens/s rather than ms per answer: answers of different lengths do not skew the ratio
+    speed = _mean(p["cost"]["batch_1"]["tokens_per_second"] / p["teacher_cost"]["batch_1"]["tokens_per_second"]
+                  for p in chosen)
     memory = _mean(p["teacher_cost"]["peak_memory_bytes"] / p["cost"]["peak_memory_bytes"] for p in chosen)
     throughput = _mean(p["cost"]["batch_eval"]["tokens_per_second"] / p["teacher_cost"]["batch_eval"]["tokens_per_second"]
                        for p in chosen)
     kept_text = "(no share: the teacher scores 0)" if kept is None else f"{kept:.0f}%"
     sentence = (f"The student ({best['study']}/{best['variant']}) keeps {kept_text} of the teacher's "
-                f"{best['metric']} at {speed:.1f}x its speed (batch 1; {throughput:.1f}x its tokens/s at the eval "
+                f"{best['metric']} at {speed:.1f}x its speed (tokens/s at batch 1; {throughput:.1f}x at the eval "
                 f"batch size) and {memory:.1f}x less memory.")
     return {"rows": rows, "kept_percent": kept, "speedup_batch_1": speed, "throughput_ratio_eval_batch": throughput,
             "memory_ratio": memory, "sentence": sentence}
