@@ -37,7 +37,7 @@ def _cmd_demo(args) -> int:
 
     run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke,
              student_fraction=args.student_fraction, teacher_answers=not args.no_teacher_answers,
-             teacher_cache=args.teacher_cache)
+             teacher_cache=args.teacher_cache, student_steps=args.student_steps)
     return 0
 
 
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fresh", action="store_true", help="ignore cached data, vision tower and teacher")
     d.add_argument("--no-distill", action="store_true", help="skip the distilled student")
     d.add_argument("--student-fraction", type=float, default=None,
-                   help="share of the instruction set whose answers the students get (default 0.15; 1: all)")
+                   help="share of the instruction set whose answers the students get (default 0.05; 1: all)")
+    d.add_argument("--student-steps", type=int, default=None,
+                   help="the students' instruction-tuning steps (default: llavadi.demo.STUDENT_FINETUNE_STEPS)")
     d.add_argument("--no-teacher-answers", action="store_true",
                    help="the distilled student does not get the other questions answered by the teacher")
     d.add_argument("--teacher-cache", action="store_true",

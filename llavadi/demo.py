@@ -6,18 +6,21 @@ Everything runs on a laptop CPU in minutes and nothing is downloaded:
    (as real LLaVADI teachers and students share a pretrained CLIP);
 3. the tiny teacher is trained with `llavadi train` (projector pretraining, then instruction
    tuning); it is cached, so a second demo run starts from step 4;
-4. for each seed, the tiny student goes through the same caption stage and is then
-   instruction-tuned twice from the same weights with `recipes/demo_student.yaml`: as written,
-   the paper's distillation recipe (CE + forward KL on response logits + last-hidden-state MSE
-   through a Linear-GELU-Linear projector), and with its terms removed, cross-entropy only
-   (SFT). The two runs go in parallel, one thread each;
-5. every model answers the held-out questions through the evaluation harness; a table is
-   printed and everything is written to `<out>/results.json`.
+4. the students get the answers of only a share of the instruction questions (default 5 %;
+   the teacher saw all): for each seed, the tiny student goes through the same caption stage
+   and is then instruction-tuned twice from the same weights with `recipes/demo_student.yaml`
+   (STUDENT_FINETUNE_STEPS steps): with its terms removed, cross-entropy only on the labelled
+   share (SFT); and as written, the paper's distillation recipe (CE + forward KL on response
+   logits + last-hidden-state MSE through a Linear-GELU-Linear projector), on the labelled share
+   plus the other questions answered by the teacher (`llavadi regenerate`, cached). The two runs
+   go in parallel, one thread each;
+5. every model answers the held-out questions through the evaluation harness; the table, the
+   verdict (share of the SFT-to-teacher gap closed per seed, paired gain against 2 std) and
+   the cost line are printed, and everything is written to `<out>/results<tag>.json`.
 
 The teacher's stages and the student's caption stage are the presets' (llavadi.models.presets).
-By default the students see the teacher's instruction data; `--student-fraction` gives them
-only part of it (the teacher still sees all), the regime where a teacher that knows more than
-the student's data matters.
+`--student-fraction 1` gives the students every answer (the teacher's data);
+`--no-teacher-answers` trains the distilled student on the labelled share only.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ STUDENT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_stud
 TIMING_FILE = "demo_timing.json"  # a student run's seconds per instruction-tuning step, as its Trainer logged it
 SMOKE = {"data": {"n_caption": 64, "n_instruct": 96, "n_eval": 24}, "steps": 3, "vision_steps": 3}
 # the students get the answers of this share of the instruction set; the rest are questions only
-DEFAULT_STUDENT_FRACTION = 0.15
+DEFAULT_STUDENT_FRACTION = 0.05
+# the students' instruction-tuning steps (recipes/demo_student.yaml's own 600 are the studies' budget):
+# on 5 % of the labels SFT has learnt what it can by 600 steps, the student with the teacher's answers has not
+STUDENT_FINETUNE_STEPS = 1200
 TEACHER_ANSWERS_TAG = "-ta"  # runs of a distilled student that also learns the teacher's answers to the rest
 REGENERATE = {"batch_size": 64, "max_new_tokens": 16}  # the demo's answers are a few tokens long
 
@@ -236,7 +242,8 @@ def _train_teacher(out: str, paths: dict, vision_state: dict, fresh: bool, smoke
 
 
 def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str, seed: int,
-                        teacher_dir: str | None, smoke: bool, teacher_cache: str | None = None) -> dict:
+                        teacher_dir: str | None, smoke: bool, teacher_cache: str | None = None,
+                        steps: int = STUDENT_FINETUNE_STEPS) -> dict:
     """One student run: the preset's caption stage, then recipes/demo_student.yaml's instruction tuning.
 
     With no `teacher_dir` the finetune stage has no distillation term (cross-entropy only, SFT).
@@ -251,6 +258,7 @@ def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str,
         recipe.pop("teacher", None)
     else:
         recipe["teacher"] = {"path": teacher_dir, **({"cache": teacher_cache} if teacher_cache else {})}
+    finetune["train"]["max_steps"] = steps
     if smoke:
         _smoke(finetune)
     recipe.update(output_dir=run_dir, seed=seed, device="cpu", student={"path": init},
@@ -286,7 +294,7 @@ def _teacher_cache(out: str, paths: dict, teacher_dir: str, student_data: str, t
 
 
 def _train_students(out: str, paths: dict, vision_state: dict, teacher_dir: str, seeds: int, fresh: bool,
-                    data: dict[str, tuple[str, str]], smoke: bool,
+                    data: dict[str, tuple[str, str]], smoke: bool, steps: int,
                     teacher_cache: str | None = None) -> dict[str, list[str]]:
     """Per kind (student_sft, student_distilled[, student_distilled_cache]), each seed's final directory.
 
@@ -305,7 +313,7 @@ def _train_students(out: str, paths: dict, vision_state: dict, teacher_dir: str,
             else:
                 recipe = _student_run_recipe(run_dir, init, paths, student_data, seed,
                                              teacher_dir if kind != "student_sft" else None, smoke,
-                                             teacher_cache if kind == "student_distilled_cache" else None)
+                                             teacher_cache if kind == "student_distilled_cache" else None, steps)
                 jobs.append((name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe)))
             runs[kind].append(os.path.join(run_dir, "final"))
         for wave in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
@@ -357,11 +365,14 @@ def _teacher_answered(out: str, teacher_dir: str, paths: dict, labelled: str, un
     t0 = time.time()
     stats = regenerate(teacher_dir, unlabelled, paths["image_dir"], answered, device="cpu", keep_original=False,
                        progress=False, **REGENERATE)
-    _say(f"the teacher answered {stats['samples_out']} unlabelled samples in {time.time() - t0:.0f}s "
-         f"({stats['n_cut_at_max_new_tokens']} answers cut at max_new_tokens)")
     with open(labelled) as f, open(answered) as g:
-        records = json.load(f) + json.load(g)
-    write_text_atomic(combined, json.dumps(records))
+        records, answers = json.load(f), json.load(g)
+    # an empty answer teaches nothing (and training refuses empty turns): such samples stay out, counted
+    kept = [r for r in answers if all(t["value"].strip() for t in r["conversations"] if t["from"] == "gpt")]
+    _say(f"the teacher answered {stats['samples_out']} unlabelled samples in {time.time() - t0:.0f}s "
+         f"({stats['n_cut_at_max_new_tokens']} answers cut at max_new_tokens; {len(answers) - len(kept)} samples "
+         f"left out for an empty answer, listed in {stats['report']})")
+    write_text_atomic(combined, json.dumps(records + kept))
     return combined
 
 
@@ -384,18 +395,22 @@ def _student_data(out: str, paths: dict, teacher_dir: str, fraction: float, dist
 
 def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
              student_fraction: float | None = None, smoke: bool = False, teacher_answers: bool = True,
-             teacher_cache: bool = False) -> dict:
+             teacher_cache: bool = False, student_steps: int | None = None) -> dict:
     """Run the whole demo; returns (and writes) the results. `smoke`: a seconds-long plumbing check.
 
     `student_fraction` (default DEFAULT_STUDENT_FRACTION): the share of the instruction set whose
     answers the students get; with `teacher_answers` the distilled student also gets the other
     questions answered by the teacher. `teacher_cache`: also train each seed's distilled student
-    from the teacher's offline top-k cache (of the distilled student's data).
+    from the teacher's offline top-k cache (of the distilled student's data). `student_steps`: the
+    students' instruction-tuning steps (default STUDENT_FINETUNE_STEPS).
     """
     t_start = time.time()
     fraction = DEFAULT_STUDENT_FRACTION if student_fraction is None else student_fraction
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"student fraction must be in (0, 1], got {fraction}")
+    student_steps = STUDENT_FINETUNE_STEPS if student_steps is None else student_steps
+    if student_steps < 1:
+        raise ValueError(f"student steps must be >= 1, got {student_steps}")
     torch.set_num_threads(_threads())
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -403,12 +418,14 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
     vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
     teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
     data = _student_data(out, paths, teacher_dir, fraction, distill, teacher_answers, fresh)
+    if student_steps != STUDENT_FINETUNE_STEPS:  # students of another length are cached apart
+        data = {kind: (path, f"{tag}-n{student_steps}") for kind, (path, tag) in data.items()}
     cache = None
     if teacher_cache and distill:  # online and cached distillation side by side: their step times compare fairly
         cache = _teacher_cache(out, paths, teacher_dir, *data["student_distilled"], fresh, smoke)
         data = {"student_distilled": data["student_distilled"], "student_distilled_cache": data["student_distilled"],
                 "student_sft": data["student_sft"]}
-    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, data, smoke, cache)
+    runs = _train_students(out, paths, vision_state, teacher_dir, seeds, fresh, data, smoke, student_steps, cache)
 
     results = _evaluate_all(out, paths, teacher_dir, runs, data)
     summary = summarise(results, runs)
@@ -418,8 +435,9 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
             summary[kind]["seconds_per_step"] = mean_std(steps)
     summary["verdict"] = verdict(results, seeds) if distill else None
     summary["cost"] = cost_line(results, runs)
-    example = _student_run_recipe("", "", paths, data["student_sft"][0], 0, teacher_dir, smoke)
+    example = _student_run_recipe("", "", paths, data["student_sft"][0], 0, teacher_dir, smoke, student_steps)
     summary["settings"] = {"seeds": seeds, "student_data_fraction": fraction,
+                           "student_finetune_steps": student_steps,
                            "teacher_answers_unlabelled": bool(distill and teacher_answers and fraction < 1.0),
                            "data": {kind: path for kind, (path, _) in data.items()},
                            "distill_terms": _named_stage(example, "finetune")["distill"]["terms"],

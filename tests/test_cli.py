@@ -76,7 +76,8 @@ def test_demo_smoke_runs_every_step(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llavadi.cli", "demo", "--out", str(tmp_path / "demo"), "--smoke",
                            "--teacher-cache"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    # the default regime: 5 % of the labels for both students, the teacher's answers to the rest for the distilled ones
+    res = json.loads((tmp_path / "demo" / "results-f0.05-ta.json").read_text())
     kinds = ("teacher", "student_sft", "student_distilled", "student_distilled_cache")
     assert set(res["summary"]) >= set(kinds)
     for kind in kinds:
@@ -84,12 +85,22 @@ def test_demo_smoke_runs_every_step(tmp_path):
     for kind in kinds[1:]:
         assert "agreement" in res["summary"][kind] and res["summary"][kind]["seconds_per_step"]["mean"] > 0
     assert "| student_distilled |" in proc.stdout and "| student_distilled_cache |" in proc.stdout
-    for d in ("teacher/final", "student_sft-s0/final", "student_distilled-s0/final", "student_distilled_cache-s0/final"):
+    settings = res["summary"]["settings"]
+    assert settings["student_data_fraction"] == 0.05 and settings["teacher_answers_unlabelled"]
+    labelled = json.loads(open(settings["data"]["student_sft"]).read())
+    with_answers = json.loads(open(settings["data"]["student_distilled"]).read())
+    assert settings["data"]["student_distilled_cache"] == settings["data"]["student_distilled"]
+    # (a 3-step teacher answers mostly nothing: those samples are left out, and counted)
+    assert with_answers[:len(labelled)] == labelled and "samples left out for an empty answer" in proc.stdout
+    assert "share of the SFT-to-teacher gap closed" in proc.stdout and res["summary"]["verdict"]["sft"]
+    assert "of the teacher's accuracy at" in res["summary"]["cost"]["sentence"]
+    for d in ("teacher/final", "student_sft-f0.05-s0/final", "student_distilled-f0.05-ta-s0/final",
+              "student_distilled_cache-f0.05-ta-s0/final"):
         assert (tmp_path / "demo" / d / "model.safetensors").is_file()
-    manifest = json.loads((tmp_path / "demo" / "cache" / "teacher-top64" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "demo" / "cache" / "teacher-top64-f0.05-ta" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["topk"] == 64 and manifest["hidden_groups"] == ["response"]
-    recipe = yaml.safe_load((tmp_path / "demo" / "recipes" / "student_distilled_cache-s0.yaml").read_text())
-    assert recipe["teacher"]["cache"] == str(tmp_path / "demo" / "cache" / "teacher-top64")
+    recipe = yaml.safe_load((tmp_path / "demo" / "recipes" / "student_distilled_cache-f0.05-ta-s0.yaml").read_text())
+    assert recipe["teacher"]["cache"] == str(tmp_path / "demo" / "cache" / "teacher-top64-f0.05-ta")
 
 
 def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
@@ -110,9 +121,10 @@ def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
         pre, ft = raw["stages"]
         assert {k: v for k, v in pre.items() if k not in ("name", "data")} == \
             {k: v for k, v in PRESETS["tiny-student"].stages["pretrain"].items() if k != "data"}
-        # the instruction-tuning stage is the recipe file's, only its data path replaced
-        assert {k: v for k, v in ft.items() if k not in ("data", "distill")} == \
-            {k: v for k, v in finetune.items() if k not in ("data", "distill")}
+        # the instruction-tuning stage is the recipe file's, only its data path and its steps replaced
+        assert {k: v for k, v in ft.items() if k not in ("data", "distill", "train")} == \
+            {k: v for k, v in finetune.items() if k not in ("data", "distill", "train")}
+        assert ft["train"] == {**finetune["train"], "max_steps": demo.STUDENT_FINETUNE_STEPS}
         assert ft["data"]["path"] == "inst.json" and recipe.stages[1].data.image_folder == paths["image_dir"]
     assert distilled["stages"][1]["distill"] == finetune["distill"] and distilled["teacher"]["path"].endswith("teacher")
     cached = demo._student_run_recipe(str(tmp_path / "d"), str(tmp_path / "init"), paths, "inst.json", 2,
@@ -120,6 +132,8 @@ def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
     assert recipe_from_dict(cached).teacher.cache == str(tmp_path / "cache")
     assert {k: v for k, v in cached.items() if k != "teacher"} == {k: v for k, v in distilled.items() if k != "teacher"}
     assert sft["stages"][1]["distill"]["terms"] == [] and "teacher" not in sft
+    assert demo._student_run_recipe("d", "i", paths, "inst.json", 0, None, False, steps=7)["stages"][1]["train"][
+        "max_steps"] == 7
     smoke = demo._student_run_recipe("d", "i", paths, "inst.json", 0, None, smoke=True)
     assert all(s["train"]["max_steps"] == 3 and s["train"]["logging_steps"] == 1 for s in smoke["stages"])
     with pytest.raises(KeyError, match="no 'finetune' stage"):

@@ -51,9 +51,9 @@ def test_students_data_split_and_the_teacher_answered_rest(tmp_path, monkeypatch
         calls.append((teacher_dir, data, kwargs))
         rows = json.loads(open(data).read())
         for r in rows:
-            r["conversations"][1]["value"] = "teacher says " + r["id"]
+            r["conversations"][1]["value"] = "" if r["id"] == "s7" else "teacher says " + r["id"]
         open(out, "w").write(json.dumps(rows))
-        return {"samples_out": len(rows), "n_cut_at_max_new_tokens": 0}
+        return {"samples_out": len(rows), "n_cut_at_max_new_tokens": 0, "report": out + ".report.json"}
 
     monkeypatch.setattr(regenerate_module, "regenerate", fake_regenerate)
     paths = {"instruct": str(instruct), "image_dir": str(tmp_path / "images")}
@@ -63,7 +63,8 @@ def test_students_data_split_and_the_teacher_answered_rest(tmp_path, monkeypatch
     sft = json.loads(open(sft_path).read())
     kd = json.loads(open(kd_path).read())
     assert sft == records[:5]  # the labelled quarter, answers untouched
-    assert kd[:5] == records[:5] and [r["id"] for r in kd] == [r["id"] for r in records]
+    # an empty teacher answer teaches nothing: that sample stays out
+    assert kd[:5] == records[:5] and [r["id"] for r in kd] == [r["id"] for r in records if r["id"] != "s7"]
     assert all(r["conversations"][1]["value"] == "teacher says " + r["id"] for r in kd[5:])
     assert calls[0][0] == "T" and calls[0][2]["keep_original"] is False
     # cached: a second call does not ask the teacher again

@@ -102,9 +102,8 @@ PRESETS: dict[str, Preset] = {
         name="tiny-student",
         text=TextSpec(hidden_size=128, num_layers=1, num_heads=4, intermediate_size=384),
         # its instruction-tuning stage is recipes/demo_student.yaml (lr 2e-3, 600 steps, these
-        # shared settings). The demo's students see the teacher's data; `llavadi demo
-        # --student-fraction 0.15` gives them 15% of the instruct labels, the regime where
-        # distillation shows in probes (1-layer student: CE .60/.50/.45 vs CE+KL .67/.52/.51, seeds 0/1/2)
+        # shared settings). The demo gives its students 5% of the instruct labels by default
+        # (`llavadi demo --student-fraction`); the distilled one also gets the teacher's answers to the rest
         stages={"pretrain": _stage("plain", 2e-3, 300)},
     ),
 }
