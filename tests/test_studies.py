@@ -31,8 +31,8 @@ def study(tmp_path_factory):
               "data": {"image_folder": "data/images", "system": "", "max_length": 128},
               "stages": [{"name": "finetune", "data": {"path": "data/instruct.json"},
                           "distill": {"terms": [{"name": "forward_kl"}]},
-                          "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-                                    "save_steps": 100, "warmup_ratio": 0.0}}]}
+                          "train": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                                    "save_steps": 100, "warmup_steps": 0}}]}
     (root / "base.yaml").write_text(yaml.safe_dump(recipe))
     grid = {"recipe": "base.yaml", "output_dir": str(root / "out" / "tiny-study"), "seeds": [0], "baseline": "ce",
             "eval": {"benchmark": "synthetic", "questions": "data/eval_questions.jsonl", "images": "data/images",
