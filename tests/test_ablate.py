@@ -282,7 +282,7 @@ def test_a_variant_may_train_another_base_recipe(workspace):
     grid = load_grid(_write_grid(workspace, "variant_recipe.yaml", variants=variants))
     runs = {(r.variant, r.seed): r for r in ablate.plan_runs(grid)}
     assert [s.name for s in runs[("two", 1)].recipe.stages] == ["finetune", "second"]
-    assert runs[("two", 1)].recipe.stages[1].train.max_steps == 2 and runs[("two", 1)].seed == 1
+    assert runs[("two", 1)].recipe.stages[1].train.value("max_steps") == 2 and runs[("two", 1)].seed == 1
     assert [s.name for s in runs[("fkl", 0)].recipe.stages] == ["finetune"]
     bad = dict(VARIANTS, two={"recipes": "two_stages.yaml"})
     with pytest.raises(GridError, match=r"variant 'two'.*mapping \{recipe: FILE"):
