@@ -145,7 +145,7 @@ def _mean(values) -> float | None:
 
 
 def cost_summary(points: list[dict], best: dict | None) -> dict | None:
-    """Teacher, SFT (baselines) and the best distilled variant: mean cost and accuracy, and the ratios.
+    """Teacher, the studies' baselines and the best variant: mean cost and accuracy, and the ratios.
 
     Ratios are taken per eval run (student and teacher measured in the same run), then averaged:
     speed = student / teacher generated tokens per second at batch 1 (and at the eval batch size);
@@ -158,10 +158,12 @@ def cost_summary(points: list[dict], best: dict | None) -> dict | None:
     sft = [p for p in paired if p["baseline"]]
     if not chosen:
         return None
-    rows = {"teacher": _cost_row([p["teacher_cost"] for p in paired], [p["teacher_accuracy"] for p in paired]),
-            "student, SFT (baselines)": _cost_row([p["cost"] for p in sft], [p["accuracy"] for p in sft]),
-            f"student, {best['study']}/{best['variant']}": _cost_row([p["cost"] for p in chosen],
-                                                                     [p["accuracy"] for p in chosen])}
+    rows = {"teacher": _cost_row([p["teacher_cost"] for p in paired], [p["teacher_accuracy"] for p in paired])}
+    if sft:  # a study's baseline is SFT only when it has no distillation term (the data study's has them)
+        names = ", ".join(dict.fromkeys(f"{p['study']}/{p['variant']}" for p in sft))
+        rows[f"student, baseline ({names})"] = _cost_row([p["cost"] for p in sft], [p["accuracy"] for p in sft])
+    rows[f"student, {best['study']}/{best['variant']}"] = _cost_row([p["cost"] for p in chosen],
+                                                                    [p["accuracy"] for p in chosen])
     teacher_accuracy = _mean(p["teacher_accuracy"] for p in chosen)
     kept = 100.0 * _mean(p["accuracy"] for p in chosen) / teacher_accuracy if teacher_accuracy else None
     # tokens/s rather than ms per answer: answers of different lengths do not skew the ratio
@@ -226,7 +228,7 @@ def plot_cost(points: list[dict], path: str) -> str | None:
             colour = f"C{studies.index(study) % 10}"
             ax.scatter([_mean(x_of(p["cost"]) for p in ps)], [_mean(p["accuracy"] for p in ps)],
                        marker="s" if baseline else "o", color=colour, alpha=0.8,
-                       label=f"{study}: SFT ({variant})" if baseline else None)
+                       label=f"{study}: baseline ({variant})" if baseline else None)
             ax.annotate(variant, (_mean(x_of(p["cost"]) for p in ps), _mean(p["accuracy"] for p in ps)),
                         fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
