@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student-fraction", type=float, default=None,
                    help="share of the instruction set whose answers the students get (default 0.05; 1: all)")
     d.add_argument("--student-steps", type=int, default=None,
-                   help="the students' instruction-tuning steps (default: llavadi.demo.STUDENT_FINETUNE_STEPS)")
+                   help="the students' instruction-tuning steps (default 600, recipes/demo_student.yaml's)")
     d.add_argument("--no-teacher-answers", action="store_true",
                    help="the distilled student does not get the other questions answered by the teacher")
     d.add_argument("--teacher-cache", action="store_true",
