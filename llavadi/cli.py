@@ -64,15 +64,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    from llavadi import __version__
-
-    p = argparse.ArgumentParser(prog="llavadi", description="Distil LLaVA-style multimodal LLMs.",
-                                formatter_class=_HelpWithDefaults)
-    p.add_argument("--version", action="version", version=f"llavadi {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_demo_parser(sub) -> None:
+    """The `demo` subcommand and its options."""
     d = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic task (CPU, minutes)")
     d.add_argument("--out", default="runs/demo", help="output directory")
     d.add_argument("--seeds", type=int, default=1, help="student seeds to run (mean and spread reported)")
@@ -89,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache-teacher), next to the one distilled from the online teacher")
     d.add_argument("--smoke", action="store_true", help="a seconds-long run of every step (tiny data, 3 steps)")
     d.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from llavadi import __version__
+
+    p = argparse.ArgumentParser(prog="llavadi", description="Distil LLaVA-style multimodal LLMs.",
+                                formatter_class=_HelpWithDefaults)
+    p.add_argument("--version", action="version", version=f"llavadi {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _add_demo_parser(sub)
 
     m = sub.add_parser("make-data", help="write a dataset")
     m.add_argument("kind", choices=["synthetic"], help="which dataset")

@@ -272,10 +272,8 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
     records = [{**prediction_record(bench_questions[i], decode_answer(student.tokenizer, a)), "model_id": model_id}
                for i, a in zip(keep, student_ids)]
     result = _result(bench, bench_questions, records, ann, notes, model_id, skipped)
-    result["generation"] = {"model": str(model_dir), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                            "seconds": round(seconds, 3), "questions_per_second": round(len(records) / seconds, 3),
-                            "template": student.template, "n_image_tokens": student.n_image_tokens,
-                            "processes": shard.world}
+    result["generation"] = _generation_info(model_dir, student, batch_size, max_new_tokens, seconds, len(records),
+                                            shard.world)
     teacher_records = None
     if teacher_dir is not None or teacher is not None:
         if teacher is None:
@@ -286,12 +284,30 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
         teacher_records = _add_teacher_comparison(result, bench, bench_questions, asked, keys, keep, student, teacher,
                                                   teacher_id, student_ids, ann, journals[1], batch_size,
                                                   max_new_tokens, progress, shard)
-    if shard.is_main:
-        if cost and asked:  # measured once, by the process that writes the result
-            from llavadi.eval.cost import measure_costs
-
-            result.update(measure_costs(student, teacher, asked, batch_size, max_new_tokens))
+    if shard.is_main:  # the main process alone measures cost and writes files
+        if cost and asked:
+            _add_costs(result, student, teacher, asked, batch_size, max_new_tokens)
         _write_outputs(out, records, teacher_records, result, journals)
-        if update_card and os.path.isdir(model_dir) and record_eval_result(model_dir, result):
-            result["notes"].append(f"results added to the model card {os.path.join(model_dir, CARD_FILE)}")
+        _update_card(result, model_dir, update_card)
     return result
+
+
+def _generation_info(model_dir, student, batch_size: int, max_new_tokens: int, seconds: float, answered: int,
+                     processes: int) -> dict:
+    """How the answers were generated, and how fast."""
+    return {"model": str(model_dir), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "seconds": round(seconds, 3), "questions_per_second": round(answered / seconds, 3),
+            "template": student.template, "n_image_tokens": student.n_image_tokens, "processes": processes}
+
+
+def _add_costs(result: dict, student, teacher, asked, batch_size: int, max_new_tokens: int) -> None:
+    """Measure what each model costs to run (parameters, memory, latency) into the result."""
+    from llavadi.eval.cost import measure_costs
+
+    result.update(measure_costs(student, teacher, asked, batch_size, max_new_tokens))
+
+
+def _update_card(result: dict, model_dir: str, enabled: bool) -> None:
+    """Add the headline metrics to the model folder's llavadi model card, if it has one."""
+    if enabled and os.path.isdir(model_dir) and record_eval_result(model_dir, result):
+        result["notes"].append(f"results added to the model card {os.path.join(model_dir, CARD_FILE)}")
