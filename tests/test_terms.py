@@ -228,3 +228,18 @@ def test_terms_command_lists_every_term_with_its_declared_options(capsys):
             assert option.describe() in out
     assert main(["terms", "fkl"]) == 2
     assert "unknown distillation term 'fkl'" in capsys.readouterr().err
+
+
+def test_a_logit_term_that_cannot_compute_is_refused_when_its_class_is_defined():
+    from llavadi.distill.terms.logit_terms import LogitTerm
+
+    with pytest.raises(TypeError, match="'no_way' gives neither a divergence name nor dense"):
+        type("NoWay", (LogitTerm,), {"name": "no_way"})
+    with pytest.raises(TypeError, match="'bad_div': divergence 'kl_typo' is not one of"):
+        type("BadDiv", (LogitTerm,), {"name": "bad_div", "divergence": "kl_typo"})
+    with pytest.raises(TypeError, match="'tvd_topk' sets supports_sparse but its divergence has no top-k form"):
+        type("TvdTopk", (LogitTerm,), {"name": "tvd_topk", "divergence": "tvd", "supports_sparse": True})
+    # giving the missing method makes each class valid (defined, not registered)
+    type("Own", (LogitTerm,), {"name": "own", "dense": lambda self, s, t: (s - t).pow(2).mean(-1)})
+    type("TvdOwnTopk", (LogitTerm,), {"name": "tvd_own_topk", "divergence": "tvd", "supports_sparse": True,
+                                      "sparse": lambda self, s, ids, lp: s.new_zeros(s.shape[0])})

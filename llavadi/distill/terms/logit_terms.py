@@ -47,6 +47,20 @@ class LogitTerm(Term):
     supports_sparse: ClassVar[bool] = False
     divergence: ClassVar[str | None] = None  # name in llavadi.distill.logits.DIVERGENCES
 
+    def __init_subclass__(cls, **kwargs):
+        """A named logit term must say how it compares logits: refused when the class is defined, not at a step."""
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            return
+        if cls.divergence is not None and cls.divergence not in div.DIVERGENCES:
+            raise TypeError(f"logit term {cls.name!r}: divergence {cls.divergence!r} is not one of "
+                            f"{', '.join(div.DIVERGENCES)}")
+        if cls.divergence is None and cls.dense is LogitTerm.dense:
+            raise TypeError(f"logit term {cls.name!r} gives neither a divergence name nor dense()")
+        if cls.supports_sparse and cls.divergence not in div.SPARSE_DIVERGENCES and cls.sparse is LogitTerm.sparse:
+            raise TypeError(f"logit term {cls.name!r} sets supports_sparse but its divergence has no top-k form "
+                            "and it gives no sparse()")
+
     def check_setting(self, ctx: TermContext, given: set[str], where: str) -> None:
         if ctx.teacher_signal == "topk" and not self.supports_sparse:
             sparse = sorted(n for n, c in _LOGIT_TERMS.items() if c.supports_sparse)
@@ -77,15 +91,11 @@ class LogitTerm(Term):
         return self.divergence is None
 
     def dense(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """Per-row divergence (N,) against dense teacher logits."""
-        if self.divergence is None:
-            raise NotImplementedError(f"term {self.name!r} gives neither a divergence name nor dense()")
+        """Per-row divergence (N,) against dense teacher logits (a term without a divergence name overrides it)."""
         return div.DIVERGENCES[self.divergence](student_logits, teacher_logits, **self.divergence_options())
 
     def sparse(self, student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
-        """Per-row divergence (N,) against a top-k teacher."""
-        if self.divergence not in div.SPARSE_DIVERGENCES:
-            raise NotImplementedError(f"term {self.name!r} has no top-k form")
+        """Per-row divergence (N,) against a top-k teacher (read only when `supports_sparse`; checked at definition)."""
         return div.SPARSE_DIVERGENCES[self.divergence](student_logits, topk_ids, topk_logprobs,
                                                        missing_mass=self.opts["missing_mass"],
                                                        **self.divergence_options())
