@@ -160,21 +160,27 @@ def _train_recipe(raw: dict):
             load_file(os.path.join(out, "finetune", "distill_projectors.safetensors")), None)
 
 
-@needs_deepspeed
-def test_zero3_lora_resume_from_a_checkpoint_continues_the_same_run(workspace, tmp_path):
-    """ZeRO-3 with a LoRA student: resumed from DeepSpeed's checkpoint, the run ends where the uninterrupted
-    one does, and the merged student is written from the gathered state (rank 0 alone builds it)."""
-    import shutil
-
+def _uninterrupted_zero3_lora_run(workspace, tmp_path, steps):
+    """A ZeRO-3 run of a LoRA student, `steps` steps with a checkpoint at each, in tmp_path/straight; its recipe."""
     with open(os.path.join(CONFIGS, "zero3.json")) as f:
         config = json.load(f)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     straight = tmp_path / "straight"
     recipe = _recipe_dict(workspace, straight, batch_size=4, grad_accum=1, deepspeed=config)
     recipe["student"]["lora"] = LORA
-    recipe["stages"][0]["train"].update(max_steps=2, save_steps=1)
+    recipe["stages"][0]["train"].update(max_steps=steps, save_steps=1)
     (tmp_path / "a").mkdir()
-    _torchrun(tmp_path / "a", recipe, timeout=DEEPSPEED_TIMEOUT, steps=2)
+    _torchrun(tmp_path / "a", recipe, timeout=DEEPSPEED_TIMEOUT, steps=steps)
+    return straight, recipe
+
+
+@needs_deepspeed
+def test_zero3_lora_resume_from_a_checkpoint_continues_the_same_run(workspace, tmp_path):
+    """ZeRO-3 with a LoRA student: resumed from DeepSpeed's checkpoint, the run ends where the uninterrupted
+    one does, and the merged student is written from the gathered state (rank 0 alone builds it)."""
+    import shutil
+
+    straight, recipe = _uninterrupted_zero3_lora_run(workspace, tmp_path, steps=2)
     # a run killed after its first checkpoint: no step-2 checkpoint, no stage model, no final/
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
@@ -198,15 +204,7 @@ def test_zero3_lora_last_step_checkpoint_is_published_without_training(workspace
     checkpoint into the whole (not yet partitioned) LoRA student, and publishes the uninterrupted run's student."""
     import shutil
 
-    with open(os.path.join(CONFIGS, "zero3.json")) as f:
-        config = json.load(f)
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    straight = tmp_path / "straight"
-    recipe = _recipe_dict(workspace, straight, batch_size=4, grad_accum=1, deepspeed=config)
-    recipe["student"]["lora"] = LORA
-    recipe["stages"][0]["train"].update(max_steps=1, save_steps=1)
-    (tmp_path / "a").mkdir()
-    _torchrun(tmp_path / "a", recipe, timeout=DEEPSPEED_TIMEOUT, steps=1)
+    straight, recipe = _uninterrupted_zero3_lora_run(workspace, tmp_path, steps=1)
     again = tmp_path / "again"
     shutil.copytree(straight, again)
     for gone in ("finetune/model", "final"):  # checkpoint-1 (the last step) is kept
