@@ -23,6 +23,7 @@ from typing import Union
 import torch
 
 from llavadi.data.token_types import TYPE_GROUPS, TokenType, type_mask
+from llavadi.distributed import sum_over_processes
 
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
@@ -147,12 +148,4 @@ def sum_counts(counts: list[dict[Selection, float]]) -> dict[Selection, float]:
 
 def all_reduce_counts(counts: dict[Selection, float]) -> dict[Selection, float]:
     """Sum per-selection counts over all processes of torch.distributed (unchanged when not distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(counts)
-    keys = sorted(counts, key=selection_name)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return {k: float(v) for k, v in zip(keys, values.tolist())}
+    return sum_over_processes(counts, key=selection_name)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from llavadi.distributed import is_distributed
+
 SHOWN_IDS = 8
 logger = logging.getLogger("llavadi")
 
@@ -31,13 +33,9 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped at a step whose loss or gradient was NaN or infinite."""
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def gather_lists(items: list) -> list:
     """The concatenation of every process's `items` (the list itself with one process)."""
-    if not _distributed() or dist.get_world_size() == 1:
+    if not is_distributed() or dist.get_world_size() == 1:
         return list(items)
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, list(items))
@@ -45,7 +43,7 @@ def gather_lists(items: list) -> list:
 
 
 def _any_rank(flag: bool, device) -> bool:
-    if not _distributed():
+    if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -121,7 +119,7 @@ class StepGuard(TrainerCallback):
             if not ids:
                 ids = [i for _, _, sample_ids in self.window for i in sample_ids]
         shown = ", ".join(map(str, ids[:SHOWN_IDS])) + (f" (+{len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else "")
-        rank = f" on rank {dist.get_rank()}" if _distributed() else ""
+        rank = f" on rank {dist.get_rank()}" if is_distributed() else ""
         return f"step {step}: non-finite {'; '.join(parts) or 'loss on another rank'} (samples{rank}: {shown or '-'})"
 
     def _skip(self, step: int, what: str) -> None:

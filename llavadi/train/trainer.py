@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import nested_gather
@@ -33,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llavadi.distill.module import DistillationModule, load_projectors, save_projectors
 from llavadi.distill.selection import all_reduce_counts, sum_counts
+from llavadi.distributed import sum_over_processes
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.lora import is_peft_model, load_adapter, merged_llava, save_adapter
 from llavadi.models.meta import write_model_meta
@@ -46,17 +46,6 @@ from llavadi.train.engines import (
     zero3_init_paused,
 )
 from llavadi.train.guard import StepGuard
-
-
-def sum_over_processes(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Each value summed over all processes of torch.distributed (as floats; unchanged when not distributed)."""
-    keys = sorted(values)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return {k: float(values[k]) for k in keys}
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device) for k in keys])
-    dist.all_reduce(stacked)
-    return dict(zip(keys, stacked.tolist()))
 
 
 class DistillTrainer(Trainer):
