@@ -11,9 +11,10 @@ Everything runs on a laptop CPU in minutes and nothing is downloaded:
    and is then instruction-tuned twice from the same weights with `recipes/demo_student.yaml`
    (STUDENT_FINETUNE_STEPS steps): with its terms removed, cross-entropy only on the labelled
    share (SFT); and as written, the paper's distillation recipe (CE + forward KL on response
-   logits + last-hidden-state MSE through a Linear-GELU-Linear projector), on the labelled share
-   plus the other questions answered by the teacher (`llavadi regenerate`, cached). The two runs
-   go in parallel, one thread each;
+   logits + last-hidden-state MSE through a Linear-GELU-Linear projector) plus visual-token
+   alignment (the image tokens' last hidden states, through a Linear-GELU-Linear projector), on
+   the labelled share plus the other questions answered by the teacher (`llavadi regenerate`,
+   cached). The two runs go in parallel, one thread each;
 5. every model answers the held-out questions through the evaluation harness; the table, the
    verdict (share of the SFT-to-teacher gap closed per seed, paired gain against 2 std) and
    the cost line are printed, and everything is written to `<out>/results<tag>.json`.
@@ -43,7 +44,7 @@ from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.presets import PRESETS, VISION_PRETRAIN, build_image_processor, build_preset
 
 DATA_VERSION = 1  # bump when the synthetic task changes, so cached demo data is rebuilt
-# the student's instruction-tuning stage (with the paper's distillation terms) and the demo's
+# the student's instruction-tuning stage (with the demo's distillation terms) and the demo's
 # prompt settings: the same recipe `llavadi train` and `llavadi ablate` use
 STUDENT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_student.yaml"
 TIMING_FILE = "demo_timing.json"  # a student run's seconds per instruction-tuning step, as its Trainer logged it
@@ -268,7 +269,8 @@ def _student_run_recipe(run_dir: str, init: str, paths: dict, student_data: str,
 
 def _teacher_cache(out: str, paths: dict, teacher_dir: str, student_data: str, tag: str, fresh: bool,
                    smoke: bool) -> str:
-    """The teacher's top-64 cache (and last hidden states, for hidden_mse) over the students' instruction data."""
+    """The teacher's top-64 cache (and last hidden states, for hidden_mse and visual_align) over the students'
+    instruction data."""
     from llavadi.config import recipe_from_dict
     from llavadi.teacher.cache_teacher import cache_teacher
 

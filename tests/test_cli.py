@@ -98,7 +98,7 @@ def test_demo_smoke_runs_every_step(tmp_path):
               "student_distilled_cache-f0.05-ta-s0/final"):
         assert (tmp_path / "demo" / d / "model.safetensors").is_file()
     manifest = json.loads((tmp_path / "demo" / "cache" / "teacher-top64-f0.05-ta" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["topk"] == 64 and manifest["hidden_groups"] == ["response"]
+    assert manifest["complete"] and manifest["topk"] == 64 and manifest["hidden_groups"] == ["response", "image"]
     recipe = yaml.safe_load((tmp_path / "demo" / "recipes" / "student_distilled_cache-f0.05-ta-s0.yaml").read_text())
     assert recipe["teacher"]["cache"] == str(tmp_path / "demo" / "cache" / "teacher-top64-f0.05-ta")
 
