@@ -195,7 +195,7 @@ STUDIES = __import__("pathlib").Path(__file__).resolve().parent.parent / "recipe
 
 
 @pytest.mark.parametrize("path,n_variants,n_seeds", [
-    ("strategy.yaml", 5, 3), ("algorithm.yaml", 10, 3), ("data.yaml", 5, 3),
+    ("strategy.yaml", 5, 3), ("algorithm.yaml", 11, 3), ("data.yaml", 5, 3),
     ("real/strategy.yaml", 4, 1), ("real/algorithm.yaml", 13, 1), ("real/data.yaml", 4, 1)])
 def test_every_shipped_study_plans_valid_recipes(path, n_variants, n_seeds):
     grid = ablate.load_grid(str(STUDIES / path))
