@@ -34,7 +34,7 @@ from llavadi.distill.selection import all_reduce_counts  # noqa: E402
 from llavadi.models.build import llava_processor, load_model  # noqa: E402
 from llavadi.teacher.online import OnlineTeacher  # noqa: E402
 from llavadi.train.engines import layer_classes_to_wrap, teardown_process_group  # noqa: E402
-from llavadi.train.runner import TEACHER_PREFIX, build_dataset, build_objective  # noqa: E402
+from llavadi.train.stage_inputs import TEACHER_PREFIX, build_dataset, build_objective  # noqa: E402
 from llavadi.train.trainer import DistillTrainer  # noqa: E402
 
 TERMS = [{"name": "forward_kl", "weight": 1.0}, {"name": "hidden_mse", "weight": 0.5}]

@@ -461,7 +461,7 @@ def test_tokenizer_mismatch_raises_for_logit_terms_only():
     from types import SimpleNamespace
 
     from llavadi.config import DistillConfig
-    from llavadi.train.runner import build_objective
+    from llavadi.train.stage_inputs import build_objective
 
     def loaded(tok, width):
         return SimpleNamespace(tokenizer=tok, model=SimpleNamespace(config=Cfg(width)))

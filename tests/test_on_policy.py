@@ -23,7 +23,8 @@ from llavadi.eval.generate import Sampling, generate_ids
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
 from llavadi.teacher.on_policy import OnPolicySampler, is_on_policy
 from llavadi.teacher.online import OnlineTeacher
-from llavadi.train.runner import build_dataset, run_recipe
+from llavadi.train.runner import run_recipe
+from llavadi.train.stage_inputs import build_dataset
 
 RES, INS = int(TokenType.RESPONSE), int(TokenType.INSTRUCTION)
 

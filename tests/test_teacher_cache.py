@@ -40,7 +40,8 @@ from llavadi.teacher.cache_format import (
     run_positions,
 )
 from llavadi.teacher.cache_teacher import cache_teacher
-from llavadi.train.runner import build_dataset, run_recipe
+from llavadi.train.runner import run_recipe
+from llavadi.train.stage_inputs import build_dataset
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = ["red", "a circle", "a red circle", "one blue square there", "a green triangle in middle",

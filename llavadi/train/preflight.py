@@ -37,6 +37,7 @@ from llavadi.models.describe import describe_model
 from llavadi.data.images import check_images
 from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
 from llavadi.teacher.cache_format import CacheError
+from llavadi.train import stage_inputs
 from llavadi.train.engines import process_arguments
 from llavadi.train.stages import data_identity, stage_fingerprints, stage_status
 from llavadi.training_args import TrainArgsError, check_training_arguments
@@ -83,8 +84,6 @@ def check_model_fit(stage: StageConfig, student, teacher, where: str, cache=None
     """Layer indices and term options against the model configs; tokenizers of logit terms.
 
     With a teacher `cache` (a CacheReader) the objective is the cache's (its teacher config, top-k)."""
-    from llavadi.train.runner import build_objective
-
     problems = []
     v = stage.trainable.vision_from_layer
     n_vision = int(student.model.config.vision_config.num_hidden_layers)
@@ -94,7 +93,7 @@ def check_model_fit(stage: StageConfig, student, teacher, where: str, cache=None
     use_teacher = teacher if stage.distill.terms else None
     try:
         with torch.device("meta"):  # projectors sized from the configs, no memory
-            objective = build_objective(stage, student, use_teacher, cache)
+            objective = stage_inputs.build_objective(stage, student, use_teacher, cache)
     except ValueError as e:
         return problems + [f"{where}.distill: {e}"]
     for who, needs, model in (("student", objective.student_needs, student),
@@ -145,13 +144,12 @@ def check_stage_data(stage: StageConfig, student, teacher, progress: bool,
     """Parse, tokenize and decode a stage's data as training will; bad samples are counted, not raised.
 
     With a teacher `cache`, every usable sample must be in it, unchanged since it was cached."""
-    from llavadi.train.runner import build_dataset
-
     check = StageCheck(stage.name, stage.data.path)
     collect = dataclasses.replace(stage, data=dataclasses.replace(stage.data, on_error="skip"))
     try:
         if student is not None:
-            dataset = build_dataset(collect, student, teacher if stage.distill.terms else None, progress=progress)
+            dataset = stage_inputs.build_dataset(collect, student, teacher if stage.distill.terms else None,
+                                                 progress=progress)
         else:  # the student's files are unreadable (reported apart): check what needs no tokenizer
             dataset = LlavaDataset(stage.data.path, stage.data.image_folder, [], on_error="skip",
                                    max_pixels=stage.data.max_pixels, progress=progress)

@@ -33,8 +33,7 @@ from transformers import TrainingArguments, set_seed
 from llavadi.atomic import write_json_atomic, write_text_atomic
 from llavadi.config import ConfigError, ModelSpec, Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
-from llavadi.data.dataset import LlavaDataset, View
-from llavadi.distill.compat import check_same_tokenizer
+from llavadi.data.dataset import LlavaDataset
 from llavadi.distill.module import DistillationModule
 from llavadi.distill.objective import DistillObjective
 from llavadi.device import resolve_device
@@ -42,7 +41,7 @@ from llavadi.models.build import LoadedModel, llava_processor, load_model, publi
 from llavadi.models.dtypes import torch_dtype
 from llavadi.models.lora import apply_lora, quantization_config
 from llavadi.models.model_card import write_model_card
-from llavadi.teacher.cache import cached_objective, cached_teacher, stage_cache
+from llavadi.teacher.cache import cached_teacher, stage_cache
 from llavadi.teacher.on_policy import OnPolicySampler
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
@@ -55,6 +54,7 @@ from llavadi.train.engines import (
     require_engine,
 )
 from llavadi.train.guard import NonFiniteLossError
+from llavadi.train import stage_inputs
 from llavadi.train.preflight import preflight
 from llavadi.train.stages import (
     StageFingerprint,
@@ -66,28 +66,6 @@ from llavadi.train.stages import (
 )
 from llavadi.training_args import training_argument_kwargs
 from llavadi.train.trainer import DistillTrainer
-
-TEACHER_PREFIX = "teacher_"
-
-
-def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
-    pa, pb = a.image_processor, b.image_processor
-    keys = ("crop_size", "size", "image_mean", "image_std", "do_normalize", "do_center_crop", "resample")
-    same_proc = all(str(getattr(pa, k, None)) == str(getattr(pb, k, None)) for k in keys)
-    return same_proc and a.n_image_tokens == b.n_image_tokens and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-
-
-def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
-                  progress: bool = False) -> LlavaDataset:
-    """The stage's dataset with a student view, and a teacher view when the teacher's layout differs."""
-    d = stage.data
-    views = [View(student.encoder(d.template, d.system, d.max_length), student.image_processor)]
-    if teacher is not None and stage.distill.terms and not _same_image_layout(student, teacher):
-        views.append(View(teacher.encoder(d.template, d.system, d.max_length), teacher.image_processor,
-                          prefix=TEACHER_PREFIX))
-    return LlavaDataset(stage.data.path, stage.data.image_folder, views, on_error=stage.data.on_error,
-                        max_pixels=stage.data.max_pixels, progress=progress)
-
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
     """The newest complete, intact checkpoint-N directory, or None (read-only: nothing is set aside)."""
@@ -102,22 +80,6 @@ def training_arguments(recipe: Recipe, stage: StageConfig, out_dir: str, device:
     return TrainingArguments(**training_argument_kwargs(fields, out_dir, recipe.seed, device == "cpu", quiet))
 
 
-def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
-                    cache=None) -> DistillObjective:
-    """The stage's objective; checks up front that logit terms have a shared tokenizer.
-
-    With a teacher `cache` (a CacheReader) the logit terms read its top-k signal (the tokenizer was
-    checked against the cache's)."""
-    terms = stage.distill.terms
-    if cache is not None:
-        return cached_objective(stage, student, cache)
-    if teacher is not None and any(t.is_logit_term for t in terms):
-        check_same_tokenizer(student.tokenizer, teacher.tokenizer)
-    return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
-                            teacher_config=teacher.model.config if teacher is not None else None,
-                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib)
-
-
 def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None, cache,
                     objective: DistillObjective, dataset: LlavaDataset, collator: LlavaCollator, device):
     """The stage's teacher source (the cache, the online teacher, or None) and on-policy sampler (or None)."""
@@ -125,7 +87,7 @@ def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, te
     if cache is not None:
         source = cached_teacher(cache, objective, dataset, device, stage.name)
     elif teacher is not None:
-        source = OnlineTeacher(teacher.model, device=recipe.teacher_device or device, prefix=TEACHER_PREFIX)
+        source = OnlineTeacher(teacher.model, device=recipe.teacher_device or device, prefix=stage_inputs.TEACHER_PREFIX)
     on_policy = None
     if stage.on_policy is not None:
         on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
@@ -152,12 +114,12 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     use_teacher = teacher if stage.distill.terms else None
     cache = stage_cache(recipe, stage, student)  # None: the teacher runs online
     student, trained, lora = trainable_student(recipe, stage, student, log)
-    dataset = build_dataset(stage, student, use_teacher)
+    dataset = stage_inputs.build_dataset(stage, student, use_teacher)
     log(dataset.report())
     # the projectors' initial weights must not depend on what ran before in this process (a stage
     # found done, or a previous stage trained): seed them from the recipe
     torch.manual_seed(recipe.seed)
-    objective = build_objective(stage, student, use_teacher, cache)
+    objective = stage_inputs.build_objective(stage, student, use_teacher, cache)
     if objective.needs_attentions:
         for m in (student.model, use_teacher.model if use_teacher else None):
             if m is not None:

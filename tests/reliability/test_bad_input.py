@@ -16,6 +16,7 @@ from PIL import Image
 from workspace import make_workspace, one_stage, report, truncate
 
 import llavadi.train.runner as runner
+import llavadi.train.stage_inputs as stage_inputs
 from llavadi.cli import main
 from llavadi.config import recipe_from_dict
 from llavadi.data.encode import SampleError
@@ -86,7 +87,7 @@ def test_truncated_image_is_skipped_and_counted_under_skip(ws, tmp_path):
 
 def _truncate_after_validation(monkeypatch, image: Path):
     """The image breaks after the training dataset validated it (changed on disk while training)."""
-    real = runner.build_dataset
+    real = stage_inputs.build_dataset
     calls = []
 
     def build_then_break(*a, **k):
@@ -95,7 +96,7 @@ def _truncate_after_validation(monkeypatch, image: Path):
         if len(calls) == 2:  # the first build is the up-front check's
             truncate(image)
         return dataset
-    monkeypatch.setattr(runner, "build_dataset", build_then_break)
+    monkeypatch.setattr(stage_inputs, "build_dataset", build_then_break)
 
 
 def test_image_failing_at_load_time_is_replaced_and_counted_under_skip(ws, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from workspace import FINETUNE_STEPS, assert_same_tensors, leftovers, make_workspace, one_stage, report, tensors
 
 import llavadi.train.runner as runner
+import llavadi.train.stage_inputs as stage_inputs
 from llavadi.cli import main
 from llavadi.config import recipe_from_dict
 from llavadi.distill.module import DistillationModule
@@ -199,7 +200,7 @@ def test_one_nonfinite_step_too_many_stops(ws, tmp_path, poisoned):
 
 def test_rerun_of_a_finished_stage_does_not_tokenize_its_data_again(ws, straight, monkeypatch):
     calls = []
-    real = runner.build_dataset
-    monkeypatch.setattr(runner, "build_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stage_inputs.build_dataset
+    monkeypatch.setattr(stage_inputs, "build_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     msgs = _run(ws, straight)
     assert calls == [] and any("already done" in m for m in msgs)
