@@ -122,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_terms)
 
     from llavadi.eval import commands as eval_commands
-    from llavadi.eval import eval_command
+    from llavadi.eval import suite as eval_suite
     from llavadi.experiments import ablate, study_report
     from llavadi.teacher import cache_teacher, regenerate
 
-    for command_module in (cache_teacher, regenerate, eval_command, eval_commands, ablate):
+    for command_module in (cache_teacher, regenerate, eval_suite, eval_commands, ablate):
         command_module.register(sub)
     study_report.extend_report_command(sub)  # `report` also takes study folders
     for command in sub.choices.values():

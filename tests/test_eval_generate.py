@@ -195,7 +195,7 @@ def _memorise(tok, folder, json_path, qa, seed, steps=60):
 
 
 def test_eval_command_end_to_end(setup, tmp_path):
-    from llavadi.eval import eval_command
+    from llavadi.eval import suite
 
     tok, folder = setup["tok"], setup["folder"]
     rows = [
@@ -216,7 +216,7 @@ def test_eval_command_end_to_end(setup, tmp_path):
     out = tmp_path / "out"
 
     parser = argparse.ArgumentParser()
-    eval_command.register(parser.add_subparsers())
+    suite.register(parser.add_subparsers())
     args = parser.parse_args(["eval", "--model", str(student_dir), "--benchmark", "synthetic", "--questions",
                               str(qfile), "--images", str(folder), "--out", str(out), "--teacher", str(teacher_dir),
                               "--batch-size", "2", "--max-new-tokens", "4", "--limit", "3", "--no-progress",

@@ -2,7 +2,8 @@
 
 Writes into --out: `answers.jsonl` (LLaVA's answer form: question_id, prompt, text, model_id),
 `<benchmark>.json` + `<benchmark>.md` (metrics, via `llavadi.eval.report`) and, with --teacher,
-`teacher_answers.jsonl`. The same run is available in-process as `evaluate(...)`.
+`teacher_answers.jsonl`. The same run is available in-process as `evaluate(...)`; the
+command line (flags, a suite of benchmarks, data-parallel processes) is llavadi.eval.suite's.
 
 Before any model loads, the questions are checked: a question id listed twice with the same
 prompt is an error (it would be counted twice), and every image is decoded completely (cached,
@@ -14,7 +15,6 @@ resumes where it stopped; the final files are written atomically, the result fil
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,46 +36,6 @@ ANSWERS_FILE = "answers.jsonl"
 TEACHER_ANSWERS_FILE = "teacher_answers.jsonl"
 JOURNAL_SUFFIX = ".journal.jsonl"
 SHOWN_PROBLEMS = 10
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `eval` subcommand to the CLI's subparsers."""
-    from llavadi.eval.benchmarks import BENCHMARKS
-    from llavadi.eval.suite import run_eval_command
-
-    p = subparsers.add_parser("eval", help="generate answers to benchmarks with a saved model and score them "
-                                           "(data-parallel under torchrun / accelerate launch)")
-    p.add_argument("--model", required=True, help="saved model directory (HF files + llavadi.json)")
-    p.add_argument("--suite", default=None, help="YAML list of benchmarks ({benchmark, questions, images, "
-                                                  "annotations, limit, all_rounds, name}): several in one call")
-    p.add_argument("--benchmark", default=None, choices=sorted(BENCHMARKS), help="one benchmark to answer and score")
-    p.add_argument("--questions", default=None, help="the benchmark's question file (LLaVA form)")
-    p.add_argument("--images", default=None, help="folder the question file's image paths are relative to")
-    p.add_argument("--annotations", default=None,
-                   help="ground truth file/folder (not needed for 'synthetic'; without it, answers are not scored)")
-    p.add_argument("--out", required=True, help="output folder (a suite: one subfolder per benchmark)")
-    p.add_argument("--teacher", default=None, help="teacher model directory: adds agreement and teacher-forced KL")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (data-parallel: each process "
-                                                     "takes cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, fp16, bf16")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--template", default=None, help="override the model's conversation template (llavadi.json)")
-    p.add_argument("--system", default=None, help="override the model's system prompt (llavadi.json; '' for none)")
-    p.add_argument("--teacher-template", default=None, help="override the teacher's conversation template")
-    p.add_argument("--teacher-system", default=None, help="override the teacher's system prompt ('' for none)")
-    p.add_argument("--name", default=None, help="run name in the results (default: the model folder's name)")
-    p.add_argument("--all-rounds", action="store_true", help="mmbench: ask every rotation of the options")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="questions with a bad image: stop before any model loads (default), or leave them out "
-                        "(listed in the result, scored as missing)")
-    p.add_argument("--no-model-card", action="store_true",
-                   help="leave the model's card (README.md) as it is; by default the results are added to it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-cost", action="store_true",
-                   help="do not measure parameters, peak memory, latency and throughput")
-    p.set_defaults(func=run_eval_command)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

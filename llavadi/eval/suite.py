@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from llavadi.eval.benchmarks import BENCHMARKS, EvalDataError, get_benchmark
+from llavadi.eval.eval_command import _questions, _usable, evaluate
 from llavadi.eval.parallel import Shard, start_data_parallel, stop_data_parallel
 
 SUITE_RESULTS = "results"
@@ -93,7 +94,6 @@ def load_suite(path: str) -> list[SuiteEntry]:
 
 def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
     """Read every entry's questions, check its images and that its annotations exist, before any model loads."""
-    from llavadi.eval.eval_command import _questions, _usable
 
     for entry in entries:
         try:
@@ -109,7 +109,6 @@ def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
 def run_suite(entries: list[SuiteEntry], args: argparse.Namespace, shard: Shard, device: str,
               separate_folders: bool) -> list[dict]:
     """Load the models once, evaluate every entry; returns each entry's result."""
-    from llavadi.eval.eval_command import evaluate
     from llavadi.eval.generate import load_for_eval
 
     student = load_for_eval(args.model, device=device, dtype=args.dtype, template=args.template, system=args.system)
@@ -141,6 +140,43 @@ def _entries_from_args(args: argparse.Namespace) -> tuple[list[SuiteEntry], bool
         raise EvalDataError("give --benchmark and --questions (one benchmark), or --suite FILE (several)")
     return [SuiteEntry(args.benchmark, args.questions, args.images, args.annotations, args.limit,
                        args.all_rounds)], False
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `eval` subcommand to the CLI's subparsers."""
+    p = subparsers.add_parser("eval", help="generate answers to benchmarks with a saved model and score them "
+                                           "(data-parallel under torchrun / accelerate launch)")
+    p.add_argument("--model", required=True, help="saved model directory (HF files + llavadi.json)")
+    p.add_argument("--suite", default=None, help="YAML list of benchmarks ({benchmark, questions, images, "
+                                                  "annotations, limit, all_rounds, name}): several in one call")
+    p.add_argument("--benchmark", default=None, choices=sorted(BENCHMARKS), help="one benchmark to answer and score")
+    p.add_argument("--questions", default=None, help="the benchmark's question file (LLaVA form)")
+    p.add_argument("--images", default=None, help="folder the question file's image paths are relative to")
+    p.add_argument("--annotations", default=None,
+                   help="ground truth file/folder (not needed for 'synthetic'; without it, answers are not scored)")
+    p.add_argument("--out", required=True, help="output folder (a suite: one subfolder per benchmark)")
+    p.add_argument("--teacher", default=None, help="teacher model directory: adds agreement and teacher-forced KL")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (data-parallel: each process "
+                                                     "takes cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, fp16, bf16")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--template", default=None, help="override the model's conversation template (llavadi.json)")
+    p.add_argument("--system", default=None, help="override the model's system prompt (llavadi.json; '' for none)")
+    p.add_argument("--teacher-template", default=None, help="override the teacher's conversation template")
+    p.add_argument("--teacher-system", default=None, help="override the teacher's system prompt ('' for none)")
+    p.add_argument("--name", default=None, help="run name in the results (default: the model folder's name)")
+    p.add_argument("--all-rounds", action="store_true", help="mmbench: ask every rotation of the options")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="questions with a bad image: stop before any model loads (default), or leave them out "
+                        "(listed in the result, scored as missing)")
+    p.add_argument("--no-model-card", action="store_true",
+                   help="leave the model's card (README.md) as it is; by default the results are added to it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-cost", action="store_true",
+                   help="do not measure parameters, peak memory, latency and throughput")
+    p.set_defaults(func=run_eval_command)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 `run_parallel` keeps up to `jobs` worker processes going, one torch thread each (two processes
 that each use every core slow both down many times over), and reports every start and finish
-through a `Progress`. A worker is `python -m llavadi.experiments.cells GRID VARIANT SEED`: it plans
+through a `Progress`. A worker is `python -m llavadi.experiments.cell_worker GRID VARIANT SEED`: it plans
 the grid again (the same deterministic plan) and trains + evaluates that one run exactly as the
 in-process path does, its output going to `<run_dir>/ablate_cell.log`. When a cell fails, no
 new cell starts, the running ones finish, and the error names the failed cells with the end of
@@ -55,7 +55,7 @@ def _launch(grid_path: str, run, progress: Progress, log) -> _Running:
     os.makedirs(run.run_dir, exist_ok=True)
     log_path = os.path.join(run.run_dir, CELL_LOG)
     log_file = open(log_path, "w")
-    cmd = [sys.executable, "-m", "llavadi.experiments.cells", grid_path, run.variant, str(run.seed)]
+    cmd = [sys.executable, "-m", "llavadi.experiments.cell_worker", grid_path, run.variant, str(run.seed)]
     process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=worker_env(1))
     k = progress.start()
     log(f"[{progress.line(k)}] {run.name}: started (log {log_path})")
@@ -87,22 +87,3 @@ def run_parallel(grid_path: str, runs: list, jobs: int, progress: Progress, log)
                             + _tail(os.path.join(c.run.run_dir, CELL_LOG)) for c in failed)
         raise CellFailure(f"{len(failed)} run(s) failed: {[c.run.name for c in failed]}\n{details}")
     return seconds
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Worker: train and evaluate one (variant, seed) of a grid."""
-    import torch
-
-    from llavadi.experiments import ablate
-
-    grid_path, variant, seed = argv if argv is not None else sys.argv[1:]
-    if os.environ.get("LLAVADI_THREADS"):
-        torch.set_num_threads(int(os.environ["LLAVADI_THREADS"]))
-    grid = ablate.load_grid(grid_path)
-    (run,) = [r for r in ablate.plan_runs(grid) if r.variant == variant and r.seed == int(seed)]
-    ablate.train_and_eval(grid, run, lambda *a: print(*a, flush=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
