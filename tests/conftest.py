@@ -15,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -143,3 +144,15 @@ def final_logits(out, probe: dict) -> torch.Tensor:
     size = probe["image_size"]
     with torch.no_grad():
         return model(input_ids=torch.tensor(probe["input_ids"]), pixel_values=torch.zeros(1, 3, size, size)).logits
+
+
+class CrashAt(TrainerCallback):
+    """Simulate a killed job: raise KeyboardInterrupt once training reaches step `at` (the checkpoints
+    written before it stay)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated crash")

@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from conftest import final_logits, probe_inputs
+from conftest import CrashAt, final_logits, probe_inputs
 from safetensors.torch import load_file
-from test_train import _Crash, _finetune, _history, _recipe, workspace  # noqa: F401  (workspace: a fixture)
+from test_train import _finetune, _history, _recipe, workspace  # noqa: F401  (workspace: a fixture)
 
 from llavadi.distill.terms import TERMS
 from llavadi.train import trainer as trainer_module
@@ -104,7 +104,7 @@ def test_lora_resume_rebuilds_the_adapter(workspace, tmp_path):
     run_recipe(_lora_recipe(workspace, straight, [stage]), log=lambda *_: None)
     crashed = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(_lora_recipe(workspace, crashed, [stage]), log=lambda *_: None, callbacks=[_Crash(3)])
+        run_recipe(_lora_recipe(workspace, crashed, [stage]), log=lambda *_: None, callbacks=[CrashAt(3)])
     run_recipe(_lora_recipe(workspace, crashed, [stage]), log=lambda *_: None)
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(crashed / "final" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

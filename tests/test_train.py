@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
+from conftest import CrashAt, make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from llavadi.config import recipe_from_dict
 from llavadi.models.build import LoadedModel, save_model
@@ -112,17 +111,6 @@ def test_distill_stage_logs_each_term_and_saves_projectors_beside(workspace, tmp
     assert not any("projector" in k and "multi_modal" not in k for k in _weights(out / "finetune" / "model"))
 
 
-class _Crash(TrainerCallback):
-    """Simulate a killed job: raise once training reaches `at` steps."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt("simulated crash")
-
-
 def test_resume_restores_weights_and_continues(workspace, tmp_path):
     terms = [{"name": "forward_kl", "weight": 1.0}, {"name": "hidden_mse", "weight": 0.5}]
     stage = _finetune(workspace, steps=8, terms=terms, save_steps=4)
@@ -131,7 +119,7 @@ def test_resume_restores_weights_and_continues(workspace, tmp_path):
 
     crashed = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(_recipe(workspace, crashed, [stage]), log=lambda *_: None, callbacks=[_Crash(6)])
+        run_recipe(_recipe(workspace, crashed, [stage]), log=lambda *_: None, callbacks=[CrashAt(6)])
     assert os.path.isdir(crashed / "finetune" / "checkpoints" / "checkpoint-4")
     assert not os.path.exists(crashed / "finetune" / "model")
     run_recipe(_recipe(workspace, crashed, [stage]), log=lambda *_: None)

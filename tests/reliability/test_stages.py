@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 from workspace import FINETUNE_STEPS, assert_same_tensors, leftovers, make_workspace, one_stage, report, tensors
+from conftest import CrashAt
 
 import llavadi.train.runner as runner
 import llavadi.train.stage_inputs as stage_inputs
@@ -43,20 +44,9 @@ def _run(ws, out, log=None, callbacks=None, force=False, **kw):
     return msgs
 
 
-class _Crash(TrainerCallback):
-    """Stop the process's training at step `at` (the checkpoints before it stay)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt("simulated crash")
-
-
 def _crashed_at(ws, out, at=7, **kw):
     with pytest.raises(KeyboardInterrupt):
-        _run(ws, out, callbacks=[_Crash(at)], **kw)
+        _run(ws, out, callbacks=[CrashAt(at)], **kw)
 
 
 def test_zero_byte_report_is_published_again_without_training(ws, straight, tmp_path):
