@@ -31,7 +31,7 @@ def main() -> None:
         from llavadi.data.synthetic import make_synthetic
         from llavadi.models.describe import describe_model
         from llavadi.train.preflight import preflight
-        from llavadi.train.runner import build_dataset
+        from llavadi.train.stage_inputs import build_dataset
 
         paths = make_synthetic(os.path.join(tmp, "data"), n_caption=10, n_instruct=args.samples, n_eval=10)
         recipe = recipe_from_dict({

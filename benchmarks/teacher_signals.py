@@ -116,7 +116,7 @@ def plain_forward_seconds(root, batch_size):
     """The plain teacher forward (full logits at every position) over the data, batched as the cache batches."""
     from llavadi.data.collator import LlavaCollator
     from llavadi.models.build import load_llava_dir
-    from llavadi.train.runner import build_dataset
+    from llavadi.train.stage_inputs import build_dataset
 
     teacher = load_llava_dir(os.path.join(root, "teacher"))
     ds = build_dataset(recipe(root, "", {"path": os.path.join(root, "teacher")}, batch_size).stages[0], teacher, None)
@@ -193,7 +193,7 @@ def build_variants(root, cache_dir, batch_size, max_new_tokens):
     from llavadi.teacher.cache import cached_teacher, open_cache, teacher_config
     from llavadi.teacher.on_policy import OnPolicySampler
     from llavadi.teacher.online import OnlineTeacher
-    from llavadi.train.runner import build_dataset
+    from llavadi.train.stage_inputs import build_dataset
 
     student = load_llava_dir(os.path.join(root, "student"))
     teacher = load_llava_dir(os.path.join(root, "teacher"))

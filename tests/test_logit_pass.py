@@ -229,7 +229,7 @@ def test_recipe_chunk_options_are_validated_and_reach_the_objective():
     from types import SimpleNamespace
 
     from llavadi.config import ConfigError, DistillConfig
-    from llavadi.train.runner import build_objective
+    from llavadi.train.stage_inputs import build_objective
 
     with pytest.raises(ConfigError, match="distill.chunk_mib must be > 0"):
         DistillConfig(chunk_mib=0).validate("distill")
