@@ -2,7 +2,8 @@
 projectors owned by the engine, teacher partitioned under ZeRO-3) give the step of one process with
 the whole batch and a `final/` that plain `from_pretrained` loads; `accelerate launch --multi_gpu`
 starts 2 processes; a LoRA student trains under DDP and is saved merged; under ZeRO-3 a LoRA run
-resumed from a checkpoint, or republished from its last-step checkpoint, ends as the uninterrupted one.
+resumed from a checkpoint, or republished from its last-step checkpoint, ends as the uninterrupted one;
+on-policy samples train under ZeRO-2.
 
 The reference is the one-process batch of 8 of tests/test_equivalence.py (plain SGD, so equal weights
 after one step mean equal gradients).
@@ -217,3 +218,27 @@ def test_zero3_lora_last_step_checkpoint_is_published_without_training(workspace
     diff, where = _max_difference(load_file(straight / "finetune" / "distill_projectors.safetensors"),
                                   load_file(again / "finetune" / "distill_projectors.safetensors"))
     assert diff <= TOLERANCE, f"republished projectors differ by {diff:.3g} at {where}"
+
+
+@needs_deepspeed
+def test_zero2_on_policy_two_processes_generate_train_and_save(workspace, tmp_path):
+    """On-policy samples (λ = 1) under ZeRO-2 with 2 processes: each rank's student answers its own samples
+    (ZeRO-2 keeps the whole weights on every rank, so generation needs no gathering), the teacher scores
+    them, and the run saves a final/ that plain from_pretrained loads."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "zero2_on_policy"
+    recipe = _recipe_dict(workspace, out, batch_size=4, grad_accum=1, max_steps=2,
+                          deepspeed=os.path.join(CONFIGS, "zero2.json"))
+    recipe["stages"][0]["on_policy"] = {"fraction": 1.0, "max_new_tokens": 4}
+    _torchrun(tmp_path, recipe, timeout=DEEPSPEED_TIMEOUT, steps=2)
+    states = sorted((out / "finetune" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    history = [h for h in json.loads(states[-1].read_text())["log_history"] if "loss" in h]
+    assert len(history) == 2
+    # every sample is the student's own answer: CE is off there (it has no label), the teacher's terms carry the loss
+    assert all(h["loss/ce"] == 0.0 and h["loss/forward_kl"] > 0 for h in history), history
+    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(out, "final"), local_files_only=True)
+    assert all(p.isfinite().all() for p in model.parameters())
+    start = load_file(os.path.join(workspace, "student0", "model.safetensors"))
+    trained = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert set(trained) == set(start) and any(not start[k].equal(trained[k]) for k in start)  # it trained
