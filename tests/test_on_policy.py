@@ -200,6 +200,31 @@ def test_on_policy_training_is_deterministic_under_a_seed(ws, tmp_path):
     assert all("loss/forward_kl" in h for h in history if "loss" in h)
 
 
+def test_each_log_line_reports_the_on_policy_share_and_answer_length(ws, tmp_path, monkeypatch):
+    from llavadi.train import trainer as trainer_module
+
+    seen = []  # (step, sample ids) of every training micro-batch
+    original = trainer_module.DistillTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        if model.training:
+            seen.append((self.state.global_step, list(inputs["sample_ids"])))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.DistillTrainer, "compute_loss", recording)
+    run_recipe(recipe_from_dict(_raw(ws, tmp_path / "run", {"fraction": 0.5, "max_new_tokens": 4}, steps=4)),
+               log=lambda *_: None)
+    state = sorted((tmp_path / "run" / "finetune" / "checkpoints").glob("checkpoint-*/trainer_state.json"))[-1]
+    history = [h for h in json.loads(state.read_text())["log_history"] if "loss" in h]
+    assert len(history) == len(seen) == 4
+    for h, (step, ids) in zip(history, seen):
+        expected = sum(is_on_policy(0, step, sid, 0.5) for sid in ids) / len(ids)  # the per-sample choice
+        assert h["on_policy/share"] == pytest.approx(expected, abs=1e-4)
+        if expected:
+            assert 1 <= h["on_policy/tokens_per_answer"] <= 4 and h["on_policy/generation_seconds"] > 0
+    assert 0 < sum(h["on_policy/share"] for h in history) < len(history)  # both kinds of samples were trained
+
+
 def test_on_policy_recipe_validation(ws, tmp_path):
     for bad, pattern in (({"fraction": 0.0}, r"on_policy.fraction must be in \(0, 1\]"),
                          ({"top_p": 1.5}, r"on_policy.top_p must be in"),

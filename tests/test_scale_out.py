@@ -237,6 +237,8 @@ def test_zero2_on_policy_two_processes_generate_train_and_save(workspace, tmp_pa
     assert len(history) == 2
     # every sample is the student's own answer: CE is off there (it has no label), the teacher's terms carry the loss
     assert all(h["loss/ce"] == 0.0 and h["loss/forward_kl"] > 0 for h in history), history
+    # the log counts the samples of both processes: all 8 answered by the student, at most 4 new tokens each
+    assert all(h["on_policy/share"] == 1.0 and 0 < h["on_policy/tokens_per_answer"] <= 4 for h in history), history
     model = LlavaForConditionalGeneration.from_pretrained(os.path.join(out, "final"), local_files_only=True)
     assert all(p.isfinite().all() for p in model.parameters())
     start = load_file(os.path.join(workspace, "student0", "model.safetensors"))

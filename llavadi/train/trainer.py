@@ -6,7 +6,8 @@ student and projectors) and stepped by the engine. The teacher's signal (``teach
 with ``view(batch, needs)``: ``llavadi.teacher.online.OnlineTeacher`` or the offline
 ``llavadi.teacher.cache.CachedTeacher``) is computed outside the trainable module and passed to
 its forward. ``on_policy`` (``llavadi.teacher.on_policy.OnPolicySampler``) replaces some samples
-of each step by the student's own answers before the positions are counted.
+of each step by the student's own answers before the positions are counted; every log line then
+carries `on_policy/share`, `on_policy/tokens_per_answer` and `on_policy/generation_seconds`.
 
 Every term is a sum over positions divided by the number of such positions in the whole
 optimisation step (all micro-batches of the accumulation window, all processes), counted in
@@ -67,6 +68,7 @@ class DistillTrainer(Trainer):
                 teacher.lm_head = head
         self.teacher = teacher
         self.on_policy = on_policy  # llavadi.teacher.on_policy.OnPolicySampler: student answers replace some samples
+        self._on_policy_logged = dict(on_policy.stats) if on_policy is not None else {}
         self.meta = meta or {}
         self._normalizers: dict | None = None
         self._term_sums: dict[str, torch.Tensor | float] = {}
@@ -120,7 +122,19 @@ class DistillTrainer(Trainer):
                 logs[f"loss/{k}"] = round(v / steps, 6)
             self._term_sums.clear()
             self._term_count = 0
+        if self.on_policy is not None and "loss" in logs:
+            logs.update(self._on_policy_logs())
         super().log(logs, *args, **kwargs)
+
+    def _on_policy_logs(self) -> dict:
+        """Since the last log, over all processes: the share of samples the student answered itself, the tokens
+        per sampled answer, and the seconds spent generating (mean per process)."""
+        now = dict(self.on_policy.stats)
+        total = sum_over_processes({k: now[k] - self._on_policy_logged.get(k, 0) for k in now})
+        self._on_policy_logged = now
+        return {"on_policy/share": round(total["on_policy"] / max(total["samples"], 1), 4),
+                "on_policy/tokens_per_answer": round(total["generated_tokens"] / max(total["on_policy"], 1), 2),
+                "on_policy/generation_seconds": round(total["seconds"] / world_size(), 3)}
 
     # -- the stage's totals across resumes, kept in each checkpoint's completion marker
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
