@@ -114,27 +114,34 @@ class DistillTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs):
         self.guard.adjust_log(logs, self.state.global_step)
-        if self._term_count and "loss" in logs:
-            # term values are each process's share of the step's global mean, per micro-batch: sum them
-            # over the accumulation window and over processes (every process logs at the same step)
-            steps = max(1, self._term_count / self.args.gradient_accumulation_steps)
-            for k, v in sum_over_processes(self._term_sums).items():
-                logs[f"loss/{k}"] = round(v / steps, 6)
-            self._term_sums.clear()
-            self._term_count = 0
-        if self.on_policy is not None and "loss" in logs:
-            logs.update(self._on_policy_logs())
+        if "loss" in logs and (self._term_count or self.on_policy is not None):
+            logs.update(self._since_last_log())
         super().log(logs, *args, **kwargs)
 
-    def _on_policy_logs(self) -> dict:
-        """Since the last log, over all processes: the share of samples the student answered itself, the tokens
-        per sampled answer, and the seconds spent generating (mean per process)."""
-        now = dict(self.on_policy.stats)
-        total = sum_over_processes({k: now[k] - self._on_policy_logged.get(k, 0) for k in now})
-        self._on_policy_logged = now
-        return {"on_policy/share": round(total["on_policy"] / max(total["samples"], 1), 4),
-                "on_policy/tokens_per_answer": round(total["generated_tokens"] / max(total["on_policy"], 1), 2),
-                "on_policy/generation_seconds": round(total["seconds"] / world_size(), 3)}
+    def _since_last_log(self) -> dict:
+        """Per-term losses and, in an on-policy stage, what the student generated, since the last log line,
+        summed over processes in one all-reduce (every process logs at the same step).
+
+        Term values are each process's share of the step's global mean, per micro-batch: summed over the
+        accumulation window and the processes, averaged over the logged steps. On-policy: the share of
+        samples the student answered itself, the tokens per sampled answer, the generation seconds (mean
+        per process)."""
+        values = {("loss", k): v for k, v in self._term_sums.items()} if self._term_count else {}
+        if self.on_policy is not None:
+            now = dict(self.on_policy.stats)
+            values.update({("on_policy", k): now[k] - self._on_policy_logged.get(k, 0) for k in now})
+            self._on_policy_logged = now
+        total = sum_over_processes(values)
+        steps = max(1, self._term_count / self.args.gradient_accumulation_steps)
+        logs = {f"loss/{k}": round(v / steps, 6) for (kind, k), v in total.items() if kind == "loss"}
+        self._term_sums.clear()
+        self._term_count = 0
+        if self.on_policy is not None:
+            made = {k: v for (kind, k), v in total.items() if kind == "on_policy"}
+            logs.update({"on_policy/share": round(made["on_policy"] / max(made["samples"], 1), 4),
+                         "on_policy/tokens_per_answer": round(made["generated_tokens"] / max(made["on_policy"], 1), 2),
+                         "on_policy/generation_seconds": round(made["seconds"] / world_size(), 3)})
+        return logs
 
     # -- the stage's totals across resumes, kept in each checkpoint's completion marker
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
