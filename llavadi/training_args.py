@@ -159,8 +159,10 @@ def train_section(raw: Any, where: str) -> dict:
         except TrainArgsError as e:
             problems.append(str(e))
     if problems:
-        raise TrainArgsError("\n  - ".join(problems) if len(problems) == 1 else
-                             f"{len(problems)} problems in {where}:\n  - " + "\n  - ".join(problems))
+        error = TrainArgsError("\n  - ".join(problems) if len(problems) == 1 else
+                               f"{len(problems)} problems in {where}:\n  - " + "\n  - ".join(problems))
+        error.problems = problems  # for a report of the whole recipe
+        raise error
     return args
 
 
