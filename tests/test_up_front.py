@@ -189,3 +189,23 @@ def test_bf16_on_a_gpu_without_bf16_and_qlora_of_a_preset_student_are_refused(mo
     recipe = recipe_from_dict(_raw(student={"preset": "tiny-student", "lora": {"quantize": "4bit"}}))
     assert any("a preset or composed student is on disk only after a first stage" in p
                for p in requirements.quantization_problems(recipe, "cuda"))
+
+
+# ----------------------------------------------------------------------------- the command's own errors
+
+def test_an_unexpected_exception_is_one_line_naming_the_cause_and_a_log_with_the_traceback(
+        tmp_path, monkeypatch, capsys):
+    import llavadi.cli as cli
+
+    def broken(args):
+        raise RuntimeError("the disk said no\nsecond line of detail")
+
+    monkeypatch.setenv("LLAVADI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "_cmd_make_data", broken)
+    assert cli.main(["make-data", "synthetic", "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("llavadi make-data: unexpected error: RuntimeError: the disk said no"), err
+    log = err.split("full traceback in ")[1].strip().rstrip(")")
+    text = open(log).read()
+    assert "Traceback (most recent call last)" in text and "in broken" in text and "second line of detail" in text
