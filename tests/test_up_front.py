@@ -209,3 +209,12 @@ def test_an_unexpected_exception_is_one_line_naming_the_cause_and_a_log_with_the
     log = err.split("full traceback in ")[1].strip().rstrip(")")
     text = open(log).read()
     assert "Traceback (most recent call last)" in text and "in broken" in text and "second line of detail" in text
+
+
+@pytest.mark.parametrize("field, value", [("push_to_hub", True), ("hub_model_id", "me/student")])
+def test_pushing_to_the_hub_from_a_stage_is_refused_saying_how_to_upload(field, value):
+    raw = _raw()
+    raw["stages"][0]["train"] = {field: value}
+    with pytest.raises(ConfigError, match=rf"stages\[0\].train.{field}: not supported; llavadi does not upload during "
+                                          r"training .*`hf upload REPO_ID <output_dir>/final`"):
+        recipe_from_dict(raw)
