@@ -218,3 +218,21 @@ def test_pushing_to_the_hub_from_a_stage_is_refused_saying_how_to_upload(field, 
     with pytest.raises(ConfigError, match=rf"stages\[0\].train.{field}: not supported; llavadi does not upload during "
                                           r"training .*`hf upload REPO_ID <output_dir>/final`"):
         recipe_from_dict(raw)
+
+
+def test_make_bench_installs_what_the_benchmarks_import():
+    """`make bench` from a fresh clone: the benchmarks' extra (trl) is installed before they run."""
+    import os
+    import re
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(re.match(r"trl\b", d) for d in extras["bench"])
+    makefile = open(os.path.join(root, "Makefile")).read()
+    bench = re.search(r"^bench:(.*)$", makefile, re.M).group(1).split()
+    installers = [t for t in bench
+                  if re.search(rf"^{re.escape(t)}:.*\n\t.*pip install .*\[[^]]*\bbench\b", makefile, re.M)]
+    assert installers, f"the bench target's prerequisites {bench} install no [bench] extra"
+    assert "kd_loss.py" in makefile.split("\nbench:")[1].split("\n\n")[0]
