@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench soak clean
 
 setup: $(VENV)/.llavadi-installed
 
@@ -29,12 +29,22 @@ demo: setup
 test: setup $(VENV)/.llavadi-test-installed
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: setup
+# what the benchmarks import besides: trl (benchmarks/kd_loss.py compares with TRL's loss functions)
+$(VENV)/.llavadi-bench-installed: $(VENV)/.llavadi-installed pyproject.toml
+	$(PY) -m pip install -q -e ".[bench,plots,logging]"
+	touch $@
+
+bench: setup $(VENV)/.llavadi-bench-installed
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/image_check.py
 	$(PY) benchmarks/kd_loss.py --plain
 	$(PY) benchmarks/kd_step.py
 	$(PY) benchmarks/scale_estimate.py
+
+# not part of `make test` (tens of minutes): 2-process DDP and ZeRO-2 runs SIGKILLed at random moments,
+# restarted, and compared bit for bit with an uninterrupted run (tests/reliability/soak.py, docs/reliability.md)
+soak: setup $(VENV)/.llavadi-test-installed
+	$(PY) tests/reliability/soak.py --kills 10
 
 clean:
 	rm -rf $(VENV) runs

@@ -19,6 +19,7 @@ Usage: python benchmarks/kd_loss.py [--positions 1024 4096] [--rounds 3] [--swee
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -236,6 +237,9 @@ def main() -> None:
         args.variant = args.worker
         worker(args)
         return
+    if importlib.util.find_spec("trl") is None:  # every row is measured against TRL's dense loss
+        sys.exit("benchmarks/kd_loss.py compares with TRL's loss functions, and trl is not installed: "
+                 "pip install -e '.[bench]' (`make bench` installs it)")
     variants = ["trl_dense", "trl_chunked", "llavadi"] + [f"llavadi@{m:g}" for m in args.sweep]
     variants += ["llavadi_plain"] if args.plain else []
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults (no MALLOC_* set)"

@@ -168,8 +168,38 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:  # training stopped: the last checkpoint is kept, nothing published
         print(f"llavadi {args.command}: training stopped: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # noqa: BLE001  (anything else: one line here, the traceback in a file)
+        log = write_traceback(args.command)
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"llavadi {args.command}: unexpected error: {type(e).__name__}: {first} "
+              f"(full traceback in {log})", file=sys.stderr)
+        return 1
     _teardown()  # not after an error: the other processes may never reach the barrier
     return code
+
+
+def write_traceback(command: str) -> str:
+    """Write the exception being handled, with its traceback, to a new log file; returns its path.
+
+    The file goes to $LLAVADI_CACHE_DIR/errors (default ~/.cache/llavadi/errors), else the temporary folder."""
+    import tempfile
+    import time
+    import traceback
+
+    from llavadi.data.images import cache_dir
+
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
+    text = f"llavadi {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    for folder in (os.path.join(cache_dir(), "errors"), tempfile.gettempdir()):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return "(no writable folder for the log)"
 
 
 def _teardown() -> None:

@@ -8,6 +8,7 @@ mistake is reported before any model loads, with the key's path and what to writ
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
@@ -184,7 +185,9 @@ class TrainConfig:
         try:
             return cls(train_section(raw, where), skips)
         except TrainArgsError as e:
-            raise ConfigError(str(e)) from None
+            error = ConfigError(str(e))
+            error.problems = getattr(e, "problems", None)
+            raise error from None
 
     def value(self, name: str):
         """A TrainingArguments field's effective value: the section's, else TrainingArguments' default."""
@@ -235,20 +238,23 @@ class StageConfig:
     on_policy: OnPolicyConfig | None = None  # None: the data's own answers only
 
     def validate(self, where: str, has_teacher: bool):
+        """Refuse a stage's mistakes: every one found, in one ConfigError."""
+        problems = _Problems()
         if not self.name:
-            raise ConfigError(f"{where}: every stage needs a `name`")
+            problems.append(f"{where}: every stage needs a `name`")
         if not self.data.path:
-            raise ConfigError(f"{where}.data.path: no training data given")
-        self.data.validate(f"{where}.data")
-        self.distill.validate(f"{where}.distill")
-        self.train.validate(f"{where}.train")
+            problems.append(f"{where}.data.path: no training data given")
+        problems.check(self.data.validate, f"{where}.data")
+        problems.check(self.distill.validate, f"{where}.distill")
+        problems.check(self.train.validate, f"{where}.train")
         if self.distill.terms and not has_teacher:
-            raise ConfigError(f"{where}.distill.terms: distillation terms need a `teacher` in the recipe")
+            problems.append(f"{where}.distill.terms: distillation terms need a `teacher` in the recipe")
         if self.on_policy is not None:
-            self.on_policy.validate(f"{where}.on_policy")
+            problems.check(self.on_policy.validate, f"{where}.on_policy")
             if not self.distill.terms:
-                raise ConfigError(f"{where}.on_policy: on-policy samples carry no labels (CE is off on them): "
-                                  "the stage needs distillation terms for the teacher to score them")
+                problems.append(f"{where}.on_policy: on-policy samples carry no labels (CE is off on them): "
+                                "the stage needs distillation terms for the teacher to score them")
+        problems.raise_all()
 
 
 @dataclass
@@ -266,58 +272,101 @@ class Recipe:
     meta: dict = field(default_factory=dict)  # free-form notes copied into outputs
 
     def validate(self):
-        self.student.validate("student")
+        """Refuse the recipe's mistakes: every one found, in one ConfigError."""
+        problems = _Problems()
+        problems.check(self.student.validate, "student")
         if self.student.cache:
-            raise ConfigError("student.cache: only the teacher can be a cache")
+            problems.append("student.cache: only the teacher can be a cache")
         if self.teacher is not None:
-            self.teacher.validate("teacher")
+            problems.check(self.teacher.validate, "teacher")
             on_policy = [s.name for s in self.stages if s.on_policy is not None]
             if self.teacher.cache and on_policy:
-                raise ConfigError(f"teacher.cache: stages {on_policy} use on_policy, whose samples the teacher must "
-                                  "score online; drop `cache` (keep teacher.path) or on_policy")
+                problems.append(f"teacher.cache: stages {on_policy} use on_policy, whose samples the teacher must "
+                                "score online; drop `cache` (keep teacher.path) or on_policy")
             if self.teacher.lora is not None:
-                raise ConfigError("teacher.lora: LoRA applies to the student; the teacher is frozen")
+                problems.append("teacher.lora: LoRA applies to the student; the teacher is frozen")
         if not self.stages:
-            raise ConfigError("stages: a recipe needs at least one stage (e.g. finetune)")
+            problems.append("stages: a recipe needs at least one stage (e.g. finetune)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ConfigError(f"stages: stage names must be unique, got {names}")
+            problems.append(f"stages: stage names must be unique, got {names}")
         for i, s in enumerate(self.stages):
-            s.validate(f"stages[{i}] ({s.name})", self.teacher is not None)
+            problems.check(s.validate, f"stages[{i}] ({s.name})", self.teacher is not None)
+        problems.raise_all()
         return self
 
 
 # ----------------------------------------------------------------------------- parsing
 
-def _build(cls, raw: Any, where: str):
-    """Construct dataclass `cls` from a dict, rejecting unknown keys with a helpful message."""
+class _Problems(list):
+    """Every recipe mistake found while reading it (each a message naming its key path)."""
+
+    def check(self, fn, *args) -> None:
+        """Run one validation; a mistake it raises is recorded, not raised."""
+        try:
+            fn(*args)
+        except ConfigError as e:
+            self.extend(getattr(e, "problems", None) or [str(e)])
+
+    def raise_all(self) -> None:
+        """Raise one ConfigError listing every mistake (none: nothing)."""
+        if len(self) == 1:
+            raise ConfigError(self[0])
+        if self:
+            error = ConfigError(f"{len(self)} problems in the recipe:\n  - " + "\n  - ".join(self))
+            error.problems = list(self)
+            raise error
+
+
+def _unknown_keys_message(where: str, unknown: list[str], names: set[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"`{key}`: did you mean `{close[0]}`?")
+    return (f"{where}: unknown key(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; valid keys are {sorted(names)}")
+
+
+def _build(cls, raw: Any, where: str, problems: _Problems):
+    """Construct dataclass `cls` from a dict; unknown keys and bad values are recorded in `problems` and left out."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        problems.append(f"{where}: expected a mapping, got {type(raw).__name__}")
+        return cls()
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+        problems.append(_unknown_keys_message(where or "recipe", unknown, names))
     kwargs = {}
     for key, value in raw.items():
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+        if key not in names:
+            continue
+        try:
+            kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key, problems)
+        except ConfigError as e:
+            problems.extend(getattr(e, "problems", None) or [str(e)])
     return cls(**kwargs)
 
 
-def _convert(tp, value, where):
+def _convert(tp, value, where, problems: _Problems):
     origin = get_origin(tp)
     args = get_args(tp)
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
-        if hasattr(args[0], "from_dict"):  # validates itself (distillation terms), errors naming the entry
+        items = []
+        for i, v in enumerate(value):
             try:
-                return [args[0].from_dict(v, f"{where}[{i}]") for i, v in enumerate(value)]
+                if hasattr(args[0], "from_dict"):  # validates itself (distillation terms), errors naming the entry
+                    items.append(args[0].from_dict(v, f"{where}[{i}]"))
+                else:
+                    items.append(_build(args[0], v, f"{where}[{i}]", problems))
             except ValueError as e:
-                raise ConfigError(str(e)) from None
-        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+                problems.append(str(e))
+        return items
     if args and type(None) in args:  # Optional[X]
         if value is None:
             return None
@@ -326,7 +375,7 @@ def _convert(tp, value, where):
     if dataclasses.is_dataclass(tp):
         if hasattr(tp, "from_dict"):  # validates itself (the train section), errors naming the key
             return tp.from_dict(value, where)
-        return _build(tp, value, where)
+        return _build(tp, value, where, problems)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -393,24 +442,37 @@ def _child(node, part, where, create):
 
 
 def recipe_from_dict(raw: dict, base_dir: str | None = None) -> Recipe:
-    """A validated Recipe from a raw dict; relative data/model paths resolve against base_dir."""
+    """A validated Recipe from a raw dict; relative data/model paths resolve against base_dir.
+
+    Every mistake is named in one ConfigError: unknown keys, wrong value types, bad term options and
+    train fields while reading, then the checks of what was read."""
     raw = dict(raw)
+    problems = _Problems()
     defaults = raw.get("data") or {}
+    if not isinstance(defaults, dict):
+        problems.append(f"data: expected a mapping, got {type(defaults).__name__}")
+        defaults = {}
+    unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(DataConfig)})
+    if unknown:
+        problems.append(_unknown_keys_message("data", unknown, {f.name for f in dataclasses.fields(DataConfig)}))
+        defaults = {k: v for k, v in defaults.items() if k not in unknown}
     stages = []
     for i, s in enumerate(raw.get("stages") or []):
         if not isinstance(s, dict):
-            raise ConfigError(f"stages[{i}]: expected a mapping")
+            problems.append(f"stages[{i}]: expected a mapping")
+            continue
         s = dict(s)
-        unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(DataConfig)})
-        if unknown:
-            raise ConfigError(f"data: unknown key(s) {unknown}")
         s["data"] = {**defaults, **(s.get("data") or {})}
         stages.append(s)
     raw["stages"] = stages
-    recipe = _build(Recipe, raw, "")
+    raw.pop("data", None)
+    recipe = _build(Recipe, raw, "", problems)
+    recipe.data = dict(defaults)
     if base_dir:
         _resolve_paths(recipe, base_dir)
-    return recipe.validate()
+    problems.check(recipe.validate)
+    problems.raise_all()
+    return recipe
 
 
 def _resolve_paths(recipe: Recipe, base_dir: str) -> None:

@@ -4,7 +4,8 @@ Every key of `train` is a TrainingArguments field (`per_device_train_batch_size`
 `gradient_accumulation_steps`, `lr_scheduler_type`, `deepspeed`, `adam_beta2`, ...). Names and
 value types are checked when the recipe is read, before any model loads; a typo is reported with
 the closest field. llavadi's defaults (`DEFAULTS`) replace TrainingArguments' where LLaVA's
-recipes differ; a few fields are set by llavadi itself (`OWNED`) and refused here.
+recipes differ; a few fields are set by llavadi itself (`OWNED`) and refused here, as are the Hub
+upload fields (`REFUSED`: the Trainer would upload a stage's checkpoints folder, not the student).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ OWNED: dict[str, str] = {
                               "(`--no-resume` to start afresh)",
     "logging_nan_inf_filter": "a NaN loss is always logged as NaN (train.max_nonfinite_skips decides what happens)",
 }
+# the Trainer would push a stage's checkpoints folder, not the published student: refused, with what to do
+_NO_PUSH = ("llavadi does not upload during training (the Trainer would push <stage>/checkpoints, not the "
+            "student); upload the finished student with its model card: `hf upload REPO_ID <output_dir>/final`")
+REFUSED: dict[str, str] = {name: _NO_PUSH for name in ("push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+                                             "hub_private_repo", "hub_always_push", "hub_revision")}
 
 # llavadi's former short names: one way to say each thing, TrainingArguments'
 RENAMED: dict[str, str] = {
@@ -153,14 +159,18 @@ def train_section(raw: Any, where: str) -> dict:
         try:
             if key in OWNED:
                 raise TrainArgsError(f"{where}.{key}: set by llavadi; {OWNED[key]}")
+            if key in REFUSED:
+                raise TrainArgsError(f"{where}.{key}: not supported; {REFUSED[key]}")
             if key not in fields:
                 raise TrainArgsError(_unknown_key_message(key, where))
             args[key] = _convert(value, hints.get(key, fields[key].type), f"{where}.{key}")
         except TrainArgsError as e:
             problems.append(str(e))
     if problems:
-        raise TrainArgsError("\n  - ".join(problems) if len(problems) == 1 else
-                             f"{len(problems)} problems in {where}:\n  - " + "\n  - ".join(problems))
+        error = TrainArgsError("\n  - ".join(problems) if len(problems) == 1 else
+                               f"{len(problems)} problems in {where}:\n  - " + "\n  - ".join(problems))
+        error.problems = problems  # for a report of the whole recipe
+        raise error
     return args
 
 

@@ -203,7 +203,7 @@ def test_vqav2_official_question_json(tmp_path):
 # --------------------------------------------------------------------------- GQA
 
 
-def test_gqa_accuracy_and_llava_variant(tmp_path):
+def test_gqa_headline_accuracy_is_the_official_rule_and_vqa_normalisation_is_secondary(tmp_path):
     annotations = write_json(tmp_path / "testdev_balanced_questions.json", {
         "201": {"question": "Is it red?", "answer": "yes", "types": {"structural": "verify"}},
         "202": {"question": "What animal?", "answer": "dog", "types": {"structural": "query"}},
@@ -213,10 +213,12 @@ def test_gqa_accuracy_and_llava_variant(tmp_path):
                                                      {"question_id": "202", "text": "A dog"},
                                                      {"question_id": "203", "text": "two"}])
     result = get_benchmark("gqa").score_files(predictions, annotations)
-    assert result.metrics["accuracy"] == pytest.approx(100.0)  # all match after normalisation
-    # LLaVA's rstrip('.').lower(): "yes" matches, "a dog" and "two" do not.
-    assert result.metrics["accuracy_llava"] == pytest.approx(100 / 3, abs=1e-3)
-    assert result.metrics["binary"] == 100.0 and result.metrics["open"] == 100.0
+    # the official GQA / LLaVA rule: rstrip('.').lower(), then exact match: "yes" matches, "a dog" and "two" do not
+    assert result.headline == ["accuracy"]
+    assert result.metrics["accuracy"] == pytest.approx(100 / 3, abs=1e-3)
+    assert result.metrics["binary"] == 100.0 and result.metrics["open"] == 0.0  # by the same rule
+    assert result.metrics["accuracy_vqa_normalised"] == pytest.approx(100.0)  # all match after VQA normalisation
+    assert "accuracy_llava" not in result.metrics
 
 
 # --------------------------------------------------------------------------- TextVQA

@@ -237,15 +237,14 @@ def test_edited_sample_is_refused_by_id(ws, full_fp32, tmp_path):
     _refused_up_front(raw, r"1 sample\(s\) are not in teacher cache .*'new1'")
 
 
-def test_edited_image_is_refused_when_its_batch_is_read(ws, full_fp32, tmp_path):
+def test_edited_image_is_refused_before_training(ws, full_fp32, tmp_path):
     from PIL import Image
 
     shutil.copytree(ws / "imgs", tmp_path / "imgs")
     Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "imgs" / "img2.png")  # s2 and s6 use it
     raw = _raw(ws, tmp_path / "run", teacher={"cache": str(full_fp32)})
     raw["data"]["image_folder"] = str(tmp_path / "imgs")
-    with pytest.raises(CacheError, match=r"sample 's[26]' changed since it was cached: its image bytes differ"):
-        run_recipe(recipe_from_dict(raw), log=lambda *_: None)
+    _refused_up_front(raw, r"sample 's2' changed since it was cached: its image bytes differ.*\(1 more changed: 's6'\)")
 
 
 def test_other_setting_or_teacher_is_refused_saying_what_differs(ws, full_fp32, tmp_path):

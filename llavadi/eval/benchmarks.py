@@ -469,9 +469,11 @@ class TextVQA(Benchmark):
 class GQA(Benchmark):
     """GQA: exact match on the balanced test-dev questions.
 
-    ``accuracy`` compares after the VQA normalisation of both sides; ``accuracy_llava`` is
-    LLaVA's own conversion (rstrip '.', lower) against the raw gold answer, as the official
-    GQA script sees it. Annotations: ``testdev_balanced_questions.json``.
+    ``accuracy`` (the headline, and ``binary``, ``open``, ``structural/*``) is the official rule as
+    LLaVA applies it: the prediction converted by rstrip('.') and lower(), then compared with the raw
+    gold answer by the official GQA script's exact match. ``accuracy_vqa_normalised`` is a secondary
+    figure comparing after the VQA normalisation of both sides (articles, number words, punctuation),
+    which counts "a dog" for "dog" and "two" for "2". Annotations: ``testdev_balanced_questions.json``.
     """
 
     name = "gqa"
@@ -496,21 +498,20 @@ class GQA(Benchmark):
     def score(self, predictions, annotations, questions=None):
         questions = self._questions(annotations, questions)
         matched = match_predictions(questions, predictions)
-        normalised, llava, structural = [], [], []
+        official, normalised, structural = [], [], []
         for question, text in zip(questions, matched.texts):
             ann = annotations.get(question.question_id)
             if ann is None:
                 raise EvalDataError(f"{self.name}: no annotation for question {question.question_id!r}")
-            ok = text is not None and scorers.exact_match(text, ann["answer"])
-            normalised.append(ok)
-            llava.append(text is not None and scorers.llava_gqa_answer(text) == ann["answer"])
+            official.append(text is not None and scorers.llava_gqa_answer(text) == ann["answer"])
+            normalised.append(text is not None and scorers.exact_match(text, ann["answer"]))
             structural.append(ann["structural"])
-        metrics = {"accuracy": _pct(scorers.mean([float(x) for x in normalised])),
-                   "accuracy_llava": _pct(scorers.mean([float(x) for x in llava]))}
+        metrics = {"accuracy": _pct(scorers.mean([float(x) for x in official])),
+                   "accuracy_vqa_normalised": _pct(scorers.mean([float(x) for x in normalised]))}
         if any(s is not None for s in structural):
             by_kind = scorers.grouped_accuracy(
-                ("open" if s == "query" else "binary", ok) for s, ok in zip(structural, normalised) if s)
-            by_struct = scorers.grouped_accuracy((s, ok) for s, ok in zip(structural, normalised) if s)
+                ("open" if s == "query" else "binary", ok) for s, ok in zip(structural, official) if s)
+            by_struct = scorers.grouped_accuracy((s, ok) for s, ok in zip(structural, official) if s)
             metrics.update({f"{k}": _pct(v) for k, v in by_kind.items()})
             metrics.update({f"structural/{k}": _pct(v) for k, v in by_struct.items()})
         return _result(self.name, questions, matched, len(predictions), metrics, ["accuracy"])

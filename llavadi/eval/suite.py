@@ -53,18 +53,34 @@ class SuiteEntry:
         return {"all_rounds": True} if self.all_rounds else {}
 
 
-def _entry(raw, where: str, base: str) -> SuiteEntry:
-    keys = {f.name for f in fields(SuiteEntry)} - {"where"}
+_ENTRY_TYPES = {"benchmark": (str,), "questions": (str,), "images": (str, type(None)),
+                "annotations": (str, type(None)), "limit": (int, type(None)), "all_rounds": (bool,),
+                "name": (str, type(None))}
+
+
+def _entry_problems(raw, where: str) -> list[str]:
+    """Every mistake of one suite entry (empty: usable)."""
+    keys = set(_ENTRY_TYPES)
     if not isinstance(raw, dict):
-        raise EvalDataError(f"{where}: expected a mapping with {sorted(keys)}")
+        return [f"{where}: expected a mapping with {sorted(keys)}"]
+    problems = []
     unknown = sorted(set(raw) - keys)
     if unknown:
-        raise EvalDataError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(keys)}")
+        problems.append(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(keys)}")
     for key in ("benchmark", "questions"):
         if not isinstance(raw.get(key), str):
-            raise EvalDataError(f"{where}: `{key}` is required (a string)")
-    if raw["benchmark"] not in BENCHMARKS:
-        raise EvalDataError(f"{where}: unknown benchmark {raw['benchmark']!r}; choose one of {sorted(BENCHMARKS)}")
+            problems.append(f"{where}: `{key}` is required (a string)")
+    for key, types in _ENTRY_TYPES.items():
+        value = raw.get(key)
+        if key in raw and key not in ("benchmark", "questions") and (
+                not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            problems.append(f"{where}.{key}: expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if isinstance(raw.get("benchmark"), str) and raw["benchmark"] not in BENCHMARKS:
+        problems.append(f"{where}: unknown benchmark {raw['benchmark']!r}; choose one of {sorted(BENCHMARKS)}")
+    return problems
+
+
+def _entry(raw: dict, where: str, base: str) -> SuiteEntry:
     entry = SuiteEntry(**raw, where=where)
     for key in ("questions", "images", "annotations"):
         value = getattr(entry, key)
@@ -73,8 +89,15 @@ def _entry(raw, where: str, base: str) -> SuiteEntry:
     return entry
 
 
+def _raise_all(problems: list[str], what: str) -> None:
+    if len(problems) == 1:
+        raise EvalDataError(problems[0])
+    if problems:
+        raise EvalDataError(f"{len(problems)} problems in {what}:\n  - " + "\n  - ".join(problems))
+
+
 def load_suite(path: str) -> list[SuiteEntry]:
-    """The entries of a suite file; a mistake names the file and the entry."""
+    """The entries of a suite file; every mistake is named at once, each with the file and the entry."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
@@ -84,6 +107,8 @@ def load_suite(path: str) -> list[SuiteEntry]:
     if not isinstance(raw, list) or not raw:
         raise EvalDataError(f"{path}: a suite is a non-empty list of benchmarks ({{benchmark, questions, ...}})")
     base = os.path.dirname(os.path.abspath(path))
+    problems = [p for i, item in enumerate(raw) for p in _entry_problems(item, f"{path}[{i}]")]
+    _raise_all(problems, path)
     entries = [_entry(item, f"{path}[{i}]", base) for i, item in enumerate(raw)]
     folders = [e.folder for e in entries]
     twice = sorted({f for f in folders if folders.count(f) > 1})
@@ -93,8 +118,9 @@ def load_suite(path: str) -> list[SuiteEntry]:
 
 
 def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
-    """Read every entry's questions, check its images and that its annotations exist, before any model loads."""
-
+    """Read every entry's questions, check its images and that its annotations exist, before any model loads;
+    every entry's problem is named at once."""
+    problems = []
     for entry in entries:
         try:
             bench = get_benchmark(entry.benchmark, **entry.options)
@@ -103,7 +129,8 @@ def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
             if entry.annotations is not None and not os.path.exists(entry.annotations):
                 raise EvalDataError(f"annotations {entry.annotations} not found")
         except ValueError as e:
-            raise EvalDataError(f"{entry.where}: {e}" if entry.where else str(e)) from None
+            problems.append(f"{entry.where}: {e}" if entry.where else str(e))
+    _raise_all(problems, "the benchmarks' inputs")
 
 
 def run_suite(entries: list[SuiteEntry], args: argparse.Namespace, shard: Shard, device: str,

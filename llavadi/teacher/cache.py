@@ -147,18 +147,26 @@ def check_teacher(reader: CacheReader, model_dir: str, where: str) -> None:
                          f"(its {' and '.join(differ)} differ); rewrite the cache with this teacher")
 
 
-def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, where: str) -> None:
-    """Every sample is cached and its token ids and types are those the entry was produced from (before training)."""
+# image files' hashes, shared by the check before training and the per-batch check (an unchanged file is read once)
+IMAGE_DIGESTS = ImageDigests()
+
+
+def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, where: str,
+                  images: list[str | None] | None = None) -> None:
+    """Every sample is cached and its token ids, types and image bytes (`images`: each sample's image path)
+    are those the entry was produced from (before training)."""
     missing = [sid for sid in sample_ids if sid not in reader.index]
     if missing:
         shown = ", ".join(repr(s) for s in missing[:SHOWN_SAMPLES]) + (" ..." if len(missing) > SHOWN_SAMPLES else "")
         raise CacheError(f"{where}: {len(missing)} sample(s) are not in teacher cache {reader.directory} ({shown}); "
                          "run `llavadi cache-teacher` again, it adds only what is missing")
     stale = []
-    for sid, enc in zip(sample_ids, encoded):
+    for i, (sid, enc) in enumerate(zip(sample_ids, encoded)):
         cached = reader.index[sid]["digest"]
-        # images are checked when their batch is read (reading every image up front is slow on large sets)
-        differ = digest_difference(cached, sample_digest(enc.input_ids, enc.token_types, cached.get("image", "")))
+        # hashing the images here reads each file once more than decoding it did; the per-batch check
+        # during training then finds them hashed already (same size and mtime)
+        image = IMAGE_DIGESTS(images[i]) if images is not None else cached.get("image", "")
+        differ = digest_difference(cached, sample_digest(enc.input_ids, enc.token_types, image))
         if differ:
             stale.append((sid, differ))
     if stale:
@@ -188,7 +196,7 @@ class CachedTeacher:
         self.hidden_width = reader.manifest.get("hidden_width")
         self.hidden_dtype = VALUE_DTYPES[reader.manifest.get("hidden_dtype") or "fp16"]
         self.n_hidden_states = int(reader.manifest["teacher_layers"]) + 1
-        self._image_digest = ImageDigests()
+        self._image_digest = IMAGE_DIGESTS
 
     def _verify(self, sample_id: str, input_ids: Tensor, token_types: Tensor) -> None:
         entry = self.reader.entry(sample_id)
@@ -307,8 +315,9 @@ def stage_cache(recipe, stage, student) -> CacheReader | None:
 
 
 def check_dataset(reader: CacheReader, dataset, where: str) -> None:
-    """Every sample of a dataset is cached, from the same token ids and types (images: when read)."""
-    check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where)
+    """Every sample of a dataset is cached, from the same token ids, token types and image bytes."""
+    check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where,
+                  [r.image for r in dataset.records])
 
 
 def cached_teacher(reader: CacheReader, objective, dataset, device, stage_name: str) -> CachedTeacher:

@@ -82,23 +82,36 @@ def _accelerator_available() -> bool:
 def check_engine_request(train_args: dict, device: str, where: str, on_policy: bool = False) -> None:
     """Refuse, before any model loads, an engine that cannot run here (it would silently be DDP), or that
     cannot run the stage (`on_policy`: the student generates during training)."""
+    problems = engine_request_problems(train_args, device, where, on_policy)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def engine_request_problems(train_args: dict, device: str, where: str, on_policy: bool = False) -> list[str]:
+    """What `check_engine_request` refuses, every problem (empty: the engine can run the stage here)."""
     engine = requested_engine(train_args)
+    problems = []
     if engine == "fsdp" and (device == "cpu" or not _accelerator_available()):
-        raise ConfigError(f"{where}.fsdp: FSDP runs only on accelerator devices (GPU, XPU, ...); on "
-                          f"{'the CPU' if device == 'cpu' else 'this machine (no accelerator found)'} accelerate "
-                          "would run plain DDP instead. Use DeepSpeed (train.deepspeed, runs on CPU) or DDP")
+        problems.append(f"{where}.fsdp: FSDP runs only on accelerator devices (GPU, XPU, ...); on "
+                        f"{'the CPU' if device == 'cpu' else 'this machine (no accelerator found)'} accelerate "
+                        "would run plain DDP instead. Use DeepSpeed (train.deepspeed, runs on CPU) or DDP")
+    if engine == "fsdp" and on_policy:
+        # as under ZeRO-3: each forward of a sharded student gathers its weights collectively, so ranks
+        # generating answers of different lengths would wait for each other forever
+        problems.append(f"{where}.fsdp: on_policy generates with the student, whose weights FSDP shards; "
+                        "use DeepSpeed ZeRO-2 or DDP for an on_policy stage")
     if engine == "deepspeed":
         try:
             import deepspeed  # noqa: F401
         except ImportError as e:
-            raise ConfigError(f"{where}.deepspeed: DeepSpeed cannot be imported ({e}); "
-                              "pip install 'llavadi[deepspeed]'") from None
+            return [f"{where}.deepspeed: DeepSpeed cannot be imported ({e}); pip install 'llavadi[deepspeed]'"]
         config = deepspeed_config(train_args["deepspeed"], where)
         if on_policy and config["zero_optimization"].get("stage") == 3:
             # each forward of a partitioned model gathers its weights collectively: ranks generating
             # answers of different lengths would wait for each other forever
-            raise ConfigError(f"{where}.deepspeed: on_policy generates with the student, whose weights ZeRO-3 "
-                              "partitions; use ZeRO-2 or DDP for an on_policy stage")
+            problems.append(f"{where}.deepspeed: on_policy generates with the student, whose weights ZeRO-3 "
+                            "partitions; use ZeRO-2 or DDP for an on_policy stage")
+    return problems
 
 
 def deepspeed_config(value, where: str) -> dict:

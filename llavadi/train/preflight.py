@@ -2,6 +2,9 @@
 
 Checked for every stage before the first model's weights are read (loading a 13B teacher takes
 minutes; a mistake found after it, or after stage 1 has trained, costs a run):
+- what the machine must provide (`llavadi.train.requirements`): flash-attn, bitsandbytes and CUDA when
+  asked for, mixed precision the device runs, an engine that runs here (and the stage: no on_policy
+  under ZeRO-3 or FSDP), DeepSpeed ops that can be built;
 - the model folders: config.json, a weights file, tokenizer, image processor, llavadi.json, read
   from the files only (`llavadi.models.describe`);
 - each stage's TrainingArguments, built once (field names and value types were checked when the
@@ -39,6 +42,7 @@ from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
 from llavadi.teacher.cache_format import CacheError
 from llavadi.train import stage_inputs
 from llavadi.train.engines import process_arguments
+from llavadi.train.requirements import environment_problems
 from llavadi.train.stages import data_identity, stage_fingerprints, stage_status
 from llavadi.training_args import TrainArgsError, check_training_arguments
 
@@ -189,7 +193,7 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
 
     With `resume`, the data of stages already done (matching completion marker) is not tokenized again.
     """
-    problems: list[str] = []
+    problems: list[str] = environment_problems(recipe)  # packages, device, precision, engines, DeepSpeed ops
     student = _describe(recipe.student, "student", problems)
     # a teacher given only as a cache has no model files (its config is in the cache's manifest)
     teacher = _describe(recipe.teacher, "teacher", problems) if has_teacher_model(recipe) else None

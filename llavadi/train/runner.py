@@ -47,7 +47,6 @@ from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
 from llavadi.train.engines import (
     barrier,
-    check_engine_request,
     engine_arguments,
     is_main_process,
     release_engine_state,
@@ -272,9 +271,6 @@ def prepare_run(recipe: Recipe, resume: bool = True, force: bool = False, log=pr
     """
     main = is_main_process()
     names = [s.name for s in recipe.stages]
-    device = resolve_device(recipe.device).type
-    for stage in recipe.stages:  # an engine that cannot run here (it would silently be DDP) fails first
-        check_engine_request(stage.train.args, device, f"stages.{stage.name}.train", on_policy=stage.on_policy is not None)
     if main and act:
         for path in clean_interrupted_writes(recipe.output_dir, names):
             log(f"removed {path} (left by an interrupted write)")

@@ -1,0 +1,238 @@
+"""Mistakes named before any model loads, all of them in one report; nothing silently ignored.
+
+Each recipe mistake below used to pass `llavadi train --check` (or to be named only after an earlier
+one was fixed, one per run); here `--check` exits non-zero naming every one, and no model is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from llavadi.cli import main
+from llavadi.config import ConfigError, recipe_from_dict
+
+
+def _raw(**kw):
+    raw = {"student": {"preset": "tiny-student"}, "teacher": {"preset": "tiny-teacher"},
+           "data": {"image_folder": "imgs"},
+           "stages": [{"name": "finetune", "data": {"path": "d.json"},
+                       "distill": {"terms": [{"name": "forward_kl", "options": {"temperature": 2.0}}]}}]}
+    raw.update(kw)
+    return raw
+
+
+def test_three_typos_in_one_recipe_are_all_named_at_once():
+    raw = _raw()
+    raw["student"]["vison"] = "x"                                          # a model key
+    raw["stages"][0]["distill"]["terms"][0]["options"]["temprature"] = 1   # a term option
+    raw["stages"][0]["train"] = {"learning_rat": 1e-4}                    # a train field
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    text = str(err.value)
+    assert "3 problems" in text, text
+    assert "student: unknown key(s) ['vison']" in text and "did you mean `vision`?" in text
+    assert "stages[0].distill.terms[0]" in text and "temprature" in text
+    assert "stages[0].train.learning_rat" in text and "learning_rate" in text
+
+
+def test_typos_and_invalid_values_of_different_parts_are_all_named():
+    raw = _raw(seed="zero")
+    raw["stages"][0]["data"]["template"] = "llama9"
+    raw["stages"][0]["distill"]["terms"].append({"name": "kl"})
+    raw["stages"].append({"name": "second", "data": {"path": "e.json", "on_error": "ignore"}, "trainable": {"llm": "yes"}})
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    text = str(err.value)
+    for expected in ("seed: expected an integer", "unknown template 'llama9'", "unknown distillation term 'kl'",
+                     "stages[1].trainable.llm: expected true or false", "stages[1] (second).data.on_error"):
+        assert expected in text, (expected, text)
+
+
+def test_check_names_every_typo_and_exits_non_zero(tmp_path, capsys):
+    raw = _raw()
+    raw["student"]["vison"] = "x"
+    raw["stages"][0]["distill"]["terms"][0]["options"]["temprature"] = 1
+    raw["stages"][0]["train"] = {"learning_rat": 1e-4}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "vison" in err and "temprature" in err and "learning_rat" in err
+
+
+def test_every_mistake_of_a_suite_file_is_named_at_once(tmp_path):
+    from llavadi.eval.benchmarks import EvalDataError
+    from llavadi.eval.suite import load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump([
+        {"benchmark": "popee", "questions": "a.jsonl"},
+        {"benchmark": "synthetic", "questions": "b.jsonl", "image": "imgs"},
+        {"benchmark": "synthetic", "questions": "c.jsonl", "limit": "ten", "name": "c"},
+    ]))
+    with pytest.raises(EvalDataError) as err:
+        load_suite(str(path))
+    text = str(err.value)
+    assert "3 problems" in text
+    assert "[0]: unknown benchmark 'popee'" in text and "[1]: unknown key(s) ['image']" in text
+    assert "[2].limit: expected int or NoneType, got 'ten'" in text
+
+
+def test_every_entry_of_a_suite_with_missing_files_is_named_at_once(tmp_path):
+    from llavadi.eval.benchmarks import EvalDataError
+    from llavadi.eval.suite import check_inputs, load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump([{"benchmark": "synthetic", "questions": "a.jsonl"},
+                                    {"benchmark": "synthetic", "questions": "b.jsonl", "name": "b"}]))
+    with pytest.raises(EvalDataError) as err:
+        check_inputs(load_suite(str(path)))
+    text = str(err.value)
+    assert "suite.yaml[0]: " in text and "a.jsonl" in text and "suite.yaml[1]: " in text and "b.jsonl" in text
+
+
+# ----------------------------------------------------------------------------- what the machine must provide
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny student and teacher, 4 images, 8 instruction samples."""
+    from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
+
+    from llavadi.models.build import LoadedModel, save_model
+
+    root = tmp_path_factory.mktemp("up_front")
+    tok = make_word_tokenizer()
+    save_model(LoadedModel(make_tiny_llava(tok), tok, make_image_processor(32), {}), str(root / "student"))
+    save_model(LoadedModel(make_tiny_llava(tok, text_hidden=64, seed=1), tok, make_image_processor(32), {}),
+               str(root / "teacher"))
+    write_images(root / "imgs", 4)
+    write_json(root / "inst.json", [
+        {"id": f"s{i}", "image": f"img{i % 4}.png",
+         "conversations": [{"from": "human", "value": "<image>\nwhat color is the square?"},
+                           {"from": "gpt", "value": "red"}]} for i in range(8)])
+    return root
+
+
+def _saved_recipe(root, **student) -> dict:
+    return {"student": {"path": str(root / "student"), **student}, "teacher": {"path": str(root / "teacher")},
+            "output_dir": str(root / "out"), "device": "cpu",
+            "data": {"image_folder": str(root / "imgs"), "template": "vicuna_v1", "system": ""},
+            "stages": [{"name": "finetune", "data": {"path": str(root / "inst.json")},
+                        "distill": {"terms": [{"name": "forward_kl"}]}, "train": {"max_steps": 1}}]}
+
+
+def _check(tmp_path, raw, monkeypatch, capsys) -> tuple[int, str]:
+    """`llavadi train RECIPE --check`: (exit code, stderr); loading a model fails the test."""
+    def no_loading(*_a, **_k):
+        raise AssertionError("a model was loaded during --check")
+
+    monkeypatch.setattr("llavadi.models.build.load_model", no_loading)
+    monkeypatch.setattr("llavadi.train.runner.load_model", no_loading)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["train", str(path), "--check"])
+    return code, capsys.readouterr().err
+
+
+def test_check_names_every_thing_the_machine_cannot_run(saved, tmp_path, monkeypatch, capsys):
+    """flash-attn, QLoRA, fp16 on the CPU, on_policy under FSDP, and a DeepSpeed CPU-Adam op that cannot be
+    built: all named by one --check, which exits non-zero (this machine: CPU, no flash-attn, no bitsandbytes)."""
+    import importlib.util
+
+    import torch.utils.cpp_extension
+
+    if importlib.util.find_spec("flash_attn") or importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("flash-attn or bitsandbytes is installed here")
+    raw = _saved_recipe(saved, attn_implementation="flash_attention_2", lora={"quantize": "4bit"})
+    raw["stages"][0]["train"]["fp16"] = True
+    raw["stages"].append({"name": "sampled", "data": {"path": str(saved / "inst.json")},
+                          "distill": {"terms": [{"name": "forward_kl"}]}, "on_policy": {"fraction": 0.5},
+                          "train": {"max_steps": 1, "fsdp": "full_shard"}})
+    problems = ["student.attn_implementation: flash_attention_2 needs the flash-attn package",
+                "student.attn_implementation: flash_attention_2 runs on CUDA GPUs only",
+                "student.lora.quantize: 4-bit loading needs the bitsandbytes package",
+                "student.lora.quantize: 4-bit loading (bitsandbytes) runs on CUDA GPUs",
+                "stages.finetune.train.fp16: fp16 mixed precision needs a GPU",
+                "stages.sampled.train.fsdp: FSDP runs only on accelerator devices",
+                "stages.sampled.train.fsdp: on_policy generates with the student, whose weights FSDP shards"]
+    if importlib.util.find_spec("deepspeed"):
+        monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
+        raw["stages"].append({"name": "offload", "data": {"path": str(saved / "inst.json")},
+                              "train": {"max_steps": 1, "deepspeed": {"zero_optimization": {
+                                  "stage": 2, "offload_optimizer": {"device": "cpu"}}}}})
+        problems.append("stages.offload.train.deepspeed: offloading to the CPU (zero_optimization.offload_*) uses "
+                        "DeepSpeed's CPU Adam op, compiled on first use, and it cannot be built here: ninja is not installed")
+    code, err = _check(tmp_path, raw, monkeypatch, capsys)
+    assert code == 2
+    assert f"{len(problems)} problem(s) found before loading any model" in err, err
+    for problem in problems:
+        assert problem in err, (problem, err)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_check_accepts_the_attention_implementations_this_machine_runs(saved, tmp_path, monkeypatch, capsys, attn):
+    code, err = _check(tmp_path, _saved_recipe(saved, attn_implementation=attn), monkeypatch, capsys)
+    assert code == 0, err
+
+
+def test_bf16_on_a_gpu_without_bf16_and_qlora_of_a_preset_student_are_refused(monkeypatch):
+    from llavadi.train import requirements
+
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: False)
+    assert requirements.precision_problems({"bf16": True}, "cuda", "stages.x.train") == [
+        "stages.x.train.bf16: this GPU does not support bf16; write fp16: true instead"]
+    assert requirements.precision_problems({"bf16": True}, "cpu", "stages.x.train") == []  # CPU autocast runs bf16
+    recipe = recipe_from_dict(_raw(student={"preset": "tiny-student", "dtype": "bf16"}))
+    assert requirements.model_problems(recipe.student, "student", "cuda") == [
+        "student.dtype: bf16 is not supported by this GPU; write fp16 or fp32"]
+    recipe = recipe_from_dict(_raw(student={"preset": "tiny-student", "lora": {"quantize": "4bit"}}))
+    assert any("a preset or composed student is on disk only after a first stage" in p
+               for p in requirements.quantization_problems(recipe, "cuda"))
+
+
+# ----------------------------------------------------------------------------- the command's own errors
+
+def test_an_unexpected_exception_is_one_line_naming_the_cause_and_a_log_with_the_traceback(
+        tmp_path, monkeypatch, capsys):
+    import llavadi.cli as cli
+
+    def broken(args):
+        raise RuntimeError("the disk said no\nsecond line of detail")
+
+    monkeypatch.setenv("LLAVADI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "_cmd_make_data", broken)
+    assert cli.main(["make-data", "synthetic", "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("llavadi make-data: unexpected error: RuntimeError: the disk said no"), err
+    log = err.split("full traceback in ")[1].strip().rstrip(")")
+    text = open(log).read()
+    assert "Traceback (most recent call last)" in text and "in broken" in text and "second line of detail" in text
+
+
+@pytest.mark.parametrize("field, value", [("push_to_hub", True), ("hub_model_id", "me/student")])
+def test_pushing_to_the_hub_from_a_stage_is_refused_saying_how_to_upload(field, value):
+    raw = _raw()
+    raw["stages"][0]["train"] = {field: value}
+    with pytest.raises(ConfigError, match=rf"stages\[0\].train.{field}: not supported; llavadi does not upload during "
+                                          r"training .*`hf upload REPO_ID <output_dir>/final`"):
+        recipe_from_dict(raw)
+
+
+def test_make_bench_installs_what_the_benchmarks_import():
+    """`make bench` from a fresh clone: the benchmarks' extra (trl) is installed before they run."""
+    import os
+    import re
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(re.match(r"trl\b", d) for d in extras["bench"])
+    makefile = open(os.path.join(root, "Makefile")).read()
+    bench = re.search(r"^bench:(.*)$", makefile, re.M).group(1).split()
+    installers = [t for t in bench
+                  if re.search(rf"^{re.escape(t)}:.*\n\t.*pip install .*\[[^]]*\bbench\b", makefile, re.M)]
+    assert installers, f"the bench target's prerequisites {bench} install no [bench] extra"
+    assert "kd_loss.py" in makefile.split("\nbench:")[1].split("\n\n")[0]
