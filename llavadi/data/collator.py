@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llavadi.data.encode import IGNORE_INDEX
+from llavadi.data.token_alignment import ALIGNMENT_KEY, collate_alignments
 from llavadi.data.token_types import TokenType
 
 PADDING_SIDES = ("right", "left")
@@ -51,6 +52,7 @@ class LlavaCollator:
         batch: dict = {"sample_ids": [it["sample_id"] for it in items],
                        # samples that failed to load and were replaced (on_error='skip'): counted by the trainer
                        "replaced_samples": [r for it in items for r in it.get("replaced_samples", ())]}
+        shifts: list[list[int]] = []
         for p in self.prefixes:
             ids = [it[p + "input_ids"] for it in items]
             length = max(len(s) for s in ids)
@@ -65,4 +67,7 @@ class LlavaCollator:
             pix = [it[p + "pixel_values"] for it in items if p + "pixel_values" in it]
             if pix:
                 batch[p + "pixel_values"] = torch.stack(pix)
+            shifts.append([length - len(s) if self.padding_side == "left" else 0 for s in ids])
+        if ALIGNMENT_KEY in items[0]:  # positions of the first two views, shifted by their left padding
+            batch[ALIGNMENT_KEY] = collate_alignments([it[ALIGNMENT_KEY] for it in items], (shifts[0], shifts[1]))
         return batch
