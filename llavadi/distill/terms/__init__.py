@@ -14,6 +14,7 @@ from typing import Any
 from llavadi.distill.terms import logit_terms  # noqa: F401, I001
 from llavadi.distill.terms import alignment_terms  # noqa: F401
 from llavadi.distill.terms import relation_terms  # noqa: F401
+from llavadi.distill.terms import cross_vocab_terms  # noqa: F401
 from llavadi.distill.terms.base import TERMS, Term, TermContext, register, term_class
 
 __all__ = ["TERMS", "Term", "TermContext", "TermSpec", "register", "term_class", "build_term", "describe_terms"]

@@ -64,6 +64,8 @@ class TermContext:
     student_tokens_per_image: int | None = None
     teacher_tokens_per_image: int | None = None
     teacher_signal: str = "dense"  # "dense": a teacher model's logits; "topk": an offline top-k cache
+    cross_tokenizer: bool = False  # teacher and student tokenize text differently (positions paired by alignment)
+    matched_tokens: Any = None  # llavadi.distill.cross_vocab.MatchedTokens: ids with the same string on both sides
 
 
 class Term(nn.Module):
