@@ -290,3 +290,28 @@ def test_equals_trl_gold_loss(hybrid):
     ours = _ours("gold" if hybrid else "uld", {"top_k": 0, "merge": "last"}, paired, h_s, h_t, head_s, head_t, matched)
     # TRL averages over a sample's groups; our term is the sum over them
     assert torch.allclose(ours.detach().float() / len(paired), trl_value.float(), rtol=1e-4), (float(ours), float(trl_value))
+
+
+# each declared option of uld and gold with a base setting and one where only that option differs
+CROSS_OPTION_CASES = {
+    ("uld", "temperature"): ({}, {"temperature": 2.0}),
+    ("uld", "top_k"): ({"top_k": 3}, {"top_k": 0}),
+    ("uld", "merge"): ({}, {"merge": "last"}),
+    ("gold", "temperature"): ({}, {"temperature": 2.0}),
+    ("gold", "top_k"): ({"top_k": 3}, {"top_k": 0}),
+    ("gold", "merge"): ({}, {"merge": "last"}),
+    ("gold", "beta"): ({}, {"beta": 0.1}),
+    ("gold", "matched_weight"): ({"matched_weight": 1.0, "unmatched_weight": 1.0},
+                                 {"matched_weight": 2.0, "unmatched_weight": 1.0}),
+    ("gold", "unmatched_weight"): ({"matched_weight": 1.0, "unmatched_weight": 1.0},
+                                   {"matched_weight": 1.0, "unmatched_weight": 2.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CROSS_OPTION_CASES), ids=lambda c: f"{c[0]}.{c[1]}")
+def test_each_option_changes_the_computation(case):
+    paired, _, h_s, h_t, head_s, head_t = _setup(seed=5)
+    base, changed = CROSS_OPTION_CASES[case]
+    a = _ours(case[0], base, paired, h_s, h_t, head_s, head_t, _matched()).item()
+    b = _ours(case[0], changed, paired, h_s, h_t, head_s, head_t, _matched()).item()
+    assert a != pytest.approx(b, rel=1e-4, abs=0.0), f"{case}: {a} vs {b}"

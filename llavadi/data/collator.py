@@ -37,8 +37,9 @@ class LlavaCollator:
     """Pads each view's sequences (keys with the view's prefix) to the batch's longest one."""
 
     def __init__(self, pad_token_id: int, prefixes: tuple[str, ...] = ("",), pad_to_multiple_of: int | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", pad_token_ids: dict[str, int] | None = None):
         self.pad_token_id = int(pad_token_id)
+        self.pad_token_ids = dict(pad_token_ids or {})  # per prefix, when a view has its own tokenizer
         self.prefixes = prefixes
         self.pad_to_multiple_of = pad_to_multiple_of
         if padding_side not in PADDING_SIDES:
@@ -59,7 +60,7 @@ class LlavaCollator:
             if self.pad_to_multiple_of:
                 m = self.pad_to_multiple_of
                 length = (length + m - 1) // m * m
-            batch[p + "input_ids"] = self._pad(ids, self.pad_token_id, length)
+            batch[p + "input_ids"] = self._pad(ids, self.pad_token_ids.get(p, self.pad_token_id), length)
             batch[p + "attention_mask"] = self._pad([[1] * len(s) for s in ids], 0, length)
             batch[p + "token_types"] = self._pad([it[p + "token_types"] for it in items], int(TokenType.PAD), length)
             if p + "labels" in items[0]:

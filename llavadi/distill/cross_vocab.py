@@ -106,6 +106,15 @@ class MatchedTokens:
     teacher_size: int  # rows of the teacher's LM head
 
 
+def matched_tokens(student_tokenizer, teacher_tokenizer, teacher_size: int | None = None) -> MatchedTokens:
+    """The ids of the token strings both vocabularies hold; `teacher_size`: the teacher's LM-head rows."""
+    vocab_s, vocab_t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    shared = sorted(set(vocab_s) & set(vocab_t), key=vocab_t.get)
+    return MatchedTokens(torch.tensor([vocab_s[t] for t in shared], dtype=torch.long),
+                         torch.tensor([vocab_t[t] for t in shared], dtype=torch.long),
+                         teacher_size or len(teacher_tokenizer))
+
+
 def gold_divergence(log_s: Tensor, log_t: Tensor, matched: MatchedTokens, top_k: int, beta: float,
                     weights: tuple[float, float] | None, grad_log: Tensor | None = None, coef: float = 1.0) -> Tensor:
     """Per row, w_m * JSD_beta(matched columns) + w_u * ULD(unmatched columns, top_k); weights None: TRL's adaptive."""
@@ -180,6 +189,11 @@ class PairedGroups:
 
     def __len__(self) -> int:
         return self.groups.shape[0]
+
+    def span_ends(self, student_length: int, teacher_length: int) -> tuple[Tensor, Tensor]:
+        """Flat student and teacher rows of each group's last token (both sides have read the same text there)."""
+        g = self.groups
+        return g[:, 0] * student_length + g[:, 2], g[:, 0] * teacher_length + g[:, 4]
 
 
 def identity_groups(student_types: Tensor, teacher_types: Tensor, group_mask: Tensor) -> PairedGroups:

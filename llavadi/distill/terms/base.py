@@ -98,6 +98,16 @@ class Term(nn.Module):
     def check(cls, tokens: str | None, opts: dict[str, Any], given: set[str], where: str) -> None:
         """Cross-option rules (override); `given` are the option names the recipe set."""
 
+    @classmethod
+    def across_tokenizers(cls, tokens: str | None, opts: dict[str, Any]) -> str | None:
+        """None when the term works with teacher and student of different tokenizers; else why it does not."""
+        return "pairs text positions one to one, which only a shared tokenization gives"
+
+    @classmethod
+    def pairs_answer_tokens(cls, tokens: str | None, opts: dict[str, Any]) -> bool:
+        """Whether, across tokenizers, it reads the answer tokens paired by the data's token alignment."""
+        return False
+
     def __init__(self, tokens: str | None, opts: dict[str, Any], weight: float, label: str,
                  ctx: TermContext, given: set[str], where: str) -> None:
         super().__init__()

@@ -53,7 +53,14 @@ class AlignedLogitTerm(Term):
     default_tokens: ClassVar[str] = "response"
     allowed_tokens: ClassVar[tuple[str, ...]] = ("response",)
     reads_teacher_logits: ClassVar[bool] = True  # a top-k cache serves it at the answer-predicting rows
-    works_across_tokenizers: ClassVar[bool] = True
+
+    @classmethod
+    def across_tokenizers(cls, tokens, opts):
+        return None
+
+    @classmethod
+    def pairs_answer_tokens(cls, tokens, opts):
+        return True
 
     def check_setting(self, ctx: TermContext, given: set[str], where: str) -> None:
         if ctx.teacher_signal == "topk" and getattr(ctx, "cross_tokenizer", False):
