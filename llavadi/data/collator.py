@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llavadi.data.encode import IGNORE_INDEX
+from llavadi.data.token_alignment import ALIGNMENT_KEY, collate_alignments
 from llavadi.data.token_types import TokenType
 
 PADDING_SIDES = ("right", "left")
@@ -36,8 +37,9 @@ class LlavaCollator:
     """Pads each view's sequences (keys with the view's prefix) to the batch's longest one."""
 
     def __init__(self, pad_token_id: int, prefixes: tuple[str, ...] = ("",), pad_to_multiple_of: int | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", pad_token_ids: dict[str, int] | None = None):
         self.pad_token_id = int(pad_token_id)
+        self.pad_token_ids = dict(pad_token_ids or {})  # per prefix, when a view has its own tokenizer
         self.prefixes = prefixes
         self.pad_to_multiple_of = pad_to_multiple_of
         if padding_side not in PADDING_SIDES:
@@ -51,13 +53,14 @@ class LlavaCollator:
         batch: dict = {"sample_ids": [it["sample_id"] for it in items],
                        # samples that failed to load and were replaced (on_error='skip'): counted by the trainer
                        "replaced_samples": [r for it in items for r in it.get("replaced_samples", ())]}
+        shifts: list[list[int]] = []
         for p in self.prefixes:
             ids = [it[p + "input_ids"] for it in items]
             length = max(len(s) for s in ids)
             if self.pad_to_multiple_of:
                 m = self.pad_to_multiple_of
                 length = (length + m - 1) // m * m
-            batch[p + "input_ids"] = self._pad(ids, self.pad_token_id, length)
+            batch[p + "input_ids"] = self._pad(ids, self.pad_token_ids.get(p, self.pad_token_id), length)
             batch[p + "attention_mask"] = self._pad([[1] * len(s) for s in ids], 0, length)
             batch[p + "token_types"] = self._pad([it[p + "token_types"] for it in items], int(TokenType.PAD), length)
             if p + "labels" in items[0]:
@@ -65,4 +68,7 @@ class LlavaCollator:
             pix = [it[p + "pixel_values"] for it in items if p + "pixel_values" in it]
             if pix:
                 batch[p + "pixel_values"] = torch.stack(pix)
+            shifts.append([length - len(s) if self.padding_side == "left" else 0 for s in ids])
+        if ALIGNMENT_KEY in items[0]:  # positions of the first two views, shifted by their left padding
+            batch[ALIGNMENT_KEY] = collate_alignments([it[ALIGNMENT_KEY] for it in items], (shifts[0], shifts[1]))
         return batch

@@ -24,6 +24,7 @@ from PIL import Image
 from llavadi.data.encode import ConversationEncoder, SampleError
 from llavadi.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, ImageVerdict, check_images, open_image
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
+from llavadi.data.token_alignment import ALIGNMENT_KEY
 
 SHOWN_REASONS = 10  # skip reasons an error message lists
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -211,7 +212,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     """Validated, pre-tokenized LLaVA samples for one or more model views (student, teacher)."""
 
     def __init__(self, path: str, image_folder: str | None, views: list[View], on_error: str = "raise",
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False, aligner=None):
+        # aligner: pairs the answer tokens of views[0] and views[1] (llavadi.data.token_alignment.PairAligner)
+        self.aligner = aligner
+        self.alignments: list = []
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = str(path)
@@ -235,6 +239,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                     raise SampleError(f"{where}: duplicate sample id {rec.sample_id!r} (first at {seen[rec.sample_id]})")
                 n_img = 1 if rec.image else 0
                 enc = [v.encoder.encode(rec.sample_id, rec.turns, n_img) for v in views]
+                alignment = None if aligner is None else aligner(rec.sample_id, rec.turns, enc[0], enc[1])
             except SampleError as e:
                 msg = str(e)
                 msg = msg if msg.startswith(self.path) else f"{where}: {msg}"
@@ -247,6 +252,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             self.n_truncated += int(any(e.truncated for e in enc))
             self.records.append(rec)
             self.encoded.append(enc)
+            self.alignments.append(alignment)
         if not self.records:
             reasons = "".join(f"\n    {s.reason}" for s in self.skipped[:SHOWN_REASONS])
             more = f"\n    ... and {len(self.skipped) - SHOWN_REASONS} more" if len(self.skipped) > SHOWN_REASONS else ""
@@ -266,6 +272,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _item(self, idx) -> dict:
         rec = self.records[idx]
         item = {"sample_id": rec.sample_id, "replaced_samples": []}
+        if self.aligner is not None:
+            item[ALIGNMENT_KEY] = self.alignments[idx]
         img = None
         for view, enc in zip(self.views, self.encoded[idx]):
             p = view.prefix

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from llavadi.distill.cross_vocab import PairedGroups
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.view import ModelView, base_llava, llava_view, model_inputs
 
@@ -44,6 +45,8 @@ class DistillationModule(nn.Module):
         """The objective's loss on one micro-batch and each term's value."""
         view = llava_view(self.student, model_inputs(batch), batch["token_types"], self.objective.student_needs,
                           who="student")
+        if teacher is not None:  # answer spans paired with a teacher of another tokenizer (None: one tokenization)
+            teacher.alignment = PairedGroups.from_batch(batch)
         loss, logged = self.objective(view, teacher, batch["labels"], normalizers)
         if "pixel_values" not in batch and dist.is_available() and dist.is_initialized():
             loss = loss + self._touch_image_path()

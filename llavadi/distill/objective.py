@@ -59,7 +59,8 @@ class DistillObjective(nn.Module):
     def __init__(self, terms: list, ce_weight: float = 1.0, student_config: Any = None, teacher_config: Any = None,
                  chunk_size: int | None = None, student_tokens_per_image: int | None = None,
                  teacher_tokens_per_image: int | None = None, teacher_signal: str = "dense",
-                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True) -> None:
+                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True, cross_tokenizer: bool = False,
+                 matched_tokens: Any = None) -> None:
         super().__init__()
         specs = [TermSpec.from_dict(t, f"distill.terms[{i}]") for i, t in enumerate(terms)]
         if chunk_size is not None and chunk_size < 1:
@@ -82,6 +83,8 @@ class DistillObjective(nn.Module):
             student_tokens_per_image=student_tokens_per_image or _tokens_per_image(student_config),
             teacher_tokens_per_image=teacher_tokens_per_image or _tokens_per_image(teacher_config),
             teacher_signal=teacher_signal,
+            cross_tokenizer=cross_tokenizer,  # different tokenizers: terms read paired answer spans or refuse
+            matched_tokens=matched_tokens,
         )
         self.ctx = ctx
         self.terms = nn.ModuleList(

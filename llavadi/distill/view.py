@@ -82,6 +82,8 @@ class ModelView:
     n_hidden_states: int | None = None  # L + 1 for an L-layer LM (needed to resolve negative indices)
     n_layers: int | None = None
     who: str = field(default="model", compare=False)
+    # a teacher's paired answer spans with a student of another tokenizer (llavadi.distill.cross_vocab.PairedGroups)
+    alignment: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden_states, (tuple, list)):

@@ -70,7 +70,7 @@ def _reads_only_last_hidden(needs: Needs, n_hidden_states: int) -> bool:
 def term_requirement(term, n_hidden_states: int) -> tuple[str, str]:
     """("logit", group) or ("hidden", group): what a term reads from a cache; an error naming it otherwise."""
     sel = term.selection()
-    if term.is_logit_term:  # dense-only logit terms were refused when the objective was built (top-k signal)
+    if term.is_logit_term or getattr(term, "reads_teacher_logits", False):  # dense-only ones were refused up front
         return "logit", sel.group
     if isinstance(sel, Tokens) and _reads_only_last_hidden(term.teacher_needs(), n_hidden_states):
         return "hidden", sel.group

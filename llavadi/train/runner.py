@@ -126,7 +126,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     if stage.train.args.get("gradient_checkpointing"):
         student.model.config.use_cache = False
     prefixes = tuple(v.prefix for v in dataset.views)
-    collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes)
+    teacher_pad = {}
+    if use_teacher is not None and stage_inputs.different_tokenizers(student, use_teacher):
+        teacher_pad = {stage_inputs.TEACHER_PREFIX: use_teacher.tokenizer.pad_token_id or 0}
+    collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes, pad_token_ids=teacher_pad)
     processor = llava_processor(LoadedModel(student.model, student.tokenizer, student.image_processor, meta))
     where = f"stages.{stage.name}.train"
     train_args = engine_arguments(stage.train.args, student.model, where)

@@ -14,9 +14,11 @@ from typing import Any
 from llavadi.distill.terms import logit_terms  # noqa: F401, I001
 from llavadi.distill.terms import alignment_terms  # noqa: F401
 from llavadi.distill.terms import relation_terms  # noqa: F401
+from llavadi.distill.terms import cross_vocab_terms  # noqa: F401
 from llavadi.distill.terms.base import TERMS, Term, TermContext, register, term_class
 
-__all__ = ["TERMS", "Term", "TermContext", "TermSpec", "register", "term_class", "build_term", "describe_terms"]
+__all__ = ["TERMS", "Term", "TermContext", "TermSpec", "register", "term_class", "build_term", "describe_terms",
+           "cross_tokenizer_terms"]
 
 TERM_KEYS = ("name", "weight", "tokens", "options")
 
@@ -67,7 +69,17 @@ def build_term(spec: TermSpec, label: str, ctx: TermContext, where: str) -> Term
     """The term module of a recipe entry in a run's context."""
     cls = term_class(spec.name)
     tokens, opts = cls.resolve(spec.tokens, spec.options, where)
+    if ctx.cross_tokenizer:
+        reason = cls.across_tokenizers(tokens, opts)
+        if reason is not None:
+            raise ValueError(f"{where}: term {spec.name!r} {reason}; teacher and student have different tokenizers "
+                             f"(terms that work across them with their defaults: {', '.join(cross_tokenizer_terms())})")
     return cls(tokens, opts, spec.weight, label, ctx, set(spec.options), where)
+
+
+def cross_tokenizer_terms() -> list[str]:
+    """The terms that accept different tokenizers with their default options."""
+    return [name for name, cls in TERMS.items() if cls.across_tokenizers(*cls.resolve(None, {}, "")) is None]
 
 
 def describe_terms(names: list[str] | None = None) -> str:

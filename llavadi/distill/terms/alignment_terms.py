@@ -3,6 +3,8 @@
 - ``hidden_mse`` (LLaVADI's token alignment): the student's hidden states at the tokens of its
   group, mapped to the teacher's width by a trainable projector (default Linear-GELU-Linear),
   against the teacher's states of the corresponding tokens; MSE or cosine distance per token.
+  With different tokenizers (answer spans paired by the data) it compares, per paired span, the
+  states at the span's last token on each side: both models have then read the same text.
 - ``visual_align``: the student's image tokens (LLM states or projector outputs) against the
   teacher's, whose square grid per image is pooled to the student's; through a projector.
 - ``visual_self_corr`` (LLaVA-KD's RDist): per image, the self-similarity matrices of the image
@@ -50,6 +52,17 @@ class HiddenMSE(Term):
     summary = "hidden states of the group's tokens, student projected to the teacher's width"
     options = (LAYERS, PROJECTOR, LOSS)
 
+    @classmethod
+    def across_tokenizers(cls, tokens, opts):
+        if tokens in ("response", "image"):
+            return None
+        return (f"reads {tokens!r} tokens, whose prompts differ between the two tokenizations; across tokenizers "
+                "it reads the paired answer spans (tokens: response) or the image tokens")
+
+    @classmethod
+    def pairs_answer_tokens(cls, tokens, opts):
+        return tokens == "response"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pairs = self.opts["layers"] or ((None, None),)
@@ -67,8 +80,12 @@ class HiddenMSE(Term):
 
     def forward(self, student: ModelView, teacher: ModelView) -> Tensor:
         types_s = student.token_types.cpu()  # row bookkeeping on the host: one copy of the type map, no further sync
-        flat_rows = type_mask(types_s, self.tokens).reshape(-1).nonzero().squeeze(1)
-        rows_t = teacher_rows(types_s, teacher.token_types.cpu(), flat_rows, f"term {self.label!r}")
+        paired = getattr(teacher, "alignment", None)
+        if paired is not None and self.tokens == "response":
+            flat_rows, rows_t = paired.span_ends(types_s.shape[1], teacher.token_types.shape[1])
+        else:
+            flat_rows = type_mask(types_s, self.tokens).reshape(-1).nonzero().squeeze(1)
+            rows_t = teacher_rows(types_s, teacher.token_types.cpu(), flat_rows, f"term {self.label!r}")
         total = self.zero(student)
         for projector, (layer_s, layer_t) in zip(self.projectors, self.pairs):
             s = student.hidden(layer_s, self.name)
@@ -84,6 +101,10 @@ class _VisualTerm(Term):
 
     default_tokens = "image"
     allowed_tokens = ("image",)
+
+    @classmethod
+    def across_tokenizers(cls, tokens, opts):
+        return None  # image tokens do not depend on the tokenizer
 
     @classmethod
     def check(cls, tokens, opts, given, where):

@@ -64,6 +64,8 @@ class TermContext:
     student_tokens_per_image: int | None = None
     teacher_tokens_per_image: int | None = None
     teacher_signal: str = "dense"  # "dense": a teacher model's logits; "topk": an offline top-k cache
+    cross_tokenizer: bool = False  # teacher and student tokenize text differently (positions paired by alignment)
+    matched_tokens: Any = None  # llavadi.distill.cross_vocab.MatchedTokens: ids with the same string on both sides
 
 
 class Term(nn.Module):
@@ -95,6 +97,16 @@ class Term(nn.Module):
     @classmethod
     def check(cls, tokens: str | None, opts: dict[str, Any], given: set[str], where: str) -> None:
         """Cross-option rules (override); `given` are the option names the recipe set."""
+
+    @classmethod
+    def across_tokenizers(cls, tokens: str | None, opts: dict[str, Any]) -> str | None:
+        """None when the term works with teacher and student of different tokenizers; else why it does not."""
+        return "pairs text positions one to one, which only a shared tokenization gives"
+
+    @classmethod
+    def pairs_answer_tokens(cls, tokens: str | None, opts: dict[str, Any]) -> bool:
+        """Whether, across tokenizers, it reads the answer tokens paired by the data's token alignment."""
+        return False
 
     def __init__(self, tokens: str | None, opts: dict[str, Any], weight: float, label: str,
                  ctx: TermContext, given: set[str], where: str) -> None:

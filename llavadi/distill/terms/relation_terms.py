@@ -21,6 +21,14 @@ from llavadi.distill.view import ModelView, Needs
 Tensor = torch.Tensor
 
 
+def _image_only(opts: dict) -> str | None:
+    """None when a relation term's rows and columns are image tokens (the same under any tokenizer)."""
+    if opts["rows"] == "image" and opts["cols"] == "image":
+        return None
+    return (f"compares a {opts['rows']} x {opts['cols']} matrix whose text tokens differ in number and position "
+            "between two tokenizations; across tokenizers set rows and cols to image")
+
+
 @register
 class Affinity(Term):
     """LLaVADI's affinity alignment: cosine similarities between rows' and columns' hidden states."""
@@ -33,6 +41,10 @@ class Affinity(Term):
         Option("cols", GROUP, "response", "token group of the matrix columns"),
         Option("layer", int, None, "hidden-state index (default: the last)"),
     )
+
+    @classmethod
+    def across_tokenizers(cls, tokens, opts):
+        return _image_only(opts)
 
     def selection(self) -> Selection:
         return Pairs(self.opts["rows"], self.opts["cols"])
@@ -76,6 +88,10 @@ class Attention(Term):
         Option("loss", str, "mse", "squared error per entry, or KL(teacher row || student row) over the chosen "
                "columns (rows renormalised)", choices=ATTENTION_LOSSES),
     )
+
+    @classmethod
+    def across_tokenizers(cls, tokens, opts):
+        return _image_only(opts)
 
     def selection(self) -> Selection:
         if self.opts["loss"] == "mse":
