@@ -82,7 +82,7 @@ class ConversationEncoder:
         if n_images > 1 and not self.multi_image:
             raise SampleError(f"sample {sample_id!r}: {n_images} images, but a {self.family} model takes one image "
                               "per sample")
-        if self.n_image_tokens is not None:
+        if self.n_image_tokens is not None or n_images == 0:
             return [self.n_image_tokens] * n_images
         if image_sizes is None or len(image_sizes) != n_images:
             raise ValueError(f"sample {sample_id!r}: the image-token count of a {self.family} model depends on the "

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode, fsync_dir
+from llavadi.data.dataset import View
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
 from llavadi.models.dtypes import torch_dtype
@@ -103,6 +104,14 @@ class LoadedModel:
             self.tokenizer, tmpl, family.image_token_id(config), self.n_image_tokens, max_length,
             image_marker=family.image_marker, multi_image=family.multi_image, family=family.name,
             tokens_per_image=lambda size: family.tokens_per_image(config, self.image_processor, size))
+
+
+    def data_view(self, template: str | None = None, system: str | None = None, max_length: int = 4096,
+                  prefix: str = "") -> View:
+        """How this model sees a dataset's samples (llavadi.data.dataset.View): its encoder, its image inputs."""
+        image_inputs = None if self.family.name == "llava" else self.image_inputs  # None: LLaVA-1.5's own path
+        return View(self.encoder(template, system, max_length), self.image_processor, prefix=prefix,
+                    pad_to_square=self.pad_to_square, image_inputs=image_inputs)
 
 
 def _pretrained(cls, path: str, what: str, revision: str | None = None, **kwargs):
