@@ -1,4 +1,4 @@
-"""Batch LLaVA samples: padding, labels, token types, pixel values, sample ids."""
+"""Batch samples: padding, labels, token types, image inputs (pixel values and a family's extras), sample ids."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from llavadi.data.token_alignment import ALIGNMENT_KEY, collate_alignments
 from llavadi.data.token_types import TokenType
 
 PADDING_SIDES = ("right", "left")
+# what a model reads about a sample's images (llavadi.models.families says which ones a family gives)
+IMAGE_INPUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
+
+
+def combine_image_inputs(tensors: list[torch.Tensor], key: str) -> torch.Tensor:
+    """One batch tensor of the samples' `key` inputs: one (C, H, W) image per sample is stacked to (B, C, H, W);
+    anything else has a row per image or patch and is concatenated along its first dimension."""
+    if key == "pixel_values" and all(t.dim() == 3 for t in tensors):
+        return torch.stack(tensors)
+    return torch.cat(tensors)
 
 
 def pad_sequences(seqs: list[list[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
@@ -65,9 +75,10 @@ class LlavaCollator:
             batch[p + "token_types"] = self._pad([it[p + "token_types"] for it in items], int(TokenType.PAD), length)
             if p + "labels" in items[0]:
                 batch[p + "labels"] = self._pad([it[p + "labels"] for it in items], IGNORE_INDEX, length)
-            pix = [it[p + "pixel_values"] for it in items if p + "pixel_values" in it]
-            if pix:
-                batch[p + "pixel_values"] = torch.stack(pix)
+            for key in IMAGE_INPUT_KEYS:
+                found = [it[p + key] for it in items if p + key in it]
+                if found:
+                    batch[p + key] = combine_image_inputs(found, key)
             shifts.append([length - len(s) if self.padding_side == "left" else 0 for s in ids])
         if ALIGNMENT_KEY in items[0]:  # positions of the first two views, shifted by their left padding
             batch[ALIGNMENT_KEY] = collate_alignments([it[ALIGNMENT_KEY] for it in items], (shifts[0], shifts[1]))

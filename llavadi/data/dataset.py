@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,18 +46,24 @@ class Record:
 
     sample_id: str
     turns: list[Turn]
-    image: str | None  # absolute path
+    image: str | None  # absolute path (the first image of a multi-image sample)
     where: str  # "file:line" for messages
+    images: list[str] = field(default_factory=list)  # every image, in the order of the placeholders
 
 
 @dataclass
 class View:
-    """How one model sees a sample: its encoder and image processor; keys get `prefix`."""
+    """How one model sees a sample: its encoder and image processor; keys get `prefix`.
+
+    `image_inputs(images)`: the model inputs of one sample's images (a model family's); None: LLaVA-1.5's
+    single padded image (`pixel_values_for`).
+    """
 
     encoder: ConversationEncoder
     image_processor: object
     prefix: str = ""
     pad_to_square: bool = True
+    image_inputs: Callable[[list], dict] | None = None
 
 
 def read_json_records(path: str | os.PathLike) -> list[tuple[str, object]]:
@@ -130,26 +137,33 @@ def parse_record(where: str, obj: object, image_folder: str | None,
     if any(IMAGE_PLACEHOLDER in t.text for t in turns if t.role == "assistant"):
         raise SampleError(f"{name}: {IMAGE_PLACEHOLDER} may only appear in a human turn")
     image = obj.get("image")
+    images = [image] if isinstance(image, str) else image
     if image is not None:
-        if not isinstance(image, str):
-            raise SampleError(f"{name}: 'image' must be one path (multi-image samples are not supported)")
-        if n_placeholders != 1:
-            raise SampleError(f"{name}: has an image but {n_placeholders} {IMAGE_PLACEHOLDER} placeholders (need 1)")
-        image = image_path(image, image_folder)
-        if not os.path.isfile(image):
-            raise SampleError(f"{name}: image file not found: {image}")
-        if image_problems is not None:
-            if image in image_problems:
-                raise SampleError(f"{name}: {image_problems[image]}")
-        else:
-            try:
-                with Image.open(image) as im:  # reads the header only: cheap, catches non-images
-                    im.size
-            except Exception as e:  # PIL raises several types for unreadable files
-                raise SampleError(f"{name}: unreadable image {image} ({e})") from e
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+            raise SampleError(f"{name}: 'image' must be a path or a non-empty list of paths")
+        if n_placeholders != len(images):
+            has = "an image" if len(images) == 1 else f"{len(images)} images"
+            raise SampleError(f"{name}: has {has} but {n_placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                              f"(need {len(images)}, one per image)")
+        images = [_checked_image(name, image_path(i, image_folder), image_problems) for i in images]
     elif n_placeholders:
         raise SampleError(f"{name}: has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image'")
-    return Record(sid, turns, image, where)
+    return Record(sid, turns, images[0] if images else None, where, images or [])
+
+
+def _checked_image(name: str, image: str, image_problems: dict[str, str] | None) -> str:
+    if not os.path.isfile(image):
+        raise SampleError(f"{name}: image file not found: {image}")
+    if image_problems is not None:
+        if image in image_problems:
+            raise SampleError(f"{name}: {image_problems[image]}")
+    else:
+        try:
+            with Image.open(image) as im:  # reads the header only: cheap, catches non-images
+                im.size
+        except Exception as e:  # PIL raises several types for unreadable files
+            raise SampleError(f"{name}: unreadable image {image} ({e})") from e
+    return image
 
 
 def image_path(image: str, image_folder: str | None) -> str:
@@ -159,8 +173,13 @@ def image_path(image: str, image_folder: str | None) -> str:
 
 def record_image_paths(records: list[tuple[str, object]], image_folder: str | None) -> list[str]:
     """The image paths raw samples name (malformed entries are left to `parse_record` to report)."""
-    return [image_path(obj["image"], image_folder) for _, obj in records
-            if isinstance(obj, dict) and isinstance(obj.get("image"), str)]
+    out = []
+    for _, obj in records:
+        image = obj.get("image") if isinstance(obj, dict) else None
+        for one in [image] if isinstance(image, str) else image if isinstance(image, list) else []:
+            if isinstance(one, str):
+                out.append(image_path(one, image_folder))
+    return out
 
 
 def image_problems(verdicts: dict[str, ImageVerdict], max_pixels: int | None) -> dict[str, str]:
@@ -237,8 +256,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 rec = parse_record(where, obj, image_folder, problems)
                 if rec.sample_id in seen:
                     raise SampleError(f"{where}: duplicate sample id {rec.sample_id!r} (first at {seen[rec.sample_id]})")
-                n_img = 1 if rec.image else 0
-                enc = [v.encoder.encode(rec.sample_id, rec.turns, n_img) for v in views]
+                sizes = [self._size(path) for path in rec.images]
+                enc = [v.encoder.encode(rec.sample_id, rec.turns, len(rec.images), sizes) for v in views]
                 alignment = None if aligner is None else aligner(rec.sample_id, rec.turns, enc[0], enc[1])
             except SampleError as e:
                 msg = str(e)
@@ -261,6 +280,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    def _size(self, path: str) -> tuple[int, int] | None:
+        verdict = self.image_verdicts.get(path)
+        return None if verdict is None or verdict.width is None else (verdict.width, verdict.height)
+
     def __getitem__(self, idx):
         try:
             return self._item(idx)
@@ -274,17 +297,29 @@ class LlavaDataset(torch.utils.data.Dataset):
         item = {"sample_id": rec.sample_id, "replaced_samples": []}
         if self.aligner is not None:
             item[ALIGNMENT_KEY] = self.alignments[idx]
-        img = None
+        images = None
         for view, enc in zip(self.views, self.encoded[idx]):
             p = view.prefix
             item[p + "input_ids"] = enc.input_ids
             item[p + "token_types"] = enc.token_types
             item[p + "labels"] = enc.labels
-            if rec.image is not None:
-                if img is None:
-                    img = load_image(rec.image, rec.sample_id, self.max_pixels)
-                item[p + "pixel_values"] = pixel_values_for(view.image_processor, img, view.pad_to_square)
+            if rec.images:
+                if images is None:
+                    images = [load_image(path, rec.sample_id, self.max_pixels) for path in rec.images]
+                    self._check_sizes(rec, images)
+                if view.image_inputs is None:
+                    item[p + "pixel_values"] = pixel_values_for(view.image_processor, images[0], view.pad_to_square)
+                else:
+                    item.update({p + k: v for k, v in view.image_inputs(images).items()})
         return item
+
+    def _check_sizes(self, rec: Record, images: list) -> None:
+        """The images' sizes are the ones their token counts were computed from (changed on disk: an error)."""
+        for path, img in zip(rec.images, images):
+            size = self._size(path)
+            if size is not None and size != img.size:
+                raise SampleError(f"sample {rec.sample_id!r}: {path} is {img.width}x{img.height} now, "
+                                  f"{size[0]}x{size[1]} when the dataset was built; rebuild it")
 
     def _replacement(self, idx: int, error: SampleError) -> dict:
         """The next sample that loads, standing in for `idx` (on_error='skip'); the failures ride along."""

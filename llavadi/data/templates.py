@@ -112,8 +112,15 @@ class ChatTemplate(Template):
 
     name = "chat_template"
 
+    def __init__(self, image_parts: bool = False):
+        # image_parts: the template renders images itself from {"type": "image"} content parts (the
+        # processor templates of Qwen2-VL and later families); else content is the text, `<image>` kept
+        self.image_parts = image_parts
+
     def _messages(self, turns):
-        return [{"role": t.role, "content": t.text} for t in turns]
+        if not self.image_parts:
+            return [{"role": t.role, "content": t.text} for t in turns]
+        return [{"role": t.role, "content": content_parts(t.text)} for t in turns]
 
     def segments(self, turns, tokenizer=None):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -144,15 +151,32 @@ class ChatTemplate(Template):
         return tokenizer.apply_chat_template(self._messages(turns), tokenize=False, add_generation_prompt=True)
 
 
+def content_parts(text: str) -> list[dict]:
+    """A turn's text as chat content parts: an image part for each `<image>`, text parts between them.
+
+    The newline LLaVA data puts after `<image>` belongs to the placeholder (LLaVA-1.5's prompt joins
+    image and text with it), so it is dropped: a family's template writes its own separators.
+    """
+    parts: list[dict] = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 TEMPLATES = {"vicuna_v1": VicunaV1, "plain": Plain, "chat_template": ChatTemplate}
 
 
-def get_template(name: str, system: str | None = None, eos: str = "</s>") -> Template:
-    """Template by exact name; `system` overrides vicuna_v1's system prompt ('' for none)."""
+def get_template(name: str, system: str | None = None, eos: str = "</s>", image_parts: bool = False) -> Template:
+    """Template by exact name; `system` overrides vicuna_v1's system prompt ('' for none); `image_parts`:
+    a chat template renders images from content parts (see ChatTemplate)."""
     if name not in TEMPLATES:
         raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES)}")
     if name == "vicuna_v1":
         return VicunaV1(system=LLAVA_SYSTEM if system is None else system, eos=eos)
     if name == "plain":
         return Plain(eos=eos)
-    return ChatTemplate()
+    return ChatTemplate(image_parts=image_parts)

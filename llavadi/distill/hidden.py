@@ -99,3 +99,17 @@ def pool_image_tokens(tokens: Tensor, target_tokens: int) -> Tensor:
     grid = tokens.float().transpose(1, 2).reshape(n_images, width, side, side)
     pooled = F.adaptive_avg_pool2d(grid, target_side)
     return pooled.reshape(n_images, width, target_side * target_side).transpose(1, 2)
+
+
+def pool_image_grid(tokens: Tensor, grid: tuple[int, int], target: tuple[int, int]) -> Tensor:
+    """One image's (rows * cols, H) tokens laid out on `grid` = (rows, cols), adaptive-average-pooled to
+    `target` = (rows', cols'): (rows' * cols', H). Equal grids are returned as they are."""
+    rows, cols = grid
+    if tokens.shape[0] != rows * cols:
+        raise ValueError(f"an image grid of {rows}x{cols} holds {rows * cols} tokens, got {tokens.shape[0]}")
+    if tuple(grid) == tuple(target):
+        return tokens
+    width = tokens.shape[-1]
+    image = tokens.float().transpose(0, 1).reshape(1, width, rows, cols)
+    pooled = F.adaptive_avg_pool2d(image, tuple(target))
+    return pooled.reshape(width, target[0] * target[1]).transpose(0, 1)

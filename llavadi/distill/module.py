@@ -20,6 +20,7 @@ import torch.nn as nn
 from llavadi.distill.cross_vocab import PairedGroups
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.view import ModelView, base_llava, llava_view, model_inputs
+from llavadi.models.families import family_of
 
 Tensor = torch.Tensor
 PROJECTOR_FILE = "distill_projectors.safetensors"
@@ -63,14 +64,13 @@ class DistillationModule(nn.Module):
         """
         llava = base_llava(self.student)
         core, config = llava.model, llava.config
-        trainable = [p for m in (core.vision_tower, core.multi_modal_projector) for p in m.parameters() if p.requires_grad]
+        family = family_of(config)
+        parts = family.parts(llava)
+        trainable = [p for m in (parts.vision, parts.projector) for p in m.parameters() if p.requires_grad]
         if not trainable:
             return torch.zeros((), device=llava.device)
-        vision = config.vision_config
-        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
-                            dtype=llava.dtype, device=llava.device)
-        features = core.get_image_features(pixel_values=blank, vision_feature_layer=config.vision_feature_layer,
-                                           vision_feature_select_strategy=config.vision_feature_select_strategy)
+        blank = family.blank_image_inputs(config, llava.device, llava.dtype)
+        features = core.get_image_features(**blank, **family.image_feature_kwargs(config))
         return torch.stack([f.float().sum() for f in features.pooler_output]).sum() * 0.0
 
     # ---- the Trainer's activation-checkpointing switches act on the student (a PeftModel's adapted LLaVA)

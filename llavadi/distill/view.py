@@ -21,8 +21,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from llavadi.data.collator import IMAGE_INPUT_KEYS
+from llavadi.models.families import family_of
+
 Tensor = torch.Tensor
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values")
+MODEL_KEYS = ("input_ids", "attention_mask", *IMAGE_INPUT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class ModelView:
     hidden_states: dict[int, Tensor] | tuple[Tensor, ...] | None = None
     attentions: dict[int, Tensor] | tuple[Tensor, ...] | None = None  # (B, heads, T, T) each
     image_features: Tensor | None = None  # projector outputs (n_images, n_tok, H)
+    image_grids: list[tuple[int, int]] | None = None  # (rows, cols) of each image's tokens; None: square, fixed count
     topk_ids: Tensor | None = None  # (B, T, k) sparse teacher: top-k token ids predicted at each position
     topk_logprobs: Tensor | None = None  # (B, T, k) their log-probs at T=1 (full-vocabulary normalised)
     n_hidden_states: int | None = None  # L + 1 for an L-layer LM (needed to resolve negative indices)
@@ -131,8 +135,14 @@ class ModelView:
 
 
 def model_inputs(batch: dict, prefix: str = "") -> dict:
-    """The tensors a LLaVA forward takes, from a collated batch (keys with `prefix`)."""
+    """The tensors a model's forward takes, from a collated batch (keys with `prefix`)."""
     return {k: batch[prefix + k] for k in MODEL_KEYS if prefix + k in batch}
+
+
+def family_inputs(model: nn.Module, inputs: dict) -> dict:
+    """`inputs` plus what the model's family derives from the ids (e.g. Qwen2-VL's mm_token_type_ids)."""
+    config = base_llava(model).config
+    return {**inputs, **family_of(config).text_inputs(inputs["input_ids"], config)}
 
 
 def base_llava(model: nn.Module) -> nn.Module:
@@ -188,6 +198,7 @@ def llava_view(model: nn.Module, inputs: dict, token_types: Tensor, needs: Needs
     hidden = {normalise_index(i, n_layers + 1, "hidden state", who) for i in needs.hidden_layers} - {n_layers}
     attention = {normalise_index(i, n_layers, "attention layer", who) for i in needs.attention_layers}
     captured: dict[str, Any] = {}
+    inputs = family_inputs(model, inputs)
     with _capture(layers, hidden, attention, captured):
         out = model.model(**inputs, use_cache=False, return_dict=True)
     image_features = None
@@ -201,6 +212,7 @@ def llava_view(model: nn.Module, inputs: dict, token_types: Tensor, needs: Needs
         hidden_states=captured.get("hidden", {}),
         attentions=captured.get("attn", {}),
         image_features=image_features,
+        image_grids=family_of(model.config).image_grids(model.config, inputs),
         n_hidden_states=n_layers + 1,
         n_layers=n_layers,
         who=who,

@@ -78,9 +78,10 @@ def _answer_hidden(bundle: LoadedModel, questions: list[EvalQuestion], prompts: 
         rows += [b] * len(a)
         cols += range(len(p) - 1, len(p) - 1 + len(a))  # the logit at t predicts token t+1
     kwargs = {}
-    pixel_values = _pixel_batch(bundle, questions, device, dtype)
-    if pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values
+    image_inputs = _pixel_batch(bundle, questions, device, dtype)
+    if image_inputs is not None:
+        kwargs.update(image_inputs)
+        kwargs.update(bundle.family.text_inputs(input_ids.to(device), bundle.model.config))
     hidden = bundle.model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 use_cache=False, **kwargs).last_hidden_state
     # only the answer positions go through lm_head: no (B, T, V) logits tensor

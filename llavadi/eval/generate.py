@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from llavadi.data.collator import pad_sequences
-from llavadi.data.dataset import load_image, pixel_values_for
+from llavadi.data.dataset import load_image
 from llavadi.data.images import open_image
 from llavadi.data.encode import ConversationEncoder, SampleError
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
@@ -28,6 +28,7 @@ from llavadi.device import resolve_device
 from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.models.build import LoadedModel, load_llava_dir
 from llavadi.models.dtypes import DTYPES as _DTYPES
+from llavadi.models.families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,11 @@ def user_text(question: EvalQuestion) -> str:
 def encode_question(encoder: ConversationEncoder, question: EvalQuestion) -> list[int]:
     """Prompt token ids (image placeholder expanded) of one question."""
     turn = Turn("user", user_text(question))
+    sizes = None
+    if question.has_image and encoder.n_image_tokens is None:  # the count depends on the image's size
+        sizes = [question_image(question).size]
     return encoder.encode_prompt([turn], n_images=1 if question.has_image else 0,
-                                 sample_id=str(question.question_id)).input_ids
+                                 sample_id=str(question.question_id), image_sizes=sizes).input_ids
 
 
 def question_image(question: EvalQuestion) -> Image.Image:
@@ -145,12 +149,12 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dtype) -> torch.Tensor | None:
-    pix = [pixel_values_for(bundle.image_processor, question_image(q), bundle.pad_to_square)
-           for q in questions if q.has_image]
-    if not pix:
+def _pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dtype) -> dict | None:
+    """The image inputs of the questions that have an image, in batch order (None: no image)."""
+    inputs = bundle.batch_image_inputs([[question_image(q)] for q in questions if q.has_image])
+    if not inputs:
         return None
-    return torch.stack(pix).to(device=device, dtype=dtype)
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -179,15 +183,22 @@ def _decode_kwargs(sampling: Sampling | None) -> dict:
     return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
 
 
-def generate_ids(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, max_new_tokens: int,
+def generate_ids(model, prompts: list[list[int]], pixel_values: torch.Tensor | dict | None, max_new_tokens: int,
                  pad_id: int, eos_ids: list[int], image_token_id: int,
                  sampling: Sampling | None = None) -> list[list[int]]:
     """Answer ids of one left-padded batch of prompts (greedy, or sampled under `sampling.seed`), each cut
-    after its first eos. `pixel_values`: one per prompt that has image tokens, in batch order."""
+    after its first eos. `pixel_values`: one per prompt that has image tokens, in batch order, or a dict of
+    the batch's image inputs (a family's: pixel_values, image_grid_thw, ...)."""
     device, _ = _model_device_dtype(model)
     input_ids = pad_sequences(prompts, pad_id, side="left").to(device)
     attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
-    kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+    if pixel_values is None:
+        kwargs = {}
+    else:
+        kwargs = dict(pixel_values) if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "model_type", None) in FAMILIES:
+            kwargs.update(FAMILIES[config.model_type].text_inputs(input_ids, config))
     # the draw depends on the seed only, and leaves the caller's random state (dropout, shuffling) untouched
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

@@ -1,7 +1,9 @@
-"""Build teacher and student LlavaForConditionalGeneration models, freeze modules, save them.
+"""Build teacher and student models of any registered family, freeze modules, save them.
 
 A model spec (see `llavadi.config.ModelSpec`) is one of:
-- `path`: a HF LLaVA checkpoint directory (e.g. a saved llava-hf model or a llavadi student);
+- `path`: a HF image-text-to-text checkpoint directory or hub id of a family llavadi knows
+  (`llavadi.models.families`: LLaVA-1.5, Qwen2-VL, Qwen2.5-VL), e.g. a llava-hf model or a llavadi
+  student, loaded with AutoModelForImageTextToText;
 - `vision` + `llm`: a CLIP/SigLIP vision checkpoint and a causal-LM checkpoint composed with a new
   2-layer GELU MLP projector (LLaVA-1.5's), the image token added to the tokenizer;
 - `preset`: a named tiny preset built from config (llavadi.models.presets), no download.
@@ -21,27 +23,28 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
 )
 
 from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode, fsync_dir
+from llavadi.data.dataset import View
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
-from llavadi.models.chat_template import llavadi_chat_template
 from llavadi.models.dtypes import torch_dtype
+from llavadi.models.families import Family, family_for_type, family_of
 from llavadi.models.hub import hub_error, source_kwargs
-from llavadi.models.image_processor import padding_image_processor
 from llavadi.models.meta import DEFAULT_TEMPLATE, TOKENIZER_CHAT_TEMPLATE, read_model_meta, write_model_meta
 from llavadi.models.image_tokens import n_image_tokens  # noqa: F401  (part of this module's API)
 
 
 @dataclass
 class LoadedModel:
-    """A LLaVA model with what is needed to feed it: tokenizer, image processor, and `meta`, the
-    llavadi.json facts of how it is prompted (template, system prompt; see llavadi.models.meta)."""
+    """A model with what is needed to feed it: tokenizer, image processor, and `meta`, the
+    llavadi.json facts of how it is prompted (template, system prompt; see llavadi.models.meta).
+    Its `family` (by the config's model_type) says how images enter its prompts and inputs."""
 
     model: LlavaForConditionalGeneration
     tokenizer: object
@@ -50,14 +53,19 @@ class LoadedModel:
     source: str | None = None  # the directory or hub id it was loaded from (None: built in memory)
 
     @property
-    def n_image_tokens(self) -> int:
-        """Image placeholder tokens per image, as the model's vision config implies."""
-        return n_image_tokens(self.model.config)
+    def family(self) -> Family:
+        """The model's family adapter (llavadi.models.families)."""
+        return family_of(self.model.config, self.source or "model")
+
+    @property
+    def n_image_tokens(self) -> int | None:
+        """Image placeholder tokens per image, as the model's vision config implies (None: depends on the image)."""
+        return self.family.fixed_tokens_per_image(self.model.config)
 
     @property
     def template(self) -> str:
-        """The conversation template the model was trained with (LLaVA-1.5's when not recorded)."""
-        return self.meta.get("template") or DEFAULT_TEMPLATE
+        """The conversation template the model was trained with (its family's default when not recorded)."""
+        return self.meta.get("template") or self.family.default_template
 
     @property
     def system(self) -> str | None:
@@ -67,7 +75,19 @@ class LoadedModel:
     @property
     def pad_to_square(self) -> bool:
         """Whether its images are padded to a square with their mean colour before preprocessing."""
-        return bool(self.meta.get("pad_to_square", True))
+        return bool(self.meta.get("pad_to_square", self.family.pad_to_square))
+
+    def image_inputs(self, images: list) -> dict:
+        """The model inputs of one sample's images (RGB PIL images), as its family preprocesses them."""
+        return self.family.image_inputs(self.image_processor, images, self.pad_to_square)
+
+    def batch_image_inputs(self, images_per_sample: list[list]) -> dict:
+        """The image inputs of a batch: each sample's images preprocessed, combined as the collator combines them."""
+        from llavadi.data.collator import IMAGE_INPUT_KEYS, combine_image_inputs
+
+        per_sample = [self.image_inputs(images) for images in images_per_sample if images]
+        return {k: combine_image_inputs([d[k] for d in per_sample], k) for k in IMAGE_INPUT_KEYS
+                if per_sample and k in per_sample[0]}
 
     def encoder(self, template: str | None = None, system: str | None = None,
                 max_length: int = 4096) -> ConversationEncoder:
@@ -78,9 +98,20 @@ class LoadedModel:
         """
         if template is None:
             template, system = self.template, self.system
-        tmpl = get_template(template, system, eos=self.tokenizer.eos_token or "</s>")
-        return ConversationEncoder(self.tokenizer, tmpl, self.model.config.image_token_id, self.n_image_tokens,
-                                   max_length)
+        family, config = self.family, self.model.config
+        tmpl = get_template(template, system, eos=self.tokenizer.eos_token or "</s>", image_parts=family.image_parts)
+        return ConversationEncoder(
+            self.tokenizer, tmpl, family.image_token_id(config), self.n_image_tokens, max_length,
+            image_marker=family.image_marker, multi_image=family.multi_image, family=family.name,
+            tokens_per_image=lambda size: family.tokens_per_image(config, self.image_processor, size))
+
+
+    def data_view(self, template: str | None = None, system: str | None = None, max_length: int = 4096,
+                  prefix: str = "") -> View:
+        """How this model sees a dataset's samples (llavadi.data.dataset.View): its encoder, its image inputs."""
+        image_inputs = None if self.family.name == "llava" else self.image_inputs  # None: LLaVA-1.5's own path
+        return View(self.encoder(template, system, max_length), self.image_processor, prefix=prefix,
+                    pad_to_square=self.pad_to_square, image_inputs=image_inputs)
 
 
 def _pretrained(cls, path: str, what: str, revision: str | None = None, **kwargs):
@@ -111,11 +142,12 @@ def vision_image_processor(vision_config, path: str):
 
 
 def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = None, **model_kwargs) -> LoadedModel:
-    """A saved LLaVA directory (HF files + llavadi.json), or a LLaVA hub id, as a LoadedModel on the CPU.
+    """A saved model directory (HF files + llavadi.json) or hub id of a registered family, as a LoadedModel on the CPU.
 
-    The directory must hold the model's config, its tokenizer and its image processor; a
-    llavadi.json whose n_image_tokens disagrees with the vision tower is an error.
-    `model_kwargs` go to from_pretrained (e.g. a quantization_config).
+    The directory must hold the model's config, its tokenizer and its image processor; a model_type
+    llavadi has no family adapter for is refused naming the supported ones; a llavadi.json whose
+    n_image_tokens disagrees with the vision tower is an error. `model_kwargs` go to from_pretrained
+    (e.g. a quantization_config).
     """
     path = str(path)
     source_kwargs(path, "model path", revision)  # a missing path or a misplaced revision fails first
@@ -123,10 +155,13 @@ def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = N
         raise FileNotFoundError(f"{path}: no config.json; is this a saved model directory?")
     if dtype is not None:
         model_kwargs["dtype"] = dtype
-    model = _pretrained(LlavaForConditionalGeneration, path, "model path", revision, **model_kwargs)
+    config = _pretrained(AutoConfig, path, "model path", revision)
+    family = family_for_type(getattr(config, "model_type", None), f"model path {path}")
+    model_class = LlavaForConditionalGeneration if family.name == "llava" else AutoModelForImageTextToText
+    model = _pretrained(model_class, path, "model path", revision, **model_kwargs)
     tokenizer = _pretrained(AutoTokenizer, path, "model path", revision)
     try:
-        image_processor = _pretrained(AutoImageProcessor, path, "model path", revision)
+        image_processor = family.load_image_processor(path, source_kwargs(path, "model path", revision))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
     meta = read_model_meta(path, model.config)
@@ -228,64 +263,46 @@ def set_trainable(model: LlavaForConditionalGeneration, projector: bool = True, 
                   vision_from_layer: int | None = None) -> dict[str, int]:
     """Per-module training rule; returns trainable parameter counts per module.
 
+    The modules are the family's (llavadi.models.families: vision tower, projector, language model).
     `vision_from_layer=None` freezes the vision tower; N tunes its encoder layers N.. (and the
-    layers after); layers LLaVA never reads (past vision_feature_layer) stay frozen, so DDP sees
-    no unused trainable parameter.
+    layers after); layers the model never reads (past LLaVA's vision_feature_layer) stay frozen, so
+    DDP sees no unused trainable parameter.
     """
-    m = model.model
+    family = family_of(model.config)
+    parts = family.parts(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in m.multi_modal_projector.parameters():
+    for p in parts.projector.parameters():
         p.requires_grad_(projector)
-    for p in list(m.language_model.parameters()) + list(model.lm_head.parameters()):
+    language = [p for m in parts.language for p in m.parameters()]
+    for p in language:
         p.requires_grad_(llm)
     if vision_from_layer is not None:
-        layers = _vision_layers(m.vision_tower)
-        used = _used_vision_layers(model.config, len(layers))
+        layers = parts.vision_layers
+        used = family.used_vision_layers(model.config, len(layers))
         if not 0 <= vision_from_layer < len(layers):
             raise ValueError(f"vision_from_layer={vision_from_layer}: the vision tower has {len(layers)} layers")
         for i in range(vision_from_layer, used):
             for p in layers[i].parameters():
                 p.requires_grad_(True)
+    projector_ids = {id(p) for p in parts.projector.parameters()}
     counts = {
-        "vision_tower": sum(p.numel() for p in m.vision_tower.parameters() if p.requires_grad),
-        "projector": sum(p.numel() for p in m.multi_modal_projector.parameters() if p.requires_grad),
-        "llm": sum(p.numel() for p in list(m.language_model.parameters()) + list(model.lm_head.parameters())
-                   if p.requires_grad),
+        # the projector may sit inside the vision module (Qwen2-VL's merger): counted once, as the projector
+        "vision_tower": sum(p.numel() for p in parts.vision.parameters() if p.requires_grad and id(p) not in projector_ids),
+        "projector": sum(p.numel() for p in parts.projector.parameters() if p.requires_grad),
+        "llm": sum(p.numel() for p in language if p.requires_grad),
     }
     if not any(counts.values()):
         raise ValueError("the training rule leaves no trainable parameter; enable projector, llm or vision_from_layer")
     return counts
 
 
-def _vision_layers(vision_tower):
-    vm = getattr(vision_tower, "vision_model", vision_tower)
-    return list(vm.encoder.layers)
-
-
-def _used_vision_layers(config, n_layers: int) -> int:
-    layer = config.vision_feature_layer
-    layers = [layer] if isinstance(layer, int) else list(layer)
-    # hidden_states[k] is the output of layer k-1 (index 0 = embeddings)
-    return max((l if l >= 0 else n_layers + 1 + l) for l in layers)
-
-
 # ----------------------------------------------------------------------------- saving
 
-def llava_processor(loaded: LoadedModel) -> LlavaProcessor:
-    """The processor saved with a model: `<image>` expanded to the model's image-token count, images padded
-    to a square as llavadi pads them (llavadi.models.image_processor), and a chat template rendering the
-    model's prompt (template + system prompt; llavadi.models.chat_template)."""
-    cfg = loaded.model.config
-    return LlavaProcessor(
-        image_processor=padding_image_processor(loaded.image_processor, loaded.pad_to_square),
-        tokenizer=loaded.tokenizer,
-        patch_size=cfg.vision_config.patch_size,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        num_additional_image_tokens=1 if cfg.vision_config.model_type.startswith("clip") else 0,
-        image_token=IMAGE_PLACEHOLDER,
-        chat_template=llavadi_chat_template(loaded.template, loaded.system, loaded.tokenizer),
-    )
+def llava_processor(loaded: LoadedModel):
+    """The processor saved with a model, as its family says (LLaVA-1.5: a LlavaProcessor whose image processor
+    pads as llavadi does and whose chat template renders the model's prompt; llavadi.models.families)."""
+    return loaded.family.saved_processor(loaded)
 
 
 def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, state_dict: dict | None = None) -> str:
@@ -303,7 +320,7 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, stat
         processor = llava_processor(loaded)
         processor.save_pretrained(tmp)  # its chat template is written for the tokenizer too
         meta = {**loaded.meta, **(meta or {})}
-        if processor.chat_template != loaded.tokenizer.chat_template:  # what template: chat_template reads
+        if getattr(processor, "chat_template", None) != loaded.tokenizer.chat_template:  # what template: chat_template reads
             meta[TOKENIZER_CHAT_TEMPLATE] = loaded.tokenizer.chat_template
         write_model_meta(tmp, meta, loaded.model.config)
         if os.path.exists(out_dir):

@@ -56,20 +56,23 @@ def _read(what: str, path: str, load):
 
 
 def describe_llava_dir(path: str, what: str = "model path", revision: str | None = None):
-    """A saved LLaVA directory's (or hub id's) config, tokenizer, image processor and llavadi.json (no weights)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    """A saved model directory's (or hub id's), of a registered family, config, tokenizer, image processor and llavadi.json (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from llavadi.models.build import LoadedModel
+    from llavadi.models.families import FAMILIES
     from llavadi.models.meta import read_model_meta
 
     _folder(path, what)
     source = _read("location", path, lambda: source_kwargs(path, what, revision))
     config = _read("config.json", path, lambda: AutoConfig.from_pretrained(path, **source))
-    if getattr(config, "model_type", None) != "llava":
-        raise ModelFilesError(f"{what} {path}: config.json has model_type {config.model_type!r}, not 'llava'; "
-                              "for a vision encoder + language model use `vision:` and `llm:`")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ModelFilesError(f"{what} {path}: config.json has model_type {model_type!r}, not a family llavadi "
+                              f"supports ({', '.join(sorted(FAMILIES))}); for a vision encoder + language model use "
+                              "`vision:` and `llm:`")
     tokenizer = _read("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path, **source))
-    processor = _read("image processor", path, lambda: AutoImageProcessor.from_pretrained(path, **source))
+    processor = _read("image processor", path, lambda: FAMILIES[model_type].load_image_processor(path, source))
     meta = _read("llavadi.json", path, lambda: read_model_meta(path, config))
     return LoadedModel(ConfigOnlyModel(config), tokenizer, processor, meta)
 

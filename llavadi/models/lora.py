@@ -44,11 +44,12 @@ def language_model_targets(names: list[str]) -> str:
 
 def fully_trained_modules(model: nn.Module) -> list[str]:
     """Names of the modules outside the language model that set_trainable left trainable (kept whole under LoRA)."""
-    core = model.model
+    from llavadi.models.families import family_of
+
+    parts = family_of(model.config).parts(model)
     names = {id(m): n for n, m in model.named_modules()}
-    keep = [core.multi_modal_projector] if any(p.requires_grad for p in core.multi_modal_projector.parameters()) else []
-    vision = getattr(core.vision_tower, "vision_model", core.vision_tower)
-    keep += [layer for layer in vision.encoder.layers if any(p.requires_grad for p in layer.parameters())]
+    keep = [parts.projector] if any(p.requires_grad for p in parts.projector.parameters()) else []
+    keep += [layer for layer in parts.vision_layers if any(p.requires_grad for p in layer.parameters())]
     return [names[id(m)] for m in keep]
 
 
@@ -85,7 +86,8 @@ def quantization_config(spec, dtype: torch.dtype | None):
     # the vision tower and projector stay unquantized: only the language model's linear layers are 4-bit
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype or torch.bfloat16,
-                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+                              # LLaVA's vision tower and projector, Qwen2-VL's vision tower with its merger
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"])
 
 
 def adapter_state(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,15 +146,20 @@ def merged_llava(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mo
 def merged_on_base(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """The adapter of a PeftModel state dict merged into the student it was trained on, read again from its
     directory (the adapter config's base path) unquantized, in the dtype of the model's unquantized weights."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    from llavadi.models.families import family_of
 
     peft = _peft()
     config = copy.deepcopy(peft_model.peft_config[ADAPTER_NAME])
     base_path = config.base_model_name_or_path
     if not base_path:
         raise ValueError("cannot merge the adapter: the student it was trained on was not loaded from a directory")
-    dtype = next(peft_model.get_base_model().model.multi_modal_projector.parameters()).dtype
-    base = LlavaForConditionalGeneration.from_pretrained(base_path, dtype=dtype, local_files_only=os.path.isdir(base_path))
+    live = peft_model.get_base_model()
+    family = family_of(live.config)
+    dtype = next(family.parts(live).projector.parameters()).dtype  # never quantized
+    cls = LlavaForConditionalGeneration if family.name == "llava" else AutoModelForImageTextToText
+    base = cls.from_pretrained(base_path, dtype=dtype, local_files_only=os.path.isdir(base_path))
     model = peft.get_peft_model(base, config)
     result = peft.set_peft_model_state_dict(model, adapter_state(peft_model, state))
     if result.unexpected_keys:

@@ -45,7 +45,7 @@ def read_model_meta(model_dir: str | os.PathLike, config=None) -> dict:
 def check_n_image_tokens(n: int, config, where: str) -> None:
     """Raise unless `n` image tokens per image is what the model's vision tower gives."""
     expected = n_image_tokens(config)
-    if n != expected:
+    if expected is not None and n != expected:
         raise ValueError(
             f"{where}: n_image_tokens {n} does not match the model's vision tower, which gives {expected} "
             f"tokens per image (image_size/patch_size, strategy {config.vision_feature_select_strategy!r}); "
@@ -59,7 +59,7 @@ def write_model_meta(model_dir: str | os.PathLike, meta: dict, config=None) -> s
     With the model's `config`, `n_image_tokens` is set from its vision tower.
     """
     meta = dict(meta)
-    if config is not None:
+    if config is not None and n_image_tokens(config) is not None:  # None: the count depends on the image
         meta["n_image_tokens"] = n_image_tokens(config)
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, META_FILE)

@@ -251,8 +251,9 @@ class CachedTeacher:
 
 
 def sample_images(dataset) -> dict[str, str | None]:
-    """Sample id -> image path of a LlavaDataset (for the per-batch image check)."""
-    return {r.sample_id: r.image for r in dataset.records}
+    """Sample id -> image path (a tuple of paths for a multi-image sample) of a LlavaDataset (for the per-batch
+    image check)."""
+    return {r.sample_id: tuple(r.images) if len(r.images) > 1 else r.image for r in dataset.records}
 
 
 def open_cache(directory: str) -> CacheReader:

@@ -84,10 +84,12 @@ class ImageDigests:
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, int, str]] = {}
 
-    def __call__(self, path: str | None) -> str:
-        """The short hash of the file's bytes ('' for no image)."""
+    def __call__(self, path: str | list[str] | tuple[str, ...] | None) -> str:
+        """The short hash of the file's bytes ('' for no image; the hashes joined by '+' for several images)."""
         if path is None:
             return ""
+        if isinstance(path, (list, tuple)):
+            return "+".join(self(p) for p in path)
         st = os.stat(path)
         known = self._seen.get(path)
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llavadi.atomic import write_json_atomic
 from llavadi.data.collator import LlavaCollator
-from llavadi.data.dataset import LlavaDataset, View
+from llavadi.data.dataset import LlavaDataset
 from llavadi.device import resolve_device
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.view import Needs, llava_view, model_inputs
@@ -187,7 +187,8 @@ def teacher_rows(model, batch: dict, plan: CachePlan, top_k: int, hidden: bool, 
 
 def _digest(dataset: LlavaDataset, i: int, images: ImageDigests) -> dict:
     enc = dataset.encoded[i][0]
-    return sample_digest(enc.input_ids, enc.token_types, images(dataset.records[i].image))
+    rec = dataset.records[i]
+    return sample_digest(enc.input_ids, enc.token_types, images(tuple(rec.images) if len(rec.images) > 1 else rec.image))
 
 
 def _todo(dataset: LlavaDataset, entries: dict[str, dict], images: ImageDigests) -> list[int]:
@@ -255,7 +256,7 @@ def _prepare(recipe, stage, top_k: int, values: str, hidden: bool, device, rank:
         raise CacheError(f"--top-k must be in 1..{vocab} (the teacher's vocabulary), got {top_k}")
     plan = _plan(stage, teacher, hidden)
     d = stage.data
-    view = View(teacher.encoder(d.template, d.system, d.max_length), teacher.image_processor)  # as training renders
+    view = teacher.data_view(d.template, d.system, d.max_length)  # as training renders
     dataset = LlavaDataset(d.path, d.image_folder, [view], on_error=d.on_error)
     box = [_manifest(recipe, stage, teacher, plan, top_k, values, hidden) if rank == 0 else None]
     if world > 1:  # hashing the teacher's weights once is enough

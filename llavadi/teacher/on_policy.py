@@ -23,9 +23,11 @@ import time
 
 import torch
 
+from llavadi.data.collator import IMAGE_INPUT_KEYS, combine_image_inputs
 from llavadi.data.encode import IGNORE_INDEX
 from llavadi.data.token_types import TokenType
 from llavadi.eval.generate import Sampling, _pad_id, eos_token_ids, generate_ids
+from llavadi.models.families import family_of
 
 RESPONSE, INSTRUCTION, IMAGE = int(TokenType.RESPONSE), int(TokenType.INSTRUCTION), int(TokenType.IMAGE)
 
@@ -50,19 +52,44 @@ def last_answer_start(token_types: list[int]) -> int:
 
 
 def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
-    """The collated batch back as dataset items (padding removed), pixel values per item that has an image."""
+    """The collated batch back as dataset items (padding removed), image inputs per item that has images."""
     items = [{"sample_id": sid} for sid in batch["sample_ids"]]
     for p in prefixes:
         keep = batch[p + "attention_mask"].bool().cpu()
-        pixel_row = 0
         for b, item in enumerate(items):
             for key in ("input_ids", "token_types", "labels"):
                 if p + key in batch:
                     item[p + key] = batch[p + key][b].cpu()[keep[b]].tolist()
+        if p + "image_grid_thw" in batch:
+            _split_grid_images(batch, items, p)
+            continue
+        pixel_row = 0
+        for item in items:
             if IMAGE in item[p + "token_types"]:  # the collator stacked pixels of the samples with images, in order
                 item[p + "pixel_values"] = batch[p + "pixel_values"][pixel_row]
                 pixel_row += 1
     return items
+
+
+def _split_grid_images(batch: dict, items: list[dict], p: str) -> None:
+    """Give each item its rows of `pixel_values` and `image_grid_thw` (dynamic-resolution families: one grid row
+    per image, t*h*w patch rows per image, patches / tokens the same merge factor for every image)."""
+    grids, pixels = batch[p + "image_grid_thw"], batch[p + "pixel_values"]
+    patches = grids.prod(dim=1).tolist()
+    n_tokens = [item[p + "token_types"].count(IMAGE) for item in items]
+    merge, rest = divmod(sum(patches), max(sum(n_tokens), 1))
+    if rest or not merge:
+        raise ValueError(f"{sum(patches)} image patches for {sum(n_tokens)} image tokens: not a whole merge factor")
+    image, row = 0, 0
+    for item, tokens in zip(items, n_tokens):
+        first_image, first_row = image, row
+        while tokens > 0:
+            tokens -= patches[image] // merge
+            row += patches[image]
+            image += 1
+        if image > first_image:
+            item[p + "pixel_values"] = pixels[first_row:row]
+            item[p + "image_grid_thw"] = grids[first_image:image]
 
 
 def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_length: int) -> dict:
@@ -89,7 +116,7 @@ class OnPolicySampler:
         self.max_length = max_length
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = eos_token_ids(student, tokenizer)
-        self.image_token_id = int(student.config.image_token_id)
+        self.image_token_id = family_of(student.config).image_token_id(student.config)
         self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}
 
     def __call__(self, batches: list[dict], step: int) -> list[dict]:
@@ -115,9 +142,14 @@ class OnPolicySampler:
 
     def _generate(self, items: list[dict], seed: int) -> list[list[int]]:
         prompts = [item["input_ids"][:last_answer_start(item["token_types"])] for item in items]
-        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
         param = next(self.student.parameters())
-        pixel_values = torch.stack(pixels).to(param.device, param.dtype) if pixels else None
+        pixel_values = None
+        with_images = [item for item in items if "pixel_values" in item]
+        if with_images:
+            pixel_values = {k: combine_image_inputs([item[k] for item in with_images], k) for k in IMAGE_INPUT_KEYS
+                            if k in with_images[0]}
+            pixel_values = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
+                            for k, v in pixel_values.items()}
         was_training = self.student.training
         self.student.eval()
         try:

@@ -5,7 +5,7 @@ check (llavadi.train.preflight) and the stage run (llavadi.train.runner)."""
 from __future__ import annotations
 
 from llavadi.config import StageConfig
-from llavadi.data.dataset import LlavaDataset, View
+from llavadi.data.dataset import LlavaDataset
 from llavadi.data.token_alignment import PairAligner
 from llavadi.distill.compat import check_same_tokenizer
 from llavadi.distill.cross_vocab import matched_tokens
@@ -19,8 +19,9 @@ TEACHER_PREFIX = "teacher_"
 
 def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
     pa, pb = a.image_processor, b.image_processor
-    keys = ("crop_size", "size", "image_mean", "image_std", "do_normalize", "do_center_crop", "resample")
-    same_proc = all(str(getattr(pa, k, None)) == str(getattr(pb, k, None)) for k in keys)
+    keys = ("crop_size", "size", "image_mean", "image_std", "do_normalize", "do_center_crop", "resample",
+            "patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels")
+    same_proc = type(pa) is type(pb) and all(str(getattr(pa, k, None)) == str(getattr(pb, k, None)) for k in keys)
     return same_proc and a.n_image_tokens == b.n_image_tokens and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
 
 
@@ -43,11 +44,10 @@ def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel
     tokens are paired across the two views (a sample that cannot be is an error naming it, or
     skipped under on_error: skip)."""
     d = stage.data
-    views = [View(student.encoder(d.template, d.system, d.max_length), student.image_processor)]
+    views = [student.data_view(d.template, d.system, d.max_length)]
     aligner = None
     if teacher is not None and stage.distill.terms and not _same_image_layout(student, teacher):
-        views.append(View(teacher.encoder(d.template, d.system, d.max_length), teacher.image_processor,
-                          prefix=TEACHER_PREFIX))
+        views.append(teacher.data_view(d.template, d.system, d.max_length, prefix=TEACHER_PREFIX))
         if different_tokenizers(student, teacher) and _pairs_answers(stage):
             aligner = PairAligner(views[0].encoder, views[1].encoder)
     return LlavaDataset(stage.data.path, stage.data.image_folder, views, on_error=stage.data.on_error,

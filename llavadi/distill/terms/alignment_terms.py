@@ -6,7 +6,10 @@
   With different tokenizers (answer spans paired by the data) it compares, per paired span, the
   states at the span's last token on each side: both models have then read the same text.
 - ``visual_align``: the student's image tokens (LLM states or projector outputs) against the
-  teacher's, whose square grid per image is pooled to the student's; through a projector.
+  teacher's, whose grid per image is pooled to the student's; through a projector. A fixed-count
+  family (LLaVA-1.5) has a square grid per image; a dynamic-resolution family (Qwen2-VL) gives
+  each image's (rows, cols) grid (``ModelView.image_grids``): the k-th image of the teacher's
+  batch is adaptive-average-pooled from its grid to the k-th student image's grid.
 - ``visual_self_corr`` (LLaVA-KD's RDist): per image, the self-similarity matrices of the image
   tokens of the two models, compared row by row (1 - cos).
 """
@@ -17,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from llavadi.data.token_types import TokenType, type_mask
-from llavadi.distill.hidden import ALIGNMENT_LOSSES, PROJECTOR_KINDS, build_projector, pool_image_tokens, \
-    token_alignment_loss
+from llavadi.distill.hidden import ALIGNMENT_LOSSES, PROJECTOR_KINDS, build_projector, pool_image_grid, \
+    pool_image_tokens, token_alignment_loss
 from llavadi.distill.options import LAYER_PAIRS, Option
 from llavadi.distill.positions import teacher_rows
 from llavadi.distill.relation import visual_self_correlation_loss
@@ -139,6 +142,33 @@ class _VisualTerm(Term):
             raise ValueError(f"the {view.who} has {tokens.shape[0]} image tokens, not a multiple of {per_image} per image")
         return tokens.reshape(tokens.shape[0] // per_image, per_image, tokens.shape[-1])
 
+    def gridded_tokens(self, view: ModelView) -> tuple[list[Tensor], list[tuple[int, int]]]:
+        """Each image's (rows * cols, H) tokens and its (rows, cols) grid, for a view that states its grids."""
+        if self.opts["source"] == "projector":
+            raise ValueError(f"term {self.name!r}: source 'projector' reads fixed-count image grids; the "
+                             f"{view.who}'s images have per-image grids (use source 'hidden')")
+        states = view.hidden(self.opts["layer"], self.name)
+        tokens = states[type_mask(view.token_types, "image").to(states.device)]
+        counts = [rows * cols for rows, cols in view.image_grids]
+        if sum(counts) != tokens.shape[0]:
+            raise ValueError(f"the {view.who} has {tokens.shape[0]} image tokens but its image grids "
+                             f"{view.image_grids} hold {sum(counts)}")
+        return list(tokens.split(counts)), list(view.image_grids)
+
+    def paired_image_list(self, student: ModelView, teacher: ModelView) -> list[tuple[Tensor, Tensor]]:
+        """Per image, the student's tokens and the teacher's pooled to the student's grid (n_s, H) each."""
+        if student.image_grids is None and teacher.image_grids is None:
+            return list(zip(*self.paired_images(student, teacher)))
+        if student.image_grids is None or teacher.image_grids is None:
+            raise ValueError(f"term {self.name!r}: one model states per-image grids and the other does not; "
+                             "visual alignment needs both models' image grids")
+        s_list, s_grids = self.gridded_tokens(student)
+        t_list, t_grids = self.gridded_tokens(teacher)
+        if len(s_list) != len(t_list):
+            raise ValueError(f"term {self.name!r}: student has {len(s_list)} images, teacher {len(t_list)}")
+        return [(s, pool_image_grid(t.detach().to(s.device), t_grid, s_grid))
+                for s, t, s_grid, t_grid in zip(s_list, t_list, s_grids, t_grids)]
+
     def paired_images(self, student: ModelView, teacher: ModelView) -> tuple[Tensor, Tensor]:
         """Student image tokens and the teacher's pooled to the student's grid, (n_images, n_s, H) each."""
         s_tokens = self.image_tokens(student, self.ctx.student_tokens_per_image)
@@ -169,10 +199,10 @@ class VisualAlign(_VisualTerm):
     def forward(self, student: ModelView, teacher: ModelView) -> Tensor:
         if not self.has_images(student):
             return self.zero(student)
-        s_tokens, pooled = self.paired_images(student, teacher)
-        n_img, n_tok, _ = s_tokens.shape
-        return token_alignment_loss(s_tokens.reshape(n_img * n_tok, -1), pooled.reshape(n_img * n_tok, -1),
-                                    self.projectors[0], self.opts["loss"]).sum()
+        pairs = self.paired_image_list(student, teacher)
+        s_rows = torch.cat([s for s, _ in pairs])
+        t_rows = torch.cat([t for _, t in pairs])
+        return token_alignment_loss(s_rows, t_rows, self.projectors[0], self.opts["loss"]).sum()
 
 
 @register
@@ -186,8 +216,7 @@ class VisualSelfCorr(_VisualTerm):
     def forward(self, student: ModelView, teacher: ModelView) -> Tensor:
         if not self.has_images(student):
             return self.zero(student)
-        s_tokens, pooled = self.paired_images(student, teacher)
         total = self.zero(student)
-        for s_img, t_img in zip(s_tokens, pooled):
+        for s_img, t_img in self.paired_image_list(student, teacher):
             total = total + visual_self_correlation_loss(s_img, t_img).sum()
         return total

@@ -1,0 +1,78 @@
+"""Tiny random models of the non-LLaVA families, built from their configs with a small word tokenizer and
+the family's real image processor class (the PIL variant: no torchvision here). No download."""
+
+from __future__ import annotations
+
+import torch
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+WORDS = ("system user assistant you are a helpful what color is the square ? red green blue yellow "
+         "hello world how many one two three").split()
+
+# Qwen2-VL's chat template, reduced to images and text (the real one also renders videos and tools)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nyou are a helpful assistant<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer():
+    """A word-level fast tokenizer with Qwen2-VL's special tokens and a Qwen-style chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", *QWEN_SPECIALS, *sorted(set(WORDS))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 unk_token="<unk>", padding_side="right")
+    hf.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    hf.chat_template = QWEN_CHAT_TEMPLATE
+    return hf
+
+
+def qwen_image_processor():
+    """Qwen2-VL's image processor (PIL): 8 px patches, 2x2 merge, 256..4096 pixels, so a 32x32 image is 4 tokens."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                                    max_pixels=64 * 64)
+
+
+def qwen_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
+    """A tiny random Qwen2-VL or Qwen2.5-VL of text width `hidden`."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    half = hidden // 4 // 2  # rotary dimensions per head / 2: split over (time, height, width)
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]}, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if model_type == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, patch_size=8, spatial_merge_size=2,
+                      temporal_patch_size=2, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=hidden, intermediate_size=64, num_heads=4,
+                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                      fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
