@@ -11,7 +11,12 @@ import torch
 from conftest import make_tiny_llava, make_word_tokenizer
 
 from llavadi.data.collator import pad_sequences
-from llavadi.eval.decode import PreallocatedLayer, decode, fast_decode_supported, hf_generate
+from llavadi.eval.decode import (
+    PreallocatedLayer,
+    decode,
+    fast_decode_supported,
+    hf_generate,
+)
 
 MAX_NEW = 12
 

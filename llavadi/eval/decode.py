@@ -108,6 +108,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
            **prefill_inputs) -> list[list[int]]:
     """New token ids per row of a left-padded batch, each cut after its first eos: greedy (`temperature` None)
     or sampled from the global random state. `prefill_inputs` (e.g. pixel_values) go to the first forward only."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not fast_decode_supported(model):
         return hf_generate(model, input_ids, attention_mask, max_new_tokens, pad_id, eos_ids, suppress_ids,
                            temperature, top_p, **prefill_inputs)
