@@ -1,11 +1,11 @@
 """Batched greedy answer generation for evaluation, prompted exactly as the model was trained.
 
 Questions are sorted by prompt length so each batch pads little, left-padded (a decoder
-continues from the last position of every row) and generated with the KV cache by HF
-`generate`, which derives position ids from the attention mask so padded rows see the same
-positions as unpadded ones. Pixel values are passed only for questions that have an image, in
-batch order, so text-only questions can share a batch with image questions. Answers come back
-in the questions' original order.
+continues from the last position of every row) and decoded by `llavadi.eval.decode.decode`
+(the tokens HF `generate` picks, through a preallocated KV cache; position ids derived from the
+attention mask, so padded rows see the same positions as unpadded ones). Pixel values are passed
+only for questions that have an image, in batch order, so text-only questions can share a batch
+with image questions. Answers come back in the questions' original order.
 """
 
 from __future__ import annotations
