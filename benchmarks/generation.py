@@ -1,18 +1,29 @@
-"""Speed of batched greedy generation vs one question at a time (LLaVA's model_vqa loop).
+"""Speed of llavadi's batched greedy generation vs plain `model.generate` on the same batches, and vs one
+question at a time (LLaVA's model_vqa loop).
 
-A random tiny LLaVA (text 256x4, vision 128x2, 48 px images, 16 px patches = 9 image tokens)
-answers synthetic questions (a few text-only ones mixed in) twice: once with
-`llavadi.eval.generate.generate_answers` (sorted by length, left-padded batches, KV cache),
-once with a plain loop that calls `model.generate` on each prompt alone, as LLaVA's
-`model_vqa*.py` scripts do. Prints samples/second side by side, the ratio, and whether the
-answers are identical.
+A random LLaVA answers synthetic questions (a few text-only ones mixed in):
+- `--model tiny`: text 256x4, vision 128x2, 48 px images, 16 px patches = 9 image tokens;
+- `--model llava576`: the student of benchmarks/vs_trl.py (text 512x2, vocabulary 32000, a CLIP-shaped
+  tower of 336 px / 14 px patches = 576 image tokens).
+Methods, timed in alternation (`--repeats` rounds, best kept):
+- plain: `model.generate` on each length-sorted, left-padded batch (`llavadi.eval.decode.hf_generate`);
+- llavadi: `llavadi.eval.generate.generate_answer_ids` on the same batches (`llavadi.eval.decode.decode`:
+  preallocated KV cache, finished rows leave the batch);
+- one at a time (`--single`): `model.generate` on each prompt alone, as LLaVA's `model_vqa*.py` scripts do.
+Prints generated tokens per second side by side and the ratio, and exits non-zero unless llavadi's answers
+are token for token plain generate's. A random model almost never emits its end token, so every answer
+runs to max_new_tokens; `--eos frequent` makes the random model's most frequent answer token an end token
+as well, so answers end at different lengths as real ones do.
 
-    python benchmarks/generation.py [--questions 64] [--batch-size 16] [--max-new-tokens 16] [--threads 2]
+    python benchmarks/generation.py [--model tiny] [--questions 64] [--batch-size 32] [--max-new-tokens 16]
+                                    [--threads 2] [--eos never|frequent] [--single]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 
@@ -21,7 +32,12 @@ import torch
 
 def build_model(tokenizer):
     """A random tiny LLaVA of the benchmark's size."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               image_size=48, patch_size=16, projection_dim=128)
@@ -56,30 +72,92 @@ def one_at_a_time(bundle, questions, max_new_tokens):
     return answers
 
 
+def plain_generate(bundle, questions, batch_size, max_new_tokens):
+    """HF `model.generate` on the length-sorted, left-padded batches llavadi generates."""
+    from llavadi.data.collator import pad_sequences
+    from llavadi.eval.decode import hf_generate
+    from llavadi.eval.generate import (
+        _pad_id,
+        _pixel_batch,
+        encode_question,
+        eos_token_ids,
+        length_sorted_batches,
+    )
+
+    model, encoder = bundle.model, bundle.encoder()
+    pad_id, eos_ids = _pad_id(bundle.tokenizer), eos_token_ids(model, bundle.tokenizer)
+    prompts = [encode_question(encoder, q) for q in questions]
+    answers = [None] * len(questions)
+    with torch.inference_mode():
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+            ids = pad_sequences([prompts[i] for i in batch], pad_id, side="left")
+            mask = pad_sequences([[1] * len(prompts[i]) for i in batch], 0, side="left")
+            pixels = _pixel_batch(bundle, [questions[i] for i in batch], "cpu", torch.float32)
+            kwargs = {} if pixels is None else {"pixel_values": pixels}
+            out = hf_generate(model, ids, mask, max_new_tokens, pad_id, eos_ids, [encoder.image_token_id], **kwargs)
+            for i, row in zip(batch, out):
+                answers[i] = row
+    return answers
+
+
+def build_bundle(kind: str):
+    """(LoadedModel, number of image tokens) of the benchmark's random model."""
+    from llavadi.models.build import LoadedModel
+    from llavadi.models.presets import VisionSpec, build_image_processor
+    from llavadi.models.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    if kind == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        model, processor = build_model(tokenizer), build_image_processor()
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import vs_trl
+
+        tokenizer = vs_trl.build_tokenizer()
+        _, model = vs_trl.build_pair(tokenizer)
+        processor = build_image_processor(VisionSpec(image_size=vs_trl.IMAGE_SIZE, patch_size=vs_trl.PATCH))
+    bundle = LoadedModel(model.eval(), tokenizer, processor, {"template": "vicuna_v1", "system": ""})
+    return bundle, bundle.n_image_tokens
+
+
+def make_frequent_token_an_eos(bundle, questions, batch_size, max_new_tokens):
+    """Add the random model's most frequent answer token (after the first) to its end tokens."""
+    from collections import Counter
+
+    counts = Counter(t for a in plain_generate(bundle, questions, batch_size, max_new_tokens) for t in a[1:])
+    token = counts.most_common(1)[0][0]
+    eos = bundle.tokenizer.eos_token_id
+    bundle.model.generation_config.eos_token_id = [eos, token]
+    return token
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "llava576"], default="tiny")
     parser.add_argument("--questions", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each method; the best is kept")
+    parser.add_argument("--eos", choices=["never", "frequent"], default="never",
+                        help="frequent: the random model's most frequent answer token also ends an answer")
+    parser.add_argument("--single", action="store_true", help="also time one question at a time")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from llavadi.data.synthetic import TEXT_ONLY_QA, make_synthetic
     from llavadi.eval.benchmarks import get_benchmark
-    from llavadi.eval.generate import EvalQuestion, encode_question, from_benchmark_questions, generate_answers
-    from llavadi.models.build import LoadedModel
-    from llavadi.models.presets import build_image_processor
-    from llavadi.models.tokenizer import build_tiny_tokenizer
+    from llavadi.eval.generate import (
+        EvalQuestion,
+        decode_answer,
+        encode_question,
+        from_benchmark_questions,
+        generate_answer_ids,
+    )
 
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    model = build_model(tokenizer)
-    processor = build_image_processor()
-    bundle = LoadedModel(model, tokenizer, processor, {"template": "vicuna_v1", "system": ""})
+    bundle, n_image = build_bundle(args.model)
     encoder = bundle.encoder()
-
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_synthetic(f"{tmp}/set", n_caption=0, n_instruct=0, n_eval=args.questions)
         loaded = from_benchmark_questions(get_benchmark("synthetic").load_questions(paths["eval"]), paths["image_dir"])
@@ -91,33 +169,70 @@ def main(argv=None):
                 questions.append(q)
         n_text_only = sum(q.image is None for q in questions)
         lengths = [len(encode_question(encoder, q)) for q in questions]
+        extra_eos = None
+        if args.eos == "frequent":
+            extra_eos = make_frequent_token_an_eos(bundle, questions, args.batch_size, args.max_new_tokens)
+
+        def ours(max_new_tokens):
+            return generate_answer_ids(bundle, questions, batch_size=args.batch_size,
+                                       max_new_tokens=max_new_tokens, progress=False)
 
         # warm-up (allocator, lazy imports) outside the timing
-        generate_answers(bundle, questions[:4], batch_size=4, max_new_tokens=2, progress=False)
-        one_at_a_time(bundle, questions[:2], 2)
+        generate_answer_ids(bundle, questions[:4], batch_size=4, max_new_tokens=2, progress=False)
+        plain_generate(bundle, questions[:4], 4, 2)
 
-        t_single, t_batched = float("inf"), float("inf")
+        best = {k: float("inf") for k in ("plain", "llavadi", "plain_first", "llavadi_first", "single")}
+        load = []
         for _ in range(args.repeats):
+            load.append(os.getloadavg()[0])
             t0 = time.perf_counter()
-            single = one_at_a_time(bundle, questions, args.max_new_tokens)
-            t_single = min(t_single, time.perf_counter() - t0)
+            plain = plain_generate(bundle, questions, args.batch_size, args.max_new_tokens)
+            best["plain"] = min(best["plain"], time.perf_counter() - t0)
             t0 = time.perf_counter()
-            batched = generate_answers(bundle, questions, batch_size=args.batch_size,
-                                       max_new_tokens=args.max_new_tokens, progress=False)
-            t_batched = min(t_batched, time.perf_counter() - t0)
+            fast = ours(args.max_new_tokens)
+            best["llavadi"] = min(best["llavadi"], time.perf_counter() - t0)
+            # the prefill and first token alone: what the decoding steps add is the difference
+            t0 = time.perf_counter()
+            plain_generate(bundle, questions, args.batch_size, 1)
+            best["plain_first"] = min(best["plain_first"], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ours(1)
+            best["llavadi_first"] = min(best["llavadi_first"], time.perf_counter() - t0)
+            if args.single:
+                t0 = time.perf_counter()
+                single = one_at_a_time(bundle, questions, args.max_new_tokens)
+                best["single"] = min(best["single"], time.perf_counter() - t0)
+        load.append(os.getloadavg()[0])
 
     n = len(questions)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model: random tiny LLaVA, {params / 1e6:.1f}M params (text 256x4, vision 128x2, 9 image tokens); "
-          f"{n} questions ({n_text_only} text-only), prompt length {min(lengths)}-{max(lengths)} tokens, "
-          f"max_new_tokens {args.max_new_tokens}, threads {args.threads}, best of {args.repeats}")
-    print(f"{'method':<34}{'seconds':>10}{'samples/s':>12}")
-    print(f"{'one at a time (model_vqa loop)':<34}{t_single:>10.2f}{n / t_single:>12.1f}")
-    print(f"{f'batched (batch {args.batch_size}, left pad, KV)':<34}{t_batched:>10.2f}{n / t_batched:>12.1f}")
-    print(f"speed-up: {t_single / t_batched:.2f}x")
-    same = sum(a == b for a, b in zip(single, batched))
-    print(f"identical answers: {same}/{n}" + ("" if same == n else "  <-- MISMATCH"))
-    return 0 if same == n else 1
+    tokens = sum(len(a) for a in plain)
+    params = sum(p.numel() for p in bundle.model.parameters())
+    print(f"model: random {args.model} LLaVA, {params / 1e6:.1f}M params, {n_image} image tokens; {n} questions "
+          f"({n_text_only} text-only), prompt length {min(lengths)}-{max(lengths)} tokens, batch {args.batch_size}, "
+          f"max_new_tokens {args.max_new_tokens}, end tokens: eos" + (f" + {extra_eos}" if extra_eos else "")
+          + f"; answer lengths {min(len(a) for a in plain)}-{max(len(a) for a in plain)}, {tokens} tokens; "
+          f"threads {args.threads}, best of {args.repeats}; load average {min(load):.1f}-{max(load):.1f}")
+    later = tokens - n  # tokens after each answer's first, made by the decoding steps
+    print(f"{'method':<44}{'seconds':>10}{'tokens/s':>12}{'prefill+1st s':>15}{'later tokens/s':>16}")
+    rows = [("plain model.generate, same batches", "plain"), ("llavadi (llavadi.eval.decode)", "llavadi")]
+    for name, key in rows:
+        steps = best[key] - best[key + "_first"]
+        print(f"{name:<44}{best[key]:>10.2f}{tokens / best[key]:>12.1f}{best[key + '_first']:>15.2f}"
+              f"{later / steps if steps > 0 else float('nan'):>16.1f}")
+    if args.single:
+        print(f"{'one at a time (model_vqa loop)':<44}{best['single']:>10.2f}{tokens / best['single']:>12.1f}")
+    decode_ratio = (best["plain"] - best["plain_first"]) / (best["llavadi"] - best["llavadi_first"])
+    print(f"llavadi / plain generate tokens/s: {best['plain'] / best['llavadi']:.2f}x "
+          f"(decoding steps alone: {decode_ratio:.2f}x)")
+    same = sum(a == b for a, b in zip(plain, fast))
+    print(f"identical answers (token ids) llavadi vs plain generate: {same}/{n}" + ("" if same == n else "  <-- MISMATCH"))
+    ok = same == n
+    if args.single:
+        texts = [decode_answer(bundle.tokenizer, a) for a in fast]
+        same_single = sum(a == b for a, b in zip(single, texts))
+        print(f"identical answers (text) llavadi vs one at a time: {same_single}/{n}")
+        ok = ok and same_single == n
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer,
 
 from llavadi.data.dataset import pixel_values_for
 from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
+from llavadi.eval import generate as generate_module
 from llavadi.eval.generate import EvalQuestion, encode_question, generate_answer_ids, generate_answers, question_image
 from llavadi.models.build import LoadedModel, save_model
 
@@ -78,13 +79,14 @@ def test_batched_generation_equals_one_at_a_time(setup):
 def test_left_padding_and_pixel_values_per_batch(setup, monkeypatch):
     bundle, questions = setup["teacher"], setup["questions"]
     calls = []
-    original = bundle.model.generate
+    original = generate_module.decode
 
-    def spy(**kwargs):
-        calls.append({k: kwargs.get(k) for k in ("input_ids", "attention_mask", "pixel_values")})
-        return original(**kwargs)
+    def spy(model, input_ids, attention_mask, *args, **kwargs):
+        calls.append({"input_ids": input_ids, "attention_mask": attention_mask,
+                      "pixel_values": kwargs.get("pixel_values")})
+        return original(model, input_ids, attention_mask, *args, **kwargs)
 
-    monkeypatch.setattr(bundle.model, "generate", spy)
+    monkeypatch.setattr(generate_module, "decode", spy)
     generate_answer_ids(bundle, questions, batch_size=4, max_new_tokens=2, progress=False)
     lengths = [len(encode_question(bundle.encoder(), q)) for q in questions]
     assert [c["input_ids"].shape[0] for c in calls] == [4, 3]

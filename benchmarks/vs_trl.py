@@ -1,0 +1,399 @@
+"""The same on-policy VLM distillation job run by TRL's DistillationTrainer and by `llavadi train`, side by side.
+
+One LLaVA pair made here with random weights and saved as HF folders (llavadi's `save_model`: weights,
+tokenizer, processor with the chat template that renders llavadi's prompt): teacher LLaMA 1024 x 4 layers,
+student 512 x 2, vocabulary 32000, one CLIP-shaped tower (336 px, 14 px patches: 576 image tokens; width 256,
+2 layers so a step takes seconds here), the same tower weights in both. 64 LLaVA-format samples (synthetic
+336 px images of shapes, a question, an answer). Both trainers: forward KL (TRL beta = 0, temperature 1;
+llavadi `forward_kl`, temperature 1), every sample answered by the student (TRL is on-policy only; llavadi
+`on_policy: {fraction: 1}`), the same batch, max_new_tokens, sampling (temperature 1, top_p 1, no top-k),
+optimizer (AdamW, constant lr), trainable set (projector + language model, vision tower frozen), fp32,
+gradient checkpointing off, one process each with the same thread count.
+
+Each trainer runs in its own process, alternately (TRL, llavadi, TRL, llavadi, ...) so machine drift hits
+both. Per optimisation step after the warm-up steps: wall seconds, the seconds spent generating (TRL:
+`_generate_single_turn`; llavadi: `OnPolicySampler._generate`; both pad the prompts, generate, cut at eos)
+and the rest; tokens generated per second of generation; the peak RSS of the process (`wait4`'s
+ru_maxrss) and its RSS when training begins (models, optimizer not yet built).
+
+    python benchmarks/vs_trl.py [--batch-size 8] [--max-new-tokens 64] [--steps 3] [--warmup 1] [--rounds 2]
+                                [--threads 1] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VOCAB = 32000
+IMAGE_SIZE, PATCH = 336, 14
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+# ----------------------------------------------------------------------------- the job (built once)
+
+def build_tokenizer():
+    """llavadi's tiny word-level tokenizer padded with filler words to exactly VOCAB tokens."""
+    from llavadi.models.tokenizer import build_tiny_tokenizer
+
+    base = len(build_tiny_tokenizer())
+    tok = build_tiny_tokenizer(" ".join(f"filler{i:05d}" for i in range(VOCAB - base)))
+    if len(tok) != VOCAB:
+        raise RuntimeError(f"tokenizer has {len(tok)} tokens, wanted {VOCAB}")
+    return tok
+
+
+def build_pair(tok):
+    """(teacher, student): random LLaVAs, text 1024x4 and 512x2, one CLIP-shaped tower of 576 image tokens."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    def config(hidden, layers, heads, intermediate):
+        vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=256)
+        text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                           vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+    torch.manual_seed(0)
+    teacher = LlavaForConditionalGeneration(config(1024, 4, 16, 2816))
+    torch.manual_seed(1)
+    student = LlavaForConditionalGeneration(config(512, 2, 8, 1408))
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    return teacher, student
+
+
+def write_samples(work: str, n: int) -> str:
+    """n LLaVA-format samples with synthetic 336 px images (one to three coloured shapes)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    os.makedirs(os.path.join(work, "images"), exist_ok=True)
+    records = []
+    for i in range(n):
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 240))
+        draw = ImageDraw.Draw(img)
+        objects = []
+        for _ in range(rng.randint(1, 3)):
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            x, y, r = rng.randint(40, 296), rng.randint(40, 296), rng.randint(15, 40)
+            box = (x - r, y - r, x + r, y + r)
+            if shape == "circle":
+                draw.ellipse(box, fill=COLORS[color])
+            elif shape == "square":
+                draw.rectangle(box, fill=COLORS[color])
+            else:
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
+            objects.append(f"a {color} {shape}")
+        name = f"img{i:03d}.png"
+        img.save(os.path.join(work, "images", name))
+        question = rng.choice(["What shapes are in the image?", "Describe the image in detail.",
+                               "How many shapes are there and what colors are they?"])
+        answer = f"There are {len(objects)} shapes: " + ", ".join(objects) + "."
+        records.append({"id": f"s{i}", "image": name,
+                        "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                          {"from": "gpt", "value": answer}]})
+    path = os.path.join(work, "data.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+def build_job(work: str, n_samples: int) -> None:
+    """Models, data and nothing else, once per work folder."""
+    if os.path.exists(os.path.join(work, "job.done")):
+        return
+    from llavadi.models.build import LoadedModel, save_model
+    from llavadi.models.presets import VisionSpec, build_image_processor
+
+    tok = build_tokenizer()
+    teacher, student = build_pair(tok)
+    processor = build_image_processor(VisionSpec(image_size=IMAGE_SIZE, patch_size=PATCH))
+    meta = {"template": "vicuna_v1", "system": ""}
+    save_model(LoadedModel(teacher, tok, processor, dict(meta)), os.path.join(work, "teacher"))
+    save_model(LoadedModel(student, tok, processor, dict(meta)), os.path.join(work, "student"))
+    write_samples(work, n_samples)
+    open(os.path.join(work, "job.done"), "w").close()
+
+
+def llavadi_recipe(work: str, out: str, args) -> str:
+    """The llavadi recipe of the job (JSON is valid YAML)."""
+    recipe = {
+        "output_dir": out, "seed": 0, "device": "cpu",
+        "student": {"path": os.path.join(work, "student")}, "teacher": {"path": os.path.join(work, "teacher")},
+        "data": {"image_folder": os.path.join(work, "images"), "template": "vicuna_v1", "system": "",
+                 "max_length": 1024},
+        "stages": [{
+            "name": "finetune", "data": {"path": os.path.join(work, "data.json")},
+            "trainable": {"projector": True, "llm": True},
+            "distill": {"ce_weight": 0.0,
+                        "terms": [{"name": "forward_kl", "weight": 1.0, "tokens": "response",
+                                   "options": {"temperature": 1.0}}]},
+            "on_policy": {"fraction": 1.0, "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0},
+            "train": {"learning_rate": 1e-5, "max_steps": args.warmup + args.steps,
+                      "per_device_train_batch_size": args.batch_size, "lr_scheduler_type": "constant",
+                      "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 1,
+                      "save_steps": 100000, "dataloader_num_workers": 0},
+        }],
+    }
+    path = os.path.join(out + ".recipe.yaml")
+    with open(path, "w") as f:
+        json.dump(recipe, f, indent=1)
+    return path
+
+
+# ----------------------------------------------------------------------------- inside a child process
+
+class Clock:
+    """Step ends and generation calls, timed around the trainers' own functions (nothing else changes)."""
+
+    def __init__(self):
+        self.train_begin = None
+        self.rss_at_begin = None
+        self.step_ends: list[float] = []
+        self.generations: list[tuple[float, float, int]] = []  # (start, seconds, tokens)
+
+    def install(self, cls, method: str, count_tokens):
+        original = getattr(cls, method)
+        clock = self
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            out = original(*a, **k)
+            clock.generations.append((start, time.perf_counter() - start, count_tokens(out)))
+            return out
+
+        setattr(cls, method, timed)
+
+    def install_steps(self):
+        from transformers.trainer_callback import CallbackHandler
+
+        on_begin, on_end = CallbackHandler.on_train_begin, CallbackHandler.on_step_end
+        clock = self
+
+        def begin(handler, *a, **k):
+            clock.train_begin = time.perf_counter()
+            clock.rss_at_begin = _status_kib("VmRSS")
+            return on_begin(handler, *a, **k)
+
+        def end(handler, *a, **k):
+            clock.step_ends.append(time.perf_counter())
+            return on_end(handler, *a, **k)
+
+        CallbackHandler.on_train_begin, CallbackHandler.on_step_end = begin, end
+
+    def steps(self) -> list[dict]:
+        """Per optimisation step: wall seconds, generation seconds and tokens inside it."""
+        bounds = [self.train_begin] + self.step_ends
+        out = []
+        for start, end in itertools.pairwise(bounds):
+            gens = [g for g in self.generations if start <= g[0] < end]
+            out.append({"seconds": end - start, "generation_seconds": sum(g[1] for g in gens),
+                        "tokens": sum(g[2] for g in gens)})
+        return out
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def run_llavadi(work: str, out: str, args, clock: Clock) -> dict:
+    """`llavadi train` on the job's recipe, in this process."""
+    from llavadi.cli import main
+    from llavadi.teacher.on_policy import OnPolicySampler
+
+    clock.install(OnPolicySampler, "_generate", lambda answers: sum(len(a) for a in answers))
+    recipe = llavadi_recipe(work, out, args)
+    code = main(["train", recipe])
+    if code not in (0, None):
+        raise RuntimeError(f"llavadi train exited with {code}")
+    return {"command": f"llavadi train {recipe}"}
+
+
+def trl_dataset(work: str):
+    """The job's samples as TRL's conversational prompts with their images."""
+    from datasets import Dataset
+    from PIL import Image
+
+    with open(os.path.join(work, "data.json")) as f:
+        records = json.load(f)
+    prompts, images = [], []
+    for r in records:
+        question = r["conversations"][0]["value"].replace("<image>\n", "")
+        prompts.append([{"role": "user", "content": question}])  # TRL puts the image before the text
+        images.append(Image.open(os.path.join(work, "images", r["image"])).convert("RGB"))
+    return Dataset.from_dict({"prompt": prompts, "image": images})
+
+
+def check_same_prompt(work: str, processor) -> None:
+    """TRL's rendering of the first sample's prompt must be llavadi's token for token (a fair comparison);
+    checked in the parent process, so neither side's memory holds the other's code or models."""
+    from PIL import Image
+    from trl.data_utils import prepare_multimodal_messages
+
+    from llavadi.data.templates import Turn
+    from llavadi.models.build import load_llava_dir
+
+    with open(os.path.join(work, "data.json")) as f:
+        first = json.load(f)[0]
+    student = load_llava_dir(os.path.join(work, "student"))
+    ours = student.encoder().encode_prompt([Turn("user", first["conversations"][0]["value"])], 1).input_ids
+    image = Image.open(os.path.join(work, "images", first["image"])).convert("RGB")
+    question = first["conversations"][0]["value"].replace("<image>\n", "")
+    messages = prepare_multimodal_messages([{"role": "user", "content": question}], images=[image])
+    theirs = processor.apply_chat_template(conversation=[messages], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"][0]
+    if list(theirs) != list(ours):
+        raise RuntimeError(f"TRL's prompt differs from llavadi's:\n{list(theirs)[-30:]}\n{list(ours)[-30:]}")
+
+
+def run_trl(work: str, out: str, args, clock: Clock) -> dict:
+    """TRL's DistillationTrainer on the same job, in this process."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from trl import DistillationConfig, DistillationTrainer
+
+    processor = AutoProcessor.from_pretrained(os.path.join(work, "student"), padding_side="left")
+    student = LlavaForConditionalGeneration.from_pretrained(os.path.join(work, "student"), dtype=torch.float32)
+    teacher = LlavaForConditionalGeneration.from_pretrained(os.path.join(work, "teacher"), dtype=torch.float32)
+    for p in student.model.vision_tower.parameters():  # as llavadi's trainable: projector + language model
+        p.requires_grad_(False)
+    config = DistillationConfig(
+        output_dir=out, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", seed=0,
+        dataloader_num_workers=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0,
+        max_completion_length=args.max_new_tokens)
+    clock.install(DistillationTrainer, "_generate_single_turn", lambda completions: sum(len(c) for c in completions))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=trl_dataset(work),
+                                  processing_class=processor)
+    trainer.train()
+    return {"command": "trl.DistillationTrainer(...).train()"}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    clock = Clock()
+    clock.install_steps()
+    out = tempfile.mkdtemp(prefix=f"vs_trl-{args.child}-", dir=args.work)
+    info = (run_trl if args.child == "trl" else run_llavadi)(args.work, out, args, clock)
+    info.update({"steps": clock.steps(), "rss_at_begin_kib": clock.rss_at_begin, "hwm_kib": _status_kib("VmHWM"),
+                 "threads": torch.get_num_threads()})
+    with open(args.result, "w") as f:
+        json.dump(info, f)
+
+
+# ----------------------------------------------------------------------------- the parent
+
+def launch(side: str, args) -> dict:
+    """Run one side in a fresh process; its step timings plus its peak RSS from wait4."""
+    result = os.path.join(args.work, f"result-{side}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--work", args.work, "--result", result,
+           "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log_path = os.path.join(args.work, f"log-{side}.txt")
+    load_before = os.getloadavg()[0]
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (peak RSS)
+        proc.returncode = status = os.waitstatus_to_exitcode(status)
+    if status != 0:
+        raise SystemExit(f"{side} failed (status {status}); see {log_path}")
+    with open(result) as f:
+        info = json.load(f)
+    info["peak_rss_kib"] = usage.ru_maxrss
+    info["load"] = (load_before, os.getloadavg()[0])
+    return info
+
+
+def summarize(info: dict, warmup: int) -> dict:
+    steps = info["steps"][warmup:]
+    gen = sum(s["generation_seconds"] for s in steps)
+    return {"step": statistics.median(s["seconds"] for s in steps),
+            "generation": statistics.median(s["generation_seconds"] for s in steps),
+            "rest": statistics.median(s["seconds"] - s["generation_seconds"] for s in steps),
+            "tokens_per_step": statistics.median(s["tokens"] for s in steps),
+            "tokens_per_s": sum(s["tokens"] for s in steps) / gen if gen else float("nan"),
+            "peak_mib": info["peak_rss_kib"] / 1024, "begin_mib": info["rss_at_begin_kib"] / 1024,
+            "load": info["load"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed optimisation steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed optimisation steps first")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", default=None, help="folder for the job (kept and reused when given)")
+    parser.add_argument("--child", choices=["trl", "llavadi"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="vs_trl-"))
+    os.makedirs(args.work, exist_ok=True)
+    build_job(args.work, args.samples)
+    import trl
+    from transformers import AutoProcessor
+
+    check_same_prompt(args.work, AutoProcessor.from_pretrained(os.path.join(args.work, "student")))
+
+    print(f"TRL {trl.__version__}; batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.rounds} rounds (TRL, llavadi alternating), "
+          f"{args.threads} thread(s) per process, fp32; job in {args.work}")
+    runs = {"trl": [], "llavadi": []}
+    header = (f"{'round':<6}{'side':<9}{'step s':>8}{'gen s':>8}{'rest s':>8}{'tok/step':>9}{'gen tok/s':>10}"
+              f"{'peak MiB':>10}{'begin MiB':>10}{'load avg':>12}")
+    print(header)
+    for r in range(args.rounds):
+        for side in ("trl", "llavadi"):
+            s = summarize(launch(side, args), args.warmup)
+            runs[side].append(s)
+            print(f"{r:<6}{side:<9}{s['step']:>8.2f}{s['generation']:>8.2f}{s['rest']:>8.2f}"
+                  f"{s['tokens_per_step']:>9.0f}{s['tokens_per_s']:>10.1f}{s['peak_mib']:>10.0f}{s['begin_mib']:>10.0f}"
+                  f"{s['load'][0]:>6.1f}-{s['load'][1]:<5.1f}", flush=True)
+    med = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0] if k != "load"}
+           for side, rs in runs.items()}
+    print("medians over rounds, llavadi / TRL:")
+    for key, label in (("step", "seconds per step"), ("generation", "generation seconds per step"),
+                       ("rest", "rest of the step (teacher, student forward/backward, optimizer)"),
+                       ("tokens_per_s", "tokens generated per second"), ("peak_mib", "peak RSS"),
+                       ("begin_mib", "RSS when training begins")):
+        t, l = med["trl"][key], med["llavadi"][key]
+        print(f"  {label:<66}{t:>10.2f}{l:>10.2f}{l / t:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
