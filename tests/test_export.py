@@ -1,0 +1,177 @@
+"""`llavadi export --to gguf`: refusal by name, and the exported files run by llama.cpp (llama-cpp-python).
+
+The runtime tests build the demo's tiny student (random weights: its greedy answers are
+arbitrary token strings, which makes a stricter comparison than a trained model's few words)
+and the demo's held-out question format (`make_synthetic`), export it, load the files with
+llama-cpp-python, and compare with the HF model through the same evaluation code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llavadi.cli import main
+from llavadi.export.gguf_target import parse_quants
+from llavadi.export.support import ExportRefused, check_gguf_support
+
+
+
+def _save_config(folder, config) -> str:
+    os.makedirs(folder, exist_ok=True)
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def _llava_config(**changes):
+    from llavadi.models.presets import PRESETS, llava_config
+    from llavadi.models.tokenizer import build_tiny_tokenizer
+
+    config = llava_config(PRESETS["tiny-student"], build_tiny_tokenizer())
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_other_families_are_refused_by_name_before_any_weights(tmp_path):
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl",
+                                                    "architectures": ["Qwen2VLForConditionalGeneration"]}))
+    with pytest.raises(ExportRefused, match="model type 'qwen2_vl' is not supported by the GGUF export"):
+        check_gguf_support(folder)  # no weights in the folder: nothing was loaded
+
+
+def test_siglip_tower_and_unsupported_settings_are_refused_by_name(tmp_path):
+    from transformers import SiglipVisionConfig
+
+    siglip = _llava_config()
+    siglip.vision_config = SiglipVisionConfig(image_size=48, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=128)
+    with pytest.raises(ExportRefused, match="vision tower 'siglip_vision_model' is not supported"):
+        check_gguf_support(_save_config(tmp_path / "siglip", siglip))
+    with pytest.raises(ExportRefused, match="vision_feature_layer \\[-2, -1\\] \\(several layers\\)"):
+        check_gguf_support(_save_config(tmp_path / "layers", _llava_config(vision_feature_layer=[-2, -1])))
+    with pytest.raises(ExportRefused, match="vision_feature_select_strategy 'full'"):
+        check_gguf_support(_save_config(tmp_path / "full", _llava_config(vision_feature_select_strategy="full")))
+
+
+def test_cli_refusal_exits_2_naming_the_family(tmp_path, capsys):
+    folder = tmp_path / "idefics"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    assert main(["export", str(folder), "--to", "gguf", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model type 'idefics3' is not supported by the GGUF export" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_quantization_is_refused_listing_the_known_ones():
+    assert parse_quants("F16, q4_k_m,f16") == ["f16", "q4_k_m"]
+    with pytest.raises(ValueError, match="unknown quantization q3_xs; choose from f32, f16, q4_0"):
+        parse_quants("f16,q3_xs")
+
+
+# --------------------------------------------------------------------------- against llama.cpp
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The demo's tiny student (random weights), saved, exported to f16 / q8_0 / q4_0 / q4_k_m, + held-out questions."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (pip install 'llavadi[export]') runs the GGUF files")
+    pytest.importorskip("gguf", reason="the gguf package (pip install 'llavadi[export]') writes the GGUF files")
+    from llavadi.data.synthetic import make_synthetic
+    from llavadi.export.gguf_target import export_gguf
+    from llavadi.models.build import LoadedModel, save_model
+    from llavadi.models.presets import build_preset
+
+    root = tmp_path_factory.mktemp("export")
+    model, tok, processor = build_preset("tiny-student", seed=0)
+    hf_dir = save_model(LoadedModel(model, tok, processor, {}), str(root / "student"))
+    paths = make_synthetic(root / "data", seed=1, n_caption=4, n_instruct=4, n_eval=24)
+    manifest = export_gguf(hf_dir, root / "gguf", ["f16", "q8_0", "q4_0", "q4_k_m"])
+    return {"hf": hf_dir, "gguf": str(root / "gguf"), "manifest": manifest, "questions": str(paths["eval"]),
+            "images": str(paths["image_dir"]), "root": root}
+
+
+def _eval_questions(exported):
+    from llavadi.eval.benchmarks import get_benchmark
+    from llavadi.eval.generate import from_benchmark_questions
+
+    return from_benchmark_questions(get_benchmark("synthetic").load_questions(exported["questions"]),
+                                    exported["images"])
+
+
+def _answer_ids(model_path, questions):
+    from llavadi.eval.generate import generate_answer_ids, load_for_eval
+
+    bundle = load_for_eval(model_path, device="cpu", dtype="float32")
+    return generate_answer_ids(bundle, questions, batch_size=8, max_new_tokens=8, progress=False), bundle
+
+
+def test_f16_export_answers_as_the_hf_student(exported):
+    """Every greedy answer of the f16 GGUF equals the HF model's, on the held-out questions (8 tokens each).
+
+    Tolerance: none on the answers. The HF side runs the weights the file holds (matrices rounded
+    to f16, fp32 compute); the first answer token's logits agree within 2e-2 (llama.cpp multiplies
+    f16 weights with activations it rounds to f16; its projector GELU is the tanh form).
+    """
+    from llavadi.eval.generate import encode_question, question_image
+    from llavadi.export.gguf_runtime import runtime_image
+
+    questions = _eval_questions(exported)
+    hf_ids, hf = _answer_ids(exported["hf"], questions)
+    with torch.no_grad():
+        for p in hf.model.parameters():
+            if p.ndim >= 2:
+                p.copy_(p.half().float())
+    from llavadi.eval.generate import generate_answer_ids
+
+    rounded_ids = generate_answer_ids(hf, questions, batch_size=8, max_new_tokens=8, progress=False)
+    gguf_ids, runtime = _answer_ids(os.path.join(exported["gguf"], "model-f16.gguf"), questions)
+    assert gguf_ids == rounded_ids
+    same_as_fp32 = sum(a == b for a, b in zip(gguf_ids, hf_ids))
+    assert same_as_fp32 == len(questions), f"{same_as_fp32}/{len(questions)} answers as the fp32 HF model's"
+    # first-token logits, llama.cpp against HF on the same prompt and image
+    q = questions[0]
+    prompt = encode_question(hf.encoder(), q)
+    pixels = hf.image_processor(images=runtime_image(hf, question_image(q)), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hf_logits = hf.model(input_ids=torch.tensor([prompt]), pixel_values=pixels).logits[0, -1].numpy()
+    llm = runtime.model
+    llm.answer(prompt, runtime_image(hf, question_image(q)), 1, [], hf.model.config.image_token_id)
+    np.testing.assert_allclose(llm._last_logits(), hf_logits, atol=2e-2, rtol=0)
+
+
+def test_quantized_variants_load_answer_and_are_scored(exported):
+    """q8_0 / q4_0 / q4_k_m load in llama.cpp, answer every question, and are scored by `llavadi eval`'s scorer."""
+    from llavadi.eval.eval_command import evaluate
+
+    manifest = exported["manifest"]
+    types = {name: v["tensor_types"] for name, v in manifest["variants"].items()}
+    assert types["f16"] == {"F16": 9, "F32": 3} and set(types["q8_0"]) >= {"Q8_0"}
+    assert "Q4_0" in types["q4_0"]
+    # 128-wide rows are not a multiple of 256: llama.cpp's k-quants fall back (q4_K -> q5_0, q6_K -> q8_0)
+    assert not {"Q4_K", "Q6_K"} & set(types["q4_k_m"]) and "Q5_0" in types["q4_k_m"]
+    sizes = {name: v["model_bytes"] for name, v in manifest["variants"].items()}
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
+    for quant in ("q8_0", "q4_0", "q4_k_m"):
+        out = exported["root"] / f"eval-{quant}"
+        result = evaluate(os.path.join(exported["gguf"], f"model-{quant}.gguf"), "synthetic", exported["questions"],
+                          exported["images"], str(out), teacher_dir=exported["hf"], batch_size=8,
+                          max_new_tokens=8, progress=False)
+        assert result["counts"]["predictions"] == 24 and 0.0 <= result["metrics"]["accuracy"] <= 100.0
+        assert "agreement" in result["metrics"] and "teacher_student_kl" not in result["metrics"]
+        answers = [json.loads(line) for line in open(out / "answers.jsonl")]
+        assert len(answers) == 24 and answers[0]["model_id"] == f"model-{quant}.gguf"
+
+
+def test_export_folder_with_several_variants_asks_for_one(exported):
+    from llavadi.export.gguf_runtime import ExportedModelError, load_exported
+
+    with pytest.raises(ExportedModelError, match="holds 4 variants"):
+        load_exported(exported["gguf"])
