@@ -152,8 +152,9 @@ IMAGE_DIGESTS = ImageDigests()
 
 
 def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, where: str,
-                  images: list[str | None] | None = None) -> None:
-    """Every sample is cached and its token ids, types and image bytes (`images`: each sample's image path)
+                  images: list | None = None) -> None:
+    """Every sample is cached and its token ids, types and image bytes (`images`: each sample's image path,
+    or a tuple of paths for a multi-image sample)
     are those the entry was produced from (before training)."""
     missing = [sid for sid in sample_ids if sid not in reader.index]
     if missing:
@@ -317,8 +318,9 @@ def stage_cache(recipe, stage, student) -> CacheReader | None:
 
 def check_dataset(reader: CacheReader, dataset, where: str) -> None:
     """Every sample of a dataset is cached, from the same token ids, token types and image bytes."""
+    images = sample_images(dataset)
     check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where,
-                  [r.image for r in dataset.records])
+                  [images[r.sample_id] for r in dataset.records])
 
 
 def cached_teacher(reader: CacheReader, objective, dataset, device, stage_name: str) -> CachedTeacher:
