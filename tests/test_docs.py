@@ -181,3 +181,68 @@ def test_named_recipe_exists_and_passes_its_checks(name):
         assert plan_runs(load_grid(str(path)))
     else:
         load_recipe(str(path), [])
+
+
+INLINE = re.compile(r"`(?:python3? -m )?llavadi ([^`]+)`")
+
+
+def _inline_problems(page: Path) -> list[str]:
+    """`llavadi <command> --flag ...` spans in prose: the command exists and has every --flag shown."""
+    commands = build_parser()._subparsers._group_actions[0].choices
+    problems = []
+    for m in INLINE.finditer(page.read_text(encoding="utf-8")):
+        words = " ".join(m.group(1).split()).replace("[", " ").replace("]", " ").split()
+        if words[0].startswith(("<", "-", ".")) or words[0].endswith(":"):  # a placeholder, a global flag, an error line
+            continue
+        where = f"{_rel(page)}: `llavadi {m.group(1)}`"
+        if words[0] not in commands:
+            problems.append(f"{where}: no command {words[0]!r}")
+            continue
+        known = {s for action in commands[words[0]]._actions for s in action.option_strings}
+        problems += [f"{where}: {w} is not an option of {words[0]}"
+                     for w in (w.split("=")[0] for w in words[1:]) if w.startswith("--") and w not in known]
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_commands_named_in_prose_exist(page):
+    assert _inline_problems(page) == []
+
+
+def test_a_wrong_command_in_prose_is_found(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Run `llavadi demo --seeds 3`, then `llavadi trian x.yaml` and `llavadi eval --modle m`;\n"
+                    "`llavadi <command> --help` and `llavadi train: error: ...` are not commands.\n")
+    problems = _inline_problems(page)
+    assert len(problems) == 2 and "'trian'" in problems[0] and "--modle" in problems[1]
+
+
+def _unindexed(docs: Path) -> list[str]:
+    """Guide pages (docs/*.md) the index docs/README.md does not link to."""
+    index = docs / "README.md"
+    linked = {(index.parent / target.partition("#")[0]).resolve() for _, target in _links(index)}
+    return sorted(p.name for p in docs.glob("*.md") if p != index and p.resolve() not in linked)
+
+
+def test_every_guide_page_is_in_the_index():
+    assert _unindexed(ROOT / "docs") == []
+
+
+def test_an_unindexed_page_is_found(tmp_path):
+    (tmp_path / "README.md").write_text("# Guide\n- [a](a.md)\n- [b](b.md#part)\n")
+    for name in ("a.md", "b.md", "c.md"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    assert _unindexed(tmp_path) == ["c.md"]
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=_rel)
+def test_a_guide_page_opens_with_a_title_and_what_it_is_for(page):
+    lines = page.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# ") and not lines[1].strip(), f"{_rel(page)}: the first line is the page's title"
+    assert lines[2].strip() and not lines[2].startswith(("#", "```", "|", "-", "!")), \
+        f"{_rel(page)}: the title is followed by a paragraph saying what the page is for"
+
+
+def test_the_front_page_stays_short():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move detail into a docs/ page and link it"
