@@ -246,3 +246,10 @@ def test_a_guide_page_opens_with_a_title_and_what_it_is_for(page):
 def test_the_front_page_stays_short():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines: move detail into a docs/ page and link it"
+
+
+def test_every_command_has_its_section_in_the_cli_page():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    headings = {h.lstrip("#").strip() for h in (ROOT / "docs" / "cli.md").read_text(encoding="utf-8").splitlines()
+                if h.startswith("## ")}
+    assert sorted(f"llavadi {c}" for c in commands if f"llavadi {c}" not in headings) == []
