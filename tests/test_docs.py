@@ -1,8 +1,11 @@
-"""The docs stay true: links and images resolve, shown commands parse, named recipes pass their checks.
+"""The docs stay true: links and images resolve, shown commands parse, named and shown recipes pass their checks.
 
 Reads README.md, benchmarks/README.md and every page under docs/. No model is loaded: a recipe is
 checked as `llavadi train --check` checks it before any model loads (its schema, terms and
 options), an ablation grid as `llavadi ablate --dry-run` plans it (every variant's recipe).
+The guide stays navigable: every page is in the index docs/README.md and opens with a title and a
+paragraph saying what it is for, every command has its section in docs/cli.md, and README.md stays
+a front page.
 """
 
 from __future__ import annotations
@@ -253,3 +256,33 @@ def test_every_command_has_its_section_in_the_cli_page():
     headings = {h.lstrip("#").strip() for h in (ROOT / "docs" / "cli.md").read_text(encoding="utf-8").splitlines()
                 if h.startswith("## ")}
     assert sorted(f"llavadi {c}" for c in commands if f"llavadi {c}" not in headings) == []
+
+
+def _shown_recipes(page: Path) -> list[tuple[int, str]]:
+    """```yaml blocks that are whole recipes (top-level `stages:` and `student:` or `teacher:`)."""
+    blocks = re.finditer(r"^```ya?ml\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+    text = page.read_text(encoding="utf-8")
+    return [(text[:m.start()].count("\n") + 1, m.group(1)) for m in blocks
+            if re.search(r"^stages:", m.group(1), re.M) and re.search(r"^(student|teacher):", m.group(1), re.M)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_shown_recipes_pass_their_checks(page, tmp_path):
+    for number, text in _shown_recipes(page):
+        path = tmp_path / f"line{number}.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            load_recipe(str(path), [])
+        except Exception as e:  # noqa: BLE001  (the message names the page and line)
+            pytest.fail(f"{_rel(page)}:{number}: the recipe shown does not load: {e}")
+
+
+def test_the_docs_show_recipes_and_a_wrong_one_fails(tmp_path):
+    assert _shown_recipes(ROOT / "README.md") and _shown_recipes(ROOT / "docs" / "recipes.md")
+    page = tmp_path / "page.md"
+    page.write_text("```yaml\nstudent: {preset: tiny-student}\nstages:\n  - name: s\n    distill: {terms: [{name: forward_kll}]}\n```\n")
+    (number, text), = _shown_recipes(page)
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(Exception, match="forward_kll"):
+        load_recipe(str(path), [])
