@@ -236,3 +236,67 @@ def test_make_bench_installs_what_the_benchmarks_import():
                   if re.search(rf"^{re.escape(t)}:.*\n\t.*pip install .*\[[^]]*\bbench\b", makefile, re.M)]
     assert installers, f"the bench target's prerequisites {bench} install no [bench] extra"
     assert "kd_loss.py" in makefile.split("\nbench:")[1].split("\n\n")[0]
+
+
+# ----------------------------------------------------------------------------- model options applied or refused
+
+def test_vision_feature_layer_on_a_folder_or_preset_model_that_reads_another_layer_is_refused(
+        saved, tmp_path, monkeypatch, capsys):
+    """It is used only when composing vision + llm; a LLaVA folder or preset reads the layer its config names."""
+    from llavadi.models.describe import describe_model
+    from llavadi.train.preflight import feature_layer_problems
+
+    raw = _saved_recipe(saved, vision_feature_layer=-1)  # the saved tiny models read layer -2
+    raw["teacher"]["vision_feature_layer"] = 0
+    code, err = _check(tmp_path, raw, monkeypatch, capsys)
+    assert code == 2
+    assert "student.vision_feature_layer: -1, but the model reads layer -2 (its config's vision_feature_layer)" in err
+    assert "teacher.vision_feature_layer: 0, but the model reads layer -2" in err
+    preset = recipe_from_dict(_raw(student={"preset": "tiny-student", "vision_feature_layer": -2})).student
+    assert feature_layer_problems(preset, describe_model(preset), "student") == [
+        "student.vision_feature_layer: -2, but the model reads layer -1 (its config's vision_feature_layer); the "
+        "key applies when composing `vision` + `llm` only: remove it"]
+    # the layer the model reads anyway is accepted (e.g. a resolved recipe.yaml), and so is no value
+    assert _check(tmp_path, _saved_recipe(saved, vision_feature_layer=-2), monkeypatch, capsys)[0] == 0
+    assert recipe_from_dict(_raw()).student.vision_feature_layer is None
+    composed = recipe_from_dict(_raw(student={"vision": "v", "llm": "l"}))
+    assert composed.student.vision_feature_layer == -2  # LLaVA-1.5's layer when composing
+
+
+def _vision_llm(tmp_path, vision_config, processor=None):
+    from conftest import make_word_tokenizer
+    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+    AutoModel.from_config(vision_config).save_pretrained(tmp_path / "vision")
+    if processor is not None:
+        processor.save_pretrained(tmp_path / "vision")
+    tok = make_word_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    return str(tmp_path / "vision"), str(tmp_path / "llm")
+
+
+def test_a_siglip_tower_without_a_preprocessor_config_gets_siglips_preprocessing(tmp_path):
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig
+
+    from llavadi.config import ModelSpec
+    from llavadi.models.describe import describe_model
+
+    vision, llm = _vision_llm(tmp_path, SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, image_size=32, patch_size=16))
+    processor = describe_model(ModelSpec(vision=vision, llm=llm, vision_feature_layer=-2)).image_processor
+    reference = SiglipImageProcessorPil(size={"height": 32, "width": 32})  # SigLIP's: resize, no crop, mean/std 0.5
+    assert type(processor).__name__.startswith("SiglipImageProcessor")
+    for key in ("size", "image_mean", "image_std", "resample", "do_normalize", "do_rescale"):
+        assert getattr(processor, key) == getattr(reference, key), key
+    assert not getattr(processor, "do_center_crop", False)
+
+
+def test_a_tower_of_unknown_preprocessing_without_a_preprocessor_config_is_refused_by_name(tmp_path):
+    from transformers import Dinov2Config
+
+    from llavadi.models.build import vision_image_processor
+
+    with pytest.raises(ValueError, match=r"/v: no image processor \(preprocessor_config.json\) for a 'dinov2' tower"):
+        vision_image_processor(Dinov2Config(image_size=32), str(tmp_path / "v"))

@@ -93,7 +93,7 @@ def _describe_composed(spec):
     text_config = _read("config.json", llm_path, lambda: AutoConfig.from_pretrained(
         llm_path, **source_kwargs(llm_path, "language model path")))
     tokenizer = _read("tokenizer", llm_path, lambda: composed_tokenizer(llm_path))
-    config = composed_config(vision_config, text_config, tokenizer, spec.vision_feature_layer)
+    config = composed_config(vision_config, text_config, tokenizer, spec.composed_feature_layer())
     processor = _read("image processor", vision_path, lambda: vision_image_processor(vision_config, vision_path))
     return LoadedModel(ConfigOnlyModel(config), tokenizer, processor, {})
 
