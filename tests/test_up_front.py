@@ -300,3 +300,73 @@ def test_a_tower_of_unknown_preprocessing_without_a_preprocessor_config_is_refus
 
     with pytest.raises(ValueError, match=r"/v: no image processor \(preprocessor_config.json\) for a 'dinov2' tower"):
         vision_image_processor(Dinov2Config(image_size=32), str(tmp_path / "v"))
+
+
+# ----------------------------------------------------------------------------- a student given by hub id
+
+HUB_PROBE = """
+import json, sys, warnings
+from llavadi.models.build import load_llava_dir
+from llavadi.models.describe import describe_llava_dir
+out = {}
+for name in sys.argv[1:]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_llava_dir(name)
+        described = describe_llava_dir(name)
+    out[name] = {"meta": loaded.meta, "described": described.meta, "template": loaded.template,
+                 "warned": any("load it once online" in str(w.message) for w in caught)}
+print(json.dumps(out))
+"""
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_snapshot(cache, name: str, files_from, with_meta: bool = True, known_absent: bool = False) -> str:
+    """One model in an HF hub cache folder (models--org--name/snapshots/<rev>/..., refs/main); `known_absent`:
+    the hub client recorded that the repository has no llavadi.json (.no_exist/<rev>/llavadi.json)."""
+    import shutil
+
+    repo = cache / f"models--llavadi-test--{name}"
+    snapshot = repo / "snapshots" / REVISION
+    shutil.copytree(files_from, snapshot)
+    if not with_meta:
+        (snapshot / "llavadi.json").unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    if known_absent:
+        (repo / ".no_exist" / REVISION).mkdir(parents=True)
+        (repo / ".no_exist" / REVISION / "llavadi.json").touch()
+    return f"llavadi-test/{name}"
+
+
+def test_a_model_given_by_hub_id_keeps_its_llavadi_json_read_offline_from_the_hub_cache(tmp_path):
+    """Its template and system prompt (what training and eval prompt it with) come from the snapshot's llavadi.json;
+    a repository recorded without one gets the defaults; offline, a cache that never asked cannot tell: the
+    defaults with a warning saying so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer
+
+    from llavadi.models.build import LoadedModel, save_model
+
+    tok = make_word_tokenizer()
+    save_model(LoadedModel(make_tiny_llava(tok), tok, make_image_processor(32),
+                           {"template": "vicuna_v1", "system": "Answer in one word."}), str(tmp_path / "student"))
+    cache = tmp_path / "hub"
+    names = [_hub_snapshot(cache, "prompted", tmp_path / "student"),
+             _hub_snapshot(cache, "plain", tmp_path / "student", with_meta=False, known_absent=True),
+             _hub_snapshot(cache, "unknown", tmp_path / "student", with_meta=False)]
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", HUB_PROBE, *names], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    prompted, plain, unknown = (got[n] for n in names)
+    for meta in (prompted["meta"], prompted["described"]):
+        assert meta["template"] == "vicuna_v1" and meta["system"] == "Answer in one word.", got
+    assert not prompted["warned"]
+    assert plain == {"meta": {}, "described": {}, "template": "vicuna_v1", "warned": False}
+    assert unknown == {"meta": {}, "described": {}, "template": "vicuna_v1", "warned": True}

@@ -136,7 +136,7 @@ def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = N
         image_processor = _pretrained(AutoImageProcessor, path, "model path", revision)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
-    meta = read_model_meta(path, model.config)
+    meta = read_model_meta(path, model.config, revision)  # a hub id's from its snapshot
     if TOKENIZER_CHAT_TEMPLATE in meta:
         # the saved files carry llavadi's rendering; the language model's own template stays what
         # `template: chat_template` means

@@ -70,7 +70,7 @@ def describe_llava_dir(path: str, what: str = "model path", revision: str | None
                               "for a vision encoder + language model use `vision:` and `llm:`")
     tokenizer = _read("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path, **source))
     processor = _read("image processor", path, lambda: AutoImageProcessor.from_pretrained(path, **source))
-    meta = _read("llavadi.json", path, lambda: read_model_meta(path, config))
+    meta = _read("llavadi.json", path, lambda: read_model_meta(path, config, revision))
     return LoadedModel(ConfigOnlyModel(config), tokenizer, processor, meta)
 
 
