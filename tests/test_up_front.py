@@ -36,6 +36,22 @@ def test_three_typos_in_one_recipe_are_all_named_at_once():
     assert "stages[0].train.learning_rat" in text and "learning_rate" in text
 
 
+def test_every_mistake_of_one_term_is_named():
+    raw = _raw()
+    raw["stages"][0]["distill"]["terms"][0].update(weight=-1, tokens="nope", options={"temprature": 1, "temperature": -3})
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    text = str(err.value)
+    for expected in ("weight must be >= 0, got -1", "tokens 'nope' is not accepted"):
+        assert expected in text, (expected, text)
+    raw["stages"][0]["distill"]["terms"][0].update(weight=1, tokens=None)
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    text = str(err.value)
+    for expected in ("unknown option(s) ['temprature']", "option 'temperature' must be > 0.0, got -3"):
+        assert expected in text, (expected, text)
+
+
 def test_typos_and_invalid_values_of_different_parts_are_all_named():
     raw = _raw(seed="zero")
     raw["stages"][0]["data"]["template"] = "llama9"
