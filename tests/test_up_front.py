@@ -386,3 +386,14 @@ def test_a_model_given_by_hub_id_keeps_its_llavadi_json_read_offline_from_the_hu
     assert not prompted["warned"]
     assert plain == {"meta": {}, "described": {}, "template": "vicuna_v1", "warned": False}
     assert unknown == {"meta": {}, "described": {}, "template": "vicuna_v1", "warned": True}
+
+
+def test_an_unset_vision_feature_layer_keeps_the_fingerprints_of_stages_finished_before():
+    """Stages finished when the key defaulted to -2 stay done: the fingerprint records an unset key as -2."""
+    from llavadi.train.stages import stage_recipe
+
+    unset = recipe_from_dict(_raw())
+    former = recipe_from_dict(_raw(student={"preset": "tiny-student", "vision_feature_layer": -2},
+                                   teacher={"preset": "tiny-teacher", "vision_feature_layer": -2}))
+    assert stage_recipe(unset, unset.stages[0]) == stage_recipe(former, former.stages[0])
+    assert stage_recipe(unset, unset.stages[0])["student"]["vision_feature_layer"] == -2
