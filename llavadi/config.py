@@ -72,7 +72,7 @@ class ModelSpec:
     vision: str | None = None
     llm: str | None = None
     preset: str | None = None
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | None = None  # composing vision + llm only (None there: -2, LLaVA-1.5's)
     cache: str | None = None  # teacher only: an offline top-k cache written by `llavadi cache-teacher`
     revision: str | None = None  # a hub revision (branch, tag or commit) of a hub id in `path`
     dtype: str | None = None  # bf16 | fp16 | fp32; None: the checkpoint's own
@@ -88,6 +88,8 @@ class ModelSpec:
             raise ConfigError(f"{where}: give exactly one of `path`, `vision` + `llm`, or `preset` (got {kinds or 'none'})")
         if (self.vision or self.llm) and not (self.vision and self.llm):
             raise ConfigError(f"{where}: a composed model needs both `vision` and `llm` paths")
+        if (self.vision or self.llm) and self.vision_feature_layer is None:
+            self.vision_feature_layer = self.composed_feature_layer()
         if self.preset:
             from llavadi.models.presets import PRESETS
 
@@ -104,6 +106,10 @@ class ModelSpec:
                               f"got {self.attn_implementation!r}")
         if self.lora is not None:
             self.lora.validate(f"{where}.lora")
+
+    def composed_feature_layer(self) -> int:
+        """The vision layer a composed model reads: the spec's, else -2 (LLaVA-1.5's)."""
+        return -2 if self.vision_feature_layer is None else self.vision_feature_layer
 
     def describe(self) -> str:
         """Short human-readable source of the model."""

@@ -78,22 +78,36 @@ def test_card_states_models_recipe_data_and_results(run):
     assert "Not evaluated yet" in text and "apply_chat_template" in text
 
 
-def test_eval_adds_its_results_to_the_card(run, tmp_path):
+def _evaluate(run, out, **kw):
+    return evaluate(run["final"], "synthetic", str(run["questions"]), str(run["root"] / "imgs"), str(out),
+                    batch_size=4, max_new_tokens=3, device="cpu", progress=False, **kw)
+
+
+def test_eval_adds_its_results_to_the_card_keyed_by_question_set(run, tmp_path):
     final = run["final"]
-    first = evaluate(final, "synthetic", str(run["questions"]), str(run["root"] / "imgs"), str(tmp_path / "e1"),
-                     batch_size=4, max_new_tokens=3, device="cpu", progress=False)
+    digest = hashlib.sha256(run["questions"].read_bytes()).hexdigest()
+    first = _evaluate(run, tmp_path / "e1")
     meta = read_card_metadata(f"{final}/{CARD_FILE}")
     (entry,) = meta["model-index"][0]["results"]
-    assert entry["dataset"]["name"] == "synthetic"
+    assert entry["dataset"]["type"] == "synthetic"
+    assert entry["dataset"]["args"] == {"questions": "q.jsonl", "count": 4, "sha256": digest}
     assert entry["metrics"] == [{"type": "accuracy", "name": "accuracy", "value": first["metrics"]["accuracy"]}]
-    assert f"| synthetic | accuracy | {first['metrics']['accuracy']} |" in _card(final)
+    # the card says what was evaluated: the file, how many of its questions, its digest
+    assert f"| synthetic | `q.jsonl`, 4 questions, sha256 `{digest[:12]}` | accuracy | {first['metrics']['accuracy']} |" \
+        in _card(final)
     assert "Not evaluated yet" not in _card(final)
-    # evaluated again: the benchmark's entry is replaced, not duplicated; the rest of the card is kept
+    # another question set of the same benchmark (its first 2 questions) is a result of its own: both kept
     before = _card(final)
-    evaluate(final, "synthetic", str(run["questions"]), str(run["root"] / "imgs"), str(tmp_path / "e2"),
-             batch_size=4, max_new_tokens=3, device="cpu", progress=False, limit=2)
+    second = _evaluate(run, tmp_path / "e2", limit=2)
+    results = read_card_metadata(f"{final}/{CARD_FILE}")["model-index"][0]["results"]
+    assert [(r["dataset"]["args"]["count"], r["metrics"][0]["value"]) for r in results] == [
+        (4, first["metrics"]["accuracy"]), (2, second["metrics"]["accuracy"])]
+    assert "`q.jsonl`, 2 questions" in _card(final) and "`q.jsonl`, 4 questions" in _card(final)
+    # the same set evaluated again replaces its own entry only; the rest of the card is kept
+    _evaluate(run, tmp_path / "e3")
+    results = read_card_metadata(f"{final}/{CARD_FILE}")["model-index"][0]["results"]
+    assert sorted(r["dataset"]["args"]["count"] for r in results) == [2, 4]
     after = _card(final)
-    assert len(read_card_metadata(f"{final}/{CARD_FILE}")["model-index"][0]["results"]) == 1
     assert before.split("## Evaluation")[0].split("---\n", 2)[2] == after.split("## Evaluation")[0].split("---\n", 2)[2]
 
 

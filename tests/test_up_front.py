@@ -36,6 +36,22 @@ def test_three_typos_in_one_recipe_are_all_named_at_once():
     assert "stages[0].train.learning_rat" in text and "learning_rate" in text
 
 
+def test_every_mistake_of_one_term_is_named():
+    raw = _raw()
+    raw["stages"][0]["distill"]["terms"][0].update(weight=-1, tokens="nope", options={"temprature": 1, "temperature": -3})
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    text = str(err.value)
+    for expected in ("weight must be >= 0, got -1", "tokens 'nope' is not accepted"):
+        assert expected in text, (expected, text)
+    raw["stages"][0]["distill"]["terms"][0].update(weight=1, tokens=None)
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    text = str(err.value)
+    for expected in ("unknown option(s) ['temprature']", "option 'temperature' must be > 0.0, got -3"):
+        assert expected in text, (expected, text)
+
+
 def test_typos_and_invalid_values_of_different_parts_are_all_named():
     raw = _raw(seed="zero")
     raw["stages"][0]["data"]["template"] = "llama9"
@@ -236,3 +252,148 @@ def test_make_bench_installs_what_the_benchmarks_import():
                   if re.search(rf"^{re.escape(t)}:.*\n\t.*pip install .*\[[^]]*\bbench\b", makefile, re.M)]
     assert installers, f"the bench target's prerequisites {bench} install no [bench] extra"
     assert "kd_loss.py" in makefile.split("\nbench:")[1].split("\n\n")[0]
+
+
+# ----------------------------------------------------------------------------- model options applied or refused
+
+def test_vision_feature_layer_on_a_folder_or_preset_model_that_reads_another_layer_is_refused(
+        saved, tmp_path, monkeypatch, capsys):
+    """It is used only when composing vision + llm; a LLaVA folder or preset reads the layer its config names."""
+    from llavadi.models.describe import describe_model
+    from llavadi.train.preflight import feature_layer_problems
+
+    raw = _saved_recipe(saved, vision_feature_layer=-1)  # the saved tiny models read layer -2
+    raw["teacher"]["vision_feature_layer"] = 0
+    code, err = _check(tmp_path, raw, monkeypatch, capsys)
+    assert code == 2
+    assert "student.vision_feature_layer: -1, but the model reads layer -2 (its config's vision_feature_layer)" in err
+    assert "teacher.vision_feature_layer: 0, but the model reads layer -2" in err
+    preset = recipe_from_dict(_raw(student={"preset": "tiny-student", "vision_feature_layer": -2})).student
+    assert feature_layer_problems(preset, describe_model(preset), "student") == [
+        "student.vision_feature_layer: -2, but the model reads layer -1 (its config's vision_feature_layer); the "
+        "key applies when composing `vision` + `llm` only: remove it"]
+    # the layer the model reads anyway is accepted (e.g. a resolved recipe.yaml), and so is no value
+    assert _check(tmp_path, _saved_recipe(saved, vision_feature_layer=-2), monkeypatch, capsys)[0] == 0
+    assert recipe_from_dict(_raw()).student.vision_feature_layer is None
+    composed = recipe_from_dict(_raw(student={"vision": "v", "llm": "l"}))
+    assert composed.student.vision_feature_layer == -2  # LLaVA-1.5's layer when composing
+
+
+def _vision_llm(tmp_path, vision_config, processor=None):
+    from conftest import make_word_tokenizer
+    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+    AutoModel.from_config(vision_config).save_pretrained(tmp_path / "vision")
+    if processor is not None:
+        processor.save_pretrained(tmp_path / "vision")
+    tok = make_word_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    return str(tmp_path / "vision"), str(tmp_path / "llm")
+
+
+def test_a_siglip_tower_without_a_preprocessor_config_gets_siglips_preprocessing(tmp_path):
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig
+
+    from llavadi.config import ModelSpec
+    from llavadi.models.describe import describe_model
+
+    vision, llm = _vision_llm(tmp_path, SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, image_size=32, patch_size=16))
+    processor = describe_model(ModelSpec(vision=vision, llm=llm, vision_feature_layer=-2)).image_processor
+    reference = SiglipImageProcessorPil(size={"height": 32, "width": 32})  # SigLIP's: resize, no crop, mean/std 0.5
+    assert type(processor).__name__.startswith("SiglipImageProcessor")
+    for key in ("size", "image_mean", "image_std", "resample", "do_normalize", "do_rescale"):
+        assert getattr(processor, key) == getattr(reference, key), key
+    assert not getattr(processor, "do_center_crop", False)
+
+
+def test_a_tower_of_unknown_preprocessing_without_a_preprocessor_config_is_refused_by_name(tmp_path):
+    from transformers import Dinov2Config
+
+    from llavadi.models.build import vision_image_processor
+
+    with pytest.raises(ValueError, match=r"/v: no image processor \(preprocessor_config.json\) for a 'dinov2' tower"):
+        vision_image_processor(Dinov2Config(image_size=32), str(tmp_path / "v"))
+
+
+# ----------------------------------------------------------------------------- a student given by hub id
+
+HUB_PROBE = """
+import json, sys, warnings
+from llavadi.models.build import load_llava_dir
+from llavadi.models.describe import describe_llava_dir
+out = {}
+for name in sys.argv[1:]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_llava_dir(name)
+        described = describe_llava_dir(name)
+    out[name] = {"meta": loaded.meta, "described": described.meta, "template": loaded.template,
+                 "warned": any("load it once online" in str(w.message) for w in caught)}
+print(json.dumps(out))
+"""
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_snapshot(cache, name: str, files_from, with_meta: bool = True, known_absent: bool = False) -> str:
+    """One model in an HF hub cache folder (models--org--name/snapshots/<rev>/..., refs/main); `known_absent`:
+    the hub client recorded that the repository has no llavadi.json (.no_exist/<rev>/llavadi.json)."""
+    import shutil
+
+    repo = cache / f"models--llavadi-test--{name}"
+    snapshot = repo / "snapshots" / REVISION
+    shutil.copytree(files_from, snapshot)
+    if not with_meta:
+        (snapshot / "llavadi.json").unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    if known_absent:
+        (repo / ".no_exist" / REVISION).mkdir(parents=True)
+        (repo / ".no_exist" / REVISION / "llavadi.json").touch()
+    return f"llavadi-test/{name}"
+
+
+def test_a_model_given_by_hub_id_keeps_its_llavadi_json_read_offline_from_the_hub_cache(tmp_path):
+    """Its template and system prompt (what training and eval prompt it with) come from the snapshot's llavadi.json;
+    a repository recorded without one gets the defaults; offline, a cache that never asked cannot tell: the
+    defaults with a warning saying so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer
+
+    from llavadi.models.build import LoadedModel, save_model
+
+    tok = make_word_tokenizer()
+    save_model(LoadedModel(make_tiny_llava(tok), tok, make_image_processor(32),
+                           {"template": "vicuna_v1", "system": "Answer in one word."}), str(tmp_path / "student"))
+    cache = tmp_path / "hub"
+    names = [_hub_snapshot(cache, "prompted", tmp_path / "student"),
+             _hub_snapshot(cache, "plain", tmp_path / "student", with_meta=False, known_absent=True),
+             _hub_snapshot(cache, "unknown", tmp_path / "student", with_meta=False)]
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", HUB_PROBE, *names], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    prompted, plain, unknown = (got[n] for n in names)
+    for meta in (prompted["meta"], prompted["described"]):
+        assert meta["template"] == "vicuna_v1" and meta["system"] == "Answer in one word.", got
+    assert not prompted["warned"]
+    assert plain == {"meta": {}, "described": {}, "template": "vicuna_v1", "warned": False}
+    assert unknown == {"meta": {}, "described": {}, "template": "vicuna_v1", "warned": True}
+
+
+def test_an_unset_vision_feature_layer_keeps_the_fingerprints_of_stages_finished_before():
+    """Stages finished when the key defaulted to -2 stay done: the fingerprint records an unset key as -2."""
+    from llavadi.train.stages import stage_recipe
+
+    unset = recipe_from_dict(_raw())
+    former = recipe_from_dict(_raw(student={"preset": "tiny-student", "vision_feature_layer": -2},
+                                   teacher={"preset": "tiny-teacher", "vision_feature_layer": -2}))
+    assert stage_recipe(unset, unset.stages[0]) == stage_recipe(former, former.stages[0])
+    assert stage_recipe(unset, unset.stages[0])["student"]["vision_feature_layer"] == -2

@@ -95,7 +95,15 @@ def validate_options(declared: tuple[Option, ...], given: dict[str, Any], where:
         raise ValueError(f"{where}: options must be a mapping, got {given!r}")
     by_name = {o.name: o for o in declared}
     unknown = sorted(set(given) - set(by_name))
+    problems, options = [], {}
     if unknown:
         valid = "; ".join(o.describe() for o in declared) or "none"
-        raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {valid}")
-    return {name: (opt.validate(given[name], where) if name in given else opt.default) for name, opt in by_name.items()}
+        problems.append(f"{where}: unknown option(s) {unknown}; valid options: {valid}")
+    for name, opt in by_name.items():  # every bad value is named, not only the first
+        try:
+            options[name] = opt.validate(given[name], where) if name in given else opt.default
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return options

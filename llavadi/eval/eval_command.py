@@ -247,6 +247,8 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
     if shard.is_main:  # the main process alone measures cost and writes files
         if cost and asked:
             _add_costs(result, student, teacher, asked, batch_size, max_new_tokens)
+        result["question_set"] = {"questions": os.path.basename(str(questions)),
+                                  "count": result["counts"]["questions"], "sha256": settings["questions"]}
         _write_outputs(out, records, teacher_records, result, journals)
         _update_card(result, model_dir, update_card)
     return result

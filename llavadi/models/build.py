@@ -126,19 +126,26 @@ def _pretrained(cls, path: str, what: str, revision: str | None = None, **kwargs
 
 
 def vision_image_processor(vision_config, path: str):
-    """The vision checkpoint's own image processor, else CLIP preprocessing for its image size."""
+    """The vision checkpoint's own image processor, else its kind's preprocessing (CLIP or SigLIP) at its image
+    size; a tower of another kind without one is refused by name."""
     try:
         return _pretrained(AutoImageProcessor, path, "vision encoder path")
     except (OSError, ValueError):
         pass
     import importlib.util
 
-    size = vision_config.image_size
-    if importlib.util.find_spec("torchvision") is not None:
-        from transformers import CLIPImageProcessor as cls
-    else:  # importing CLIPImageProcessor without torchvision only warns and falls back to this
-        from transformers import CLIPImageProcessorPil as cls
-    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    import transformers
+
+    size, kind = vision_config.image_size, getattr(vision_config, "model_type", None)
+    pil = "" if importlib.util.find_spec("torchvision") is not None else "Pil"  # without torchvision: the PIL class
+    if kind in ("clip_vision_model", "clip"):  # resize the shortest edge, centre crop, CLIP's mean and std
+        cls = getattr(transformers, f"CLIPImageProcessor{pil}")
+        return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if kind in ("siglip_vision_model", "siglip"):  # resize to the square, no crop, mean and std 0.5
+        return getattr(transformers, f"SiglipImageProcessor{pil}")(size={"height": size, "width": size})
+    raise ValueError(f"{path}: no image processor (preprocessor_config.json) for a {kind!r} tower, whose "
+                     "preprocessing llavadi does not know (CLIP's and SigLIP's it does): add the tower's "
+                     "preprocessor_config.json")
 
 
 def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = None, **model_kwargs) -> LoadedModel:
@@ -164,7 +171,7 @@ def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = N
         image_processor = family.load_image_processor(path, source_kwargs(path, "model path", revision))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
-    meta = read_model_meta(path, model.config)
+    meta = read_model_meta(path, model.config, revision)  # a hub id's from its snapshot
     if TOKENIZER_CHAT_TEMPLATE in meta:
         # the saved files carry llavadi's rendering; the language model's own template stays what
         # `template: chat_template` means
@@ -243,7 +250,7 @@ def load_model(spec, dtype=None, **model_kwargs) -> LoadedModel:
     elif model_kwargs:
         raise ValueError(f"{sorted(model_kwargs)} apply to a model loaded from `path` only")
     elif spec.vision or spec.llm:
-        loaded = compose_llava(spec.vision, spec.llm, spec.vision_feature_layer, dtype=dtype)
+        loaded = compose_llava(spec.vision, spec.llm, spec.composed_feature_layer(), dtype=dtype)
     else:
         from llavadi.models.presets import build_preset
 

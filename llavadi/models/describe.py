@@ -73,7 +73,7 @@ def describe_llava_dir(path: str, what: str = "model path", revision: str | None
                               "`vision:` and `llm:`")
     tokenizer = _read("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path, **source))
     processor = _read("image processor", path, lambda: FAMILIES[model_type].load_image_processor(path, source))
-    meta = _read("llavadi.json", path, lambda: read_model_meta(path, config))
+    meta = _read("llavadi.json", path, lambda: read_model_meta(path, config, revision))
     return LoadedModel(ConfigOnlyModel(config), tokenizer, processor, meta)
 
 
@@ -96,7 +96,7 @@ def _describe_composed(spec):
     text_config = _read("config.json", llm_path, lambda: AutoConfig.from_pretrained(
         llm_path, **source_kwargs(llm_path, "language model path")))
     tokenizer = _read("tokenizer", llm_path, lambda: composed_tokenizer(llm_path))
-    config = composed_config(vision_config, text_config, tokenizer, spec.vision_feature_layer)
+    config = composed_config(vision_config, text_config, tokenizer, spec.composed_feature_layer())
     processor = _read("image processor", vision_path, lambda: vision_image_processor(vision_config, vision_path))
     return LoadedModel(ConfigOnlyModel(config), tokenizer, processor, {})
 

@@ -34,3 +34,25 @@ def hub_error(path: str, what: str, error: Exception) -> FileNotFoundError:
         "HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
     return FileNotFoundError(f"{what} {path!r}: not a local directory, and loading it from the hub failed{offline}: "
                              f"{error}")
+
+
+def hub_file(repo_id: str, filename: str, revision: str | None = None) -> str | None:
+    """The local path of one file of a hub model (fetched by the hub client, or read from its cache when offline);
+    None when the repository has no such file (or, offline, when the cache records that it has none).
+
+    Offline, a file the cache knows nothing about cannot be told apart from a missing one: a FileNotFoundError
+    says so (run once online, so the hub client records the file or its absence)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except LocalEntryNotFoundError as e:  # offline, or the hub cannot be reached (a subclass: caught first)
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(cached, str):
+            return cached
+        if cached is not None:  # the cache records that the repository has no such file
+            return None
+        raise hub_error(repo_id, f"{filename} of", e) from None
+    except EntryNotFoundError:  # the repository has no such file
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from llavadi.atomic import write_json_atomic
@@ -22,14 +23,31 @@ DEFAULT_TEMPLATE = "vicuna_v1"
 TOKENIZER_CHAT_TEMPLATE = "tokenizer_chat_template"
 
 
-def read_model_meta(model_dir: str | os.PathLike, config=None) -> dict:
-    """The llavadi.json beside a saved model, as written ({} when absent).
+def meta_path(model_dir: str | os.PathLike, revision: str | None = None) -> Path | None:
+    """Where a model's llavadi.json is: beside a local model, or in a hub model's snapshot (None: it has none)."""
+    from llavadi.models.hub import hub_file, is_hub_id
+
+    path = Path(model_dir) / META_FILE
+    if os.path.isdir(model_dir) or not is_hub_id(str(model_dir)):
+        return path if path.is_file() else None
+    try:
+        found = hub_file(str(model_dir), META_FILE, revision)
+    except FileNotFoundError as e:  # offline, and the hub cache does not know whether the model has one
+        warnings.warn(f"{e}; {model_dir} is prompted with the defaults (template {DEFAULT_TEMPLATE}, LLaVA's "
+                      f"system prompt) unless the recipe says otherwise: load it once online to read its {META_FILE}",
+                      stacklevel=2)
+        return None
+    return Path(found) if found else None
+
+
+def read_model_meta(model_dir: str | os.PathLike, config=None, revision: str | None = None) -> dict:
+    """The llavadi.json of a saved model (a folder, or a hub id at `revision`), as written ({} when absent).
 
     Malformed JSON names the file and line. With the model's `config`, a recorded
     `n_image_tokens` must match what its vision tower gives.
     """
-    path = Path(model_dir) / META_FILE
-    if not path.is_file():
+    path = meta_path(model_dir, revision)
+    if path is None:
         return {}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

@@ -5,7 +5,9 @@ markdown body: the base models, the recipe stage by stage (data, trainable modul
 weights, training arguments), the data files with their sizes and sha256, the steps and the last
 logged value of every term, and the evaluation results. `llavadi eval` adds its results to the
 card of the model it evaluated (`record_eval_result`): to `model-index` and to the section between
-the card's evaluation markers, which llavadi alone writes.
+the card's evaluation markers, which llavadi alone writes. Results are keyed by question set
+(benchmark, question file, number of questions, the file's sha256): a 24-question check and a
+600-question score of one benchmark are two entries; only the same set evaluated again replaces one.
 """
 
 from __future__ import annotations
@@ -191,20 +193,37 @@ def read_card_metadata(path: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def _question_set(dataset: dict) -> str:
+    """What was evaluated, in words: file, number of questions, digest (entries written before keying: '?')."""
+    args = dataset.get("args") or {}
+    if not args:
+        return "?"
+    return f"`{args.get('questions')}`, {args.get('count')} questions, sha256 `{str(args.get('sha256'))[:12]}`"
+
+
 def _eval_body(model_index: list | None) -> str:
     rows = []
     for entry in model_index or []:
         for result in entry.get("results", []):
+            dataset = result.get("dataset", {})
             for metric in result.get("metrics", []):
-                rows.append(f"| {result['dataset']['name']} | {metric['name']} | {metric['value']} |")
+                rows.append(f"| {dataset.get('type') or dataset.get('name')} | {_question_set(dataset)} | "
+                            f"{metric['name']} | {metric['value']} |")
     if not rows:
         return "Not evaluated yet: `llavadi eval --model <this folder> ...` adds its results here."
-    return "\n".join(["| benchmark | metric | value |", "|---|---|---|", *rows])
+    return "\n".join(["| benchmark | questions (file, count, digest) | metric | value |", "|---|---|---|---|", *rows])
+
+
+def _result_key(dataset: dict) -> tuple:
+    """A card result's question set: benchmark, file digest and count (name only for entries without them)."""
+    args = dataset.get("args") or {}
+    return dataset.get("type") or dataset.get("name"), args.get("sha256"), args.get("count")
 
 
 def record_eval_result(model_dir: str, result: dict) -> bool:
     """Put one `llavadi eval` result (its headline metrics) into the card; False when the folder has no
-    llavadi card (a card someone else wrote is left alone). A benchmark evaluated again is replaced."""
+    llavadi card (a card someone else wrote is left alone). The result's `question_set` ({questions: file
+    name, count, sha256}) keys the entry: the same set evaluated again is replaced, any other set is kept."""
     path = os.path.join(model_dir, CARD_FILE)
     meta = read_card_metadata(path)
     text = open(path, encoding="utf-8").read() if meta else ""
@@ -212,11 +231,16 @@ def record_eval_result(model_dir: str, result: dict) -> bool:
         return False
     metrics = result["metrics"]
     names = [m for m in result.get("headline") or list(metrics)[:1] if m in metrics]
+    questions = result.get("question_set") or {}
+    label = f"{result['benchmark']} ({questions['questions']}, {questions['count']} questions)" if questions \
+        else result["benchmark"]
     entry = {"task": {"type": "image-text-to-text"},
-             "dataset": {"name": result["benchmark"], "type": result["benchmark"]},
+             "dataset": {"name": label, "type": result["benchmark"],
+                         **({"args": dict(questions)} if questions else {})},
              "metrics": [{"type": m, "name": m, "value": metrics[m]} for m in names]}
     index = meta.get("model-index") or [{"name": card_name(model_dir), "results": []}]
-    results = [r for r in index[0].get("results", []) if r.get("dataset", {}).get("name") != result["benchmark"]]
+    key = _result_key(entry["dataset"])
+    results = [r for r in index[0].get("results", []) if _result_key(r.get("dataset", {})) != key]
     index[0]["results"] = results + [entry]
     meta["model-index"] = index
     body = text[text.index("\n---\n", 4) + len("\n---\n"):]

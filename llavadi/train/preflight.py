@@ -173,6 +173,18 @@ def check_stage_data(stage: StageConfig, student, teacher, progress: bool,
                    + "\n".join(shown) + (f"\n    ... and {more} more" if more > 0 else "")]
 
 
+def feature_layer_problems(spec, described, who: str) -> list[str]:
+    """`vision_feature_layer` is applied when composing vision + llm; a folder or preset reads its config's layer,
+    so another value there would be silently ignored: refused by name."""
+    if spec is None or described is None or spec.vision or spec.llm or spec.vision_feature_layer is None:
+        return []
+    reads = getattr(described.model.config, "vision_feature_layer", None)
+    if spec.vision_feature_layer == reads:
+        return []
+    return [f"{who}.vision_feature_layer: {spec.vision_feature_layer}, but the model reads layer {reads} (its "
+            "config's vision_feature_layer); the key applies when composing `vision` + `llm` only: remove it"]
+
+
 def has_teacher_model(recipe: Recipe) -> bool:
     """Whether the recipe names a teacher model (path, preset or vision + llm), not only a cache."""
     t = recipe.teacher
@@ -197,6 +209,8 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
     student = _describe(recipe.student, "student", problems)
     # a teacher given only as a cache has no model files (its config is in the cache's manifest)
     teacher = _describe(recipe.teacher, "teacher", problems) if has_teacher_model(recipe) else None
+    problems += feature_layer_problems(recipe.student, student, "student")
+    problems += feature_layer_problems(recipe.teacher, teacher, "teacher")
     identities = data_identities(recipe, progress)
     done = finished_stages(recipe, identities) if resume and not problems else set()
     checks: dict[str, StageCheck] = {}

@@ -100,8 +100,12 @@ def stage_recipe(recipe: Recipe, stage: StageConfig) -> dict:
     s["train"] = {k: v for k, v in stage.train.to_dict().items() if k not in OPERATIONAL_TRAIN_KEYS}
 
     def spec(m):  # what a model spec says besides its paths
-        return None if m is None else {k: v for k, v in dataclasses.asdict(m).items()
-                                       if k not in ("path", "vision", "llm", "cache") and v is not None}
+        if m is None:
+            return None
+        # an unset vision_feature_layer is recorded as -2, the key's former default, so stages finished
+        # before it became optional stay done (a folder or preset model reads its config's layer anyway)
+        said = {**dataclasses.asdict(m), "vision_feature_layer": m.composed_feature_layer()}
+        return {k: v for k, v in said.items() if k not in ("path", "vision", "llm", "cache") and v is not None}
 
     return {"stage": s, "student": spec(recipe.student), "seed": recipe.seed,
             "teacher": spec(recipe.teacher) if stage.distill.terms else None}

@@ -8,8 +8,10 @@ a checkpoint every 2 steps) is trained once without interruption under `torchrun
 Then the same command is started again and again in a fresh output folder, and the whole process tree
 (launcher and both workers) is frozen and SIGKILLed at a moment chosen by turns:
   random      a uniformly random time in the uninterrupted run's duration
-  checkpoint  as soon as a checkpoint-N folder exists without its completion marker (a save under way)
-  publish     as soon as a stage's staging folder or a final/ in the making exists (a stage being published)
+  checkpoint  when a checkpoint-N folder exists without its completion marker (a save under way): the 1st to
+              4th such save the attempt starts, drawn at random
+  publish     when a stage's staging folder or a final/ in the making exists (a stage being published): the
+              1st to 3rd such write, drawn at random
 A run that completes ends its series: its final student, each stage's projectors and data_report.json
 must equal the uninterrupted run's bit for bit; a new series starts until `--kills` kills landed.
 Prints kills survived (by kind), restarts, and time lost (wall time of all attempts minus the
@@ -146,11 +148,13 @@ def publish_folders(out: Path) -> set[str]:
 
 
 class Trigger:
-    """When to kill: a kind, and what the previous attempt left (cleaned up at start, not a new write)."""
+    """When to kill: a kind; for a write, the n-th new one seen (leftovers of the previous attempt, removed at
+    start, are not new writes)."""
 
-    def __init__(self, kind: str | None, out: Path, deadline: float):
-        self.kind, self.out, self.deadline = kind, out, deadline
+    def __init__(self, kind: str | None, out: Path, deadline: float, nth: int = 1):
+        self.kind, self.out, self.deadline, self.nth = kind, out, deadline, nth
         self.stale = self._seen()
+        self.new: set[str] = set()
 
     def _seen(self) -> set[str]:
         if self.kind == "checkpoint":
@@ -167,17 +171,22 @@ class Trigger:
             return None
         seen = self._seen()
         self.stale &= seen  # a leftover removed and written again is a new write
-        new = sorted(seen - self.stale)
-        return f"while writing {os.path.relpath(new[0], self.out)}" if new else None
+        now = seen - self.stale
+        self.new |= now
+        if now and len(self.new) >= self.nth:
+            return f"while writing {os.path.relpath(sorted(now)[0], self.out)}"
+        return None
 
 
-def attempt(cmd: list[str], out: Path, kind: str | None, deadline: float, log_path: Path) -> tuple[str, float]:
-    """Run the command once; kill it when `kind` triggers. Returns (what happened, seconds)."""
+def attempt(cmd: list[str], out: Path, kind: str | None, deadline: float, log_path: Path,
+            nth: int = 1) -> tuple[str, float]:
+    """Run the command once; kill it when `kind` triggers (a write: at the `nth` new one). Returns (what
+    happened, seconds)."""
     start = time.monotonic()
     with open(log_path, "a") as log:
         log.write(f"\n=== attempt, kill: {kind}\n")
         log.flush()
-        trigger = Trigger(kind, out, deadline)
+        trigger = Trigger(kind, out, deadline, nth)
         proc = subprocess.Popen(cmd, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
             now = time.monotonic() - start
@@ -239,7 +248,10 @@ def soak(engine: str, root: Path, data: Path, kills: int, rng: random.Random) ->
         path.write_text(json.dumps(recipe(data, out, engine)))
         while True:
             kind = KINDS[turn % len(KINDS)] if sum(figures["kills"].values()) < kills else None
-            outcome, seconds = attempt(command(path), out, kind, rng.uniform(0.5, straight), work / f"{out.name}.log")
+            # checkpoints: 2 in the pretrain stage, 4 in finetune; publishes: the 2 stages and final/
+            nth = rng.randint(1, 4) if kind == "checkpoint" else rng.randint(1, 3)
+            outcome, seconds = attempt(command(path), out, kind, rng.uniform(0.5, straight), work / f"{out.name}.log",
+                                       nth)
             figures["attempts_s"] += seconds
             print(f"[{engine}] series {figures['series']}: kill={kind} -> {outcome} after {seconds:.1f} s", flush=True)
             if outcome.startswith("killed"):

@@ -155,7 +155,7 @@ def test_train_section_mistakes_are_named_together(ws, tmp_path, no_model_loads,
     assert _cli(ws, tmp_path, raw) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    for expected in ("3 problems in stages[0].train",
+    for expected in ("3 problems in the recipe",
                      "train.gradient_acumulation_steps: not a transformers.TrainingArguments field; "
                      "did you mean `gradient_accumulation_steps`?",
                      "train.output_dir: set by llavadi; a stage's checkpoints go to <output_dir>/<stage>/checkpoints",

@@ -34,13 +34,20 @@ class TermSpec:
 
     def __post_init__(self) -> None:
         cls = term_class(self.name)
+        problems = []  # the weight's, then the tokens' and options': all named at once
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
-            raise ValueError(f"term {self.name!r}: weight must be a finite number, got {self.weight!r}")
-        if self.weight < 0:
-            raise ValueError(f"term {self.name!r}: weight must be >= 0, got {self.weight!r}")
-        self.weight = float(self.weight)
+            problems.append(f"term {self.name!r}: weight must be a finite number, got {self.weight!r}")
+        elif self.weight < 0:
+            problems.append(f"term {self.name!r}: weight must be >= 0, got {self.weight!r}")
+        else:
+            self.weight = float(self.weight)
         self.options = dict(self.options or {})
-        cls.resolve(self.tokens, self.options, "")
+        try:
+            cls.resolve(self.tokens, self.options, "")
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_dict(cls, entry: Any, where: str = "distill.terms") -> TermSpec:
