@@ -188,11 +188,12 @@ def _split_labels(instruct: str, fraction: float, out: str, tag: str) -> tuple[s
     return labelled, unlabelled
 
 
-def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: str, teacher_dir: str | None):
+def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: str, teacher_dir: str | None,
+              max_new_tokens: int = 8):
     from llavadi.eval.eval_command import evaluate
 
     res = evaluate(model_dir, "synthetic", eval_file, image_dir, os.path.join(out, "eval", name),
-                   teacher_dir=teacher_dir, batch_size=64, max_new_tokens=8, device="cpu", name=name,
+                   teacher_dir=teacher_dir, batch_size=64, max_new_tokens=max_new_tokens, device="cpu", name=name,
                    progress=False)
     return res
 
@@ -552,3 +553,121 @@ def cost_line(results: dict, runs: dict) -> dict | None:
                                "cost": r["cost"], "teacher_cost": r["teacher_cost"]})
     best = "student_distilled" if runs.get("student_distilled") else "student_sft"
     return cost_summary(points, {"study": "demo", "variant": best, "metric": "accuracy"})
+
+
+# ---------------------------------------------------------------- a student with its own tokenizer
+# the cross-tokenizer students' logit terms, each replacing forward_kl in recipes/demo_student.yaml
+CROSS_TOKENIZER_TERMS = {"uld": {"name": "uld", "weight": 1.0, "tokens": "response"},
+                         "gold": {"name": "gold", "weight": 1.0, "tokens": "response"}}
+CROSS_MAX_NEW_TOKENS = 16  # its tokenizer spells the longest answers in up to 12 tokens
+
+
+def _cross_recipe(run_dir: str, init: str, paths: dict, data_file: str, seed: int, teacher_dir: str,
+                  term: str | None, steps: int, smoke: bool) -> dict:
+    """A cross-tokenizer student's run: the demo's stages; CE only, or forward_kl replaced by `term`."""
+    recipe = _student_run_recipe(run_dir, init, paths, data_file, seed, teacher_dir if term else None, smoke,
+                                 steps=steps)
+    if term:
+        finetune = _named_stage(recipe, "finetune")
+        finetune["distill"]["terms"] = [CROSS_TOKENIZER_TERMS[term] if t["name"] == "forward_kl" else t
+                                        for t in finetune["distill"]["terms"]]
+    return recipe
+
+
+def _init_cross_student(vision_state: dict, seed: int, path: str) -> str:
+    from llavadi.models.tokenizer import build_tiny_bpe_tokenizer
+
+    model, tok, _ = build_preset("tiny-student", tokenizer=build_tiny_bpe_tokenizer(), vision_tower_state=vision_state,
+                                 seed=seed)
+    save_model(LoadedModel(model, tok, build_image_processor(PRESETS["tiny-student"].vision), {}), path)
+    return path
+
+
+def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: bool = False,
+                              student_steps: int | None = None) -> dict:
+    """The tiny student with its own byte-level BPE tokenizer, distilled from the demo's teacher with uld and gold.
+
+    Each seed trains three students on the same data (the labelled share plus the teacher's answers to
+    the rest, as the demo's distilled student): CE only, and the demo's distillation recipe with
+    forward_kl replaced by uld / gold (hidden_mse on paired answer spans and visual_align kept).
+    The demo's same-tokenizer students (`llavadi demo --seeds N` in the same --out) are read for comparison.
+    """
+    t_start = time.time()
+    steps = student_steps or STUDENT_FINETUNE_STEPS
+    torch.set_num_threads(_threads())
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    paths, fresh = _synthetic_data(out, False, smoke)
+    vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
+    teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
+    data = _student_data(out, paths, teacher_dir, DEFAULT_STUDENT_FRACTION, True, True, fresh)
+    data_file, tag = data["student_distilled"]
+    tag += "" if steps == STUDENT_FINETUNE_STEPS else f"-n{steps}"
+    kinds = ["bpe_ce", "bpe_uld", "bpe_gold"]
+    runs: dict[str, list[str]] = {k: [] for k in kinds}
+    for seed in range(seeds):
+        init = _init_cross_student(vision_state, 1000 + seed, os.path.join(out, "init", f"student-bpe-s{seed}"))
+        jobs = []
+        for kind in kinds:
+            name = f"{kind}{tag}-s{seed}"
+            run_dir = os.path.join(out, name)
+            runs[kind].append(os.path.join(run_dir, "final"))
+            if os.path.isfile(os.path.join(run_dir, "final", "config.json")):
+                _say(f"{name}: cached")
+                continue
+            recipe = _cross_recipe(run_dir, init, paths, data_file, seed, teacher_dir, kind.split("_")[1]
+                                   if kind != "bpe_ce" else None, steps, smoke)
+            jobs.append((name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe)))
+        for wave in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
+            _say(f"training cross-tokenizer students for seed {seed}: {', '.join(n for n, _ in wave)}")
+            _run_trainings(wave, threads_each=1 if len(wave) > 1 else _threads())
+    results = {"teacher": _evaluate("teacher", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
+    for kind, dirs in runs.items():
+        for seed, d in enumerate(dirs):
+            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
+                                                   None, max_new_tokens=CROSS_MAX_NEW_TOKENS)
+    summary = summarise(results, runs)
+    summary["gap_closed"] = cross_gap_closed(results, seeds, out, tag)
+    summary["settings"] = {"seeds": seeds, "student_finetune_steps": steps, "data": data_file,
+                           "wall_seconds": round(time.time() - t_start, 1)}
+    result_file = os.path.join(out, f"results-cross-tokenizer{tag}.json")
+    write_text_atomic(result_file, json.dumps({"summary": summary, "runs": results}, indent=2, default=str))
+    print(cross_table(summary))
+    _say(f"done in {time.time() - t_start:.0f}s; results in {result_file}")
+    return summary
+
+
+def cross_gap_closed(results: dict, seeds: int, out: str, tag: str) -> dict:
+    """Per seed, the share of the CE-to-teacher gap each distilled student closes; the same-tokenizer demo's beside."""
+    teacher = _metrics(results["teacher"])["accuracy"]
+    out_rows = {}
+    for kind in ("bpe_uld", "bpe_gold"):
+        shares = []
+        for s in range(seeds):
+            base = _metrics(results[f"bpe_ce-s{s}"])["accuracy"]
+            got = _metrics(results[f"{kind}-s{s}"])["accuracy"]
+            shares.append((got - base) / (teacher - base) if teacher != base else None)
+        out_rows[kind] = shares
+    same = os.path.join(out, f"results{tag}.json")  # the demo's own run of the same data and steps
+    if os.path.isfile(same):
+        v = json.load(open(same))["summary"].get("verdict") or {}
+        out_rows["same_tokenizer_vs_sft"] = v.get("gap_closed")
+    return out_rows
+
+
+def cross_table(summary: dict) -> str:
+    """Accuracy per model kind (mean ± std over seeds) and the share of the gap closed per seed."""
+    lines = ["| model | accuracy | gap closed per seed (vs CE on the same data) |", "|---|---|---|"]
+    for kind in ("teacher", "bpe_ce", "bpe_uld", "bpe_gold"):
+        m = summary.get(kind, {}).get("accuracy")
+        if m is None:
+            continue
+        acc = f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if m["n"] > 1 else "")
+        shares = summary["gap_closed"].get(kind)
+        closed = ", ".join("–" if c is None else f"{100 * c:.0f}%" for c in shares) if shares else ""
+        lines.append(f"| {kind} | {acc} | {closed} |")
+    same = summary["gap_closed"].get("same_tokenizer_vs_sft")
+    if same:
+        lines.append("same-tokenizer demo, distilled vs SFT: " + ", ".join("–" if c is None else f"{100 * c:.0f}%"
+                                                                          for c in same))
+    return "\n".join(lines)

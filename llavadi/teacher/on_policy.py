@@ -24,6 +24,7 @@ import time
 import torch
 
 from llavadi.data.encode import IGNORE_INDEX
+from llavadi.data.token_alignment import ALIGNMENT_KEY, PieceReader, retokenized_answer
 from llavadi.data.token_types import TokenType
 from llavadi.eval.generate import Sampling, _pad_id, eos_token_ids, generate_ids
 
@@ -52,6 +53,14 @@ def last_answer_start(token_types: list[int]) -> int:
 def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
     """The collated batch back as dataset items (padding removed), pixel values per item that has an image."""
     items = [{"sample_id": sid} for sid in batch["sample_ids"]]
+    if ALIGNMENT_KEY in batch:  # paired answer spans, back to each sample's unpadded positions
+        rows = batch[ALIGNMENT_KEY].cpu()
+        first = [batch[p + "attention_mask"].cpu().long().argmax(dim=1) for p in prefixes[:2]]
+        for b, item in enumerate(items):
+            groups = rows[rows[:, 0] == b, 1:].clone()
+            groups[:, :2] -= first[0][b]
+            groups[:, 2:] -= first[1][b]
+            item[ALIGNMENT_KEY] = groups
     for p in prefixes:
         keep = batch[p + "attention_mask"].bool().cpu()
         pixel_row = 0
@@ -78,10 +87,46 @@ def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_le
     return out
 
 
-class OnPolicySampler:
-    """Replaces a fraction of each training batch's samples by the student's sampled answers."""
+class TeacherRetokenizer:
+    """A student's sampled answer re-tokenized for a teacher of another tokenizer, and the two paired."""
 
-    def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int) -> None:
+    def __init__(self, student_tokenizer, teacher_encoder, stop_ids: set[int], prefix: str) -> None:
+        self.student_reader = PieceReader(student_tokenizer)
+        self.teacher, self.teacher_reader = teacher_encoder, PieceReader(teacher_encoder.tokenizer)
+        self.stop_ids, self.prefix = set(stop_ids), prefix
+
+    def __call__(self, item: dict, answer: list[int], max_length: int) -> dict | None:
+        """The on-policy item (student's own tokens, the teacher's tokens of the same text); None: keep the sample."""
+        p = self.prefix
+        start_s, start_t = last_answer_start(item["token_types"]), last_answer_start(item[p + "token_types"])
+        answer = answer[:max_length - start_s]
+        made = retokenized_answer(self.student_reader, answer, start_s, self.teacher, self.teacher_reader, start_t,
+                                  self.stop_ids, item["sample_id"])
+        if made is None:
+            return None
+        teacher_ids, groups = made
+        teacher_ids = teacher_ids[:max_length - start_t]
+        out = with_answer(item, answer, ("",), max_length)
+        prompt_types = [INSTRUCTION if t == RESPONSE else t for t in item[p + "token_types"][:start_t]]
+        out[p + "input_ids"] = item[p + "input_ids"][:start_t] + teacher_ids
+        out[p + "token_types"] = prompt_types + [RESPONSE] * len(teacher_ids)
+        out[p + "labels"] = [IGNORE_INDEX] * (start_t + len(teacher_ids))
+        inside = (groups[:, 1] < start_s + len(answer)) & (groups[:, 3] < start_t + len(teacher_ids))
+        out[ALIGNMENT_KEY] = groups[inside]
+        return out
+
+
+class OnPolicySampler:
+    """Replaces a fraction of each training batch's samples by the student's sampled answers.
+
+    With ``retokenize`` (a teacher of another tokenizer) the teacher reads the sampled answer's text
+    in its own tokens, paired with the student's; a sampled answer that is not valid text leaves
+    its sample as it was (counted in ``stats["not_text"]``).
+    """
+
+    def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int,
+                 retokenize: TeacherRetokenizer | None = None) -> None:
+        self.retokenize = retokenize
         self.student = student
         self.collator = collator
         self.config = config
@@ -91,6 +136,8 @@ class OnPolicySampler:
         self.eos_ids = eos_token_ids(student, tokenizer)
         self.image_token_id = int(student.config.image_token_id)
         self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}
+        if retokenize is not None:
+            self.stats["not_text"] = 0
 
     def __call__(self, batches: list[dict], step: int) -> list[dict]:
         """The micro-batches of one optimisation step, some samples replaced by on-policy ones."""
@@ -107,7 +154,15 @@ class OnPolicySampler:
         seed = _uniform("sampling", self.seed, step, [ids[i] for i in chosen])
         answers = self._generate([items[i] for i in chosen], seed)
         for i, answer in zip(chosen, answers):
-            items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length)
+            if self.retokenize is None:
+                items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length)
+                continue
+            replaced = self.retokenize(items[i], answer, self.max_length)
+            if replaced is None:
+                self.stats["not_text"] += 1
+                chosen = [c for c in chosen if c != i]
+            else:
+                items[i] = replaced
         self.stats["on_policy"] += len(chosen)
         self.stats["generated_tokens"] += sum(len(a) for a in answers)
         self.stats["seconds"] += time.perf_counter() - start
