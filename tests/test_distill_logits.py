@@ -1,15 +1,24 @@
-"""Divergences of llavadi.distill.logits against plain float64 numpy references."""
+"""Divergence classes (llavadi.distill.divergences) against plain float64 numpy references; shared rows."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llavadi.distill import divergences as D
 from llavadi.distill import logits as L
+from llavadi.distill.options import validate_options
 
 torch.set_num_threads(1)
 
 N, V = 6, 13
+BY_NAME = {cls.name: cls for cls in D.closed_form_divergences()}
+
+
+def _div(name, **opt):
+    """The divergence with these options (validated, cross-option rules skipped: z-scoring with a temperature)."""
+    cls = BY_NAME[name]
+    return cls.from_validated(validate_options(cls.options, opt, name))
 
 
 def _pair(seed=0, scale=2.0):
@@ -89,35 +98,35 @@ CASES = [
 @pytest.mark.parametrize("name,opt", CASES)
 def test_divergence_matches_reference(name, opt, temperature):
     s, t = _pair(seed=3)
-    got = L.DIVERGENCES[name](s, t, temperature=temperature, **opt)
+    got = _div(name, temperature=temperature, **opt)(s, t)
     assert got.shape == (N,) and got.dtype == torch.float32
     want = _reference(name, s, t, temperature, **opt)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
-    scaled = L.DIVERGENCES[name](s, t, temperature=temperature, scale_t2=True, **opt)
+    scaled = _div(name, temperature=temperature, scale_t2=True, **opt)(s, t)
     np.testing.assert_allclose(scaled.numpy(), want * temperature**2, rtol=1e-5, atol=1e-6)
 
 
 def test_forward_kl_matches_torch_kl_div():
     s, t = _pair(seed=5)
     want = F.kl_div(F.log_softmax(s / 1.5, -1), F.log_softmax(t / 1.5, -1), log_target=True, reduction="none").sum(-1)
-    torch.testing.assert_close(L.forward_kl(s, t, temperature=1.5), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(D.ForwardKL(temperature=1.5)(s, t), want, rtol=1e-5, atol=1e-6)
 
 
 def test_jsd_endpoints_are_the_kls_exactly_and_interior_vanishes_towards_them():
     s, t = _pair(seed=7)
-    assert torch.equal(L.jsd(s, t, beta=0.0, temperature=2.0), L.forward_kl(s, t, temperature=2.0))
-    assert torch.equal(L.jsd(s, t, beta=1.0, temperature=2.0), L.reverse_kl(s, t, temperature=2.0))
+    assert torch.equal(D.JSD(beta=0.0, temperature=2.0)(s, t), D.ForwardKL(temperature=2.0)(s, t))
+    assert torch.equal(D.JSD(beta=1.0, temperature=2.0)(s, t), D.ReverseKL(temperature=2.0)(s, t))
     # the generalised formula itself tends to beta * KL(p_T||p_S): documented jump at the endpoints
     # (in float64: dividing a float32 value by 1e-4 would amplify its rounding to the size of the O(beta) gap)
-    near = L.jsd(s.double(), t.double(), beta=1e-4) / 1e-4
-    torch.testing.assert_close(near, L.forward_kl(s.double(), t.double()), rtol=2e-3, atol=1e-4)
+    near = D.JSD(beta=1e-4)(s.double(), t.double()) / 1e-4
+    torch.testing.assert_close(near, D.ForwardKL()(s.double(), t.double()), rtol=2e-3, atol=1e-4)
 
 
 def test_bfloat16_inputs_are_computed_in_float32():
     s, t = _pair(seed=9)
     s16, t16 = s.bfloat16(), t.bfloat16()
     for name, opt in CASES:
-        got = L.DIVERGENCES[name](s16, t16, **opt)
+        got = _div(name, **opt)(s16, t16)
         assert got.dtype == torch.float32
         # float64 reference on the bf16 values themselves (exact in float64): a computation in
         # bf16 would be off by ~1e-2 relative, float32 agrees to ~1e-6
@@ -129,38 +138,40 @@ def test_extreme_logits_stay_finite():
     s = torch.tensor([[1000.0, -1000.0, 0.0], [-80.0, 80.0, 0.0]])
     t = torch.tensor([[-1000.0, 1000.0, 0.0], [80.0, -80.0, 0.0]])
     for name, opt in CASES:
-        assert torch.isfinite(L.DIVERGENCES[name](s, t, **opt)).all(), name
+        assert torch.isfinite(_div(name, **opt)(s, t)).all(), name
 
 
 @pytest.mark.parametrize("name,opt", CASES)
 def test_gradients_flow_to_student(name, opt):
     s, t = _pair(seed=11)
     s.requires_grad_(True)
-    L.DIVERGENCES[name](s, t, temperature=1.3, **opt).sum().backward()
+    _div(name, temperature=1.3, **opt)(s, t).sum().backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
-def test_registry_has_exact_names():
-    assert set(L.DIVERGENCES) == {
-        "forward_kl",
-        "reverse_kl",
-        "jsd",
-        "tvd",
-        "skew_forward_kl",
-        "skew_reverse_kl",
-        "logit_mse",
-    }
-    assert set(L.SPARSE_DIVERGENCES) == {"forward_kl", "jsd"}
+def test_every_closed_form_divergence_is_a_class_with_its_options_once():
+    assert [cls.name for cls in D.closed_form_divergences()] == [
+        "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "logit_mse"]
+    assert {cls.name for cls in D.closed_form_divergences() if cls.has_topk} == {"forward_kl", "jsd"}
+    assert [o.name for o in D.JSD.options] == ["temperature", "scale_t2", "beta", "missing_mass"]
+    assert [o.name for o in D.TVD.options] == ["temperature", "scale_t2"]
+    assert D.JSD().opts == {"temperature": 1.0, "scale_t2": False, "beta": 0.5, "missing_mass": "renormalize"}
+    with pytest.raises(ValueError, match="has no top-k form"):
+        D.TVD().of_topk(*_pair()[:1], torch.zeros(N, 2, dtype=torch.long), torch.zeros(N, 2))
+    with pytest.raises(TypeError, match="'forward_kl' is defined twice"):
+        type("AgainKL", (D.ForwardKL,), {"name": "forward_kl"})
 
 
 def test_bad_arguments_raise():
     s, t = _pair()
-    with pytest.raises(ValueError, match="beta"):
-        L.jsd(s, t, beta=1.5)
+    with pytest.raises(ValueError, match="divergence 'jsd': option 'beta' must be <= 1.0"):
+        D.JSD(beta=1.5)
+    with pytest.raises(ValueError, match="unknown option"):
+        D.TVD(beta=0.5)
     with pytest.raises(ValueError, match="temperature"):
-        L.forward_kl(s, t, temperature=0.0)
+        D.ForwardKL(temperature=0.0)
     with pytest.raises(ValueError, match="same shape"):
-        L.forward_kl(s, t[:, :5])
+        D.ForwardKL()(s, t[:, :5])
 
 
 # ---------------------------------------------------------------- sparse teacher
@@ -181,8 +192,8 @@ def _topk(t, k, seed=0):
 def test_sparse_equals_dense_when_k_is_vocab(name, opt, temperature, missing_mass):
     s, t = _pair(seed=13)
     ids, lp = _topk(t, V, seed=1)
-    got = L.SPARSE_DIVERGENCES[name](s, ids, lp, temperature=temperature, missing_mass=missing_mass, **opt)
-    want = L.DIVERGENCES[name](s, t, temperature=temperature, **opt)
+    got = _div(name, temperature=temperature, missing_mass=missing_mass, **opt).of_topk(s, ids, lp)
+    want = _div(name, temperature=temperature, **opt)(s, t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -195,10 +206,10 @@ def test_sparse_renormalize_is_dense_against_truncated_teacher(beta):
     ps = _softmax_np(s.numpy() / 1.0, 2.0)
     pt = np.exp(np.nan_to_num(F.log_softmax(truncated / 2.0, -1).double().numpy(), neginf=-np.inf))
     if beta is None:
-        got = L.sparse_forward_kl(s, ids, lp, temperature=2.0)
+        got = D.ForwardKL(temperature=2.0).of_topk(s, ids, lp)
         want = _kl_np(pt, ps)
     else:
-        got = L.sparse_jsd(s, ids, lp, beta=beta, temperature=2.0)
+        got = D.JSD(beta=beta, temperature=2.0).of_topk(s, ids, lp)
         m = (1 - beta) * ps + beta * pt
         want = beta * _kl_np(pt, m) + (1 - beta) * _kl_np(ps, m)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
@@ -221,8 +232,8 @@ def test_sparse_rest_bucket_matches_collapsed_reference():
         want_fkl[i] = _kl_np(q[None], p[None])[0]
         m = (1 - beta) * p + beta * q
         want_jsd[i] = beta * _kl_np(q[None], m[None])[0] + (1 - beta) * _kl_np(p[None], m[None])[0]
-    got_fkl = L.sparse_forward_kl(s, ids, lp, temperature=temperature, missing_mass="rest")
-    got_jsd = L.sparse_jsd(s, ids, lp, beta=beta, temperature=temperature, missing_mass="rest")
+    got_fkl = D.ForwardKL(temperature=temperature, missing_mass="rest").of_topk(s, ids, lp)
+    got_jsd = D.JSD(beta=beta, temperature=temperature, missing_mass="rest").of_topk(s, ids, lp)
     np.testing.assert_allclose(got_fkl.numpy(), want_fkl, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_jsd.numpy(), want_jsd, rtol=1e-5, atol=1e-6)
 
@@ -232,59 +243,25 @@ def test_sparse_gradients_finite_and_nonzero(missing_mass):
     s, t = _pair(seed=23)
     for k in (3, V):
         ids, lp = _topk(t, k)
-        for fn, opt in ((L.sparse_forward_kl, {}), (L.sparse_jsd, {"beta": 0.5})):
+        for fn in (D.ForwardKL(missing_mass=missing_mass), D.JSD(beta=0.5, missing_mass=missing_mass)):
             x = s.clone().requires_grad_(True)
-            fn(x, ids, lp, missing_mass=missing_mass, **opt).sum().backward()
+            fn.of_topk(x, ids, lp).sum().backward()
             assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_sparse_reverse_direction_against_renormalised_teacher_is_refused():
     s, t = _pair()
     ids, lp = _topk(t, 3)
-    with pytest.raises(ValueError, match="missing_mass='rest'"):
-        L.sparse_jsd(s, ids, lp, beta=1.0)
-    assert torch.isfinite(L.sparse_jsd(s, ids, lp, beta=1.0, missing_mass="rest")).all()
+    with pytest.raises(ValueError, match="set missing_mass: rest or beta < 1"):
+        D.JSD(beta=1.0).of_topk(s, ids, lp)
+    assert torch.isfinite(D.JSD(beta=1.0, missing_mass="rest").of_topk(s, ids, lp)).all()
 
 
-# ---------------------------------------------------------------- closed-form gradients (the fused pass uses them)
+# ---------------------------------------------------------------- gradients (closed forms: tests/test_divergence_grads.py)
 def _autograd_grad(fn, s):
     x = s.clone().requires_grad_(True)
     fn(x).sum().backward()
     return x.grad
-
-
-@pytest.mark.parametrize("scale_t2", [False, True])
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
-@pytest.mark.parametrize("name,opt", CASES)
-def test_dense_closed_form_gradient_equals_autograd(name, opt, temperature, scale_t2):
-    s, t = (x.double() for x in _pair(seed=29))
-    kwargs = dict(temperature=temperature, scale_t2=scale_t2, **opt)
-    want = _autograd_grad(lambda x: L.DIVERGENCES[name](x, t, **kwargs), s)
-    start = torch.randn(N, V, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grad = start.clone()
-    value = L.dense_value_grad(name, L.LogitRows(s, t), grad, 0.3, **kwargs)  # adds 0.3 * gradient
-    torch.testing.assert_close(value, L.DIVERGENCES[name](s, t, **kwargs), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad - start, 0.3 * want, rtol=1e-6, atol=1e-9)
-    assert want.abs().sum() > 1e-3  # a gradient that really is there
-
-
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("missing_mass", ["renormalize", "rest"])
-@pytest.mark.parametrize("k", [3, V])
-@pytest.mark.parametrize("name,opt", [("forward_kl", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.4}),
-                                      ("jsd", {"beta": 1.0})])
-def test_sparse_closed_form_gradient_equals_autograd(name, opt, k, missing_mass, temperature):
-    if name == "jsd" and opt["beta"] == 1.0 and missing_mass == "renormalize" and k < V:
-        pytest.skip("refused: infinite (tested above)")
-    s, t = (x.double() for x in _pair(seed=31))
-    ids, lp = _topk(t, k, seed=2)
-    kwargs = dict(temperature=temperature, missing_mass=missing_mass, scale_t2=True, **opt)
-    want = _autograd_grad(lambda x: L.SPARSE_DIVERGENCES[name](x, ids, lp, **kwargs), s)
-    grad = torch.zeros_like(s)
-    value = L.sparse_value_grad(name, L.LogitRows(s), ids, lp, grad, 1.7, **kwargs)
-    torch.testing.assert_close(value, L.SPARSE_DIVERGENCES[name](s, ids, lp, **kwargs), rtol=1e-12, atol=1e-12)
-    assert torch.isfinite(want).all()
-    torch.testing.assert_close(grad, 1.7 * want, rtol=1e-6, atol=1e-9)
 
 
 def test_target_nll_value_and_gradient_equal_cross_entropy():
@@ -302,7 +279,7 @@ def test_closed_form_gradients_stay_finite_on_extreme_logits():
     t = torch.tensor([[-1000.0, 1000.0, 0.0], [80.0, -80.0, 0.0]])
     for name, opt in CASES:
         grad = torch.zeros_like(s)
-        L.dense_value_grad(name, L.LogitRows(s, t), grad, 1.0, **opt)
+        _div(name, **opt).dense(L.LogitRows(s, t), grad, 1.0)
         assert torch.isfinite(grad).all(), name
 
 
@@ -319,6 +296,6 @@ def test_shared_rows_in_place_and_subsets_equal_fresh_computation():
             for name, opt in CASES:
                 if name == "logit_mse" and not opt.get("zscore"):
                     continue  # reads raw logits, which this LogitRows gave up
-                got = L.dense_value_grad(name, rows, temperature=temperature, **opt)
-                want = L.DIVERGENCES[name](s_ref, t_ref, temperature=temperature, **opt)
+                got = _div(name, temperature=temperature, **opt).dense(rows)
+                want = _div(name, temperature=temperature, **opt)(s_ref, t_ref)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {opt} T={temperature}")

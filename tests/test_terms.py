@@ -233,15 +233,22 @@ def test_terms_command_lists_every_term_with_its_declared_options(capsys):
 
 
 def test_a_logit_term_that_cannot_compute_is_refused_when_its_class_is_defined():
-    from llavadi.distill.terms.logit_terms import LogitTerm
+    from llavadi.distill.divergences import TVD, Divergence
+    from llavadi.distill.terms.logit_terms import LogitTerm, divergence_term
 
-    with pytest.raises(TypeError, match="'no_way' gives neither a divergence name nor dense"):
+    with pytest.raises(TypeError, match="'no_way' gives no dense"):
         type("NoWay", (LogitTerm,), {"name": "no_way"})
-    with pytest.raises(TypeError, match="'bad_div': divergence 'kl_typo' is not one of"):
-        type("BadDiv", (LogitTerm,), {"name": "bad_div", "divergence": "kl_typo"})
-    with pytest.raises(TypeError, match="'tvd_topk' sets supports_sparse but its divergence has no top-k form"):
-        type("TvdTopk", (LogitTerm,), {"name": "tvd_topk", "divergence": "tvd", "supports_sparse": True})
+    with pytest.raises(TypeError, match="'own_topk' sets supports_sparse but gives no sparse"):
+        type("OwnTopk", (LogitTerm,), {"name": "own_topk", "supports_sparse": True,
+                                       "dense": lambda self, s, t: (s - t).pow(2).mean(-1)})
+    with pytest.raises(TypeError, match="has no name of its own"):
+        divergence_term(type("Unnamed", (TVD,), {}))
     # giving the missing method makes each class valid (defined, not registered)
     type("Own", (LogitTerm,), {"name": "own", "dense": lambda self, s, t: (s - t).pow(2).mean(-1)})
-    type("TvdOwnTopk", (LogitTerm,), {"name": "tvd_own_topk", "divergence": "tvd", "supports_sparse": True,
-                                      "sparse": lambda self, s, ids, lp: s.new_zeros(s.shape[0])})
+    type("OwnTopk", (LogitTerm,), {"name": "own_topk", "supports_sparse": True,
+                                   "dense": lambda self, s, t: (s - t).pow(2).mean(-1),
+                                   "sparse": lambda self, s, ids, lp: s.new_zeros(s.shape[0])})
+    # a divergence class is a term: its name, summary and options (declared once, on the divergence)
+    term = TERMS["tvd"]
+    assert term.divergence is TVD and term.options is TVD.options and term.summary == TVD.summary
+    assert issubclass(TVD, Divergence) and not term.supports_sparse and TERMS["jsd"].supports_sparse

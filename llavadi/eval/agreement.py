@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from llavadi.data.collator import pad_sequences
-from llavadi.distill.logits import forward_kl
+from llavadi.distill.divergences import ForwardKL
 from llavadi.eval.generate import (
     EvalQuestion,
     _model_device_dtype,
@@ -94,7 +94,7 @@ def _batch_kl(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQu
     h_s = _answer_hidden(student, questions, prompts_s, answers)
     logits_t = teacher.model.get_output_embeddings()(h_t)
     logits_s = student.model.get_output_embeddings()(h_s)
-    kl = forward_kl(logits_s, logits_t.to(logits_s.device), temperature=temperature).double().cpu()
+    kl = ForwardKL(temperature=temperature)(logits_s, logits_t.to(logits_s.device)).double().cpu()
     per_question, offset = [], 0
     for a in answers:
         per_question.append(float(kl[offset:offset + len(a)].mean()))
