@@ -621,7 +621,8 @@ def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: boo
         for wave in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
             _say(f"training cross-tokenizer students for seed {seed}: {', '.join(n for n, _ in wave)}")
             _run_trainings(wave, threads_each=1 if len(wave) > 1 else _threads())
-    results = {"teacher": _evaluate("teacher", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
+    # the teacher evaluated under its own name here: `llavadi demo` may be evaluating it in the same --out
+    results = {"teacher": _evaluate("teacher-cross", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
     for kind, dirs in runs.items():
         for seed, d in enumerate(dirs):
             results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
