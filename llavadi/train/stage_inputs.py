@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from llavadi.config import StageConfig
 from llavadi.data.dataset import LlavaDataset, View
-from llavadi.distill.compat import check_same_tokenizer
+from llavadi.distill.compat import logit_vocab, tokenizer_pair
 from llavadi.distill.objective import DistillObjective
 from llavadi.models.build import LoadedModel
 from llavadi.teacher.cache import cached_objective
@@ -35,15 +35,18 @@ def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel
 
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
                     cache=None) -> DistillObjective:
-    """The stage's objective; checks up front that logit terms have a shared tokenizer.
+    """The stage's objective; classifies the tokenizer pair up front when logit terms compare the two models.
 
-    With a teacher `cache` (a CacheReader) the logit terms read its top-k signal (the tokenizer was
+    One tokenizer: the terms compare the full distributions; the same up to additions: the
+    distributions over the shared tokens (a vocabulary map); different tokenizers: refused. With a
+    teacher `cache` (a CacheReader) the logit terms read its top-k signal (the tokenizer was
     checked against the cache's)."""
     terms = stage.distill.terms
     if cache is not None:
         return cached_objective(stage, student, cache)
+    vocab = None
     if teacher is not None and any(t.is_logit_term for t in terms):
-        check_same_tokenizer(student.tokenizer, teacher.tokenizer)
+        vocab = logit_vocab(tokenizer_pair(student, teacher))
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
                             teacher_config=teacher.model.config if teacher is not None else None,
-                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib)
+                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib, vocab=vocab)
