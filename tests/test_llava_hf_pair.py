@@ -57,3 +57,46 @@ def test_llava_hf_teacher_and_composed_student_train_the_paper_recipe(tmp_path, 
         assert h["loss/forward_kl"] > 0 and h["loss/hidden_mse"] > 0 and h["loss/ce"] > 0
         assert 0 < h["loss/vocab/outside_mass_teacher"] < 1  # <pad> and 62 padded rows of a random teacher
         assert "loss/vocab/outside_mass_student" in h  # 0: every student token is shared
+
+
+def test_agreement_kl_of_the_pair_compares_the_distributions_over_the_shared_tokens(tmp_path):
+    import pytest
+    import torch
+
+    from llavadi.data.dataset import pixel_values_for
+    from llavadi.eval.agreement import teacher_forced_kl
+    from llavadi.eval.generate import EvalQuestion, encode_question, question_image
+    from llavadi.models.build import LoadedModel, compose_llava, load_llava_dir
+
+    teacher_dir, vision, llm = write_pair(str(tmp_path / "models"), n_base=256)
+    meta = {"template": "vicuna_v1", "system": ""}
+    t = load_llava_dir(teacher_dir)
+    teacher = LoadedModel(t.model.eval(), t.tokenizer, t.image_processor, meta)
+    s = compose_llava(vision, llm, seed=3)
+    student = LoadedModel(s.model.eval(), s.tokenizer, s.image_processor, meta)
+    write_images(tmp_path / "imgs", 2)
+    questions = [EvalQuestion("q0", "what color is the shape?", str(tmp_path / "imgs" / "img0.png")),
+                 EvalQuestion("q1", "hello world")]
+    answers = [teacher.tokenizer("red circle", add_special_tokens=False).input_ids + [teacher.tokenizer.eos_token_id],
+               teacher.tokenizer("three", add_special_tokens=False).input_ids]
+
+    def answer_logits(bundle, q, a):
+        ids = encode_question(bundle.encoder(), q)
+        kwargs = {}
+        if q.has_image:
+            kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, question_image(q))[None]
+        with torch.no_grad():
+            logits = bundle.model(input_ids=torch.tensor([ids + a]), **kwargs).logits[0]
+        return logits[len(ids) - 1: len(ids) - 1 + len(a), :257].double()  # the 257 shared tokens: ids 0..256
+
+    kls = []
+    for q, a in zip(questions, answers):
+        log_t = torch.log_softmax(answer_logits(teacher, q, a), -1)
+        log_s = torch.log_softmax(answer_logits(student, q, a), -1)  # the same ids on the student's side
+        kls.append((log_t.exp() * (log_t - log_s)).sum(-1))
+    mean_kl, n, per_question = teacher_forced_kl(student, teacher, questions, answers, batch_size=2)
+    assert n == sum(len(a) for a in answers) and torch.cat(kls).mean().item() > 1e-3
+    assert mean_kl == pytest.approx(torch.cat(kls).mean().item(), rel=1e-4)
+    assert per_question == pytest.approx([k.mean().item() for k in kls], rel=1e-4)
+    with pytest.raises(ValueError, match=r"question 'q1': the teacher's answer holds token id\(s\) \[257\]"):
+        teacher_forced_kl(student, teacher, questions, [answers[0], answers[1] + [257]])

@@ -187,3 +187,33 @@ def test_with_mass_outside_terms_compare_the_renormalised_shared_distributions_a
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     for key in fused[1]:
         torch.testing.assert_close(fused[1][key], plain[1][key], rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- on-policy answers in the teacher's ids
+def test_on_policy_answers_reach_the_teacher_view_through_the_id_map():
+    from types import SimpleNamespace
+
+    from llavadi.teacher.on_policy import with_answer
+    from llavadi.train.stage_inputs import TEACHER_PREFIX, answer_id_maps
+
+    teacher = llama_style_tokenizer(("<pad>", "<image>"), pad="<pad>")  # <image> at 257 (the student's: 256)
+    student = llama_style_tokenizer(("<image>", "<extra>"))  # <extra> (257) the teacher lacks
+
+    def loaded(tok, rows):
+        return SimpleNamespace(tokenizer=tok, model=SimpleNamespace(config=SimpleNamespace(vocab_size=rows)))
+
+    maps = answer_id_maps(loaded(student, 258), loaded(teacher, 320), ("", TEACHER_PREFIX))
+    ins, res = int(TokenType.INSTRUCTION), int(TokenType.RESPONSE)
+    item = {"sample_id": "q7", "input_ids": [1, 256, 5, 9], "token_types": [ins, ins, ins, res], "labels": [-100] * 4,
+            TEACHER_PREFIX + "input_ids": [1, 257, 5, 9], TEACHER_PREFIX + "token_types": [ins, ins, ins, res],
+            TEACHER_PREFIX + "labels": [-100] * 4}
+    word = student.convert_tokens_to_ids("▁red")
+    out = with_answer(item, [word, 256, 2], ("", TEACHER_PREFIX), 64, maps)
+    assert out["input_ids"] == [1, 256, 5, word, 256, 2]
+    assert out[TEACHER_PREFIX + "input_ids"] == [1, 257, 5, teacher.convert_tokens_to_ids("▁red"), 257, 2]
+    with pytest.raises(ValueError, match=r"sample 'q7': the student sampled token id\(s\) \[257\] that the teacher"):
+        with_answer(item, [word, 257], ("", TEACHER_PREFIX), 64, maps)
+    same = answer_id_maps(loaded(student, 258), loaded(student, 258), ("", TEACHER_PREFIX))
+    assert same == {}  # one tokenizer (another image layout): the ids are the teacher's already
+    with pytest.raises(ValueError, match="different tokenizer is not available yet"):
+        answer_id_maps(loaded(student, 258), loaded(llama_style_tokenizer(vocab_size=240), 240), ("", TEACHER_PREFIX))

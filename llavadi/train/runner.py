@@ -91,7 +91,8 @@ def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, te
     on_policy = None
     if stage.on_policy is not None:
         on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
-                                    stage.data.max_length)
+                                    stage.data.max_length,
+                                    stage_inputs.answer_id_maps(student, teacher, collator.prefixes))
     return source, on_policy
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from llavadi.config import StageConfig
 from llavadi.data.dataset import LlavaDataset, View
+from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL
 from llavadi.distill.compat import logit_vocab, tokenizer_pair
 from llavadi.distill.objective import DistillObjective
 from llavadi.models.build import LoadedModel
@@ -50,3 +51,17 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
                             teacher_config=teacher.model.config if teacher is not None else None,
                             chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib, vocab=vocab)
+
+
+def answer_id_maps(student: LoadedModel, teacher: LoadedModel | None, prefixes: tuple[str, ...]) -> dict:
+    """Per view prefix, the student id -> view id map an on-policy answer goes through (a teacher view whose
+    tokenizer is the student's up to additions); different tokenizers are refused (no re-tokenization yet)."""
+    if teacher is None or TEACHER_PREFIX not in prefixes:
+        return {}
+    pair = tokenizer_pair(student, teacher)
+    if pair.kind == IDENTICAL:
+        return {}
+    if pair.kind == DIFFERENT:
+        raise ValueError("on-policy sampling with a teacher of a different tokenizer is not available yet: the "
+                         "student's sampled answers would have to be re-tokenized for the teacher")
+    return {TEACHER_PREFIX: pair.student_to_teacher()}
