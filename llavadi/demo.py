@@ -583,14 +583,46 @@ def _init_cross_student(vision_state: dict, seed: int, path: str) -> str:
     return path
 
 
+def _pretrained(out: str, name: str, init: str, paths: dict, seed: int, smoke: bool) -> tuple[str, tuple | None]:
+    """The caption-pretrained student of a seed (trained once, shared by every variant); a job when not cached."""
+    run_dir = os.path.join(out, name)
+    final = os.path.join(run_dir, "final")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final, None
+    recipe = {"student": {"path": init}, "output_dir": run_dir, "seed": seed, "device": "cpu",
+              "data": _data_defaults(paths["image_dir"]),
+              "stages": [_preset_stage("tiny-student", "pretrain", paths["captions"], smoke)]}
+    return final, (name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe))
+
+
+def _variant_recipe(run_dir: str, pretrained: str, paths: dict, data_file: str, seed: int, teacher_dir: str,
+                    term: str | None, steps: int, smoke: bool) -> dict:
+    """One instruction-tuning run from a caption-pretrained student: CE only (term None), forward_kl (the demo's
+    recipe as written) or the recipe with forward_kl replaced by uld / gold."""
+    recipe = _cross_recipe(run_dir, pretrained, paths, data_file, seed, teacher_dir, None if term == "forward_kl"
+                           else term, steps, smoke)
+    if term == "forward_kl":
+        recipe = _student_run_recipe(run_dir, pretrained, paths, data_file, seed, teacher_dir, smoke, steps=steps)
+    recipe["stages"] = [stage for stage in recipe["stages"] if stage["name"] == "finetune"]
+    return recipe
+
+
+# per variant: (caption-pretrained student of the seed, logit term or None for CE only)
+CROSS_VARIANTS = {"bpe_ce": ("bpe", None), "bpe_uld": ("bpe", "uld"), "bpe_gold": ("bpe", "gold"),
+                  "word_ce": ("word", None), "word_fkl": ("word", "forward_kl")}
+
+
 def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: bool = False,
                               student_steps: int | None = None) -> dict:
     """The tiny student with its own byte-level BPE tokenizer, distilled from the demo's teacher with uld and gold.
 
-    Each seed trains three students on the same data (the labelled share plus the teacher's answers to
-    the rest, as the demo's distilled student): CE only, and the demo's distillation recipe with
-    forward_kl replaced by uld / gold (hidden_mse on paired answer spans and visual_align kept).
-    The demo's same-tokenizer students (`llavadi demo --seeds N` in the same --out) are read for comparison.
+    Each seed caption-pretrains two students once (the demo's tiny student with its word-level
+    tokenizer, the teacher's; and with its own BPE tokenizer), then instruction-tunes each on the
+    same data (the labelled share plus the teacher's answers to the rest, as the demo's distilled
+    student): the BPE student with CE only, and with the demo's distillation recipe where forward_kl
+    is replaced by uld / gold (hidden_mse on paired answer spans and visual_align kept); the
+    word-level student with CE only and with the recipe as written (forward_kl): the same-tokenizer
+    comparison at the same budget.
     """
     t_start = time.time()
     steps = student_steps or STUDENT_FINETUNE_STEPS
@@ -603,24 +635,32 @@ def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: boo
     data = _student_data(out, paths, teacher_dir, DEFAULT_STUDENT_FRACTION, True, True, fresh)
     data_file, tag = data["student_distilled"]
     tag += "" if steps == STUDENT_FINETUNE_STEPS else f"-n{steps}"
-    kinds = ["bpe_ce", "bpe_uld", "bpe_gold"]
-    runs: dict[str, list[str]] = {k: [] for k in kinds}
+    runs: dict[str, list[str]] = {k: [] for k in CROSS_VARIANTS}
     for seed in range(seeds):
-        init = _init_cross_student(vision_state, 1000 + seed, os.path.join(out, "init", f"student-bpe-s{seed}"))
+        inits = {"bpe": _init_cross_student(vision_state, 1000 + seed, os.path.join(out, "init", f"student-bpe-s{seed}")),
+                 "word": _init_model("tiny-student", vision_state, 1000 + seed,
+                                     os.path.join(out, "init", f"student-s{seed}"))}
+        pretrained, jobs = {}, []
+        for kind, init in inits.items():
+            pretrained[kind], job = _pretrained(out, f"{kind}_pretrain-s{seed}", init, paths, seed, smoke)
+            jobs += [job] if job else []
+        if jobs:
+            _say(f"caption-pretraining the students of seed {seed}")
+            _run_trainings(jobs, threads_each=1 if len(jobs) > 1 else _threads())
         jobs = []
-        for kind in kinds:
+        for kind, (student, term) in CROSS_VARIANTS.items():
             name = f"{kind}{tag}-s{seed}"
             run_dir = os.path.join(out, name)
             runs[kind].append(os.path.join(run_dir, "final"))
             if os.path.isfile(os.path.join(run_dir, "final", "config.json")):
                 _say(f"{name}: cached")
                 continue
-            recipe = _cross_recipe(run_dir, init, paths, data_file, seed, teacher_dir, kind.split("_")[1]
-                                   if kind != "bpe_ce" else None, steps, smoke)
+            recipe = _variant_recipe(run_dir, pretrained[student], paths, data_file, seed, teacher_dir, term, steps,
+                                     smoke)
             jobs.append((name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe)))
-        for wave in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
-            _say(f"training cross-tokenizer students for seed {seed}: {', '.join(n for n, _ in wave)}")
-            _run_trainings(wave, threads_each=1 if len(wave) > 1 else _threads())
+        if jobs:
+            _say(f"instruction-tuning seed {seed}: {', '.join(n for n, _ in jobs)} (in parallel, one thread each)")
+            _run_trainings(jobs, threads_each=1)
     # the teacher evaluated under its own name here: `llavadi demo` may be evaluating it in the same --out
     results = {"teacher": _evaluate("teacher-cross", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
     for kind, dirs in runs.items():
@@ -628,7 +668,7 @@ def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: boo
             results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
                                                    None, max_new_tokens=CROSS_MAX_NEW_TOKENS)
     summary = summarise(results, runs)
-    summary["gap_closed"] = cross_gap_closed(results, seeds, out, tag)
+    summary["gap_closed"] = cross_gap_closed(results, seeds)
     summary["settings"] = {"seeds": seeds, "student_finetune_steps": steps, "data": data_file,
                            "wall_seconds": round(time.time() - t_start, 1)}
     result_file = os.path.join(out, f"results-cross-tokenizer{tag}.json")
@@ -638,37 +678,31 @@ def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: boo
     return summary
 
 
-def cross_gap_closed(results: dict, seeds: int, out: str, tag: str) -> dict:
-    """Per seed, the share of the CE-to-teacher gap each distilled student closes; the same-tokenizer demo's beside."""
+def cross_gap_closed(results: dict, seeds: int) -> dict:
+    """Per seed, the share of the CE-to-teacher gap each distilled student closes (against CE of its tokenizer)."""
     teacher = _metrics(results["teacher"])["accuracy"]
     out_rows = {}
-    for kind in ("bpe_uld", "bpe_gold"):
+    for kind, base_kind in (("bpe_uld", "bpe_ce"), ("bpe_gold", "bpe_ce"), ("word_fkl", "word_ce")):
         shares = []
         for s in range(seeds):
-            base = _metrics(results[f"bpe_ce-s{s}"])["accuracy"]
+            base = _metrics(results[f"{base_kind}-s{s}"])["accuracy"]
             got = _metrics(results[f"{kind}-s{s}"])["accuracy"]
             shares.append((got - base) / (teacher - base) if teacher != base else None)
         out_rows[kind] = shares
-    same = os.path.join(out, f"results{tag}.json")  # the demo's own run of the same data and steps
-    if os.path.isfile(same):
-        v = json.load(open(same))["summary"].get("verdict") or {}
-        out_rows["same_tokenizer_vs_sft"] = v.get("gap_closed")
     return out_rows
 
 
 def cross_table(summary: dict) -> str:
     """Accuracy per model kind (mean ± std over seeds) and the share of the gap closed per seed."""
-    lines = ["| model | accuracy | gap closed per seed (vs CE on the same data) |", "|---|---|---|"]
-    for kind in ("teacher", "bpe_ce", "bpe_uld", "bpe_gold"):
+    lines = ["| model | tokenizer | accuracy | gap to the teacher closed vs CE of the same student, per seed |",
+             "|---|---|---|---|"]
+    for kind in ("teacher", "word_ce", "word_fkl", "bpe_ce", "bpe_uld", "bpe_gold"):
         m = summary.get(kind, {}).get("accuracy")
         if m is None:
             continue
         acc = f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if m["n"] > 1 else "")
         shares = summary["gap_closed"].get(kind)
         closed = ", ".join("–" if c is None else f"{100 * c:.0f}%" for c in shares) if shares else ""
-        lines.append(f"| {kind} | {acc} | {closed} |")
-    same = summary["gap_closed"].get("same_tokenizer_vs_sft")
-    if same:
-        lines.append("same-tokenizer demo, distilled vs SFT: " + ", ".join("–" if c is None else f"{100 * c:.0f}%"
-                                                                          for c in same))
+        tok = "teacher's (word-level)" if kind.startswith(("teacher", "word")) else "own (byte-level BPE)"
+        lines.append(f"| {kind} | {tok} | {acc} | {closed} |")
     return "\n".join(lines)

@@ -67,7 +67,7 @@ def _logs(stage_dir):
 
 
 @pytest.mark.parametrize("term,match", [
-    ({"name": "forward_kl"}, "share one tokenizer"),
+    ({"name": "forward_kl"}, "different tokenizers(.|\n)*use uld or gold"),
     ({"name": "affinity"}, "term 'affinity' compares a image x response matrix"),
     ({"name": "hidden_mse", "tokens": "instruction"}, "term 'hidden_mse' reads 'instruction' tokens"),
 ])

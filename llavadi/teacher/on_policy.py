@@ -14,6 +14,10 @@ step depends only on (seed, step, sample id): the same whatever the batch size, 
 process count, and after a resume. The draw of the answers is seeded the same way, so runs are
 deterministic under a seed on CPU. Sampled image tokens are impossible: the generator suppresses
 the image token. Generation is the evaluation's batched generator (``llavadi.eval.generate``).
+
+A teacher whose tokenizer is the student's up to additions (``llavadi.data.tokenizer_pair``) reads
+the sampled answer through the fixed id map (``id_maps``: per view prefix, student id -> that
+view's id); a sampled token the teacher does not have is an error naming the sample.
 """
 
 from __future__ import annotations
@@ -74,14 +78,30 @@ def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
     return items
 
 
-def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_length: int) -> dict:
-    """The item with its last answer replaced by `answer` (cut to max_length): no labels, loss on `answer` only."""
+def _in_view(answer: list[int], id_map: torch.Tensor | None, sample_id: str, prefix: str) -> list[int]:
+    """The answer's ids in a view whose tokenizer maps student ids through `id_map` (-1: the view lacks the token)."""
+    if id_map is None:
+        return answer
+    mapped = id_map[torch.tensor(answer, dtype=torch.long)].tolist() if answer else []
+    missing = [a for a, m in zip(answer, mapped) if m < 0]
+    if missing:
+        raise ValueError(f"sample {sample_id!r}: the student sampled token id(s) {missing[:5]} that the "
+                         f"{prefix.rstrip('_') or 'student'} tokenizer does not have")
+    return mapped
+
+
+def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_length: int,
+                id_maps: dict[str, torch.Tensor] | None = None) -> dict:
+    """The item with its last answer replaced by `answer` (cut to max_length): no labels, loss on `answer` only.
+
+    `id_maps`: per view prefix, the student id -> view id map of a view with another tokenizer."""
     starts = {p: last_answer_start(item[p + "token_types"]) for p in prefixes}
     answer = answer[:max_length - max(starts.values())]  # the same tokens in every view
     out = dict(item)
     for p, start in starts.items():
         prompt_types = [INSTRUCTION if t == RESPONSE else t for t in item[p + "token_types"][:start]]
-        out[p + "input_ids"] = item[p + "input_ids"][:start] + answer
+        view_answer = _in_view(answer, (id_maps or {}).get(p), item.get("sample_id", "?"), p)
+        out[p + "input_ids"] = item[p + "input_ids"][:start] + view_answer
         out[p + "token_types"] = prompt_types + [RESPONSE] * len(answer)
         out[p + "labels"] = [IGNORE_INDEX] * (start + len(answer))
     return out
@@ -125,9 +145,10 @@ class OnPolicySampler:
     """
 
     def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int,
-                 retokenize: TeacherRetokenizer | None = None) -> None:
+                 id_maps: dict[str, torch.Tensor] | None = None, retokenize: TeacherRetokenizer | None = None) -> None:
         self.retokenize = retokenize
         self.student = student
+        self.id_maps = id_maps or {}  # view prefix -> student id to that view's id (a teacher's tokenizer)
         self.collator = collator
         self.config = config
         self.seed = seed
@@ -155,7 +176,7 @@ class OnPolicySampler:
         answers = self._generate([items[i] for i in chosen], seed)
         for i, answer in zip(chosen, answers):
             if self.retokenize is None:
-                items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length)
+                items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length, self.id_maps)
                 continue
             replaced = self.retokenize(items[i], answer, self.max_length)
             if replaced is None:

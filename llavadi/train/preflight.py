@@ -32,6 +32,7 @@ from llavadi.config import ConfigError, Recipe, StageConfig
 from llavadi.data.dataset import LlavaDataset, Skipped, read_json_records, record_image_paths
 from llavadi.data.encode import SampleError
 from llavadi.device import resolve_device
+from llavadi.distill.compat import tokenizer_pair
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
 from llavadi.data.images import check_images
@@ -193,6 +194,10 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
     student = _describe(recipe.student, "student", problems)
     # a teacher given only as a cache has no model files (its config is in the cache's manifest)
     teacher = _describe(recipe.teacher, "teacher", problems) if has_teacher_model(recipe) else None
+    if student is not None and teacher is not None and any(t.is_logit_term for s in recipe.stages
+                                                           for t in s.distill.terms):
+        for line in tokenizer_pair(student, teacher).describe():  # the kind of the pair, and what differs
+            log(line)
     identities = data_identities(recipe, progress)
     done = finished_stages(recipe, identities) if resume and not problems else set()
     checks: dict[str, StageCheck] = {}

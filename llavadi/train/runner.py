@@ -96,7 +96,8 @@ def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, te
             retokenize = TeacherRetokenizer(student.tokenizer, dataset.views[1].encoder,
                                             eos_token_ids(student.model, student.tokenizer), dataset.views[1].prefix)
         on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
-                                    stage.data.max_length, retokenize=retokenize)
+                                    stage.data.max_length,
+                                    stage_inputs.answer_id_maps(student, teacher, collator.prefixes), retokenize=retokenize)
     return source, on_policy
 
 
