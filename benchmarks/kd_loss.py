@@ -13,7 +13,10 @@ LM-head weight; the first run of each variant is a warm-up whose loss and gradie
 time does not count waiting for a core, so it is the steadier measure on a shared machine; ratios use
 it); extra peak: peak RSS above the RSS before the step (VmHWM reset).
 
-Usage: python benchmarks/kd_loss.py [--positions 1024 4096] [--rounds 3] [--sweep 8 16 32 64]
+``--baseline DIR`` adds ``baseline``: the ``llavadi`` variant of another checkout DIR (its own copy of
+this script and its own package), measured side by side with this checkout's (before/after a change).
+
+Usage: python benchmarks/kd_loss.py [--positions 1024 4096] [--rounds 3] [--sweep 8 16 32 64] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -163,7 +166,11 @@ class Worker:
 
     def __init__(self, variant: str, n: int, args: argparse.Namespace) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--n", str(n),
+        script, worker_variant = os.path.abspath(__file__), variant
+        if variant == "baseline":  # the other checkout's script imports its own package first
+            script, worker_variant = os.path.join(os.path.abspath(args.baseline), "benchmarks", "kd_loss.py"), "llavadi"
+            env.pop("PYTHONPATH", None)
+        cmd = [sys.executable, script, "--worker", worker_variant, "--n", str(n),
                "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
         self.variant = variant
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -204,7 +211,12 @@ def measure(n: int, variants: list[str], args: argparse.Namespace) -> dict[str, 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for w in workers:
-                w.ask(f"check {tmp}")
+                if w.variant == "baseline":  # it saves under its own variant name: into a folder of its own
+                    os.makedirs(os.path.join(tmp, "baseline"))
+                    w.ask(f"check {os.path.join(tmp, 'baseline')}")
+                    os.replace(os.path.join(tmp, "baseline", "llavadi.pt"), os.path.join(tmp, "baseline.pt"))
+                else:
+                    w.ask(f"check {tmp}")
             agreement = _agreement(tmp, variants)
         for _ in range(args.rounds):
             for w in workers:
@@ -230,6 +242,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=float, nargs="*", default=[],
                         help="also llavadi with these chunk_mib values (the default is chosen from this)")
     parser.add_argument("--plain", action="store_true", help="also llavadi's plain autograd path")
+    parser.add_argument("--baseline", help="also the llavadi variant of this other checkout (side by side)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,6 +255,7 @@ def main() -> None:
                  "pip install -e '.[bench]' (`make bench` installs it)")
     variants = ["trl_dense", "trl_chunked", "llavadi"] + [f"llavadi@{m:g}" for m in args.sweep]
     variants += ["llavadi_plain"] if args.plain else []
+    variants += ["baseline"] if args.baseline else []
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults (no MALLOC_* set)"
     print(f"forward KL from hidden states, forward + backward, H={args.hidden}, V={args.vocab}, fp32, 1 thread per "
           f"process, median of {args.rounds} interleaved rounds after a warm-up; allocator: {malloc}")
@@ -257,6 +271,9 @@ def main() -> None:
                   f"{r['max_extra_peak_mib']:.0f} | {r['cpu_seconds'] / dense['cpu_seconds']:.2f}x | "
                   f"{r['cpu_seconds'] / chunked['cpu_seconds']:.2f}x | "
                   f"{r['extra_peak_mib'] / chunked['extra_peak_mib']:.3f}x | {r['agreement']:.1e} |", flush=True)
+        if args.baseline:
+            print(f"N={n}: llavadi / baseline CPU {res['llavadi']['cpu_seconds'] / res['baseline']['cpu_seconds']:.3f}x, "
+                  f"extra peak {res['llavadi']['extra_peak_mib'] / res['baseline']['extra_peak_mib']:.3f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ def _cmd_make_data(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from llavadi.demo import run_demo
+    from llavadi.demo import run_cross_tokenizer_study, run_demo
 
+    if args.cross_tokenizer:
+        run_cross_tokenizer_study(args.out, seeds=args.seeds, smoke=args.smoke, student_steps=args.student_steps)
+        return 0
     run_demo(args.out, seeds=args.seeds, fresh=args.fresh, distill=not args.no_distill, smoke=args.smoke,
              student_fraction=args.student_fraction, teacher_answers=not args.no_teacher_answers,
              teacher_cache=args.teacher_cache, student_steps=args.student_steps)
@@ -80,6 +83,9 @@ def _add_demo_parser(sub) -> None:
     d.add_argument("--teacher-cache", action="store_true",
                    help="also train each distilled student from the teacher's offline top-k cache (llavadi "
                         "cache-teacher), next to the one distilled from the online teacher")
+    d.add_argument("--cross-tokenizer", action="store_true",
+                   help="instead: a student with its own BPE tokenizer distilled from the demo's teacher with uld and "
+                        "gold, against CE on the same data (docs/tokenizers-cross.md)")
     d.add_argument("--smoke", action="store_true", help="a seconds-long run of every step (tiny data, 3 steps)")
     d.set_defaults(func=_cmd_demo)
 

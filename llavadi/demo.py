@@ -188,11 +188,12 @@ def _split_labels(instruct: str, fraction: float, out: str, tag: str) -> tuple[s
     return labelled, unlabelled
 
 
-def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: str, teacher_dir: str | None):
+def _evaluate(name: str, model_dir: str, eval_file: str, image_dir: str, out: str, teacher_dir: str | None,
+              max_new_tokens: int = 8):
     from llavadi.eval.eval_command import evaluate
 
     res = evaluate(model_dir, "synthetic", eval_file, image_dir, os.path.join(out, "eval", name),
-                   teacher_dir=teacher_dir, batch_size=64, max_new_tokens=8, device="cpu", name=name,
+                   teacher_dir=teacher_dir, batch_size=64, max_new_tokens=max_new_tokens, device="cpu", name=name,
                    progress=False)
     return res
 
@@ -552,3 +553,156 @@ def cost_line(results: dict, runs: dict) -> dict | None:
                                "cost": r["cost"], "teacher_cost": r["teacher_cost"]})
     best = "student_distilled" if runs.get("student_distilled") else "student_sft"
     return cost_summary(points, {"study": "demo", "variant": best, "metric": "accuracy"})
+
+
+# ---------------------------------------------------------------- a student with its own tokenizer
+# the cross-tokenizer students' logit terms, each replacing forward_kl in recipes/demo_student.yaml
+CROSS_TOKENIZER_TERMS = {"uld": {"name": "uld", "weight": 1.0, "tokens": "response"},
+                         "gold": {"name": "gold", "weight": 1.0, "tokens": "response"}}
+CROSS_MAX_NEW_TOKENS = 16  # its tokenizer spells the longest answers in up to 12 tokens
+
+
+def _cross_recipe(run_dir: str, init: str, paths: dict, data_file: str, seed: int, teacher_dir: str,
+                  term: str | None, steps: int, smoke: bool) -> dict:
+    """A cross-tokenizer student's run: the demo's stages; CE only, or forward_kl replaced by `term`."""
+    recipe = _student_run_recipe(run_dir, init, paths, data_file, seed, teacher_dir if term else None, smoke,
+                                 steps=steps)
+    if term:
+        finetune = _named_stage(recipe, "finetune")
+        finetune["distill"]["terms"] = [CROSS_TOKENIZER_TERMS[term] if t["name"] == "forward_kl" else t
+                                        for t in finetune["distill"]["terms"]]
+    return recipe
+
+
+def _init_cross_student(vision_state: dict, seed: int, path: str) -> str:
+    from llavadi.models.tokenizer import build_tiny_bpe_tokenizer
+
+    model, tok, _ = build_preset("tiny-student", tokenizer=build_tiny_bpe_tokenizer(), vision_tower_state=vision_state,
+                                 seed=seed)
+    save_model(LoadedModel(model, tok, build_image_processor(PRESETS["tiny-student"].vision), {}), path)
+    return path
+
+
+def _pretrained(out: str, name: str, init: str, paths: dict, seed: int, smoke: bool) -> tuple[str, tuple | None]:
+    """The caption-pretrained student of a seed (trained once, shared by every variant); a job when not cached."""
+    run_dir = os.path.join(out, name)
+    final = os.path.join(run_dir, "final")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final, None
+    recipe = {"student": {"path": init}, "output_dir": run_dir, "seed": seed, "device": "cpu",
+              "data": _data_defaults(paths["image_dir"]),
+              "stages": [_preset_stage("tiny-student", "pretrain", paths["captions"], smoke)]}
+    return final, (name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe))
+
+
+def _variant_recipe(run_dir: str, pretrained: str, paths: dict, data_file: str, seed: int, teacher_dir: str,
+                    term: str | None, steps: int, smoke: bool) -> dict:
+    """One instruction-tuning run from a caption-pretrained student: CE only (term None), forward_kl (the demo's
+    recipe as written) or the recipe with forward_kl replaced by uld / gold."""
+    recipe = _cross_recipe(run_dir, pretrained, paths, data_file, seed, teacher_dir, None if term == "forward_kl"
+                           else term, steps, smoke)
+    if term == "forward_kl":
+        recipe = _student_run_recipe(run_dir, pretrained, paths, data_file, seed, teacher_dir, smoke, steps=steps)
+    recipe["stages"] = [stage for stage in recipe["stages"] if stage["name"] == "finetune"]
+    return recipe
+
+
+# per variant: (caption-pretrained student of the seed, logit term or None for CE only)
+CROSS_VARIANTS = {"bpe_ce": ("bpe", None), "bpe_uld": ("bpe", "uld"), "bpe_gold": ("bpe", "gold"),
+                  "word_ce": ("word", None), "word_fkl": ("word", "forward_kl")}
+
+
+def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: bool = False,
+                              student_steps: int | None = None) -> dict:
+    """The tiny student with its own byte-level BPE tokenizer, distilled from the demo's teacher with uld and gold.
+
+    Each seed caption-pretrains two students once (the demo's tiny student with its word-level
+    tokenizer, the teacher's; and with its own BPE tokenizer), then instruction-tunes each on the
+    same data (the labelled share plus the teacher's answers to the rest, as the demo's distilled
+    student): the BPE student with CE only, and with the demo's distillation recipe where forward_kl
+    is replaced by uld / gold (hidden_mse on paired answer spans and visual_align kept); the
+    word-level student with CE only and with the recipe as written (forward_kl): the same-tokenizer
+    comparison at the same budget.
+    """
+    t_start = time.time()
+    steps = student_steps or STUDENT_FINETUNE_STEPS
+    torch.set_num_threads(_threads())
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    paths, fresh = _synthetic_data(out, False, smoke)
+    vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
+    teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
+    data = _student_data(out, paths, teacher_dir, DEFAULT_STUDENT_FRACTION, True, True, fresh)
+    data_file, tag = data["student_distilled"]
+    tag += "" if steps == STUDENT_FINETUNE_STEPS else f"-n{steps}"
+    runs: dict[str, list[str]] = {k: [] for k in CROSS_VARIANTS}
+    for seed in range(seeds):
+        inits = {"bpe": _init_cross_student(vision_state, 1000 + seed, os.path.join(out, "init", f"student-bpe-s{seed}")),
+                 "word": _init_model("tiny-student", vision_state, 1000 + seed,
+                                     os.path.join(out, "init", f"student-s{seed}"))}
+        pretrained, jobs = {}, []
+        for kind, init in inits.items():
+            pretrained[kind], job = _pretrained(out, f"{kind}_pretrain-s{seed}", init, paths, seed, smoke)
+            jobs += [job] if job else []
+        if jobs:
+            _say(f"caption-pretraining the students of seed {seed}")
+            _run_trainings(jobs, threads_each=1 if len(jobs) > 1 else _threads())
+        jobs = []
+        for kind, (student, term) in CROSS_VARIANTS.items():
+            name = f"{kind}{tag}-s{seed}"
+            run_dir = os.path.join(out, name)
+            runs[kind].append(os.path.join(run_dir, "final"))
+            if os.path.isfile(os.path.join(run_dir, "final", "config.json")):
+                _say(f"{name}: cached")
+                continue
+            recipe = _variant_recipe(run_dir, pretrained[student], paths, data_file, seed, teacher_dir, term, steps,
+                                     smoke)
+            jobs.append((name, _write_recipe(os.path.join(out, "recipes", f"{name}.yaml"), recipe)))
+        if jobs:
+            _say(f"instruction-tuning seed {seed}: {', '.join(n for n, _ in jobs)} (in parallel, one thread each)")
+            _run_trainings(jobs, threads_each=1)
+    # the teacher evaluated under its own name here: `llavadi demo` may be evaluating it in the same --out
+    results = {"teacher": _evaluate("teacher-cross", teacher_dir, paths["eval"], paths["image_dir"], out, None)}
+    for kind, dirs in runs.items():
+        for seed, d in enumerate(dirs):
+            results[f"{kind}-s{seed}"] = _evaluate(f"{kind}{tag}-s{seed}", d, paths["eval"], paths["image_dir"], out,
+                                                   None, max_new_tokens=CROSS_MAX_NEW_TOKENS)
+    summary = summarise(results, runs)
+    summary["gap_closed"] = cross_gap_closed(results, seeds)
+    summary["settings"] = {"seeds": seeds, "student_finetune_steps": steps, "data": data_file,
+                           "wall_seconds": round(time.time() - t_start, 1)}
+    result_file = os.path.join(out, f"results-cross-tokenizer{tag}.json")
+    write_text_atomic(result_file, json.dumps({"summary": summary, "runs": results}, indent=2, default=str))
+    print(cross_table(summary))
+    _say(f"done in {time.time() - t_start:.0f}s; results in {result_file}")
+    return summary
+
+
+def cross_gap_closed(results: dict, seeds: int) -> dict:
+    """Per seed, the share of the CE-to-teacher gap each distilled student closes (against CE of its tokenizer)."""
+    teacher = _metrics(results["teacher"])["accuracy"]
+    out_rows = {}
+    for kind, base_kind in (("bpe_uld", "bpe_ce"), ("bpe_gold", "bpe_ce"), ("word_fkl", "word_ce")):
+        shares = []
+        for s in range(seeds):
+            base = _metrics(results[f"{base_kind}-s{s}"])["accuracy"]
+            got = _metrics(results[f"{kind}-s{s}"])["accuracy"]
+            shares.append((got - base) / (teacher - base) if teacher != base else None)
+        out_rows[kind] = shares
+    return out_rows
+
+
+def cross_table(summary: dict) -> str:
+    """Accuracy per model kind (mean ± std over seeds) and the share of the gap closed per seed."""
+    lines = ["| model | tokenizer | accuracy | gap to the teacher closed vs CE of the same student, per seed |",
+             "|---|---|---|---|"]
+    for kind in ("teacher", "word_ce", "word_fkl", "bpe_ce", "bpe_uld", "bpe_gold"):
+        m = summary.get(kind, {}).get("accuracy")
+        if m is None:
+            continue
+        acc = f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if m["n"] > 1 else "")
+        shares = summary["gap_closed"].get(kind)
+        closed = ", ".join("–" if c is None else f"{100 * c:.0f}%" for c in shares) if shares else ""
+        tok = "teacher's (word-level)" if kind.startswith(("teacher", "word")) else "own (byte-level BPE)"
+        lines.append(f"| {kind} | {tok} | {acc} | {closed} |")
+    return "\n".join(lines)

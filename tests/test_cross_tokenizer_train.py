@@ -30,8 +30,8 @@ def pair_dir(tmp_path_factory):
     return root
 
 
-def _recipe(root, out, terms, template="vicuna_v1"):
-    stage = {"name": "finetune", "data": {"path": str(root / "inst.json")},
+def _recipe(root, out, terms, template="vicuna_v1", **stage_extra):
+    stage = {"name": "finetune", "data": {"path": str(root / "inst.json")}, **stage_extra,
              "train": {"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
                        "save_steps": 100},
              "distill": {"terms": terms}}
@@ -67,7 +67,7 @@ def _logs(stage_dir):
 
 
 @pytest.mark.parametrize("term,match", [
-    ({"name": "forward_kl"}, "share one tokenizer"),
+    ({"name": "forward_kl"}, "different tokenizers(.|\n)*use uld or gold"),
     ({"name": "affinity"}, "term 'affinity' compares a image x response matrix"),
     ({"name": "hidden_mse", "tokens": "instruction"}, "term 'hidden_mse' reads 'instruction' tokens"),
 ])
@@ -76,3 +76,37 @@ def test_terms_that_need_one_tokenizer_are_refused_up_front(pair_dir, tmp_path, 
 
     with pytest.raises(PreflightError, match=match):
         preflight(_recipe(pair_dir, tmp_path / "run", [term]), log=lambda *_: None, progress=False)
+
+
+def test_on_policy_answers_are_retokenized_for_the_teacher(pair_dir, tmp_path):
+    """Every sample answered by the student (lambda 1): the teacher reads the same text in its own tokens."""
+    rec = _recipe(pair_dir, tmp_path / "run", [{"name": "uld", "options": {"top_k": 8}}, {"name": "hidden_mse"}],
+                  on_policy={"fraction": 1.0, "max_new_tokens": 6, "temperature": 1.0})
+    run_recipe(rec, log=lambda *_: None)
+    logs = _logs(tmp_path / "run" / "finetune")
+    assert len(logs) == 2
+    for h in logs:
+        answered = h["on_policy/share"]
+        assert answered + h["on_policy/not_text"] / 4 == 1.0  # 4 samples per step: each answered or kept
+        assert answered == 0 or (h["loss/uld"] > 0 and h["loss/hidden_mse"] > 0)
+    assert any(h["on_policy/share"] > 0 for h in logs)
+
+
+def test_retokenized_answer_pairs_the_same_text():
+    from llavadi.data.encode import ConversationEncoder
+    from llavadi.data.templates import VicunaV1
+    from llavadi.data.token_alignment import PieceReader, retokenized_answer
+
+    student_tok, teacher_tok = sentencepiece_bpe(), byte_level_bpe()
+    teacher = ConversationEncoder(teacher_tok, VicunaV1(system="", eos="<|im_end|>"), 3, n_image_tokens=1)
+    sampled = student_tok(" the reds €5", add_special_tokens=False)["input_ids"]
+    sampled = sampled + [student_tok.eos_token_id, 7, 9]  # tokens after the end of the answer are not read
+    ids, groups = retokenized_answer(PieceReader(student_tok), sampled, 10, teacher, PieceReader(teacher_tok), 20,
+                                     {student_tok.eos_token_id}, "x")
+    assert teacher_tok.decode(ids).strip() == "the reds €5<|im_end|>"
+    assert groups[0, 0] >= 10 and groups[0, 2] >= 20 and len(groups) >= 3
+    s_text = student_tok.decode(sampled[groups[0, 0] - 10: groups[-1, 1] - 10 + 1])
+    t_text = teacher_tok.decode(ids[groups[0, 2] - 20: groups[-1, 3] - 20 + 1])
+    assert s_text.strip() == t_text.strip() == "the reds €5"
+    assert retokenized_answer(PieceReader(student_tok), [student_tok.convert_tokens_to_ids("<0xE2>")], 10, teacher,
+                              PieceReader(teacher_tok), 20, set(), "x") is None  # half a character: not text

@@ -250,7 +250,8 @@ def test_options_are_checked_up_front():
     with pytest.raises(ValueError, match="matched_weight and unmatched_weight"):
         TermSpec("gold", options={"matched_weight": 1.0})
     with pytest.raises(ValueError, match="map of token strings"):
-        build_term(TermSpec("gold"), "gold", ctx, "distill.terms[0]")
+        build_term(TermSpec("gold"), "gold", TermContext(cross_tokenizer=True), "distill.terms[0]")
+    build_term(TermSpec("gold"), "gold", ctx, "distill.terms[0]")  # one tokenizer: every id matches itself
     with pytest.raises(ValueError, match="tokens 'image' is not accepted"):
         TermSpec("uld", tokens="image")
     with pytest.raises(ValueError, match="run the teacher online"):

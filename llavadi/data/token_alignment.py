@@ -278,3 +278,59 @@ def collate_alignments(alignments: list[torch.Tensor], shifts: tuple[list[int], 
             groups[:, 2:] += shifts[1][b]
         rows.append(torch.cat([torch.full((groups.shape[0], 1), b, dtype=torch.long), groups], dim=1))
     return torch.cat(rows) if rows else torch.zeros(0, GROUP_FIELDS + 1, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- an answer sampled by the student, for the teacher
+def sampled_text(reader: PieceReader, ids: list[int], stop_ids: set[int]) -> tuple[str, int] | None:
+    """(text, number of tokens spelling it) of sampled ids up to the first stop id; None if not valid UTF-8 text."""
+    pieces = []
+    for token_id in ids:
+        if token_id in stop_ids:
+            break
+        piece = reader.piece(token_id)
+        if piece is None:
+            return None
+        pieces.append(piece)
+    try:
+        return b"".join(pieces).decode("utf-8"), len(pieces)
+    except UnicodeDecodeError:  # the student stopped inside a character
+        return None
+
+
+def _pieces_answer(reader: PieceReader, ids: list[int], start: int, text: str) -> AnswerTokens:
+    """The sampled tokens (from position `start`) with their bytes within the stripped answer."""
+    data = text.encode("utf-8")
+    lead = len(data) - len(data.lstrip())
+    length = len(text.strip().encode("utf-8"))
+    tokens, cursor = [], 0
+    for k, token_id in enumerate(ids):
+        size = len(reader.piece(token_id))
+        lo, hi = max(cursor, lead), min(cursor + size, lead + length)
+        if hi > lo:
+            tokens.append((start + k, lo - lead, hi - lead))
+        cursor += size
+    return AnswerTokens([tokens], [length])
+
+
+def retokenized_answer(student_reader: PieceReader, answer_ids: list[int], student_start: int,
+                       teacher: ConversationEncoder, teacher_reader: PieceReader, teacher_start: int,
+                       stop_ids: set[int], sample_id: str) -> tuple[list[int], torch.Tensor] | None:
+    """The teacher's tokens of a sampled answer (its template's answer segment) and the paired groups.
+
+    None when the sampled ids do not spell valid text (the sample then stays as it was)."""
+    spelled = sampled_text(student_reader, answer_ids, stop_ids)
+    if spelled is None or not spelled[0].strip():
+        return None
+    text, n = spelled
+    answer = text.strip()
+    segments = teacher.template.segments([Turn("user", "?"), Turn("assistant", answer)], teacher.tokenizer)
+    segment = [s for s in segments if s.trained][-1].text
+    enc = teacher.tokenizer(segment, add_special_tokens=False, return_offsets_mapping=True)
+    at = len(segment[:segment.find(answer)].encode("utf-8"))
+    checked = [(at, at + len(answer.encode("utf-8")))]
+    spans = token_byte_spans(teacher_reader, segment, enc["input_ids"], enc["offset_mapping"], sample_id, checked)
+    t_tokens = [(teacher_start + k, max(s, at) - at, min(e, checked[0][1]) - at)
+                for k, (s, e) in enumerate(spans) if min(e, checked[0][1]) > max(s, at)]
+    groups = align_answers(_pieces_answer(student_reader, answer_ids[:n], student_start, text),
+                           AnswerTokens([t_tokens], [checked[0][1] - at]), sample_id)
+    return list(enc["input_ids"]), torch.tensor(groups, dtype=torch.long).reshape(-1, GROUP_FIELDS)

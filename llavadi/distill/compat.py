@@ -1,30 +1,40 @@
-"""Whether a teacher and a student can be compared by logit terms: one shared tokenizer."""
+"""Whether a teacher and a student can be compared by logit terms: their tokenizer pair, classified.
+
+``identical``: one tokenizer, the logit terms compare the full distributions; ``additions`` (the
+same tokenizer up to added tokens, special tokens at other ids and padded LM-head rows): they
+compare the two distributions over the tokens both have, through a fixed id map
+(``llavadi.distill.vocab.SharedVocab``); ``different``: refused for the logit terms of one
+vocabulary, before any model loads (``uld`` and ``gold`` compare paired answer spans instead).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from llavadi.data.tokenizer_pair import ADDITIONS, IDENTICAL, TokenizerPair, classify_pair
+from llavadi.distill.vocab import SharedVocab
 
-def check_same_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
-    """Raise ValueError if the two tokenizers' vocabularies (token -> id) differ."""
-    vocab_s, vocab_t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if vocab_s == vocab_t:
-        return
-    only_s = sorted(set(vocab_s) - set(vocab_t))
-    only_t = sorted(set(vocab_t) - set(vocab_s))
-    moved = sorted(tok for tok in set(vocab_s) & set(vocab_t) if vocab_s[tok] != vocab_t[tok])
-    details = []
-    if only_s:
-        details.append(f"{len(only_s)} token(s) only in the student's, e.g. {only_s[:5]}")
-    if only_t:
-        details.append(f"{len(only_t)} token(s) only in the teacher's, e.g. {only_t[:5]}")
-    if moved:
-        details.append(
-            f"{len(moved)} token(s) with different ids, e.g. {[(t, vocab_s[t], vocab_t[t]) for t in moved[:5]]}"
-        )
-    raise ValueError(
-        "logit distillation needs teacher and student to share one tokenizer; cross-tokenizer KD is not supported yet. "
-        f"Vocabularies differ (student {len(vocab_s)}, teacher {len(vocab_t)} tokens): "
-        + "; ".join(details)
-        + ". Use the same tokenizer for both, or drop the logit terms (keep hidden/relation terms)."
-    )
+CROSS_TOKENIZER_HINT = ("these logit terms compare distributions over one vocabulary; across different tokenizers "
+                        "use uld or gold (they compare paired answer spans, docs/tokenizers-cross.md), or give both "
+                        "models one tokenizer")
+
+
+def _rows(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    return int(rows) if rows is not None else None
+
+
+def tokenizer_pair(student: Any, teacher: Any) -> TokenizerPair:
+    """The classified pair of two loaded (or described) models: their tokenizers and LM-head rows from the configs."""
+    return classify_pair(teacher.tokenizer, student.tokenizer, _rows(teacher.model.config), _rows(student.model.config))
+
+
+def logit_vocab(pair: TokenizerPair) -> SharedVocab | None:
+    """The vocabulary map logit terms read: None for one tokenizer; ValueError for different tokenizers."""
+    if pair.kind == IDENTICAL:
+        return None
+    if pair.kind == ADDITIONS:
+        return SharedVocab.from_pair(pair)
+    raise ValueError("teacher and student have different tokenizers:\n    " + "\n    ".join(pair.describe())
+                     + f"\n  {CROSS_TOKENIZER_HINT}")

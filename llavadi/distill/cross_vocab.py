@@ -36,6 +36,7 @@ top-k (softmax of log-prob / T) and keeps its total mass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,22 +53,23 @@ def sorted_l1(log_s: Tensor, log_t: Tensor, top_k: int, grad_log: Tensor | None 
               coef: float = 1.0) -> Tensor:
     """Per row, sum_i |s_(i) - t_(i)| of both rows' probabilities sorted decreasing, zero-padded, first top_k (0: all).
 
-    Adds coef * d value / d log_s into `grad_log` (same shape as log_s). Entries exp(log) == 0 never count.
+    Rows are given as log-probabilities (-inf: zero). Adds coef * d value / d log_s into `grad_log`.
+    Sorting the logs sorts the probabilities: only the top_k kept are exponentiated.
     """
-    s, t = log_s.exp(), log_t.exp()
-    k_s = s.shape[-1] if top_k == 0 else min(top_k, s.shape[-1])
-    k_t = t.shape[-1] if top_k == 0 else min(top_k, t.shape[-1])
+    k_s = log_s.shape[-1] if top_k == 0 else min(top_k, log_s.shape[-1])
+    k_t = log_t.shape[-1] if top_k == 0 else min(top_k, log_t.shape[-1])
     if top_k == 0:
-        vs, idx = torch.sort(s, dim=-1, descending=True)
-        vt = torch.sort(t, dim=-1, descending=True).values
+        top_s, idx = torch.sort(log_s, dim=-1, descending=True)
+        top_t = torch.sort(log_t, dim=-1, descending=True).values
     else:
-        vs, idx = torch.topk(s, k_s, dim=-1)
-        vt = torch.topk(t, k_t, dim=-1).values
+        top_s, idx = torch.topk(log_s, k_s, dim=-1)
+        top_t = torch.topk(log_t, k_t, dim=-1).values
+    vs = top_s.exp_()
     width = max(k_s, k_t) if top_k == 0 else top_k
-    diff = _pad(vs, width) - _pad(vt, width)
+    diff = _pad(vs, width) - _pad(top_t.exp_(), width)
     if grad_log is not None:
-        grad_log.scatter_add_(-1, idx, torch.sign(diff[:, :k_s]) * vs * coef)
-    return diff.abs().sum(-1)
+        grad_log.scatter_add_(-1, idx, torch.sign(diff[:, :k_s]).mul_(vs).mul_(coef))
+    return diff.abs_().sum(-1)
 
 
 def _pad(x: Tensor, width: int) -> Tensor:
@@ -79,22 +81,30 @@ def generalized_jsd(log_a: Tensor, log_b: Tensor, beta: float, grad_log: Tensor 
     """Per row, beta KL(b || m) + (1 - beta) KL(a || m), m = beta b + (1 - beta) a, of unnormalised rows a (student), b.
 
     beta 0 is KL(b || a), beta 1 KL(a || b) (TRL's convention). Adds coef * d value / d log_a into `grad_log`.
+    Entries where b is 0 (log_b -inf, a top-k teacher) contribute only through a.
     """
     a, b = log_a.exp(), log_b.exp()
     if beta == 0.0:
-        value = (b * (log_b - log_a)).nan_to_num(nan=0.0).sum(-1)
-        grad = -b
+        value = _rowdot(b, (log_b - log_a).nan_to_num_(nan=0.0, neginf=0.0))
+        grad = b.neg_()
     elif beta == 1.0:
-        value = (a * (log_a - log_b)).sum(-1)
-        grad = a * (log_a - log_b + 1.0)
+        d_a = log_a - log_b
+        value = _rowdot(a, d_a)
+        grad = d_a.add_(1.0).mul_(a)
     else:
-        log_m = torch.logaddexp(log_b + torch.log(torch.tensor(beta, dtype=log_a.dtype)),
-                                log_a + torch.log1p(torch.tensor(-beta, dtype=log_a.dtype)))
-        value = beta * (b * (log_b - log_m)).nan_to_num(nan=0.0).sum(-1) + (1.0 - beta) * (a * (log_a - log_m)).sum(-1)
-        grad = (1.0 - beta) * a * (log_a - log_m)
+        log_m = torch.logaddexp(log_b + math.log(beta), log_a + math.log1p(-beta))
+        d_a = log_a - log_m
+        d_b = (log_b - log_m).nan_to_num_(nan=0.0, neginf=0.0)
+        value = beta * _rowdot(b, d_b) + (1.0 - beta) * _rowdot(a, d_a)
+        grad = d_a.mul_(a).mul_(1.0 - beta)
     if grad_log is not None:
         grad_log.add_(grad, alpha=coef)
     return value
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product (N,) without an (N, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 @dataclass(frozen=True)
@@ -124,10 +134,11 @@ def gold_divergence(log_s: Tensor, log_t: Tensor, matched: MatchedTokens, top_k:
     if len(ids_s) and w_m:
         grad_m = None if grad_log is None else torch.zeros(log_s.shape[0], len(ids_s), dtype=log_s.dtype,
                                                            device=log_s.device)
-        value = value + w_m * generalized_jsd(log_s[:, ids_s], log_t[:, ids_t], beta, grad_m, coef * w_m)
+        value = value + w_m * generalized_jsd(log_s.index_select(-1, ids_s), log_t.index_select(-1, ids_t), beta,
+                                              grad_m, coef * w_m)
         if grad_log is not None:
             grad_log.index_add_(-1, ids_s, grad_m)
-    if w_u:
+    if w_u:  # the matched tokens out (log-prob -inf: probability 0, sorted last, as if removed and zero-padded)
         value = value + w_u * sorted_l1(log_s.index_fill(-1, ids_s, float("-inf")),
                                         log_t.index_fill(-1, ids_t, float("-inf")), top_k, grad_log, coef * w_u)
     return value
@@ -223,20 +234,27 @@ def _merged(logp: Tensor, entries: SideRows, part: slice, first_group: int, teac
     """(groups, V) merged log-rows of a chunk: base row's log-probs + the group's other tokens' log-probs."""
     device = logp.device
     is_base = entries.is_base[part]
-    merged = logp[is_base.nonzero().squeeze(1).to(device)]
     other_host = (~is_base).nonzero().squeeze(1)
-    if len(other_host):
-        other, tokens = other_host.to(device), entries.tokens[part][other_host].to(device)
-        if teacher_topk is None:
-            picked = logp[other, tokens]
-        else:  # a top-k row: the token's log-prob if cached, else the smallest cached one (an upper bound)
-            rows, ids = logp[other], teacher_topk[other]
-            found = rows.masked_fill(ids != tokens.unsqueeze(-1), float("-inf")).amax(-1)
-            picked = torch.where(torch.isfinite(found), found, rows.amin(-1))
-        add = torch.zeros(merged.shape[0], dtype=merged.dtype, device=device)
-        add.index_add_(0, (entries.group[part][other_host] - first_group).to(device), picked)
-        merged = merged + add.unsqueeze(-1)
-    return merged
+    if not len(other_host):  # one token per group: the rows themselves
+        return logp
+    merged = logp[is_base.nonzero().squeeze(1).to(device)]
+    other, tokens = other_host.to(device), entries.tokens[part][other_host].to(device)
+    if teacher_topk is None:
+        picked = logp[other, tokens]
+    else:  # a top-k row: the token's log-prob if cached, else the smallest cached one (an upper bound)
+        rows, ids = logp[other], teacher_topk[other]
+        found = rows.masked_fill(ids != tokens.unsqueeze(-1), float("-inf")).amax(-1)
+        picked = torch.where(torch.isfinite(found), found, rows.amin(-1))
+    add = torch.zeros(merged.shape[0], dtype=merged.dtype, device=device)
+    add.index_add_(0, (entries.group[part][other_host] - first_group).to(device), picked)
+    return merged.add_(add.unsqueeze(-1))
+
+
+def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature), in place on the logits (owned by the caller's chunk)."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, -1)
 
 
 def _chunks(student: SideRows, teacher: SideRows, step: int) -> list[tuple[int, int]]:
@@ -260,20 +278,20 @@ class AlignedPass:
         self.divergence, self.temperature = divergence, temperature
         self.student, self.teacher, self.signal, self.step = student, teacher, signal, step
 
-    def _teacher_rows(self, part: slice, first: int, device: torch.device) -> Tensor:
+    def _teacher_rows(self, part: slice, first: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         rows = self.teacher.rows[part]
         sig, temp = self.signal, self.temperature
         with torch.no_grad():
             if sig.head is not None:
                 h = sig.hidden[rows.to(sig.hidden.device)]
-                logits = torch.nn.functional.linear(h, *sig.head).float().to(device)
-                return _merged(torch.log_softmax(logits / temp, -1), self.teacher, part, first)
+                logits = torch.nn.functional.linear(h, *sig.head).to(device=device, dtype=dtype)
+                return _merged(_log_softmax(logits, temp), self.teacher, part, first)
             ids = sig.topk_ids[rows.to(sig.topk_ids.device)].to(device).long()
-            lp = sig.topk_logprobs[rows.to(sig.topk_logprobs.device)].to(device).float()
+            lp = sig.topk_logprobs[rows.to(sig.topk_logprobs.device)].to(device=device, dtype=dtype)
             shaped = torch.log_softmax(lp / temp, -1) + torch.logsumexp(lp, -1, keepdim=True)  # keeps the top-k mass
             merged = _merged(shaped, self.teacher, part, first, teacher_topk=ids)
             base = self.teacher.is_base[part].nonzero().squeeze(1).to(device)
-            dense = torch.full((merged.shape[0], sig.size), float("-inf"), device=device)
+            dense = torch.full((merged.shape[0], sig.size), float("-inf"), device=device, dtype=dtype)
             return dense.scatter_(-1, ids[base], merged)
 
     def run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
@@ -288,9 +306,9 @@ class AlignedPass:
             part_t = slice(int(self.teacher.starts[g0]), int(self.teacher.starts[g1]))
             rows = self.student.rows[part_s].to(hidden.device)
             h = hidden[rows]
-            logp = torch.log_softmax(torch.nn.functional.linear(h, weight, bias).to(acc) / self.temperature, -1)
+            logp = _log_softmax(torch.nn.functional.linear(h, weight, bias).to(acc), self.temperature)
             log_s = _merged(logp, self.student, part_s, g0)
-            log_t = self._teacher_rows(part_t, g0, logp.device)
+            log_t = self._teacher_rows(part_t, g0, logp.device, logp.dtype)
             grad_log = torch.zeros_like(log_s) if any(needs) else None
             total = total + self.divergence(log_s, log_t, grad_log).sum()
             if grad_log is None:
@@ -312,7 +330,7 @@ class AlignedPass:
         group = (self.student.group[part] - first).to(logp.device)
         grad = logp.exp().mul_(-sum_g[group].unsqueeze(-1))
         is_base = self.student.is_base[part].to(logp.device)
-        grad[is_base] += grad_log
+        grad.index_add_(0, is_base.nonzero().squeeze(1), grad_log)
         other = (~is_base).nonzero().squeeze(1)
         if len(other):
             tokens = self.student.tokens[part].to(logp.device)[other]

@@ -22,6 +22,12 @@ is tested against.
 
 A top-k teacher (``ModelView.topk_ids`` / ``topk_logprobs``) replaces the teacher's LM head by its
 stored top-k per position; the logit terms then use their sparse form.
+
+Same tokenizer up to additions (a ``SharedVocab``, ``llavadi.distill.vocab``): both LM heads are
+read in shared-first row order; the logit terms compare the two distributions over the shared
+tokens (the teacher's logits are computed over its shared rows only), CE reads the student's
+whole vocabulary, and two more sums come back after the slots': the teacher's and the student's
+probability mass outside the shared tokens, over the rows of the first logit term.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llavadi.distill.logits import LogitRows, target_nll
+from llavadi.distill.logits import LogitRows, upcast, target_nll
 from llavadi.distill.positions import prediction_rows, require_mapped
 from llavadi.distill.selection import IGNORE_INDEX, shifted_labels
 from llavadi.distill.view import ModelView
+from llavadi.distill.vocab import SharedVocab
 
 Tensor = torch.Tensor
 DEFAULT_CHUNK_MIB = 32.0  # fp32 logits of one model per chunk; chosen by benchmarks/kd_loss.py --sweep
@@ -119,16 +126,19 @@ class _TeacherRows:
 
     hidden: Tensor | None = None  # (B * T_t, H_t) last hidden states, on the teacher's device (its head runs there)
     index: Tensor | None = None  # (n,) host: the teacher row of each selected student row
-    head: tuple[Tensor, Tensor | None] | None = None  # its LM head's weight and bias
-    topk_ids: Tensor | None = None  # (n, k) on the student's device
+    head: tuple[Tensor, Tensor | None] | None = None  # its LM head's weight and bias (the shared rows, with a map)
+    other_head: tuple[Tensor, Tensor | None] | None = None  # with a map: its rows of tokens the student lacks
+    topk_ids: Tensor | None = None  # (n, k) on the student's device (with a map: shared positions, -1 outside)
     topk_logprobs: Tensor | None = None
+    topk_outside: Tensor | None = None  # (n,) with a map: the top-k mass on tokens the student lacks
 
     def hidden_rows(self, chunk: slice) -> Tensor:
         """The dense teacher's hidden states at the chunk's rows."""
         return _gather(self.hidden, self.index[chunk])
 
 
-def _teacher_rows(types_s: Tensor, student: ModelView, teacher: ModelView, rows: _Rows, first_term: int) -> _TeacherRows:
+def _teacher_rows(types_s: Tensor, student: ModelView, teacher: ModelView, rows: _Rows, first_term: int,
+                  vocab: SharedVocab | None) -> _TeacherRows:
     """The teacher's rows matching the student's: last hidden states (dense) or top-k ids and log-probs."""
     types_t = teacher.token_types.cpu()
     batch, length = types_s.shape
@@ -140,12 +150,20 @@ def _teacher_rows(types_s: Tensor, student: ModelView, teacher: ModelView, rows:
     if teacher.is_topk:
         k, device = teacher.topk_ids.shape[-1], student.last_hidden.device
         ids, logprobs = teacher.topk_ids.reshape(batch * t_len, k), teacher.topk_logprobs.reshape(batch * t_len, k)
-        return _TeacherRows(topk_ids=_gather(ids, rows_t).to(device),
-                            topk_logprobs=_gather(logprobs, rows_t).detach().to(device))
+        ids, logprobs = _gather(ids, rows_t).to(device), _gather(logprobs, rows_t).detach().to(device)
+        if vocab is None:
+            return _TeacherRows(topk_ids=ids, topk_logprobs=logprobs)
+        mapped, mapped_logprobs = vocab.map_topk(ids, logprobs)  # the cache holds teacher ids: mapped when read
+        outside = torch.where(mapped < 0, logprobs.float().exp(), torch.zeros((), device=device)).sum(-1)
+        return _TeacherRows(topk_ids=mapped, topk_logprobs=mapped_logprobs, topk_outside=outside)
     if teacher.last_hidden is None or teacher.lm_head is None:
         raise ValueError("logit terms need the teacher's last hidden state and LM head, or its top-k ids and log-probs")
+    head, other = head_weights(teacher), None
+    if vocab is not None:
+        vocab.check_heads(student.lm_head.weight.shape[0], head[0].shape[0])
+        head, other = vocab.teacher_heads(*head)
     return _TeacherRows(hidden=teacher.last_hidden.detach().reshape(batch * t_len, -1), index=rows_t,
-                        head=head_weights(teacher))
+                        head=head, other_head=other)
 
 
 class _Workspace:
@@ -157,14 +175,14 @@ class _Workspace:
     no heap fragmentation from chunk-sized blocks freed and allocated again.
     """
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, teacher: bool,
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, teacher_vocab: int | None,
                  gradient: bool) -> None:
-        def buffers(n: int) -> list[Tensor]:
-            return [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(n)]
+        def buffers(n: int, width: int) -> list[Tensor]:
+            return [torch.empty(rows, width, dtype=dtype, device=device) for _ in range(n)]
 
-        self.student = buffers(2)
-        self.teacher = buffers(2) if teacher else None
-        self.grad = buffers(1)[0] if gradient else None
+        self.student = buffers(2, vocab)
+        self.teacher = buffers(2, teacher_vocab) if teacher_vocab else None
+        self.grad = buffers(1, vocab)[0] if gradient else None
 
 
 def _head_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -179,23 +197,32 @@ def _head_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> T
 class _ChunkedPass:
     """The fused pass's work: per chunk, logits, every slot's values and their weighted gradient, projected."""
 
-    def __init__(self, slots: list, coefs: list[float], rows: _Rows, teacher: _TeacherRows | None, step: int) -> None:
+    def __init__(self, slots: list, coefs: list[float], rows: _Rows, teacher: _TeacherRows | None, step: int,
+                 vocab: SharedVocab | None = None) -> None:
         self.slots, self.coefs, self.rows, self.teacher, self.step = slots, coefs, rows, teacher, step
         self.keep_raw = any(term is not None and term.reads_raw_logits() for term in slots)
+        self.vocab = vocab
+        self.targets = rows.targets if vocab is None else vocab.student_targets(rows.targets)
+        self.mass_slot = next((j for j, term in enumerate(slots) if term is not None), None)
+        self.n_sums = len(slots) + (2 if vocab is not None and self.mass_slot is not None else 0)
 
     def run(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
             needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, tuple]:
-        """(weighted total, per-slot sums, gradients of hidden (all its rows) / weight / bias or None)."""
+        """(weighted total, per-slot sums (+ outside masses), gradients of hidden (all its rows) / weight / bias)."""
         device, acc, n_rows = hidden.device, torch.promote_types(weight.dtype, torch.float32), self.rows.n
+        if self.vocab is not None:  # shared-first row order; the gradients are put back in the original order
+            weight, bias = self.vocab.student_head(weight, bias)
         grad_h = torch.zeros_like(hidden) if needs[0] else None  # rows without a loss get zero
         grad_w = None
         if needs[1]:  # written by the first chunk (no separate zero-fill pass), zero when there is no chunk
             grad_w = torch.empty(weight.shape, dtype=acc, device=device) if n_rows else weight.new_zeros(weight.shape,
                                                                                                          dtype=acc)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=device) if needs[2] and bias is not None else None
-        sums = torch.zeros(len(self.slots), dtype=acc, device=device)
+        sums = torch.zeros(self.n_sums, dtype=acc, device=device)
         dense = self.teacher is not None and self.teacher.head is not None
-        work = _Workspace(min(self.step, n_rows), weight.shape[0], acc, device, dense, any(needs))
+        shared = self.vocab.n_shared if self.vocab is not None and self.vocab.student_narrowed else None
+        work = _Workspace(min(self.step, n_rows), weight.shape[0], acc, device,
+                          self.teacher.head[0].shape[0] if dense else None, any(needs))
         for start in range(0, n_rows, self.step):
             chunk = slice(start, min(start + self.step, n_rows))
             n = chunk.stop - start
@@ -204,18 +231,43 @@ class _ChunkedPass:
             teacher = None
             if dense:
                 with torch.no_grad():
-                    teacher = _head_into(work.teacher[0][:n], self.teacher.hidden_rows(chunk), *self.teacher.head)
-            rows = LogitRows(student, teacher, owned=True, keep_raw=self.keep_raw,
+                    h_t = self.teacher.hidden_rows(chunk)
+                    teacher = _head_into(work.teacher[0][:n], h_t, *self.teacher.head)
+            if self.n_sums > len(self.slots):  # before the log-softmaxes take over the logits' buffers
+                self._outside_mass(chunk, student, teacher, h_t if dense else None, sums)
+            rows = LogitRows(student, teacher, owned=True, keep_raw=self.keep_raw, shared=shared,
                              spare={"student": work.student[1][:n], "teacher": work.teacher and work.teacher[1][:n]})
             grad = None if work.grad is None else work.grad[:n].zero_()
             for j in range(len(self.slots)):
                 self._slot(j, rows, chunk, grad, sums)
             if grad is not None:
                 _project(grad, h, weight, grad_h, self.rows.index[chunk], grad_w, grad_b, start == 0)
-        total = _weighted_total(sums, self.coefs)
+        total = _weighted_total(sums[:len(self.slots)], self.coefs)
+        if self.vocab is not None:
+            grad_w = None if grad_w is None else self.vocab.student_grad(grad_w)
+            grad_b = None if grad_b is None else self.vocab.student_grad(grad_b)
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
         return total, sums, grads
+
+    @torch.no_grad()
+    def _outside_mass(self, chunk: slice, student: Tensor, teacher: Tensor | None, h_t: Tensor | None,
+                      sums: Tensor) -> None:
+        """Each side's probability mass on tokens the other lacks, summed over the first logit term's rows."""
+        member = self.rows.member[chunk, self.mass_slot]
+        if not bool(member.any()):
+            return
+        index = member.nonzero().squeeze(1).to(student.device)
+        if teacher is not None and self.teacher.other_head is not None:
+            other = F.linear(h_t[index.to(h_t.device)], *self.teacher.other_head).to(teacher.dtype).to(teacher.device)
+            lse_shared, lse_other = torch.logsumexp(teacher[index], -1), torch.logsumexp(other, -1)
+            sums[-2] += torch.exp(lse_other - torch.logaddexp(lse_shared, lse_other)).to(sums.device).sum()
+        elif self.teacher.topk_outside is not None:
+            sums[-2] += self.teacher.topk_outside[chunk][index.to(self.teacher.topk_outside.device)].sum()
+        if self.vocab.student_narrowed:
+            rows = student[index]
+            lse_all, lse_other = torch.logsumexp(rows, -1), torch.logsumexp(rows[:, self.vocab.n_shared:], -1)
+            sums[-1] += torch.exp(lse_other - lse_all).sum()
 
     def _slot(self, j: int, rows: LogitRows, chunk: slice, grad: Tensor | None, sums: Tensor) -> None:
         """Slot j's values on this chunk's rows into sums[j], and c_j * their gradient into `grad`."""
@@ -241,10 +293,13 @@ class _ChunkedPass:
             return x if index is None else x[index.to(x.device)]
 
         if term is None:
-            return target_nll(rows, pick(self.rows.targets).to(device), grad, coef)
+            return target_nll(rows, pick(self.targets).to(device), grad, coef)
+        shared_grad = grad if grad is None or self.vocab is None or not self.vocab.student_narrowed else \
+            grad[:, :self.vocab.n_shared]  # the terms' gradient lands on the shared columns
         if self.teacher.topk_ids is not None:
-            return term.sparse_value_grad(rows, pick(self.teacher.topk_ids), pick(self.teacher.topk_logprobs), grad, coef)
-        return term.dense_value_grad(rows, grad, coef)
+            return term.sparse_value_grad(rows, pick(self.teacher.topk_ids), pick(self.teacher.topk_logprobs),
+                                          shared_grad, coef)
+        return term.dense_value_grad(rows, shared_grad, coef)
 
 
 def _weighted_total(sums: Tensor, coefs: list[float]) -> Tensor:
@@ -287,30 +342,51 @@ class FusedLogitLoss(torch.autograd.Function):
 
 
 def _plain_sums(slots: list, rows: _Rows, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                teacher: _TeacherRows | None) -> Tensor:
-    """(n_slots,) sums by autograd over the logits of all selected rows at once (the reference path)."""
-    logits_s = F.linear(_gather(hidden, rows.index), weight, bias).float()
+                teacher: _TeacherRows | None, vocab: SharedVocab | None, teacher_head) -> Tensor:
+    """(n_slots,) sums by autograd over the logits of all selected rows at once (the reference path).
+
+    With a map, the logit terms read the shared tokens' columns of both models' full logits, and the
+    two outside masses follow the slots' sums."""
+    logits_s = upcast(F.linear(_gather(hidden, rows.index), weight, bias))
     logits_t = None
     if teacher is not None and teacher.head is not None:
         with torch.no_grad():
-            logits_t = F.linear(teacher.hidden_rows(slice(None)), *teacher.head).float().to(logits_s.device)
+            logits_t = upcast(F.linear(teacher.hidden_rows(slice(None)), *teacher_head)).to(logits_s.device)
+    cols_s = cols_t = None
+    if vocab is not None:
+        cols_s = vocab.shared_student_columns().to(logits_s.device)
+        cols_t = vocab.shared_teacher_columns().to(logits_s.device)
     targets = rows.targets.to(logits_s.device)
     out = []
     for j, term in enumerate(slots):
         sel = rows.member[:, j].to(logits_s.device)
         if term is None:
             out.append(F.cross_entropy(logits_s[sel], targets[sel], reduction="sum"))
-        elif teacher.topk_ids is not None:
-            out.append(term.sparse(logits_s[sel], teacher.topk_ids[sel], teacher.topk_logprobs[sel]).sum())
+            continue
+        s = logits_s[sel] if cols_s is None else logits_s[sel][:, cols_s]
+        if teacher.topk_ids is not None:
+            out.append(term.sparse(s, teacher.topk_ids[sel], teacher.topk_logprobs[sel]).sum())
         else:
-            out.append(term.dense(logits_s[sel], logits_t[sel]).sum())
+            out.append(term.dense(s, logits_t[sel] if cols_t is None else logits_t[sel][:, cols_t]).sum())
+    first = next((j for j, term in enumerate(slots) if term is not None), None)
+    if vocab is not None and first is not None:
+        sel = rows.member[:, first].to(logits_s.device)
+        with torch.no_grad():
+            if logits_t is not None:
+                out.append((1 - torch.softmax(logits_t[sel], -1)[:, cols_t].sum(-1)).sum())
+            else:
+                out.append(teacher.topk_outside[sel].sum().to(logits_s.dtype))
+            out.append((1 - torch.softmax(logits_s[sel], -1)[:, cols_s].sum(-1)).sum())
     return torch.stack(out)
 
 
 def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce: bool, terms: list,
                coefs: list[float], chunk_size: int | None = None, chunk_mib: float = DEFAULT_CHUNK_MIB,
-               fused: bool = True) -> tuple[Tensor, Tensor]:
-    """(sum_j coefs[j] * sum_j, detached per-slot sums) of CE (first, when `ce`) and each logit term."""
+               fused: bool = True, vocab: SharedVocab | None = None) -> tuple[Tensor, Tensor]:
+    """(sum_j coefs[j] * sum_j, detached per-slot sums) of CE (first, when `ce`) and each logit term.
+
+    With `vocab` (same tokenizer up to additions) the sums end with the teacher's and the student's
+    mass outside the shared tokens, summed over the first logit term's rows."""
     slots = ([None] if ce else []) + list(terms)
     if len(coefs) != len(slots):
         raise ValueError(f"{len(slots)} slots (CE and logit terms) but {len(coefs)} coefficients")
@@ -319,19 +395,23 @@ def logit_loss(student: ModelView, teacher: ModelView | None, labels: Tensor, ce
     zero = student.last_hidden.sum() * 0.0  # keeps the graph connected when nothing is selected
     if not slots:
         return zero, zero.new_zeros(0).detach()
+    vocab = vocab if terms else None
     batch, length, width = student.last_hidden.shape
     types = student.token_types.cpu()  # row bookkeeping on the host: small copies once, no sync per chunk
     rows = _select_rows(types, labels, ce, terms)
     hidden = student.last_hidden.reshape(batch * length, width)  # a view: rows are gathered chunk by chunk
     weight, bias = head_weights(student)
-    teacher_rows = _teacher_rows(types, student, teacher, rows, int(ce)) if terms else None
-    if teacher_rows is not None and teacher_rows.head is not None and teacher_rows.head[0].shape[0] != weight.shape[0]:
+    teacher_rows = _teacher_rows(types, student, teacher, rows, int(ce), vocab) if terms else None
+    if vocab is not None:
+        vocab.check_heads(weight.shape[0], None)
+    elif teacher_rows is not None and teacher_rows.head is not None and teacher_rows.head[0].shape[0] != weight.shape[0]:
         raise ValueError(f"student vocabulary {weight.shape[0]} != teacher vocabulary {teacher_rows.head[0].shape[0]}"
-                         ": logit terms need a shared tokenizer and LM head size")
+                         ": logit terms without a vocabulary map need one tokenizer and LM-head size")
     if not fused:
-        sums = _plain_sums(slots, rows, hidden, weight, bias, teacher_rows)
-        return zero + _weighted_total(sums, coefs), sums.detach()
-    work = _ChunkedPass(slots, coefs, rows, teacher_rows, rows_per_chunk(weight.shape[0], chunk_size, chunk_mib))
+        teacher_head = head_weights(teacher) if teacher_rows is not None and teacher_rows.head is not None else None
+        sums = _plain_sums(slots, rows, hidden, weight, bias, teacher_rows, vocab, teacher_head)
+        return zero + _weighted_total(sums[:len(slots)], coefs), sums.detach()
+    work = _ChunkedPass(slots, coefs, rows, teacher_rows, rows_per_chunk(weight.shape[0], chunk_size, chunk_mib), vocab)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
         total, sums = FusedLogitLoss.apply(hidden, weight, bias, work)
     else:

@@ -13,6 +13,11 @@ The objective never runs the models: it reads a ``ModelView`` of the student and
 teacher, wherever the teacher's signal came from (a model run online, or a top-k cache).
 Trainable parameters (the terms' projectors) are submodules: the objective sits inside the
 trainable module (``llavadi.distill.module.DistillationModule``) beside the student.
+
+With a ``vocab`` (teacher and student tokenizers the same up to additions, ``llavadi.distill.vocab``)
+the logit terms compare the two distributions over the shared tokens, and the objective also logs
+``vocab/outside_mass_teacher`` and ``vocab/outside_mass_student``: each model's probability mass on
+tokens the other lacks, averaged over the first logit term's positions.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from llavadi.distill.selection import Selection, Targets, count_selections, sele
 from llavadi.distill.terms import TermContext, TermSpec, build_term
 from llavadi.distill.terms.base import TEACHER_SIGNALS
 from llavadi.distill.view import ModelView, Needs
+from llavadi.distill.vocab import SharedVocab
 from llavadi.models.image_tokens import n_image_tokens
 
 Tensor = torch.Tensor
+OUTSIDE_MASS_LABELS = ("vocab/outside_mass_teacher", "vocab/outside_mass_student")
 
 
 def text_width(config: Any) -> int:
@@ -59,8 +66,8 @@ class DistillObjective(nn.Module):
     def __init__(self, terms: list, ce_weight: float = 1.0, student_config: Any = None, teacher_config: Any = None,
                  chunk_size: int | None = None, student_tokens_per_image: int | None = None,
                  teacher_tokens_per_image: int | None = None, teacher_signal: str = "dense",
-                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True, cross_tokenizer: bool = False,
-                 matched_tokens: Any = None) -> None:
+                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True, vocab: SharedVocab | None = None,
+                 cross_tokenizer: bool = False, matched_tokens: Any = None) -> None:
         super().__init__()
         specs = [TermSpec.from_dict(t, f"distill.terms[{i}]") for i, t in enumerate(terms)]
         if chunk_size is not None and chunk_size < 1:
@@ -77,6 +84,7 @@ class DistillObjective(nn.Module):
         self.chunk_mib = chunk_mib
         self.fused = fused  # False: the plain autograd path (the reference)
         self.teacher_signal = teacher_signal
+        self.vocab = vocab  # None: one tokenizer (same ids, same LM-head rows)
         ctx = TermContext(
             student_width=text_width(student_config) if student_config is not None else None,
             teacher_width=text_width(teacher_config) if teacher_config is not None else None,
@@ -162,14 +170,19 @@ class DistillObjective(nn.Module):
         weights = [self.ce_weight] * ce + [t.weight for t in logit_terms]
         total, slot_sums = logit_loss(student, teacher, labels, ce, logit_terms,
                                       [w / counts[label] for w, label in zip(weights, slot_labels)],
-                                      self.chunk_size, self.chunk_mib, self.fused)
-        logged = {label: value / counts[label] for label, value in zip(slot_labels, slot_sums.unbind(0))}
+                                      self.chunk_size, self.chunk_mib, self.fused, self.vocab)
+        sums = slot_sums.unbind(0)
+        logged = {label: value / counts[label] for label, value in zip(slot_labels, sums)}
+        if len(sums) > len(slot_labels):  # the masses outside the shared tokens, over the first logit term's rows
+            logged.update({label: value / counts[logit_terms[0].label]
+                           for label, value in zip(OUTSIDE_MASS_LABELS, sums[len(slot_labels):])})
         for term in self.terms:
             if not term.is_logit_term:
                 value = term(student, teacher) / counts[term.label]
                 total = total + term.weight * value
                 logged[term.label] = value.detach()
-        return total, {label: logged[label] for label in ["ce"] * ce + self.term_labels}  # recipe order
+        order = ["ce"] * ce + self.term_labels + [k for k in OUTSIDE_MASS_LABELS if k in logged]
+        return total, {label: logged[label] for label in order}  # recipe order, then the vocabulary's
 
     def _check_teacher(self, teacher: ModelView | None, device: torch.device) -> ModelView | None:
         if not self.terms:

@@ -7,6 +7,9 @@ their next-token distributions are on the teacher's own answers.
   position that predicts an answer token and averaged over all answer tokens of all questions.
   Teacher and student may use different numbers of image tokens, so their prompts differ in
   length: answer positions are matched by their order within the answer, never by index.
+  Tokenizers the same up to additions (``llavadi.data.tokenizer_pair``): the teacher's answer ids
+  reach the student through the fixed id map, and the KL compares the two distributions over the
+  tokens both have (each renormalised over them); different tokenizers are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from llavadi.data.collator import pad_sequences
+from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL, TokenizerPair
+from llavadi.distill.compat import tokenizer_pair
 from llavadi.distill.divergences import ForwardKL
 from llavadi.eval.generate import (
     EvalQuestion,
@@ -54,15 +59,35 @@ def agreement_rate(teacher_answers: list[str], student_answers: list[str], norma
     return same / len(teacher_answers)
 
 
-def _check_compatible(student: LoadedModel, teacher: LoadedModel) -> None:
-    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-        raise ValueError("the KL on the teacher's answer tokens needs teacher and student to share one "
-                         "tokenizer (same token ids); these two tokenizers differ")
+def _vocabulary_pair(student: LoadedModel, teacher: LoadedModel) -> TokenizerPair | None:
+    """None for one tokenizer; the pair when the same up to additions; ValueError for different tokenizers."""
+    pair = tokenizer_pair(student, teacher)
+    if pair.kind == DIFFERENT:
+        raise ValueError("the KL on the teacher's answer tokens needs the teacher's and the student's tokenizers "
+                         "to be the same (up to added tokens and padding); these differ:\n    "
+                         + "\n    ".join(pair.describe()))
     v_s = student.model.get_output_embeddings().out_features
     v_t = teacher.model.get_output_embeddings().out_features
-    if v_s != v_t:
-        raise ValueError(f"student and teacher output vocabularies differ ({v_s} vs {v_t} logits); "
-                         "resize the smaller model's embeddings to the same size")
+    if pair.kind == IDENTICAL and v_s != v_t:
+        raise ValueError(f"student and teacher output vocabularies differ ({v_s} vs {v_t} logits) with one tokenizer")
+    return None if pair.kind == IDENTICAL else pair
+
+
+def _student_answers(pair: TokenizerPair | None, questions: list[EvalQuestion],
+                     answers: list[list[int]]) -> list[list[int]]:
+    """The teacher's answer ids in the student's vocabulary (through the pair's id map)."""
+    if pair is None:
+        return answers
+    to_student = pair.teacher_to_student()
+    out = []
+    for q, a in zip(questions, answers):
+        mapped = to_student[torch.tensor(a, dtype=torch.long)].tolist()
+        if min(mapped) < 0:
+            lacking = [t for t, m in zip(a, mapped) if m < 0]
+            raise ValueError(f"question {q.question_id!r}: the teacher's answer holds token id(s) {lacking[:5]} the "
+                             "student's tokenizer does not have")
+        out.append(mapped)
+    return out
 
 
 def _answer_hidden(bundle: LoadedModel, questions: list[EvalQuestion], prompts: list[list[int]],
@@ -89,12 +114,16 @@ def _answer_hidden(bundle: LoadedModel, questions: list[EvalQuestion], prompts: 
 
 
 def _batch_kl(student: LoadedModel, teacher: LoadedModel, questions: list[EvalQuestion], prompts_t, prompts_s,
-              answers: list[list[int]], temperature: float) -> tuple[list[float], float, int]:
+              answers: list[list[int]], temperature: float,
+              pair: TokenizerPair | None = None) -> tuple[list[float], float, int]:
     """One batch: (per-question mean KL, summed KL, number of answer tokens)."""
     h_t = _answer_hidden(teacher, questions, prompts_t, answers)
-    h_s = _answer_hidden(student, questions, prompts_s, answers)
+    h_s = _answer_hidden(student, questions, prompts_s, _student_answers(pair, questions, answers))
     logits_t = teacher.model.get_output_embeddings()(h_t)
     logits_s = student.model.get_output_embeddings()(h_s)
+    if pair is not None:  # the distributions over the tokens both have
+        logits_t = logits_t[:, torch.tensor(pair.teacher_ids, device=logits_t.device)]
+        logits_s = logits_s[:, torch.tensor(pair.student_ids, device=logits_s.device)]
     kl = ForwardKL(temperature=temperature)(logits_s, logits_t.to(logits_s.device)).double().cpu()
     per_question, offset = [], 0
     for a in answers:
@@ -119,7 +148,7 @@ def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: lis
     for q, a in zip(questions, answer_ids):
         if not a:
             raise ValueError(f"question {q.question_id!r}: empty teacher answer, no token to compare on")
-    _check_compatible(student, teacher)
+    pair = _vocabulary_pair(student, teacher)
     shard = shard or ONE_PROCESS
     teacher_encoder, student_encoder = teacher.encoder(), student.encoder()
     prompts_t = [encode_question(teacher_encoder, q) for q in questions]
@@ -139,7 +168,7 @@ def teacher_forced_kl(student: LoadedModel, teacher: LoadedModel, questions: lis
         for k in mine:
             idx = batches[k]
             local[k] = _batch_kl(student, teacher, [questions[i] for i in idx], [prompts_t[i] for i in idx],
-                                 [prompts_s[i] for i in idx], [answer_ids[i] for i in idx], temperature)
+                                 [prompts_s[i] for i in idx], [answer_ids[i] for i in idx], temperature, pair)
             if bar is not None:
                 bar.update(len(idx))
     finally:

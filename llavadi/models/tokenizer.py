@@ -55,3 +55,26 @@ def build_tiny_tokenizer(extra_text: str = "") -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": IMAGE}, padding_side="right",
         model_max_length=512,
     )
+
+
+def build_tiny_bpe_tokenizer(merges: int = 64) -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE tokenizer (GPT-2 style: ``Ġ`` spaces, any text encodes) trained on the task's words.
+
+    Another vocabulary and other merges than ``build_tiny_tokenizer``'s word-level one: with few
+    merges most task words are several tokens, so a student with it and the demo's teacher split
+    every answer differently (cross-tokenizer distillation: ``uld``, ``gold``). The same specials.
+    """
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(SPECIAL_TOKENS) + len(alphabet) + merges,
+                                  special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet, show_progress=False)
+    lines = vocabulary_text().splitlines()
+    tok.train_from_iterator(lines + [line for line in lines if len(line.split()) <= 2] * 4, trainer)  # answers weigh more
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE}, padding_side="right", model_max_length=512,
+    )

@@ -14,6 +14,10 @@ step depends only on (seed, step, sample id): the same whatever the batch size, 
 process count, and after a resume. The draw of the answers is seeded the same way, so runs are
 deterministic under a seed on CPU. Sampled image tokens are impossible: the generator suppresses
 the image token. Generation is the evaluation's batched generator (``llavadi.eval.generate``).
+
+A teacher whose tokenizer is the student's up to additions (``llavadi.data.tokenizer_pair``) reads
+the sampled answer through the fixed id map (``id_maps``: per view prefix, student id -> that
+view's id); a sampled token the teacher does not have is an error naming the sample.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from llavadi.data.collator import IMAGE_INPUT_KEYS, combine_image_inputs
 from llavadi.data.encode import IGNORE_INDEX
+from llavadi.data.token_alignment import ALIGNMENT_KEY, PieceReader, retokenized_answer
 from llavadi.data.token_types import TokenType
 from llavadi.eval.generate import Sampling, _pad_id, eos_token_ids, generate_ids
 from llavadi.models.families import family_of
@@ -54,6 +59,14 @@ def last_answer_start(token_types: list[int]) -> int:
 def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
     """The collated batch back as dataset items (padding removed), image inputs per item that has images."""
     items = [{"sample_id": sid} for sid in batch["sample_ids"]]
+    if ALIGNMENT_KEY in batch:  # paired answer spans, back to each sample's unpadded positions
+        rows = batch[ALIGNMENT_KEY].cpu()
+        first = [batch[p + "attention_mask"].cpu().long().argmax(dim=1) for p in prefixes[:2]]
+        for b, item in enumerate(items):
+            groups = rows[rows[:, 0] == b, 1:].clone()
+            groups[:, :2] -= first[0][b]
+            groups[:, 2:] -= first[1][b]
+            item[ALIGNMENT_KEY] = groups
     for p in prefixes:
         keep = batch[p + "attention_mask"].bool().cpu()
         for b, item in enumerate(items):
@@ -92,24 +105,77 @@ def _split_grid_images(batch: dict, items: list[dict], p: str) -> None:
             item[p + "image_grid_thw"] = grids[first_image:image]
 
 
-def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_length: int) -> dict:
-    """The item with its last answer replaced by `answer` (cut to max_length): no labels, loss on `answer` only."""
+def _in_view(answer: list[int], id_map: torch.Tensor | None, sample_id: str, prefix: str) -> list[int]:
+    """The answer's ids in a view whose tokenizer maps student ids through `id_map` (-1: the view lacks the token)."""
+    if id_map is None:
+        return answer
+    mapped = id_map[torch.tensor(answer, dtype=torch.long)].tolist() if answer else []
+    missing = [a for a, m in zip(answer, mapped) if m < 0]
+    if missing:
+        raise ValueError(f"sample {sample_id!r}: the student sampled token id(s) {missing[:5]} that the "
+                         f"{prefix.rstrip('_') or 'student'} tokenizer does not have")
+    return mapped
+
+
+def with_answer(item: dict, answer: list[int], prefixes: tuple[str, ...], max_length: int,
+                id_maps: dict[str, torch.Tensor] | None = None) -> dict:
+    """The item with its last answer replaced by `answer` (cut to max_length): no labels, loss on `answer` only.
+
+    `id_maps`: per view prefix, the student id -> view id map of a view with another tokenizer."""
     starts = {p: last_answer_start(item[p + "token_types"]) for p in prefixes}
     answer = answer[:max_length - max(starts.values())]  # the same tokens in every view
     out = dict(item)
     for p, start in starts.items():
         prompt_types = [INSTRUCTION if t == RESPONSE else t for t in item[p + "token_types"][:start]]
-        out[p + "input_ids"] = item[p + "input_ids"][:start] + answer
+        view_answer = _in_view(answer, (id_maps or {}).get(p), item.get("sample_id", "?"), p)
+        out[p + "input_ids"] = item[p + "input_ids"][:start] + view_answer
         out[p + "token_types"] = prompt_types + [RESPONSE] * len(answer)
         out[p + "labels"] = [IGNORE_INDEX] * (start + len(answer))
     return out
 
 
-class OnPolicySampler:
-    """Replaces a fraction of each training batch's samples by the student's sampled answers."""
+class TeacherRetokenizer:
+    """A student's sampled answer re-tokenized for a teacher of another tokenizer, and the two paired."""
 
-    def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int) -> None:
+    def __init__(self, student_tokenizer, teacher_encoder, stop_ids: set[int], prefix: str) -> None:
+        self.student_reader = PieceReader(student_tokenizer)
+        self.teacher, self.teacher_reader = teacher_encoder, PieceReader(teacher_encoder.tokenizer)
+        self.stop_ids, self.prefix = set(stop_ids), prefix
+
+    def __call__(self, item: dict, answer: list[int], max_length: int) -> dict | None:
+        """The on-policy item (student's own tokens, the teacher's tokens of the same text); None: keep the sample."""
+        p = self.prefix
+        start_s, start_t = last_answer_start(item["token_types"]), last_answer_start(item[p + "token_types"])
+        answer = answer[:max_length - start_s]
+        made = retokenized_answer(self.student_reader, answer, start_s, self.teacher, self.teacher_reader, start_t,
+                                  self.stop_ids, item["sample_id"])
+        if made is None:
+            return None
+        teacher_ids, groups = made
+        teacher_ids = teacher_ids[:max_length - start_t]
+        out = with_answer(item, answer, ("",), max_length)
+        prompt_types = [INSTRUCTION if t == RESPONSE else t for t in item[p + "token_types"][:start_t]]
+        out[p + "input_ids"] = item[p + "input_ids"][:start_t] + teacher_ids
+        out[p + "token_types"] = prompt_types + [RESPONSE] * len(teacher_ids)
+        out[p + "labels"] = [IGNORE_INDEX] * (start_t + len(teacher_ids))
+        inside = (groups[:, 1] < start_s + len(answer)) & (groups[:, 3] < start_t + len(teacher_ids))
+        out[ALIGNMENT_KEY] = groups[inside]
+        return out
+
+
+class OnPolicySampler:
+    """Replaces a fraction of each training batch's samples by the student's sampled answers.
+
+    With ``retokenize`` (a teacher of another tokenizer) the teacher reads the sampled answer's text
+    in its own tokens, paired with the student's; a sampled answer that is not valid text leaves
+    its sample as it was (counted in ``stats["not_text"]``).
+    """
+
+    def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int,
+                 id_maps: dict[str, torch.Tensor] | None = None, retokenize: TeacherRetokenizer | None = None) -> None:
+        self.retokenize = retokenize
         self.student = student
+        self.id_maps = id_maps or {}  # view prefix -> student id to that view's id (a teacher's tokenizer)
         self.collator = collator
         self.config = config
         self.seed = seed
@@ -118,6 +184,8 @@ class OnPolicySampler:
         self.eos_ids = eos_token_ids(student, tokenizer)
         self.image_token_id = family_of(student.config).image_token_id(student.config)
         self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}
+        if retokenize is not None:
+            self.stats["not_text"] = 0
 
     def __call__(self, batches: list[dict], step: int) -> list[dict]:
         """The micro-batches of one optimisation step, some samples replaced by on-policy ones."""
@@ -134,7 +202,15 @@ class OnPolicySampler:
         seed = _uniform("sampling", self.seed, step, [ids[i] for i in chosen])
         answers = self._generate([items[i] for i in chosen], seed)
         for i, answer in zip(chosen, answers):
-            items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length)
+            if self.retokenize is None:
+                items[i] = with_answer(items[i], answer, self.collator.prefixes, self.max_length, self.id_maps)
+                continue
+            replaced = self.retokenize(items[i], answer, self.max_length)
+            if replaced is None:
+                self.stats["not_text"] += 1
+                chosen = [c for c in chosen if c != i]
+            else:
+                items[i] = replaced
         self.stats["on_policy"] += len(chosen)
         self.stats["generated_tokens"] += sum(len(a) for a in answers)
         self.stats["seconds"] += time.perf_counter() - start

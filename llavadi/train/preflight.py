@@ -35,6 +35,7 @@ from llavadi.config import ConfigError, Recipe, StageConfig
 from llavadi.data.dataset import LlavaDataset, Skipped, read_json_records, record_image_paths
 from llavadi.data.encode import SampleError
 from llavadi.device import resolve_device
+from llavadi.distill.compat import tokenizer_pair
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
 from llavadi.data.images import check_images
@@ -211,6 +212,10 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
     teacher = _describe(recipe.teacher, "teacher", problems) if has_teacher_model(recipe) else None
     problems += feature_layer_problems(recipe.student, student, "student")
     problems += feature_layer_problems(recipe.teacher, teacher, "teacher")
+    if student is not None and teacher is not None and any(t.is_logit_term for s in recipe.stages
+                                                           for t in s.distill.terms):
+        for line in tokenizer_pair(student, teacher).describe():  # the kind of the pair, and what differs
+            log(line)
     identities = data_identities(recipe, progress)
     done = finished_stages(recipe, identities) if resume and not problems else set()
     checks: dict[str, StageCheck] = {}

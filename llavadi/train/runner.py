@@ -42,7 +42,8 @@ from llavadi.models.dtypes import torch_dtype
 from llavadi.models.lora import apply_lora, quantization_config
 from llavadi.models.model_card import write_model_card
 from llavadi.teacher.cache import cached_teacher, stage_cache
-from llavadi.teacher.on_policy import OnPolicySampler
+from llavadi.eval.generate import eos_token_ids
+from llavadi.teacher.on_policy import OnPolicySampler, TeacherRetokenizer
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
 from llavadi.train.engines import (
@@ -89,8 +90,13 @@ def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, te
         source = OnlineTeacher(teacher.model, device=recipe.teacher_device or device, prefix=stage_inputs.TEACHER_PREFIX)
     on_policy = None
     if stage.on_policy is not None:
+        retokenize = None
+        if dataset.aligner is not None:  # a teacher of another tokenizer reads the sampled text in its own tokens
+            retokenize = TeacherRetokenizer(student.tokenizer, dataset.views[1].encoder,
+                                            eos_token_ids(student.model, student.tokenizer), dataset.views[1].prefix)
         on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
-                                    stage.data.max_length)
+                                    stage.data.max_length,
+                                    stage_inputs.answer_id_maps(student, teacher, collator.prefixes), retokenize=retokenize)
     return source, on_policy
 
 

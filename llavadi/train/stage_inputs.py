@@ -4,11 +4,14 @@ check (llavadi.train.preflight) and the stage run (llavadi.train.runner)."""
 
 from __future__ import annotations
 
+import torch
+
 from llavadi.config import StageConfig
 from llavadi.data.dataset import LlavaDataset
 from llavadi.data.token_alignment import PairAligner
-from llavadi.distill.compat import check_same_tokenizer
-from llavadi.distill.cross_vocab import matched_tokens
+from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL
+from llavadi.distill.compat import logit_vocab, tokenizer_pair
+from llavadi.distill.cross_vocab import MatchedTokens
 from llavadi.distill.terms import term_class
 from llavadi.distill.objective import DistillObjective
 from llavadi.models.build import LoadedModel
@@ -26,8 +29,8 @@ def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:
 
 
 def different_tokenizers(student: LoadedModel, teacher: LoadedModel | None) -> bool:
-    """Whether the teacher tokenizes text differently from the student (its vocabulary is another)."""
-    return teacher is not None and student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab()
+    """Whether the teacher tokenizes text differently from the student (pair kind `different`)."""
+    return teacher is not None and tokenizer_pair(student, teacher).kind == DIFFERENT
 
 
 def _pairs_answers(stage: StageConfig) -> bool:
@@ -56,21 +59,38 @@ def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel
 
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
                     cache=None) -> DistillObjective:
-    """The stage's objective; checks up front that logit terms have a shared tokenizer.
+    """The stage's objective; classifies the tokenizer pair up front when logit terms compare the two models.
 
-    With a teacher `cache` (a CacheReader) the logit terms read its top-k signal (the tokenizer was
+    One tokenizer: the terms compare the full distributions; the same up to additions: the
+    distributions over the shared tokens (a vocabulary map); different tokenizers: the logit terms
+    of one vocabulary are refused, ``uld`` / ``gold`` read paired answer spans (and every other term
+    says whether it works across tokenizers, ``Term.across_tokenizers``). With a
+    teacher `cache` (a CacheReader) the logit terms read its top-k signal (the tokenizer was
     checked against the cache's)."""
     terms = stage.distill.terms
     if cache is not None:
         return cached_objective(stage, student, cache)
-    cross = different_tokenizers(student, teacher) and bool(terms)
-    if teacher is not None and any(t.is_logit_term for t in terms):
-        check_same_tokenizer(student.tokenizer, teacher.tokenizer)
+    pair = tokenizer_pair(student, teacher) if teacher is not None and terms else None
+    vocab = None
+    if pair is not None and any(t.is_logit_term for t in terms):
+        vocab = logit_vocab(pair)
     matched = None
-    if cross:
-        text_config = getattr(teacher.model.config, "text_config", None) or teacher.model.config
-        matched = matched_tokens(student.tokenizer, teacher.tokenizer, int(text_config.vocab_size))
+    if pair is not None:  # gold compares the tokens both vocabularies hold, by exact string
+        matched = MatchedTokens(torch.tensor(pair.student_ids, dtype=torch.long),
+                                torch.tensor(pair.teacher_ids, dtype=torch.long), pair.teacher_rows)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
                             teacher_config=teacher.model.config if teacher is not None else None,
-                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib,
-                            cross_tokenizer=cross, matched_tokens=matched)
+                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib, vocab=vocab,
+                            cross_tokenizer=pair is not None and pair.kind == DIFFERENT, matched_tokens=matched)
+
+
+def answer_id_maps(student: LoadedModel, teacher: LoadedModel | None, prefixes: tuple[str, ...]) -> dict:
+    """Per view prefix, the student id -> view id map an on-policy answer goes through (a teacher view whose
+    tokenizer is the student's up to additions); with different tokenizers the answer is re-tokenized instead
+    (``llavadi.teacher.on_policy.TeacherRetokenizer``)."""
+    if teacher is None or TEACHER_PREFIX not in prefixes:
+        return {}
+    pair = tokenizer_pair(student, teacher)
+    if pair.kind in (IDENTICAL, DIFFERENT):
+        return {}
+    return {TEACHER_PREFIX: pair.student_to_teacher()}

@@ -168,14 +168,18 @@ def test_tokenizer_mismatch_for_logit_terms_is_reported_up_front(ws, tmp_path, n
     from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer
     from llavadi.models.build import LoadedModel, save_model
 
-    tok = make_word_tokenizer()
-    tok.add_tokens(["zebra"])
+    from tokenizers import models
+
+    tok = make_word_tokenizer()  # another base vocabulary: a different tokenizer (an added token alone is not)
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    tok.backend_tokenizer.model = models.WordLevel(vocab={**vocab, "zebra": len(vocab)}, unk_token="<unk>")
     save_model(LoadedModel(make_tiny_llava(tok), tok, make_image_processor(32), {}), str(tmp_path / "other"))
     raw = one_stage(ws, tmp_path / "run")
     raw["teacher"] = {"path": str(tmp_path / "other")}
     assert _cli(ws, tmp_path, raw) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "share one tokenizer" in err and "'zebra'" in err
+    assert "Traceback" not in err and "different tokenizers" in err and "'zebra'" in err
+    assert "use uld or gold" in err
 
 
 def test_bare_tracebacks_of_old_are_messages(ws, tmp_path, no_model_loads, capsys):

@@ -17,6 +17,7 @@ import torch
 
 from llavadi.distill.cross_vocab import (
     MERGES,
+    MatchedTokens,
     AlignedPass,
     PairedGroups,
     TeacherSignal,
@@ -144,17 +145,20 @@ class GOLD(AlignedLogitTerm):
 
     def check_setting(self, ctx, given, where):
         super().check_setting(ctx, given, where)
-        if getattr(ctx, "matched_tokens", None) is None:
+        if ctx.matched_tokens is None and ctx.cross_tokenizer:
             raise ValueError(f"{where} needs the map of token strings shared by the two tokenizers")
         if ctx.teacher_signal == "topk" and self.opts["beta"] == 1.0:
             raise ValueError(f"{where}: beta 1 (reverse KL) against a top-k teacher is infinite wherever the student "
                              "has mass outside the teacher's top-k; set beta < 1")
 
     def teacher_size(self, seen: int) -> int:
-        return self.ctx.matched_tokens.teacher_size
+        return seen if self.ctx.matched_tokens is None else self.ctx.matched_tokens.teacher_size
 
     def divergence(self, teacher_size: int):
         opts, matched = self.opts, self.ctx.matched_tokens
+        if matched is None:  # one tokenizer (e.g. a teacher cache of the student's tokenization): every id matches
+            ids = torch.arange(teacher_size)
+            matched = MatchedTokens(ids, ids, teacher_size)
         weights = None if opts["matched_weight"] is None else (opts["matched_weight"], opts["unmatched_weight"])
         if weights is None:  # the share of the teacher's whole vocabulary (a top-k row shows only part of it)
             share = len(matched.teacher_ids) / max(1, matched.teacher_size)
