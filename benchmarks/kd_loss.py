@@ -13,10 +13,18 @@ LM-head weight; the first run of each variant is a warm-up whose loss and gradie
 time does not count waiting for a core, so it is the steadier measure on a shared machine; ratios use
 it); extra peak: peak RSS above the RSS before the step (VmHWM reset).
 
+``--additions`` measures instead the same tokenizer up to additions against the identical case
+(``llavadi``, one vocabulary of V tokens): ``additions`` is the llava-hf LLaVA-1.5 layout (the student
+has V + 1 tokens, <image> at V; the teacher V + 2, <pad> at V + 1, its LM head padded to a multiple of
+64 rows; the V + 1 shared tokens are a prefix on both sides, so no head is reordered), and
+``additions_moved`` the same with the teacher's <pad> at id 3 (its shared rows are gathered in the
+student's order once per step). Same hidden states and base weights; the extra rows are random.
+
 ``--baseline DIR`` adds ``baseline``: the ``llavadi`` variant of another checkout DIR (its own copy of
 this script and its own package), measured side by side with this checkout's (before/after a change).
 
 Usage: python benchmarks/kd_loss.py [--positions 1024 4096] [--rounds 3] [--sweep 8 16 32 64] [--baseline DIR]
+       python benchmarks/kd_loss.py --additions [--vocab 32000] [--positions 4096]
 """
 
 from __future__ import annotations
@@ -113,14 +121,18 @@ def _llavadi_step(variant: str, p: Problem):
         hidden_size = width
 
     kwargs = {}
+    weight_s, weight_t = p.weight_s, p.weight_t
+    if variant.startswith("additions"):
+        weight_s, weight_t, kwargs["vocab"] = _additions(p, moved=variant == "additions_moved")
     if variant.startswith("llavadi@"):
         kwargs["chunk_mib"] = float(variant.split("@")[1])
     elif variant == "llavadi_plain":
         kwargs["fused"] = False
     objective = DistillObjective([TermSpec("forward_kl")], ce_weight=0.0, teacher_config=Cfg(), **kwargs)
-    head_s, head_t = nn.Linear(width, vocab, bias=False), nn.Linear(width, vocab, bias=False)
-    head_s.weight = p.weight_s
-    head_t.weight = nn.Parameter(p.weight_t, requires_grad=False)
+    head_s = nn.Linear(width, weight_s.shape[0], bias=False)
+    head_t = nn.Linear(width, weight_t.shape[0], bias=False)
+    head_s.weight = weight_s
+    head_t.weight = nn.Parameter(weight_t, requires_grad=False)
     # n + 1 response tokens: the logit at position t predicts token t + 1, so positions 0..n-1 are read
     types = torch.full((1, n + 1), int(TokenType.RESPONSE))
     labels = torch.zeros(1, n + 1, dtype=torch.long)
@@ -134,7 +146,31 @@ def _llavadi_step(variant: str, p: Problem):
         loss.backward()
         return loss, leaf.grad[0, :n]
 
+    step.weights = (weight_s,)
     return step
+
+
+def _additions(p: Problem, moved: bool):
+    """Student and teacher LM heads in the llava-hf layout around the problem's V base rows, and their vocabulary map."""
+    import torch
+
+    from llavadi.data.tokenizer_pair import ADDITIONS, TokenizerPair
+    from llavadi.distill.vocab import SharedVocab
+
+    vocab, width = p.weight_s.shape
+    g = torch.Generator().manual_seed(1)
+    rows_t = -(-(vocab + 2) // 64) * 64
+    extra_t = torch.randn(rows_t - vocab, width, generator=g) * 0.02  # <image>, <pad>, padding
+    weight_s = torch.nn.Parameter(torch.cat([p.weight_s.detach(), torch.randn(1, width, generator=g) * 0.02]))
+    if moved:  # <pad> at id 3: the teacher's shared rows are 0..2, 4..V+1
+        weight_t = torch.cat([p.weight_t[:3], extra_t[1:2], p.weight_t[3:], extra_t[:1], extra_t[2:]])
+        teacher_ids = tuple(range(3)) + tuple(range(4, vocab + 2))
+    else:
+        weight_t = torch.cat([p.weight_t, extra_t])
+        teacher_ids = tuple(range(vocab + 1))
+    pair = TokenizerPair(ADDITIONS, teacher_ids, tuple(range(vocab + 1)), (("<pad>", 3 if moved else vocab + 1),), (),
+                         (), vocab + 2, vocab + 1, rows_t, vocab + 1)
+    return weight_s, weight_t, SharedVocab.from_pair(pair)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -146,7 +182,8 @@ def worker(args: argparse.Namespace) -> None:
     step = _step_fn(args.variant, problem)
     for line in sys.stdin:
         command = line.split()
-        problem.weight_s.grad = None
+        for weight in getattr(step, "weights", (problem.weight_s,)):
+            weight.grad = None
         before = _status_kib("VmRSS")
         _reset_peak()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -154,7 +191,8 @@ def worker(args: argparse.Namespace) -> None:
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         extra = (_status_kib("VmHWM") - before) / 1024
         if command[0] == "check":
-            sample_w = problem.weight_s.grad.flatten()[::7].clone()  # every 7th entry of the weight gradient
+            grad_w = getattr(step, "weights", (problem.weight_s,))[0].grad[:args.vocab]  # the V base rows
+            sample_w = grad_w.flatten()[::7].clone()  # every 7th entry of the weight gradient
             torch.save({"loss": loss.item(), "grad_h": grad_h, "grad_w": sample_w},
                        os.path.join(command[1], f"{args.variant}.pt"))
         del loss, grad_h
@@ -190,11 +228,11 @@ class Worker:
         self.proc.wait()
 
 
-def _agreement(tmp: str, variants: list[str]) -> dict[str, float]:
-    """Largest difference of loss / hidden gradient / sampled weight gradient from trl_dense, relative to its max."""
+def _agreement(tmp: str, variants: list[str], reference: str = "trl_dense") -> dict[str, float]:
+    """Largest difference of loss / hidden gradient / sampled weight gradient from `reference`, relative to its max."""
     import torch
 
-    ref = torch.load(os.path.join(tmp, "trl_dense.pt"))
+    ref = torch.load(os.path.join(tmp, f"{reference}.pt"))
     out = {}
     for v in variants:
         got = torch.load(os.path.join(tmp, f"{v}.pt"))
@@ -217,7 +255,7 @@ def measure(n: int, variants: list[str], args: argparse.Namespace) -> dict[str, 
                     os.replace(os.path.join(tmp, "baseline", "llavadi.pt"), os.path.join(tmp, "baseline.pt"))
                 else:
                     w.ask(f"check {tmp}")
-            agreement = _agreement(tmp, variants)
+            agreement = _agreement(tmp, variants, "llavadi" if args.additions else "trl_dense")
         for _ in range(args.rounds):
             for w in workers:
                 r = w.ask("run")
@@ -243,12 +281,17 @@ def main() -> None:
                         help="also llavadi with these chunk_mib values (the default is chosen from this)")
     parser.add_argument("--plain", action="store_true", help="also llavadi's plain autograd path")
     parser.add_argument("--baseline", help="also the llavadi variant of this other checkout (side by side)")
+    parser.add_argument("--additions", action="store_true",
+                        help="same tokenizer up to additions (llava-hf layout) against the identical vocabulary")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.variant = args.worker
         worker(args)
+        return
+    if args.additions:
+        additions_table(args)
         return
     if importlib.util.find_spec("trl") is None:  # every row is measured against TRL's dense loss
         sys.exit("benchmarks/kd_loss.py compares with TRL's loss functions, and trl is not installed: "
@@ -274,6 +317,25 @@ def main() -> None:
         if args.baseline:
             print(f"N={n}: llavadi / baseline CPU {res['llavadi']['cpu_seconds'] / res['baseline']['cpu_seconds']:.3f}x, "
                   f"extra peak {res['llavadi']['extra_peak_mib'] / res['baseline']['extra_peak_mib']:.3f}x", flush=True)
+
+
+def additions_table(args: argparse.Namespace) -> None:
+    """The same tokenizer up to additions against the identical case, side by side, as ratios."""
+    variants = ["llavadi", "additions", "additions_moved"]
+    print(f"forward KL from hidden states, forward + backward, H={args.hidden}, base V={args.vocab}, fp32, 1 thread "
+          f"per process, median of {args.rounds} interleaved rounds after a warm-up")
+    print("| N | V | variant | wall (s) | CPU (s) | extra peak (MiB, median / max) | CPU / identical "
+          "| peak / identical | rel. diff vs identical |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.positions:
+        res = measure(n, variants, args)
+        ref = res["llavadi"]
+        for v in variants:
+            r = res[v]
+            print(f"| {n} | {args.vocab} | {'identical' if v == 'llavadi' else v} | {r['seconds']:.2f} | "
+                  f"{r['cpu_seconds']:.2f} | {r['extra_peak_mib']:.0f} / {r['max_extra_peak_mib']:.0f} | "
+                  f"{r['cpu_seconds'] / ref['cpu_seconds']:.3f}x | {r['extra_peak_mib'] / ref['extra_peak_mib']:.3f}x "
+                  f"| {r['agreement']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

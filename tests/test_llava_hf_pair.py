@@ -100,3 +100,24 @@ def test_agreement_kl_of_the_pair_compares_the_distributions_over_the_shared_tok
     assert per_question == pytest.approx([k.mean().item() for k in kls], rel=1e-4)
     with pytest.raises(ValueError, match=r"question 'q1': the teacher's answer holds token id\(s\) \[257\]"):
         teacher_forced_kl(student, teacher, questions, [answers[0], answers[1] + [257]])
+
+
+def test_the_pair_trains_from_a_top_k_cache_of_the_teacher_read_through_the_id_map(tmp_path, capsys):
+    teacher, vision, llm = write_pair(str(tmp_path / "models"), n_base=256)
+    recipe = os.path.join(ROOT, "recipes", "llavadi.yaml")
+    overrides = _overrides(tmp_path, teacher, vision, llm)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", recipe, *overrides, "--stage", "finetune", "--out", str(cache), "--top-k", "8",
+                 "--hidden", "--values", "fp32", "--no-progress"]) == 0
+    cached = overrides + [f"teacher.cache={cache}"]
+    assert main(["train", recipe, *cached, "--quiet"]) == 0
+    with open(tmp_path / "run" / "finetune" / "checkpoints" / "checkpoint-3" / "trainer_state.json") as f:
+        logs = [h for h in json.load(f)["log_history"] if "loss/forward_kl" in h]
+    assert len(logs) == 3 and all(h["loss/forward_kl"] > 0 and h["loss/hidden_mse"] > 0 for h in logs)
+    # the known part of the teacher's mass outside the shared tokens: its top-8 ids the student lacks
+    assert all(0 <= h["loss/vocab/outside_mass_teacher"] < 1 for h in logs)
+    capsys.readouterr()
+    without_teacher = [o for o in cached if not o.startswith("teacher.path=")] + ["teacher.path=",
+                                                                                    f"output_dir={tmp_path / 'r2'}"]
+    assert main(["train", recipe, *without_teacher, "--check", "--quiet"]) == 2
+    assert "also names the teacher's folder, teacher.path" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def _run(spec, student_head, teacher_head, teacher_topk=None, vocab=None, fused=
     hidden_s = torch.randn(B, T, H_S, generator=g, dtype=torch.float64).requires_grad_(True)
     hidden_t = torch.randn(B, T, H_T, generator=g, dtype=torch.float64)
     signal = "dense" if teacher_topk is None else "topk"
-    objective = DistillObjective([spec], ce_weight=ce_weight, teacher_config=Cfg(H_T), student_config=Cfg(H_S),
+    objective = DistillObjective(spec if isinstance(spec, list) else [spec], ce_weight=ce_weight, teacher_config=Cfg(H_T), student_config=Cfg(H_S),
                                  chunk_size=4, teacher_signal=signal, vocab=vocab, fused=fused)
     for p in student_head.parameters():
         p.grad = None
@@ -218,3 +218,22 @@ def test_on_policy_answers_reach_the_teacher_view_through_the_id_map():
     # different tokenizers: no id map (the sampled answer is re-tokenized for the teacher, TeacherRetokenizer)
     assert answer_id_maps(loaded(student, 258), loaded(llama_style_tokenizer(vocab_size=240), 240),
                           ("", TEACHER_PREFIX)) == {}
+
+
+@pytest.mark.parametrize("k", [None, 5])
+def test_fused_equals_plain_over_the_shared_tokens_with_ce_and_terms_on_other_rows(k):
+    """CE on the student's whole vocabulary, terms on different row groups (chunks read subsets), extra rows with mass."""
+    heads = _heads(3, extra_logit=0.5)
+    vocab = SharedVocab.from_pair(_pair())
+    specs = [TermSpec("forward_kl", 0.5, tokens="all"), TermSpec("jsd", 0.3, options={"beta": 0.4})]
+    if k is not None:
+        specs = [TermSpec("forward_kl", 0.5, tokens="all", options={"missing_mass": "rest"}),
+                 TermSpec("jsd", 0.3, options={"beta": 0.4})]
+    got, want = (_run(specs, heads["student"][1], heads["teacher"][1], teacher_topk=k, vocab=vocab, fused=fused)
+                 for fused in (True, False))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert list(got[1]) == ["ce", "forward_kl", "jsd", "vocab/outside_mass_teacher", "vocab/outside_mass_student"]
+    for key in want[1]:
+        torch.testing.assert_close(got[1][key], want[1][key], rtol=1e-9, atol=1e-12, msg=key)

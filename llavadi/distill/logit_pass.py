@@ -154,7 +154,7 @@ def _teacher_rows(types_s: Tensor, student: ModelView, teacher: ModelView, rows:
         if vocab is None:
             return _TeacherRows(topk_ids=ids, topk_logprobs=logprobs)
         mapped, mapped_logprobs = vocab.map_topk(ids, logprobs)  # the cache holds teacher ids: mapped when read
-        outside = torch.where(mapped < 0, logprobs.float().exp(), torch.zeros((), device=device)).sum(-1)
+        outside = torch.where(mapped < 0, upcast(logprobs).exp(), torch.zeros((), device=device)).sum(-1)
         return _TeacherRows(topk_ids=mapped, topk_logprobs=mapped_logprobs, topk_outside=outside)
     if teacher.last_hidden is None or teacher.lm_head is None:
         raise ValueError("logit terms need the teacher's last hidden state and LM head, or its top-k ids and log-probs")
@@ -233,13 +233,16 @@ class _ChunkedPass:
                 with torch.no_grad():
                     h_t = self.teacher.hidden_rows(chunk)
                     teacher = _head_into(work.teacher[0][:n], h_t, *self.teacher.head)
-            if self.n_sums > len(self.slots):  # before the log-softmaxes take over the logits' buffers
-                self._outside_mass(chunk, student, teacher, h_t if dense else None, sums)
+            # the outside masses: what the log-softmaxes overwrite is read first, the rest from them after
+            mass = self._outside_before(chunk, teacher, h_t if dense else None) if self.n_sums > len(self.slots) \
+                else None
             rows = LogitRows(student, teacher, owned=True, keep_raw=self.keep_raw, shared=shared,
                              spare={"student": work.student[1][:n], "teacher": work.teacher and work.teacher[1][:n]})
             grad = None if work.grad is None else work.grad[:n].zero_()
             for j in range(len(self.slots)):
                 self._slot(j, rows, chunk, grad, sums)
+            if mass is not None:
+                self._outside_after(mass, rows, sums)
             if grad is not None:
                 _project(grad, h, weight, grad_h, self.rows.index[chunk], grad_w, grad_b, start == 0)
         total = _weighted_total(sums[:len(self.slots)], self.coefs)
@@ -251,23 +254,35 @@ class _ChunkedPass:
         return total, sums, grads
 
     @torch.no_grad()
-    def _outside_mass(self, chunk: slice, student: Tensor, teacher: Tensor | None, h_t: Tensor | None,
-                      sums: Tensor) -> None:
-        """Each side's probability mass on tokens the other lacks, summed over the first logit term's rows."""
+    def _outside_before(self, chunk: slice, teacher: Tensor | None, h_t: Tensor | None) -> dict | None:
+        """The first logit term's rows of this chunk; the teacher's first shared logit and log-sum-exp of its others."""
         member = self.rows.member[chunk, self.mass_slot]
         if not bool(member.any()):
-            return
-        index = member.nonzero().squeeze(1).to(student.device)
+            return None
+        index = member.nonzero().squeeze(1)
+        out = {"index": index, "chunk": chunk}
         if teacher is not None and self.teacher.other_head is not None:
+            index_t = index.to(teacher.device)
             other = F.linear(h_t[index.to(h_t.device)], *self.teacher.other_head).to(teacher.dtype).to(teacher.device)
-            lse_shared, lse_other = torch.logsumexp(teacher[index], -1), torch.logsumexp(other, -1)
+            # log-sum-exp of the shared logits = z_0 - log p_0 once the T=1 log-softmax exists: no extra pass over V
+            out.update(first=teacher[index_t, :1].clone(), lse_other=torch.logsumexp(other, -1, keepdim=True))
+        return out
+
+    @torch.no_grad()
+    def _outside_after(self, mass: dict, rows: LogitRows, sums: Tensor) -> None:
+        """Each side's probability mass on tokens the other lacks, summed over the first logit term's rows."""
+        index = mass["index"]
+        if "first" in mass:
+            logp = rows.teacher(1.0).logp  # computed already by terms at T=1
+            lse_shared = mass["first"] - logp[index.to(logp.device), :1]
+            lse_other = mass["lse_other"]
             sums[-2] += torch.exp(lse_other - torch.logaddexp(lse_shared, lse_other)).to(sums.device).sum()
-        elif self.teacher.topk_outside is not None:
-            sums[-2] += self.teacher.topk_outside[chunk][index.to(self.teacher.topk_outside.device)].sum()
+        elif self.teacher.topk_outside is not None:  # a cache: the known part, the top-k ids the student lacks
+            outside = self.teacher.topk_outside[mass["chunk"]]
+            sums[-2] += outside[index.to(outside.device)].sum().to(sums.device)
         if self.vocab.student_narrowed:
-            rows = student[index]
-            lse_all, lse_other = torch.logsumexp(rows, -1), torch.logsumexp(rows[:, self.vocab.n_shared:], -1)
-            sums[-1] += torch.exp(lse_other - lse_all).sum()
+            logp = rows.student_all().logp[index.to(sums.device)]
+            sums[-1] += torch.logsumexp(logp[:, self.vocab.n_shared:], -1).exp().sum()
 
     def _slot(self, j: int, rows: LogitRows, chunk: slice, grad: Tensor | None, sums: Tensor) -> None:
         """Slot j's values on this chunk's rows into sums[j], and c_j * their gradient into `grad`."""

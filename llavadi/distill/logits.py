@@ -96,7 +96,7 @@ class LogitRows:
             self._logits["student_shared"] = student[:, :shared]
         self._raw = {side: logits is not None for side, logits in self._logits.items()}
         # in place: the raw logits' buffer takes the probabilities (not the student's when a view reads it)
-        self._in_place = {side: owned and not keep_raw and not (self._narrow and side == "student")
+        self._in_place = {side: owned and not keep_raw and not (self._narrow and side.startswith("student"))
                           for side in self._logits}
         self._spare = spare or {}  # per side, a buffer like its logits that receives their T=1 log-probs
         self._cache: dict[tuple[str, float], Dist] = {}

@@ -11,6 +11,12 @@ term selecting one is an error naming the sample and the position.
 What a cache can serve is decided before training (``check_terms``): logit terms with a sparse
 form (``forward_kl``, ``jsd``) on the cached prediction positions, and hidden-state terms on the
 teacher's last hidden state when it was cached (``--hidden``). Any other term is refused, named.
+
+A cache stores the teacher's token ids. A student whose tokenizer is the teacher's up to additions
+(``llavadi.data.tokenizer_pair``; the recipe must name the teacher's folder, whose tokenizer files
+give the pair) reads it through the fixed id map: sample digests are compared in the teacher's ids,
+and the logit terms map the cached top-k ids when they read them (ids the student lacks join the
+missing mass, ``llavadi.distill.vocab``).
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from llavadi.data.token_types import TYPE_GROUPS
+from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL, TokenizerPair
+from llavadi.distill.compat import CROSS_TOKENIZER_HINT, tokenizer_pair
 from llavadi.distill.selection import Predictions, Selection, Tokens
 from llavadi.distill.view import ModelView, Needs
+from llavadi.distill.vocab import SharedVocab
 from llavadi.identity import folder_identity
 from llavadi.teacher.cache_format import (
     VALUE_DTYPES,
@@ -119,17 +128,23 @@ def image_layout(image_processor) -> dict:
     return {k: str(getattr(image_processor, k, None)) for k in keys}
 
 
-def check_stage(reader: CacheReader, data, student, where: str) -> None:
-    """The cache was written for this stage's rendering of the data and a student of the same layout."""
+def check_stage(reader: CacheReader, data, student, where: str, pair: TokenizerPair | None = None) -> None:
+    """The cache was written for this stage's rendering of the data and a student of the same layout.
+
+    With a tokenizer `pair` (the student's tokenizer the teacher's up to additions), the cache's
+    tokenizer and vocabulary size are the teacher's (checked where the pair was made)."""
     m = reader.manifest
     wanted = {"template": data.template, "system": data.system, "max_length": data.max_length,
-              "tokenizer": tokenizer_digest(student.tokenizer), "n_image_tokens": student.n_image_tokens,
-              "vocab_size": vocab_size(student.model.config),
+              "tokenizer": m.get("tokenizer") if pair else tokenizer_digest(student.tokenizer),
+              "n_image_tokens": student.n_image_tokens,
+              "vocab_size": pair.teacher_rows if pair else vocab_size(student.model.config),
               "image_layout": image_layout(student.image_processor)}
     differ = [f"{k}: cache {m.get(k)!r}, here {v!r}" for k, v in wanted.items() if k not in ("tokenizer",)
               and m.get(k) != v]
     if m.get("tokenizer") != wanted["tokenizer"]:
-        differ.append("tokenizer: the cache was written with another vocabulary")
+        differ.append("tokenizer: the cache was written with another vocabulary (a student whose tokenizer is the "
+                      "teacher's up to added tokens reads it when the recipe also names the teacher's folder, "
+                      "teacher.path)")
     if differ:
         raise CacheError(f"{where}: teacher cache {reader.directory} was written for another setting: "
                          + "; ".join(differ) + ". Rewrite it with `llavadi cache-teacher` for this recipe")
@@ -151,6 +166,14 @@ def check_teacher(reader: CacheReader, model_dir: str, where: str) -> None:
 IMAGE_DIGESTS = ImageDigests()
 
 
+def teacher_ids(reader: CacheReader, ids: list[int]) -> list[int]:
+    """A sample's student token ids in the cache's (the teacher's) ids: through the tokenizer pair's map, if any."""
+    pair = getattr(reader, "tokenizer_pair", None)
+    if pair is None or not ids:
+        return list(ids)
+    return pair.student_to_teacher()[torch.tensor(ids, dtype=torch.long)].tolist()  # -1: never equals a digest
+
+
 def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, where: str,
                   images: list | None = None) -> None:
     """Every sample is cached and its token ids, types and image bytes (`images`: each sample's image path,
@@ -167,7 +190,7 @@ def check_samples(reader: CacheReader, sample_ids: list[str], encoded: list, whe
         # hashing the images here reads each file once more than decoding it did; the per-batch check
         # during training then finds them hashed already (same size and mtime)
         image = IMAGE_DIGESTS(images[i]) if images is not None else cached.get("image", "")
-        differ = digest_difference(cached, sample_digest(enc.input_ids, enc.token_types, image))
+        differ = digest_difference(cached, sample_digest(teacher_ids(reader, enc.input_ids), enc.token_types, image))
         if differ:
             stale.append((sid, differ))
     if stale:
@@ -204,7 +227,8 @@ class CachedTeacher:
         if sample_id not in self.sample_images:
             raise CacheError(f"teacher cache {self.reader.directory}: sample {sample_id!r} is not in this stage's data")
         image = self._image_digest(self.sample_images[sample_id])
-        differ = digest_difference(entry["digest"], sample_digest(input_ids.tolist(), token_types.tolist(), image))
+        differ = digest_difference(entry["digest"], sample_digest(teacher_ids(self.reader, input_ids.tolist()),
+                                                                  token_types.tolist(), image))
         if differ:
             raise stale_error(self.reader, sample_id, differ)
 
@@ -276,9 +300,11 @@ def cached_objective(stage, student, reader: CacheReader):
     """The stage's objective against the cache's top-k signal (terms without a top-k form are refused, named)."""
     from llavadi.distill.objective import DistillObjective
 
+    pair = getattr(reader, "tokenizer_pair", None)
+    vocab = SharedVocab.from_pair(pair) if pair is not None and pair.kind != IDENTICAL else None
     return DistillObjective(stage.distill.terms, ce_weight=stage.distill.ce_weight,
                             student_config=student.model.config, teacher_config=teacher_config(reader),
-                            chunk_size=stage.distill.chunk_size, teacher_signal="topk")
+                            chunk_size=stage.distill.chunk_size, teacher_signal="topk", vocab=vocab)
 
 
 def preflight_cache(recipe, stage, student, where: str) -> tuple[CacheReader | None, list[str]]:
@@ -310,10 +336,27 @@ def stage_cache(recipe, stage, student) -> CacheReader | None:
         return None
     where = f"stage {stage.name!r}"
     reader = open_cache(recipe.teacher.cache)
-    check_stage(reader, stage.data, student, where)
+    reader.tokenizer_pair = _cache_pair(recipe, reader, student, where)
+    check_stage(reader, stage.data, student, where, reader.tokenizer_pair)
     if recipe.teacher.path:
         check_teacher(reader, recipe.teacher.path, where)
     return reader
+
+
+def _cache_pair(recipe, reader: CacheReader, student, where: str) -> TokenizerPair | None:
+    """The teacher-student tokenizer pair when the student's tokenizer is not the cache's (from the teacher's folder)."""
+    if tokenizer_digest(student.tokenizer) == reader.manifest.get("tokenizer") or not recipe.teacher.path:
+        return None  # one tokenizer, or no teacher folder to pair with (check_stage names the difference)
+    from llavadi.models.describe import describe_model
+
+    teacher = describe_model(recipe.teacher)  # tokenizer and config files only
+    if tokenizer_digest(teacher.tokenizer) != reader.manifest.get("tokenizer"):
+        return None  # the cache is not this teacher's: check_stage and check_teacher say so
+    pair = tokenizer_pair(student, teacher)
+    if pair.kind == DIFFERENT:
+        raise CacheError(f"{where}: the student's tokenizer and the cached teacher's differ:\n    "
+                         + "\n    ".join(pair.describe()) + f"\n  {CROSS_TOKENIZER_HINT}")
+    return pair
 
 
 def check_dataset(reader: CacheReader, dataset, where: str) -> None:
