@@ -24,19 +24,68 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer():
-    """A word-level fast tokenizer with Qwen2-VL's special tokens and a Qwen-style chat template."""
+# LLaVA-OneVision's (Qwen2 ChatML) template with `<image>` for an image part, as llava-hf's checkpoints render it
+LLAVA_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
+
+def qwen_tokenizer(image_token: str | None = None, template: str = QWEN_CHAT_TEMPLATE):
+    """A word-level fast tokenizer with Qwen2's special tokens (and `image_token`) and a ChatML chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<unk>", *QWEN_SPECIALS, *sorted(set(WORDS))])}
+    specials = QWEN_SPECIALS + ([image_token] if image_token else [])
+    vocab = {t: i for i, t in enumerate(["<unk>", *specials, *sorted(set(WORDS))])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    extra = {"extra_special_tokens": {"image_token": image_token}} if image_token else {}
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 unk_token="<unk>", padding_side="right")
-    hf.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
-    hf.chat_template = QWEN_CHAT_TEMPLATE
+                                 unk_token="<unk>", padding_side="right", **extra)
+    hf.add_special_tokens({"additional_special_tokens": specials})
+    hf.chat_template = template
     return hf
+
+
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+
+
+def anyres_image_processor(model_type: str):
+    """LLaVA-NeXT's or LLaVA-OneVision's image processor (PIL): 28 px tiles, up to 2x2 tiles."""
+    if model_type == "llava_next":
+        from transformers import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                          image_grid_pinpoints=PINPOINTS)
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    return LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS)
+
+
+def anyres_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
+    """A tiny random LLaVA-NeXT (CLIP + Llama) or LLaVA-OneVision (SigLIP + Qwen2, anyres_max_1) of text width `hidden`."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=7)
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    if model_type == "llava_next":
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                                 image_token_id=image, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default")
+        model = LlavaNextForConditionalGeneration(config)
+    else:
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
+                                      image_token_id=image, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1")
+        model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def qwen_image_processor():

@@ -33,6 +33,16 @@ def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel
                         max_pixels=stage.data.max_pixels, progress=progress)
 
 
+def check_same_family(student: LoadedModel, teacher: LoadedModel, logit_terms: list[str]) -> None:
+    """Refuse, by family name, logit terms between a teacher and a student of different model families."""
+    s_family, t_family = student.family.name, teacher.family.name
+    if s_family != t_family:
+        raise ValueError(f"logit terms {logit_terms} compare next-token distributions of one tokenizer and one prompt "
+                         f"layout, but the teacher is a {t_family} model and the student a {s_family} model; "
+                         "cross-family pairs take the state terms (hidden_mse, visual_align, ...) where the token "
+                         "types align, not logit terms")
+
+
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
                     cache=None) -> DistillObjective:
     """The stage's objective; checks up front that logit terms have a shared tokenizer.
@@ -43,6 +53,7 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     if cache is not None:
         return cached_objective(stage, student, cache)
     if teacher is not None and any(t.is_logit_term for t in terms):
+        check_same_family(student, teacher, [t.name for t in terms if t.is_logit_term])
         check_same_tokenizer(student.tokenizer, teacher.tokenizer)
     return DistillObjective(terms, ce_weight=stage.distill.ce_weight, student_config=student.model.config,
                             teacher_config=teacher.model.config if teacher is not None else None,

@@ -29,6 +29,7 @@ class Parts:
     projector: nn.Module
     language: list[nn.Module]
     vision_layers: list[nn.Module]
+    projector_params: tuple = ()  # parameters outside the projector module trained with it (LLaVA-NeXT's newline)
 
 
 class Family:
@@ -41,7 +42,7 @@ class Family:
     pad_to_square = False  # LLaVA-1.5 pads images to a square; the newer families preprocess as they are
     multi_image = False  # whether one sample may hold several images
     image_parts = False  # chat templates render images from {"type": "image"} content parts
-    text_input_keys: tuple[str, ...] = ()  # per-token inputs derived from the ids (padded with 0)
+    spatial_grids = True  # image tokens lie on a (rows, cols) grid (visual alignment pools them spatially)
 
     def image_token_id(self, config) -> int:
         """The id of the token each image feature replaces."""
@@ -51,8 +52,8 @@ class Family:
         """Image tokens per image when it does not depend on the image (None: it does)."""
         return None
 
-    def tokens_per_image(self, config, image_processor, size: tuple[int, int]) -> int:
-        """Image tokens of one image of `size` = (width, height)."""
+    def tokens_per_image(self, config, image_processor, size: tuple[int, int], n_images: int = 1) -> int:
+        """Image tokens of one image of `size` = (width, height) in a sample of `n_images` images."""
         fixed = self.fixed_tokens_per_image(config)
         if fixed is None:
             raise NotImplementedError(f"{self.name}: tokens_per_image")
