@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CrashAt, write_json
-from family_models import (LLAVA_CHAT_TEMPLATE, anyres_image_processor, anyres_model, qwen_image_processor, qwen_model,
-                           qwen_tokenizer)
+from family_models import (LLAVA_CHAT_TEMPLATE, anyres_image_processor, anyres_model, gemma_image_processor, gemma_model,
+                           gemma_tokenizer, qwen_image_processor, qwen_model, qwen_tokenizer)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,7 +24,9 @@ from llavadi.data.templates import Turn
 from llavadi.distill.hidden import pool_image_grid
 from llavadi.distill.selection import Predictions
 from llavadi.distill.view import Needs
+from llavadi.eval.benchmarks import get_benchmark
 from llavadi.eval.eval_command import evaluate
+from llavadi.eval.generate import eos_token_ids, from_benchmark_questions, generate_answer_ids, load_for_eval
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
 from llavadi.models.families import FAMILIES
 from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
@@ -36,17 +38,22 @@ def _anyres(model_type):
     return {"tokenizer": lambda: qwen_tokenizer("<image>", LLAVA_CHAT_TEMPLATE),
             "processor": lambda: anyres_image_processor(model_type),
             "model": lambda tok, hidden, seed: anyres_model(model_type, tok, hidden, seed),
-            "projector": "multi_modal_projector.", "vision": "vision_tower."}
+            "projector": "multi_modal_projector.", "vision": "vision_tower.", "eos": "<|im_end|>"}
 
 
 def _qwen(model_type):
     return {"tokenizer": qwen_tokenizer, "processor": qwen_image_processor,
             "model": lambda tok, hidden, seed: qwen_model(model_type, tok, hidden, seed),
-            "projector": "visual.merger.", "vision": "visual.blocks."}
+            "projector": "visual.merger.", "vision": "visual.blocks.", "eos": "<|im_end|>"}
+
+
+GEMMA = {"tokenizer": gemma_tokenizer, "processor": gemma_image_processor,
+         "model": lambda tok, hidden, seed: gemma_model(tok, hidden, seed),
+         "projector": "multi_modal_projector.", "vision": "vision_tower.", "eos": "<end_of_turn>"}
 
 
 SPECS = {"qwen2_vl": _qwen("qwen2_vl"), "qwen2_5_vl": _qwen("qwen2_5_vl"), "llava_next": _anyres("llava_next"),
-         "llava_onevision": _anyres("llava_onevision")}
+         "llava_onevision": _anyres("llava_onevision"), "gemma3": GEMMA}
 FAMILY_TYPES = tuple(SPECS)
 # (name, size, colour): Qwen2-VL gives them 4, 8, 6 and 9 image tokens (8 px patches, 2x2 merge); the tiled
 # families 1, 2 or 4 tiles of 28 px
@@ -71,7 +78,7 @@ def ws(request, tmp_path_factory):
         Image.new("RGB", size, rgb).save(root / "imgs" / f"{name}.png")
     data = [{"id": f"s{i}", "image": f"{IMAGES[i % 4][0]}.png",
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the square ?"},
-                               {"from": "gpt", "value": IMAGES[i % 4][0]}]} for i in range(7)]
+                               {"from": "gpt", "value": f"the square is {IMAGES[i % 4][0]}"}]} for i in range(7)]
     if FAMILIES[model_type].multi_image:
         data.append({"id": "two", "image": ["red.png", "green.png"],
                      "conversations": [{"from": "human", "value": "<image>\n<image>\nhow many ?"},
@@ -102,6 +109,14 @@ def _only(ws, *model_types):
         pytest.skip(f"this path does not depend on the family; run for {', '.join(model_types)} only")
 
 
+def _processor_type_ids(model_type, batch):
+    """The per-token image flags the family's processor returns beside input_ids (1 at image tokens)."""
+    flags = batch["token_types"] == 1
+    if model_type.startswith("qwen"):
+        return {"mm_token_type_ids": flags.int()}
+    return {"token_type_ids": flags.long()} if model_type == "gemma3" else {}
+
+
 def _weights(model_dir):
     return load_file(os.path.join(model_dir, "model.safetensors"))
 
@@ -128,11 +143,17 @@ def trained(ws):
 def reference_count(model_dir, model_type, image, n_images=1):
     """An image's token count as transformers computes it: Qwen2-VL's processor output grid / merge^2, LlavaNextProcessor's
     expansion, LLaVA-OneVision's processor's counting method (its class needs torchvision to be built)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaNextProcessor, LlavaOnevisionProcessor
+    from transformers import (AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaNextProcessor,
+                              LlavaOnevisionProcessor)
 
     config, processor = AutoConfig.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
     if model_type.startswith("qwen"):
         return int(processor(images=[image], return_tensors="pt")["image_grid_thw"].prod()) // 4
+    if model_type == "gemma3":
+        full = AutoProcessor.from_pretrained(model_dir)
+        text = "<start_of_image>" * n_images
+        ids = full(images=[image] * n_images, text=text, return_tensors="pt")["input_ids"]
+        return int((ids == config.image_token_id).sum()) // n_images
     side = config.vision_config.image_size // config.vision_config.patch_size
     if model_type == "llava_next":
         full = LlavaNextProcessor(image_processor=processor, tokenizer=AutoTokenizer.from_pretrained(model_dir),
@@ -158,7 +179,8 @@ def test_the_data_path_gives_each_image_its_own_token_count(ws):
     expected = [reference_count(model_dir, model_type, img) for img in images]
     if model_type == "qwen2_vl":  # 32x32 -> 4, 64x32 -> 8, 32x48 -> 6, 48x48 -> 9 (8 px patches, 2x2 merge)
         assert expected[:4] == [4, 8, 6, 9]
-    assert len(set(expected)) > 1  # image-dependent counts
+    if model_type != "gemma3":  # Gemma 3 pools every image to the same count
+        assert len(set(expected)) > 1  # image-dependent counts
     if FAMILIES[model_type].multi_image:
         expected.append(sum(reference_count(model_dir, model_type, img, 2) for img in images[:2]))
     else:
@@ -167,12 +189,14 @@ def test_the_data_path_gives_each_image_its_own_token_count(ws):
     batch = LlavaCollator(student.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     if model_type.startswith("qwen"):
         assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
+    elif model_type == "gemma3":
+        assert batch["pixel_values"].shape[0] == 9  # one row per image
     else:
         assert batch["image_sizes"].tolist()[:4] == [[s[1], s[0]] for _, s, _ in IMAGES]
     # labels: the answer and its end-of-turn token only
     tok = student.tokenizer
     answer = [tok.convert_ids_to_tokens(i) for i in batch["labels"][0].tolist() if i != -100]
-    assert answer == ["red", "<|im_end|>"]
+    assert answer == ["the", "square", "is", "red", ws["spec"]["eos"]]
 
 
 def test_a_single_image_family_refuses_two_images_by_name(tmp_path):
@@ -217,7 +241,7 @@ def _plain_greedy(model_dir, model_type, image, question):
     content = [{"type": "text", "text": question}] if image is None else [{"type": "image"},
                                                                            {"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
-    if model_type == "llava_next":
+    if model_type in ("llava_next", "gemma3"):
         processor = AutoProcessor.from_pretrained(model_dir)
         tok = processor.tokenizer
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -231,12 +255,13 @@ def _plain_greedy(model_dir, model_type, image, question):
             marker = tok.convert_ids_to_tokens(model.config.image_token_id)
             text = text.replace(marker, marker * reference_count(model_dir, model_type, image))
         inputs.update(tok(text, return_tensors="pt"))
-        if image is not None and model_type.startswith("qwen"):
+        if image is not None and model_type.startswith("qwen"):  # as Qwen2VLProcessor returns it
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
     ids = inputs["input_ids"]
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    answer = out[0, ids.shape[1]:]
+    return tok.decode(answer, skip_special_tokens=True).strip(), answer.tolist()
 
 
 def test_saved_student_answers_in_plain_transformers_as_llavadi_eval(ws, trained):
@@ -249,12 +274,21 @@ def test_saved_student_answers_in_plain_transformers_as_llavadi_eval(ws, trained
              batch_size=3, max_new_tokens=MAX_NEW, device="cpu", progress=False)
     llavadi_says = {a["question_id"]: a["text"] for a in map(json.loads, (root / "eval" / "answers.jsonl").open())}
     assert set(llavadi_says) == {q["question_id"] for q in questions}
-    # the comparison compares words, not empty answers (measured: every answer non-empty for both families)
-    assert sum(bool(a) for a in llavadi_says.values()) >= 3, llavadi_says
+    # the ids `llavadi eval` decoded (its own generation function), special tokens included
+    bundle = load_for_eval(trained["final"], device="cpu", dtype="float32")
+    eval_questions = from_benchmark_questions(get_benchmark("synthetic").load_questions(root / "q.jsonl"), root / "imgs")
+    llavadi_ids = dict(zip([q.question_id for q in eval_questions],
+                           generate_answer_ids(bundle, eval_questions, batch_size=3, max_new_tokens=MAX_NEW,
+                                               progress=False)))
+    eos = set(eos_token_ids(bundle.model, bundle.tokenizer))
+    # the comparison compares generated tokens, not answers that end at once
+    assert sum(any(t not in eos for t in ids) for ids in llavadi_ids.values()) >= 3, llavadi_ids
     for q in questions:
         image = Image.open(root / "imgs" / q["image"]).convert("RGB") if "image" in q else None
-        said = _plain_greedy(trained["final"], ws["model_type"], image, q["text"])
+        said, ids = _plain_greedy(trained["final"], ws["model_type"], image, q["text"])
         assert said == llavadi_says[q["question_id"]], q["question_id"]
+        cut = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+        assert ids[:cut] == llavadi_ids[q["question_id"]], q["question_id"]
 
 
 def test_offline_cache_round_trip_and_training_from_it_equals_online(ws, tmp_path):
@@ -270,8 +304,7 @@ def test_offline_cache_round_trip_and_training_from_it_equals_online(ws, tmp_pat
     batch = LlavaCollator(student.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     teacher = load_llava_dir(str(root / "teacher0")).model.eval()
     images = {k: batch[k] for k in IMAGE_INPUT_KEYS if k in batch}
-    if ws["model_type"].startswith("qwen"):
-        images["mm_token_type_ids"] = (batch["token_types"] == 1).int()
+    images.update(_processor_type_ids(ws["model_type"], batch))
     with torch.no_grad():  # the reference: a plain transformers forward of the teacher
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **images).logits
     reference = F.log_softmax(logits.float(), dim=-1)
@@ -357,7 +390,7 @@ def test_a_folder_with_the_processor_chat_template_only_is_prompted_with_it(ws, 
     assert load_llava_dir(str(folder)).tokenizer.chat_template == template
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "gemma3"])
 def test_shipped_family_recipes_are_valid(name):
     from llavadi.config import load_recipe
 
@@ -390,7 +423,7 @@ def test_attention_affinity_and_visual_relation_terms_train_within_the_family(ws
         loaded.model.set_attn_implementation("eager")
         inputs = model_inputs(batch)
         views.append(llava_view(loaded.model, inputs, batch["token_types"], Needs(attention_layers=frozenset({-1}))))
-        extra = {"mm_token_type_ids": (batch["token_types"] == 1).int()} if ws["model_type"].startswith("qwen") else {}
+        extra = _processor_type_ids(ws["model_type"], batch)
         with torch.no_grad():
             maps.append(loaded.model(**inputs, **extra, output_attentions=True).attentions[-1])
     term = build_term(TermSpec.from_dict({"name": "attention"}, "t"), "attention", TermContext(), "t")

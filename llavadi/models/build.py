@@ -103,6 +103,7 @@ class LoadedModel:
         return ConversationEncoder(
             self.tokenizer, tmpl, family.image_token_id(config), self.n_image_tokens, max_length,
             image_marker=family.image_marker, multi_image=family.multi_image, family=family.name,
+            template_image_text=family.template_image_text,
             tokens_per_image=lambda size, n: family.tokens_per_image(config, self.image_processor, size, n))
 
 

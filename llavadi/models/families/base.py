@@ -37,6 +37,7 @@ class Family:
 
     name = "base"
     model_types: tuple[str, ...] = ()
+    template_image_text = None  # what the family's chat template writes for an image (None: image_marker)
     image_marker = "<image>"  # the text one image becomes in a rendered prompt, before expansion
     default_template = "vicuna_v1"  # llavadi template used when a saved model records none
     pad_to_square = False  # LLaVA-1.5 pads images to a square; the newer families preprocess as they are
