@@ -28,12 +28,12 @@ QWEN_CHAT_TEMPLATE = (
 LLAVA_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
 
 
-def qwen_tokenizer(image_token: str | None = None, template: str = QWEN_CHAT_TEMPLATE):
-    """A word-level fast tokenizer with Qwen2's special tokens (and `image_token`) and a ChatML chat template."""
+def qwen_tokenizer(image_token: str | None = None, template: str = QWEN_CHAT_TEMPLATE, extra: tuple = ()):
+    """A word-level fast tokenizer with Qwen2's special tokens (and `image_token`, `extra`) and a ChatML chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = QWEN_SPECIALS + ([image_token] if image_token else [])
+    specials = QWEN_SPECIALS + list(extra) + ([image_token] if image_token else [])
     vocab = {t: i for i, t in enumerate(["<unk>", *specials, *sorted(set(WORDS))])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -180,6 +180,43 @@ def gemma_model(tokenizer, hidden: int = 32, seed: int = 0):
                           boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                           image_token_index=ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+IDEFICS_SPECIALS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+
+
+def idefics_tokenizer():
+    """The ChatML word tokenizer with Idefics3's image tokens; its template writes `<image>` for an image."""
+    return qwen_tokenizer("<image>", LLAVA_CHAT_TEMPLATE, IDEFICS_SPECIALS)
+
+
+def idefics_image_processor(model_type: str):
+    """Idefics3's or SmolVLM's image processor (PIL) for 28 px images, image splitting off."""
+    from transformers import Idefics3ImageProcessorPil, SmolVLMImageProcessorPil
+
+    cls = Idefics3ImageProcessorPil if model_type == "idefics3" else SmolVLMImageProcessorPil
+    return cls(do_image_splitting=False, size={"longest_edge": 28}, max_image_size={"longest_edge": 28})
+
+
+def idefics_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
+    """A tiny random Idefics3 or SmolVLM (SigLIP 28 px, 7 px patches, pixel shuffle 2: 4 tokens per image)."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=7)
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config_cls, model_cls = ((Idefics3Config, Idefics3ForConditionalGeneration) if model_type == "idefics3"
+                             else (SmolVLMConfig, SmolVLMForConditionalGeneration))
+    config = config_cls(vision_config=vision, text_config=text, scale_factor=2,
+                        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+    model = model_cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

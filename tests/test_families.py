@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import CrashAt, write_json
 from family_models import (LLAVA_CHAT_TEMPLATE, anyres_image_processor, anyres_model, gemma_image_processor, gemma_model,
-                           gemma_tokenizer, qwen_image_processor, qwen_model, qwen_tokenizer)
+                           gemma_tokenizer, idefics_image_processor, idefics_model, idefics_tokenizer,
+                           qwen_image_processor, qwen_model, qwen_tokenizer)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -47,13 +48,20 @@ def _qwen(model_type):
             "projector": "visual.merger.", "vision": "visual.blocks.", "eos": "<|im_end|>"}
 
 
+def _idefics(model_type):
+    return {"tokenizer": idefics_tokenizer, "processor": lambda: idefics_image_processor(model_type),
+            "model": lambda tok, hidden, seed: idefics_model(model_type, tok, hidden, seed),
+            "projector": "connector.", "vision": "vision_model.", "eos": "<|im_end|>"}
+
+
 GEMMA = {"tokenizer": gemma_tokenizer, "processor": gemma_image_processor,
          "model": lambda tok, hidden, seed: gemma_model(tok, hidden, seed),
          "projector": "multi_modal_projector.", "vision": "vision_tower.", "eos": "<end_of_turn>"}
 
 
 SPECS = {"qwen2_vl": _qwen("qwen2_vl"), "qwen2_5_vl": _qwen("qwen2_5_vl"), "llava_next": _anyres("llava_next"),
-         "llava_onevision": _anyres("llava_onevision"), "gemma3": GEMMA}
+         "llava_onevision": _anyres("llava_onevision"), "gemma3": GEMMA, "idefics3": _idefics("idefics3"),
+         "smolvlm": _idefics("smolvlm")}
 FAMILY_TYPES = tuple(SPECS)
 # (name, size, colour): Qwen2-VL gives them 4, 8, 6 and 9 image tokens (8 px patches, 2x2 merge); the tiled
 # families 1, 2 or 4 tiles of 28 px
@@ -109,6 +117,12 @@ def _only(ws, *model_types):
         pytest.skip(f"this path does not depend on the family; run for {', '.join(model_types)} only")
 
 
+def config_of(model_dir):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
 def _processor_type_ids(model_type, batch):
     """The per-token image flags the family's processor returns beside input_ids (1 at image tokens)."""
     flags = batch["token_types"] == 1
@@ -149,9 +163,12 @@ def reference_count(model_dir, model_type, image, n_images=1):
     config, processor = AutoConfig.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
     if model_type.startswith("qwen"):
         return int(processor(images=[image], return_tensors="pt")["image_grid_thw"].prod()) // 4
-    if model_type == "gemma3":
+    if model_type == "smolvlm":  # SmolVLMProcessor needs torchvision; its image_seq_len formula
+        v = config.vision_config
+        return (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
+    if model_type in ("gemma3", "idefics3"):
         full = AutoProcessor.from_pretrained(model_dir)
-        text = "<start_of_image>" * n_images
+        text = ("<start_of_image>" if model_type == "gemma3" else "<image>") * n_images
         ids = full(images=[image] * n_images, text=text, return_tensors="pt")["input_ids"]
         return int((ids == config.image_token_id).sum()) // n_images
     side = config.vision_config.image_size // config.vision_config.patch_size
@@ -179,7 +196,7 @@ def test_the_data_path_gives_each_image_its_own_token_count(ws):
     expected = [reference_count(model_dir, model_type, img) for img in images]
     if model_type == "qwen2_vl":  # 32x32 -> 4, 64x32 -> 8, 32x48 -> 6, 48x48 -> 9 (8 px patches, 2x2 merge)
         assert expected[:4] == [4, 8, 6, 9]
-    if model_type != "gemma3":  # Gemma 3 pools every image to the same count
+    if FAMILIES[model_type].fixed_tokens_per_image(config_of(model_dir)) is None:
         assert len(set(expected)) > 1  # image-dependent counts
     if FAMILIES[model_type].multi_image:
         expected.append(sum(reference_count(model_dir, model_type, img, 2) for img in images[:2]))
@@ -191,6 +208,8 @@ def test_the_data_path_gives_each_image_its_own_token_count(ws):
         assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
     elif model_type == "gemma3":
         assert batch["pixel_values"].shape[0] == 9  # one row per image
+    elif model_type in ("idefics3", "smolvlm"):  # a row of (up to two) images per sample
+        assert batch["pixel_values"].shape[:2] == (8, 2) and batch["pixel_attention_mask"].shape[:2] == (8, 2)
     else:
         assert batch["image_sizes"].tolist()[:4] == [[s[1], s[0]] for _, s, _ in IMAGES]
     # labels: the answer and its end-of-turn token only
@@ -241,7 +260,7 @@ def _plain_greedy(model_dir, model_type, image, question):
     content = [{"type": "text", "text": question}] if image is None else [{"type": "image"},
                                                                            {"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
-    if model_type in ("llava_next", "gemma3"):
+    if model_type in ("llava_next", "gemma3", "idefics3"):
         processor = AutoProcessor.from_pretrained(model_dir)
         tok = processor.tokenizer
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -253,7 +272,10 @@ def _plain_greedy(model_dir, model_type, image, question):
         if image is not None:
             inputs = dict(AutoImageProcessor.from_pretrained(model_dir)(images=[image], return_tensors="pt"))
             marker = tok.convert_ids_to_tokens(model.config.image_token_id)
-            text = text.replace(marker, marker * reference_count(model_dir, model_type, image))
+            expanded = marker * reference_count(model_dir, model_type, image)
+            if model_type == "smolvlm":  # SmolVLMProcessor's text for an unsplit image
+                expanded = f"<fake_token_around_image><global-img>{expanded}<fake_token_around_image>"
+            text = text.replace(marker, expanded)
         inputs.update(tok(text, return_tensors="pt"))
         if image is not None and model_type.startswith("qwen"):  # as Qwen2VLProcessor returns it
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
@@ -390,7 +412,7 @@ def test_a_folder_with_the_processor_chat_template_only_is_prompted_with_it(ws, 
     assert load_llava_dir(str(folder)).tokenizer.chat_template == template
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "gemma3", "smolvlm"])
 def test_shipped_family_recipes_are_valid(name):
     from llavadi.config import load_recipe
 

@@ -99,6 +99,7 @@ class LoadedModel:
         if template is None:
             template, system = self.template, self.system
         family, config = self.family, self.model.config
+        family.check_image_processor(self.image_processor)
         tmpl = get_template(template, system, eos=self.tokenizer.eos_token or "</s>", image_parts=family.image_parts)
         return ConversationEncoder(
             self.tokenizer, tmpl, family.image_token_id(config), self.n_image_tokens, max_length,

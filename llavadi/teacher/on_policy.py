@@ -66,6 +66,12 @@ def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
         if p + "image_sizes" in batch:
             _split_tiled_images(batch, items, p)
             continue
+        if p + "pixel_attention_mask" in batch:  # Idefics3 / SmolVLM: a row of images per sample with images
+            with_images = [item for item in items if IMAGE in item[p + "token_types"]]
+            for row, item in enumerate(with_images):
+                for key in ("pixel_values", "pixel_attention_mask"):
+                    item[p + key] = batch[p + key][row:row + 1]
+            continue
         pixel_row = 0
         for item in items:
             if IMAGE in item[p + "token_types"]:  # the collator stacked pixels of the samples with images, in order

@@ -60,6 +60,9 @@ class Family:
             raise NotImplementedError(f"{self.name}: tokens_per_image")
         return fixed
 
+    def check_image_processor(self, image_processor) -> None:
+        """Raise, naming the setting, if the image processor is set up in a way this adapter does not support."""
+
     def image_inputs(self, image_processor, images: list, pad_to_square: bool) -> dict[str, torch.Tensor]:
         """The model inputs of one sample's images (RGB PIL images, in prompt order)."""
         raise NotImplementedError
