@@ -470,3 +470,22 @@ def test_attention_affinity_and_visual_relation_terms_train_within_the_family(ws
         expected += float((block[0] - block[1]).pow(2).mean(0).sum())
     assert float(term(*views)) == pytest.approx(expected, rel=1e-4)
     assert expected > 0
+
+
+def test_teacher_regenerates_answers_of_a_dynamic_resolution_family(ws, tmp_path):
+    _only(ws, "qwen2_vl")
+    from llavadi.eval.generate import EvalQuestion, decode_answer
+    from llavadi.teacher.regenerate import regenerate
+
+    root = ws["root"]
+    out = tmp_path / "regenerated.json"
+    stats = regenerate(str(root / "teacher0"), str(root / "data.json"), str(root / "imgs"), str(out), batch_size=3,
+                       max_new_tokens=MAX_NEW, on_error="skip", progress=False)
+    records = {r["id"]: r for r in json.loads(out.read_text())}
+    assert "two" not in records and [s["id"] for s in stats["skipped"]] == ["two"]  # refused by name
+    assert "has 2 images" in stats["skipped"][0]["reason"]
+    teacher = load_for_eval(str(root / "teacher0"), device="cpu", dtype="float32")
+    question = EvalQuestion("s1", "what color is the square ?", str(root / "imgs" / "green.png"))
+    expected = decode_answer(teacher.tokenizer, generate_answer_ids(teacher, [question], progress=False,
+                                                                     max_new_tokens=MAX_NEW)[0])
+    assert records["s1"]["conversations"][1]["value"] == expected
