@@ -489,3 +489,17 @@ def test_teacher_regenerates_answers_of_a_dynamic_resolution_family(ws, tmp_path
     expected = decode_answer(teacher.tokenizer, generate_answer_ids(teacher, [question], progress=False,
                                                                      max_new_tokens=MAX_NEW)[0])
     assert records["s1"]["conversations"][1]["value"] == expected
+
+
+def test_cost_report_and_fsdp_wrapping_read_the_family_parts(ws):
+    from llavadi.eval.cost import parameter_counts
+    from llavadi.train.engines import layer_classes_to_wrap
+
+    model = load_llava_dir(str(ws["root"] / "student0")).model
+    counts = parameter_counts(model)
+    # LLaVA-NeXT / OneVision: the row-end embedding is trained, and counted, with the projector
+    projector = sum(p.numel() for n, p in model.named_parameters() if ws["spec"]["projector"] in n or "image_newline" in n)
+    assert counts["projector"] == projector > 0
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["vision_tower"] + counts["projector"] + counts["language_model"] + counts.get("other", 0) == counts["total"]
+    assert len(layer_classes_to_wrap(model)) == 2
