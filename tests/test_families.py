@@ -503,3 +503,33 @@ def test_cost_report_and_fsdp_wrapping_read_the_family_parts(ws):
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["vision_tower"] + counts["projector"] + counts["language_model"] + counts.get("other", 0) == counts["total"]
     assert len(layer_classes_to_wrap(model)) == 2
+
+
+def test_ddp_two_processes_equal_one_batch_of_8(ws, tmp_path):
+    """A dynamic-resolution pair under DDP (2 gloo processes x 4 samples) takes the step of one process with 8."""
+    _only(ws, "qwen2_vl")
+    from test_equivalence import SAMPLE_IDS, TOLERANCE, _max_difference, _torchrun, _torchrun_unavailable
+
+    if _torchrun_unavailable() is not None:
+        pytest.skip(_torchrun_unavailable())
+    root = ws["root"]
+    # the sample ids the 2-process harness expects; images of four sizes, and text-only samples, so a
+    # rank may run a micro-batch without images (its image path then runs on a blank image)
+    data = [{"id": sid, "conversations": [{"from": "human", "value": "what color is the square ?"},
+                                          {"from": "gpt", "value": f"the square is {IMAGES[i % 4][0]}"}]}
+            for i, sid in enumerate(SAMPLE_IDS)]
+    for i, sample in enumerate(data[:5]):
+        sample["image"] = f"{IMAGES[i % 4][0]}.png"
+        sample["conversations"][0]["value"] = "<image>\nwhat color is the square ?"
+    write_json(root / "ddp.json", data)
+
+    def recipe(out, batch_size):
+        raw = _raw(ws, out, steps=1, per_device_train_batch_size=batch_size)
+        raw["stages"][0]["data"]["path"] = str(root / "ddp.json")
+        return raw
+
+    single = run_recipe(recipe_from_dict(recipe(tmp_path / "one", 8)), **QUIET)
+    _torchrun(tmp_path, recipe(tmp_path / "two", 4))
+    diff, where = _max_difference(_weights(single), _weights(tmp_path / "two" / "final"))
+    assert diff <= TOLERANCE, f"student differs by {diff:.3g} at {where}"
+    assert _max_diff(_weights(root / "student0"), _weights(single)) > 1e-4
