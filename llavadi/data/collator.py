@@ -10,15 +10,24 @@ from llavadi.data.token_types import TokenType
 
 PADDING_SIDES = ("right", "left")
 # what a model reads about a sample's images (llavadi.models.families says which ones a family gives)
-IMAGE_INPUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
+IMAGE_INPUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask", "batch_num_images")
 
 
 def combine_image_inputs(tensors: list[torch.Tensor], key: str) -> torch.Tensor:
     """One batch tensor of the samples' `key` inputs: one (C, H, W) image per sample is stacked to (B, C, H, W);
-    anything else has a row per image or patch and is concatenated along its first dimension."""
+    anything else has a row per image (or patch, or sample) and is concatenated along its first dimension,
+    after zero-padding every other dimension to the batch's largest (e.g. LLaVA-NeXT's tiles per image)."""
     if key == "pixel_values" and all(t.dim() == 3 for t in tensors):
         return torch.stack(tensors)
-    return torch.cat(tensors)
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape:
+            grown = t.new_zeros((t.shape[0], *shape))
+            grown[tuple(slice(0, n) for n in t.shape)] = t
+            t = grown
+        padded.append(t)
+    return torch.cat(padded)
 
 
 def pad_sequences(seqs: list[list[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:

@@ -38,11 +38,11 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer, template: Template, image_token_id: int, n_image_tokens: int | None,
                  max_length: int = 2048, *, image_marker: str = IMAGE_PLACEHOLDER,
-                 tokens_per_image: Callable[[tuple[int, int]], int] | None = None, multi_image: bool = False,
-                 family: str = "llava"):
+                 tokens_per_image: Callable[[tuple[int, int], int], int] | None = None, multi_image: bool = False,
+                 family: str = "llava", template_image_text: str | None = None):
         """`image_marker`: the text an `<image>` placeholder becomes, holding the image token once;
-        `n_image_tokens`: copies of it per image, or None with `tokens_per_image((width, height))` when the
-        count depends on the image; `multi_image`: whether a sample may hold several images (else refused,
+        `n_image_tokens`: copies of it per image, or None with `tokens_per_image((width, height), n_images)`
+        when the count depends on the image (and on how many the sample holds); `multi_image`: whether a sample may hold several images (else refused,
         naming `family`)."""
         self.tokenizer = tokenizer
         self.template = template
@@ -52,6 +52,7 @@ class ConversationEncoder:
             raise ValueError("an encoder needs n_image_tokens or tokens_per_image")
         self.tokens_per_image = tokens_per_image
         self.image_marker = image_marker
+        self.template_image_text = template_image_text or image_marker
         self.multi_image = multi_image
         self.family = family
         self.max_length = int(max_length)
@@ -87,7 +88,7 @@ class ConversationEncoder:
         if image_sizes is None or len(image_sizes) != n_images:
             raise ValueError(f"sample {sample_id!r}: the image-token count of a {self.family} model depends on the "
                              f"image: give the (width, height) of each of its {n_images} image(s)")
-        return [int(self.tokens_per_image(size)) for size in image_sizes]
+        return [int(self.tokens_per_image(size, n_images)) for size in image_sizes]
 
     def _expand_images(self, ids: list[int], types: list[int], sample_id: str, n_images: int,
                        image_sizes: list[tuple[int, int]] | None = None):
@@ -111,7 +112,11 @@ class ConversationEncoder:
         return out_ids, out_types
 
     def _with_marker(self, text: str) -> str:
-        return text if self.image_marker == IMAGE_PLACEHOLDER else text.replace(IMAGE_PLACEHOLDER, self.image_marker)
+        if self.template_image_text != IMAGE_PLACEHOLDER:
+            text = text.replace(IMAGE_PLACEHOLDER, self.template_image_text)
+        if self.image_marker != self.template_image_text:
+            text = text.replace(self.template_image_text, self.image_marker)
+        return text
 
     def encode(self, sample_id: str, turns: list[Turn], n_images: int,
                image_sizes: list[tuple[int, int]] | None = None) -> Encoded:

@@ -81,6 +81,7 @@ class ModelView:
     attentions: dict[int, Tensor] | tuple[Tensor, ...] | None = None  # (B, heads, T, T) each
     image_features: Tensor | None = None  # projector outputs (n_images, n_tok, H)
     image_grids: list[tuple[int, int]] | None = None  # (rows, cols) of each image's tokens; None: square, fixed count
+    spatial_grids: bool = True  # False: an image's tokens are a sequence (any-resolution tiles), (1, count) each
     topk_ids: Tensor | None = None  # (B, T, k) sparse teacher: top-k token ids predicted at each position
     topk_logprobs: Tensor | None = None  # (B, T, k) their log-probs at T=1 (full-vocabulary normalised)
     n_hidden_states: int | None = None  # L + 1 for an L-layer LM (needed to resolve negative indices)
@@ -213,6 +214,7 @@ def llava_view(model: nn.Module, inputs: dict, token_types: Tensor, needs: Needs
         attentions=captured.get("attn", {}),
         image_features=image_features,
         image_grids=family_of(model.config).image_grids(model.config, inputs),
+        spatial_grids=family_of(model.config).spatial_grids,
         n_hidden_states=n_layers + 1,
         n_layers=n_layers,
         who=who,

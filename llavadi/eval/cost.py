@@ -32,13 +32,19 @@ def _synchronize(device: torch.device) -> None:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict:
-    """Parameters in total and per LLaVA part (vision tower, projector, language model)."""
+    """Parameters in total and per part (vision tower, projector, language model), as the model's family names them."""
+    from llavadi.models.families import FAMILIES
+
     parts = {"vision_tower": 0, "projector": 0, "language_model": 0, "other": 0}
-    for name, p in model.named_parameters():
-        part = next((k for k in ("vision_tower", "multi_modal_projector", "language_model", "lm_head") if k in name),
-                    "other")
-        part = {"multi_modal_projector": "projector", "lm_head": "language_model"}.get(part, part)
-        parts[part] += p.numel()
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if family is None:
+        return {"total": sum(p.numel() for p in model.parameters()), "other": sum(p.numel() for p in model.parameters())}
+    found = family.parts(model)
+    owner = {id(p): "language_model" for m in found.language for p in m.parameters()}
+    owner.update({id(p): "vision_tower" for p in found.vision.parameters()})
+    owner.update({id(p): "projector" for p in [*found.projector.parameters(), *found.projector_params]})
+    for p in model.parameters():
+        parts[owner.get(id(p), "other")] += p.numel()
     return {"total": sum(parts.values()), **{k: v for k, v in parts.items() if v or k != "other"}}
 
 

@@ -99,11 +99,13 @@ class LoadedModel:
         if template is None:
             template, system = self.template, self.system
         family, config = self.family, self.model.config
+        family.check_image_processor(self.image_processor)
         tmpl = get_template(template, system, eos=self.tokenizer.eos_token or "</s>", image_parts=family.image_parts)
         return ConversationEncoder(
             self.tokenizer, tmpl, family.image_token_id(config), self.n_image_tokens, max_length,
             image_marker=family.image_marker, multi_image=family.multi_image, family=family.name,
-            tokens_per_image=lambda size: family.tokens_per_image(config, self.image_processor, size))
+            template_image_text=family.template_image_text,
+            tokens_per_image=lambda size, n: family.tokens_per_image(config, self.image_processor, size, n))
 
 
     def data_view(self, template: str | None = None, system: str | None = None, max_length: int = 4096,
@@ -172,11 +174,31 @@ def load_llava_dir(path: str | os.PathLike, dtype=None, revision: str | None = N
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no image processor saved ({e})") from e
     meta = read_model_meta(path, model.config, revision)  # a hub id's from its snapshot
+    if not getattr(tokenizer, "chat_template", None):  # older folders keep the template beside the processor only
+        tokenizer.chat_template = processor_chat_template(path, revision)
     if TOKENIZER_CHAT_TEMPLATE in meta:
         # the saved files carry llavadi's rendering; the language model's own template stays what
         # `template: chat_template` means
         tokenizer.chat_template = meta[TOKENIZER_CHAT_TEMPLATE]
     return LoadedModel(model, tokenizer, image_processor, meta, source=path)
+
+
+def processor_chat_template(path: str, revision: str | None = None) -> str | None:
+    """The chat template a folder (or hub id) keeps for its processor: chat_template.jinja or chat_template.json."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        source = source_kwargs(path, "model path", revision)
+        try:
+            file = cached_file(path, name, _raise_exceptions_for_missing_entries=False, **source)
+        except OSError:
+            file = None
+        if file:
+            text = open(file, encoding="utf-8").read()
+            return text if name.endswith(".jinja") else json.loads(text)["chat_template"]
+    return None
 
 
 def vision_model_class(path: str):
@@ -279,7 +301,7 @@ def set_trainable(model: LlavaForConditionalGeneration, projector: bool = True, 
     parts = family.parts(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in parts.projector.parameters():
+    for p in [*parts.projector.parameters(), *parts.projector_params]:
         p.requires_grad_(projector)
     language = [p for m in parts.language for p in m.parameters()]
     for p in language:
@@ -296,7 +318,7 @@ def set_trainable(model: LlavaForConditionalGeneration, projector: bool = True, 
     counts = {
         # the projector may sit inside the vision module (Qwen2-VL's merger): counted once, as the projector
         "vision_tower": sum(p.numel() for p in parts.vision.parameters() if p.requires_grad and id(p) not in projector_ids),
-        "projector": sum(p.numel() for p in parts.projector.parameters() if p.requires_grad),
+        "projector": sum(p.numel() for p in [*parts.projector.parameters(), *parts.projector_params] if p.requires_grad),
         "llm": sum(p.numel() for p in language if p.requires_grad),
     }
     if not any(counts.values()):

@@ -86,8 +86,10 @@ def quantization_config(spec, dtype: torch.dtype | None):
     # the vision tower and projector stay unquantized: only the language model's linear layers are 4-bit
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype or torch.bfloat16,
-                              # LLaVA's vision tower and projector, Qwen2-VL's vision tower with its merger
-                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"])
+                              # the vision towers and projectors of the families (llavadi.models.families):
+                              # LLaVA / Gemma 3, Qwen2-VL (tower with its merger), Idefics3 / SmolVLM
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "vision_model",
+                                                     "connector", "lm_head"])
 
 
 def adapter_state(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -125,11 +125,11 @@ def _results_table(recipe: dict, reports: dict[str, dict]) -> list[str]:
 
 
 USAGE = '''```python
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from PIL import Image
 
-processor = AutoProcessor.from_pretrained("MODEL_DIR")
-model = LlavaForConditionalGeneration.from_pretrained("MODEL_DIR")
+processor = AutoProcessor.from_pretrained("MODEL_DIR")  # Qwen2-VL, LLaVA-OneVision, SmolVLM: needs torchvision
+model = AutoModelForImageTextToText.from_pretrained("MODEL_DIR")
 messages = [{"role": "user", "content": [{"type": "image", "image": Image.open("photo.jpg")},
                                          {"type": "text", "text": "What is in the picture?"}]}]
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -146,10 +146,10 @@ def render_model_card(name: str, recipe: dict, reports: dict[str, dict], params:
             "tags": ["llava", CARD_TAG, "knowledge-distillation" if recipe.get("teacher") else "fine-tuned"],
             "model-index": model_index or [{"name": name, "results": []}]}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
-             "A LLaVA model (`LlavaForConditionalGeneration`) trained with llavadi"
-             + (", distilled from the teacher below" if recipe.get("teacher") else "") + ". Its processor carries "
-             "the chat template and the image preprocessing (padding to a square) it was trained with, so "
-             "transformers alone prompts it as training did.", "",
+             "An image-text-to-text model trained with llavadi"
+             + (", distilled from the teacher below" if recipe.get("teacher") else "") + ". Its folder carries "
+             "the chat template and the image preprocessing it was trained with (a LLaVA-1.5 model's processor "
+             "pads images to a square, as training did), so transformers alone prompts it as training did.", "",
              "## Models", "", "| role | source | parameters |", "|---|---|---|",
              f"| student | {_source(recipe.get('student'))} | {_params(params.get('student'))} |"]
     if recipe.get("teacher"):

@@ -76,12 +76,35 @@ def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
         if p + "image_grid_thw" in batch:
             _split_grid_images(batch, items, p)
             continue
+        if p + "image_sizes" in batch:
+            _split_tiled_images(batch, items, p)
+            continue
+        if p + "pixel_attention_mask" in batch:  # Idefics3 / SmolVLM: a row of images per sample with images
+            with_images = [item for item in items if IMAGE in item[p + "token_types"]]
+            for row, item in enumerate(with_images):
+                for key in ("pixel_values", "pixel_attention_mask"):
+                    item[p + key] = batch[p + key][row:row + 1]
+            continue
         pixel_row = 0
         for item in items:
             if IMAGE in item[p + "token_types"]:  # the collator stacked pixels of the samples with images, in order
                 item[p + "pixel_values"] = batch[p + "pixel_values"][pixel_row]
                 pixel_row += 1
     return items
+
+
+def _split_tiled_images(batch: dict, items: list[dict], p: str) -> None:
+    """Give each item with images its rows of `pixel_values` and `image_sizes` (any-resolution families: a row
+    per image; `batch_num_images`, when there, says how many images each sample with images has)."""
+    with_images = [item for item in items if IMAGE in item[p + "token_types"]]
+    counts = batch[p + "batch_num_images"].tolist() if p + "batch_num_images" in batch else [1] * len(with_images)
+    row = 0
+    for item, n in zip(with_images, counts):
+        item[p + "pixel_values"] = batch[p + "pixel_values"][row:row + n]
+        item[p + "image_sizes"] = batch[p + "image_sizes"][row:row + n]
+        if p + "batch_num_images" in batch:
+            item[p + "batch_num_images"] = torch.tensor([n])
+        row += n
 
 
 def _split_grid_images(batch: dict, items: list[dict], p: str) -> None:

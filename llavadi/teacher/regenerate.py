@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llavadi.atomic import atomic_write
 from llavadi.data.dataset import image_problems, parse_record, read_json_records, record_image_paths
@@ -48,6 +48,7 @@ class _Sample:
     turns: list[Turn]
     image: str | None  # resolved path
     answers: list[str]  # teacher answers, filled turn by turn
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of its image
 
     @property
     def n_answers(self) -> int:
@@ -77,8 +78,11 @@ def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: s
             rec = parse_record(where, obj, image_folder, problems, allow_empty_answers=True)
             if rec.sample_id in seen:
                 raise SampleError(f"{where}: duplicate sample id {rec.sample_id!r} (first at {seen[rec.sample_id]})")
+            if len(rec.images) > 1:
+                raise SampleError(f"{where}: sample {rec.sample_id!r} has {len(rec.images)} images; answers are "
+                                  "regenerated for samples of one image")
             # the teacher must be able to encode the conversation (image tokens, template/tokenizer agreement)
-            encoder.encode(rec.sample_id, rec.turns, 1 if rec.image else 0)
+            encoder.encode(rec.sample_id, rec.turns, len(rec.images), _sizes(rec.images, verdicts))
         except SampleError as e:
             msg = str(e)
             msg = msg if msg.startswith(str(data_path)) else f"{where}: {msg}"
@@ -88,8 +92,13 @@ def _read_samples(data_path: str, image_folder: str | None, encoder, on_error: s
             skipped.append({"id": None if sid is None else str(sid), "where": where, "reason": msg})
             continue
         seen[rec.sample_id] = where
-        samples.append(_Sample(obj, rec.sample_id, where, rec.turns, rec.image, []))
+        samples.append(_Sample(obj, rec.sample_id, where, rec.turns, rec.image, [], _sizes(rec.images, verdicts)))
     return samples, skipped, len(records), verdicts
+
+
+def _sizes(paths: list[str], verdicts: dict) -> list[tuple[int, int]]:
+    """(width, height) of each image, as the image check read them (an image's token count may depend on it)."""
+    return [(verdicts[p].width, verdicts[p].height) for p in paths]
 
 
 def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_tokens: int, progress: bool,
@@ -111,7 +120,7 @@ def _regenerate_turns(teacher, samples: list[_Sample], batch_size: int, max_new_
             # the image goes with the prompt that holds its placeholder (usually the first human turn)
             n_images = sum(t.text.count(IMAGE_PLACEHOLDER) for t in history)
             try:
-                prompts.append(encoder.encode_prompt(history, n_images, s.sample_id).input_ids)
+                prompts.append(encoder.encode_prompt(history, n_images, s.sample_id, s.image_sizes[:n_images]).input_ids)
             except SampleError as e:
                 raise SampleError(f"{s.where}: {e}") from None
             # the question text is unused: the ready-made multi-turn prompt ids go with it

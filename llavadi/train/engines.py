@@ -139,7 +139,7 @@ def deepspeed_config(value, where: str) -> dict:
 
 
 def layer_classes_to_wrap(model: nn.Module) -> list[str]:
-    """The class names of a LLaVA's transformer blocks (LLM decoder layer, vision encoder layer), read from the model.
+    """The class names of a model's transformer blocks (LLM decoder layer, vision encoder layer), read from the model.
 
     Never from `_no_split_modules`, which for LLaVA names classes the model does not contain.
     """
@@ -147,8 +147,9 @@ def layer_classes_to_wrap(model: nn.Module) -> list[str]:
     layers = decoder_layers(llava)
     if layers is None or not len(layers):
         raise ValueError(f"cannot find the decoder layers of {type(llava).__name__}")
-    vision = llava.model.vision_tower
-    encoder_layers = getattr(getattr(vision, "vision_model", vision), "encoder").layers
+    from llavadi.models.families import family_of
+
+    encoder_layers = family_of(llava.config).parts(llava).vision_layers
     return list(dict.fromkeys([type(layers[0]).__name__, type(encoder_layers[0]).__name__]))
 
 

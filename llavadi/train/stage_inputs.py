@@ -57,6 +57,16 @@ def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel
                         max_pixels=stage.data.max_pixels, progress=progress, aligner=aligner)
 
 
+def check_same_family(student: LoadedModel, teacher: LoadedModel, logit_terms: list[str]) -> None:
+    """Refuse, by family name, logit terms between a teacher and a student of different model families."""
+    s_family, t_family = student.family.name, teacher.family.name
+    if s_family != t_family:
+        raise ValueError(f"logit terms {logit_terms} compare next-token distributions of one tokenizer and one prompt "
+                         f"layout, but the teacher is a {t_family} model and the student a {s_family} model; "
+                         "cross-family pairs take the state terms (hidden_mse, visual_align, ...) where the token "
+                         "types align, not logit terms")
+
+
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
                     cache=None) -> DistillObjective:
     """The stage's objective; classifies the tokenizer pair up front when logit terms compare the two models.
@@ -70,6 +80,8 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     terms = stage.distill.terms
     if cache is not None:
         return cached_objective(stage, student, cache)
+    if teacher is not None and any(t.is_logit_term for t in terms):
+        check_same_family(student, teacher, [t.name for t in terms if t.is_logit_term])
     pair = tokenizer_pair(student, teacher) if teacher is not None and terms else None
     vocab = None
     if pair is not None and any(t.is_logit_term for t in terms):

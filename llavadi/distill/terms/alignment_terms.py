@@ -9,7 +9,10 @@
   teacher's, whose grid per image is pooled to the student's; through a projector. A fixed-count
   family (LLaVA-1.5) has a square grid per image; a dynamic-resolution family (Qwen2-VL) gives
   each image's (rows, cols) grid (``ModelView.image_grids``): the k-th image of the teacher's
-  batch is adaptive-average-pooled from its grid to the k-th student image's grid.
+  batch is adaptive-average-pooled from its grid to the k-th student image's grid. Any-resolution
+  families (LLaVA-NeXT, LLaVA-OneVision) lay an image out as a base tile, tiles and row newlines:
+  their image tokens are compared one to one, and an image with different counts in the two
+  models is refused (no spatial pooling rule holds for that layout).
 - ``visual_self_corr`` (LLaVA-KD's RDist): per image, the self-similarity matrices of the image
   tokens of the two models, compared row by row (1 - cos).
 """
@@ -166,6 +169,12 @@ class _VisualTerm(Term):
         t_list, t_grids = self.gridded_tokens(teacher)
         if len(s_list) != len(t_list):
             raise ValueError(f"term {self.name!r}: student has {len(s_list)} images, teacher {len(t_list)}")
+        for k, (s_grid, t_grid) in enumerate(zip(s_grids, t_grids)):
+            if s_grid != t_grid and not (student.spatial_grids and teacher.spatial_grids):
+                raise ValueError(f"term {self.name!r}: image {k} of the batch has {s_grid[0] * s_grid[1]} student and "
+                                 f"{t_grid[0] * t_grid[1]} teacher tokens laid out as any-resolution tiles, which "
+                                 "are compared one to one; give both models the same vision tower input size and "
+                                 "grid pinpoints")
         return [(s, pool_image_grid(t.detach().to(s.device), t_grid, s_grid))
                 for s, t, s_grid, t_grid in zip(s_list, t_list, s_grids, t_grids)]
 

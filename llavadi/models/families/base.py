@@ -29,6 +29,7 @@ class Parts:
     projector: nn.Module
     language: list[nn.Module]
     vision_layers: list[nn.Module]
+    projector_params: tuple = ()  # parameters outside the projector module trained with it (LLaVA-NeXT's newline)
 
 
 class Family:
@@ -36,12 +37,13 @@ class Family:
 
     name = "base"
     model_types: tuple[str, ...] = ()
+    template_image_text = None  # what the family's chat template writes for an image (None: image_marker)
     image_marker = "<image>"  # the text one image becomes in a rendered prompt, before expansion
     default_template = "vicuna_v1"  # llavadi template used when a saved model records none
     pad_to_square = False  # LLaVA-1.5 pads images to a square; the newer families preprocess as they are
     multi_image = False  # whether one sample may hold several images
     image_parts = False  # chat templates render images from {"type": "image"} content parts
-    text_input_keys: tuple[str, ...] = ()  # per-token inputs derived from the ids (padded with 0)
+    spatial_grids = True  # image tokens lie on a (rows, cols) grid (visual alignment pools them spatially)
 
     def image_token_id(self, config) -> int:
         """The id of the token each image feature replaces."""
@@ -51,12 +53,15 @@ class Family:
         """Image tokens per image when it does not depend on the image (None: it does)."""
         return None
 
-    def tokens_per_image(self, config, image_processor, size: tuple[int, int]) -> int:
-        """Image tokens of one image of `size` = (width, height)."""
+    def tokens_per_image(self, config, image_processor, size: tuple[int, int], n_images: int = 1) -> int:
+        """Image tokens of one image of `size` = (width, height) in a sample of `n_images` images."""
         fixed = self.fixed_tokens_per_image(config)
         if fixed is None:
             raise NotImplementedError(f"{self.name}: tokens_per_image")
         return fixed
+
+    def check_image_processor(self, image_processor) -> None:
+        """Raise, naming the setting, if the image processor is set up in a way this adapter does not support."""
 
     def image_inputs(self, image_processor, images: list, pad_to_square: bool) -> dict[str, torch.Tensor]:
         """The model inputs of one sample's images (RGB PIL images, in prompt order)."""

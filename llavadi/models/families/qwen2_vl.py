@@ -29,9 +29,8 @@ class Qwen2VLFamily(Family):
     pad_to_square = False
     multi_image = True
     image_parts = True
-    text_input_keys = ("mm_token_type_ids",)
 
-    def tokens_per_image(self, config, image_processor, size):
+    def tokens_per_image(self, config, image_processor, size, n_images: int = 1):
         width, height = size
         patches = image_processor.get_number_of_image_patches(height, width, {})
         return patches // (image_processor.merge_size ** 2)
