@@ -51,6 +51,7 @@ def build_tokenizer():
     tok = build_tiny_tokenizer(" ".join(f"filler{i:05d}" for i in range(VOCAB - base)))
     if len(tok) != VOCAB:
         raise RuntimeError(f"tokenizer has {len(tok)} tokens, wanted {VOCAB}")
+    tok.model_max_length = 2048  # 576 image tokens + text
     return tok
 
 
@@ -169,17 +170,22 @@ class Clock:
     def __init__(self):
         self.train_begin = None
         self.rss_at_begin = None
+        self.trainable = None  # parameters the trainer's model trains
         self.step_ends: list[float] = []
-        self.generations: list[tuple[float, float, int]] = []  # (start, seconds, tokens)
+        self.generations: list[tuple] = []  # (start, seconds, tokens, CPU seconds)
+        self.teacher: list[tuple] = []  # (start, seconds, 0, CPU seconds): the teacher's forward
 
-    def install(self, cls, method: str, count_tokens):
+    def install(self, cls, method: str, count_tokens, record=None, when=None):
+        """Time every call of cls.method (those for which `when(args)` holds) into `record`."""
         original = getattr(cls, method)
-        clock = self
+        record = self.generations if record is None else record
 
         def timed(*a, **k):
-            start = time.perf_counter()
+            if when is not None and not when(a):
+                return original(*a, **k)
+            start, cpu = time.perf_counter(), time.process_time()
             out = original(*a, **k)
-            clock.generations.append((start, time.perf_counter() - start, count_tokens(out)))
+            record.append((start, time.perf_counter() - start, count_tokens(out), time.process_time() - cpu))
             return out
 
         setattr(cls, method, timed)
@@ -191,24 +197,28 @@ class Clock:
         clock = self
 
         def begin(handler, *a, **k):
-            clock.train_begin = time.perf_counter()
+            clock.train_begin = (time.perf_counter(), time.process_time())
             clock.rss_at_begin = _status_kib("VmRSS")
+            clock.trainable = sum(p.numel() for p in handler.model.parameters() if p.requires_grad)
             return on_begin(handler, *a, **k)
 
         def end(handler, *a, **k):
-            clock.step_ends.append(time.perf_counter())
+            clock.step_ends.append((time.perf_counter(), time.process_time()))
             return on_end(handler, *a, **k)
 
         CallbackHandler.on_train_begin, CallbackHandler.on_step_end = begin, end
 
     def steps(self) -> list[dict]:
-        """Per optimisation step: wall seconds, generation seconds and tokens inside it."""
+        """Per optimisation step: wall and CPU seconds, and the generation and teacher calls inside it."""
         bounds = [self.train_begin] + self.step_ends
         out = []
-        for start, end in itertools.pairwise(bounds):
+        for (start, cpu_start), (end, cpu_end) in itertools.pairwise(bounds):
             gens = [g for g in self.generations if start <= g[0] < end]
-            out.append({"seconds": end - start, "generation_seconds": sum(g[1] for g in gens),
-                        "tokens": sum(g[2] for g in gens)})
+            teacher = [g for g in self.teacher if start <= g[0] < end]
+            out.append({"seconds": end - start, "cpu_seconds": cpu_end - cpu_start,
+                        "generation_seconds": sum(g[1] for g in gens), "generation_cpu": sum(g[3] for g in gens),
+                        "tokens": sum(g[2] for g in gens), "teacher_seconds": sum(g[1] for g in teacher),
+                        "teacher_cpu": sum(g[3] for g in teacher)})
         return out
 
 
@@ -224,8 +234,10 @@ def run_llavadi(work: str, out: str, args, clock: Clock) -> dict:
     """`llavadi train` on the job's recipe, in this process."""
     from llavadi.cli import main
     from llavadi.teacher.on_policy import OnPolicySampler
+    from llavadi.teacher.online import OnlineTeacher
 
     clock.install(OnPolicySampler, "_generate", lambda answers: sum(len(a) for a in answers))
+    clock.install(OnlineTeacher, "view", lambda _: 0, record=clock.teacher)
     recipe = llavadi_recipe(work, out, args)
     code = main(["train", recipe])
     if code not in (0, None):
@@ -289,6 +301,8 @@ def run_trl(work: str, out: str, args, clock: Clock) -> dict:
         dataloader_num_workers=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0,
         max_completion_length=args.max_new_tokens)
     clock.install(DistillationTrainer, "_generate_single_turn", lambda completions: sum(len(c) for c in completions))
+    clock.install(DistillationTrainer, "_get_last_hidden_state", lambda _: 0, record=clock.teacher,
+                  when=lambda a: a[1] is a[0].teacher_model)  # the teacher's backbone (its head is in the loss)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=trl_dataset(work),
                                   processing_class=processor)
     trainer.train()
@@ -304,6 +318,7 @@ def child(args) -> None:
     out = tempfile.mkdtemp(prefix=f"vs_trl-{args.child}-", dir=args.work)
     info = (run_trl if args.child == "trl" else run_llavadi)(args.work, out, args, clock)
     info.update({"steps": clock.steps(), "rss_at_begin_kib": clock.rss_at_begin, "hwm_kib": _status_kib("VmHWM"),
+                 "trainable": clock.trainable,
                  "threads": torch.get_num_threads()})
     with open(args.result, "w") as f:
         json.dump(info, f)
@@ -335,15 +350,43 @@ def launch(side: str, args) -> dict:
 
 
 def summarize(info: dict, warmup: int) -> dict:
+    """Medians over the timed steps of one run (wall and CPU seconds), its tokens, memory and load."""
     steps = info["steps"][warmup:]
-    gen = sum(s["generation_seconds"] for s in steps)
-    return {"step": statistics.median(s["seconds"] for s in steps),
-            "generation": statistics.median(s["generation_seconds"] for s in steps),
-            "rest": statistics.median(s["seconds"] - s["generation_seconds"] for s in steps),
-            "tokens_per_step": statistics.median(s["tokens"] for s in steps),
-            "tokens_per_s": sum(s["tokens"] for s in steps) / gen if gen else float("nan"),
-            "peak_mib": info["peak_rss_kib"] / 1024, "begin_mib": info["rss_at_begin_kib"] / 1024,
-            "load": info["load"]}
+    out = {}
+    for suffix, step, gen, teacher in (("", "seconds", "generation_seconds", "teacher_seconds"),
+                                       ("_cpu", "cpu_seconds", "generation_cpu", "teacher_cpu")):
+        out["step" + suffix] = statistics.median(s[step] for s in steps)
+        out["generation" + suffix] = statistics.median(s[gen] for s in steps)
+        out["rest" + suffix] = statistics.median(s[step] - s[gen] for s in steps)
+        out["teacher" + suffix] = statistics.median(s[teacher] for s in steps)
+        spent = sum(s[gen] for s in steps)
+        out["tokens_per_s" + suffix] = sum(s["tokens"] for s in steps) / spent if spent else float("nan")
+    out.update({"tokens_per_step": statistics.median(s["tokens"] for s in steps),
+                "peak_mib": info["peak_rss_kib"] / 1024, "begin_mib": info["rss_at_begin_kib"] / 1024,
+                "load": info["load"], "trainable": info["trainable"]})
+    return out
+
+
+ROWS = (("step", "seconds per step"), ("generation", "generation seconds per step"),
+        ("rest", "rest of the step (teacher, student forward/backward, optimizer)"),
+        ("teacher", "  of which the teacher's forward"), ("tokens_per_s", "tokens generated per second"))
+
+
+def report(runs: dict, work: str) -> None:
+    """Medians over rounds of each side, and llavadi / TRL, in wall and CPU seconds."""
+    med = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0] if k != "load"}
+           for side, rs in runs.items()}
+    print(f"medians over rounds{'':<49}{'TRL':>10}{'llavadi':>10}{'ratio':>8}{'TRL cpu':>10}{'llavadi cpu':>12}"
+          f"{'ratio':>8}")
+    for key, label in ROWS:
+        t, l, tc, lc = med["trl"][key], med["llavadi"][key], med["trl"][key + "_cpu"], med["llavadi"][key + "_cpu"]
+        print(f"  {label:<66}{t:>10.2f}{l:>10.2f}{l / t:>7.2f}x{tc:>10.2f}{lc:>12.2f}{lc / tc:>7.2f}x")
+    for key, label in (("peak_mib", "peak RSS (MiB)"), ("begin_mib", "RSS when training begins (MiB)")):
+        t, l = med["trl"][key], med["llavadi"][key]
+        print(f"  {label:<66}{t:>10.0f}{l:>10.0f}{l / t:>7.2f}x")
+    trainable = trainable_parameters(work)
+    print(f"the same in both: {trainable / 1e6:.1f}M trainable parameters (projector + language model), whose "
+          f"gradients and AdamW states take {12 * trainable / 2**20:.0f} MiB (fp32: 4 B each x 3)")
 
 
 def main(argv=None):
@@ -373,26 +416,34 @@ def main(argv=None):
           f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.rounds} rounds (TRL, llavadi alternating), "
           f"{args.threads} thread(s) per process, fp32; job in {args.work}")
     runs = {"trl": [], "llavadi": []}
-    header = (f"{'round':<6}{'side':<9}{'step s':>8}{'gen s':>8}{'rest s':>8}{'tok/step':>9}{'gen tok/s':>10}"
-              f"{'peak MiB':>10}{'begin MiB':>10}{'load avg':>12}")
+    header = (f"{'round':<6}{'side':<9}{'step s':>8}{'gen s':>8}{'rest s':>8}{'teacher s':>10}{'step cpu':>9}"
+              f"{'gen cpu':>8}{'tok/step':>9}{'gen tok/s':>10}{'peak MiB':>10}{'begin MiB':>10}{'load avg':>12}")
     print(header)
     for r in range(args.rounds):
         for side in ("trl", "llavadi"):
             s = summarize(launch(side, args), args.warmup)
             runs[side].append(s)
-            print(f"{r:<6}{side:<9}{s['step']:>8.2f}{s['generation']:>8.2f}{s['rest']:>8.2f}"
-                  f"{s['tokens_per_step']:>9.0f}{s['tokens_per_s']:>10.1f}{s['peak_mib']:>10.0f}{s['begin_mib']:>10.0f}"
+            print(f"{r:<6}{side:<9}{s['step']:>8.2f}{s['generation']:>8.2f}{s['rest']:>8.2f}{s['teacher']:>10.2f}"
+                  f"{s['step_cpu']:>9.2f}{s['generation_cpu']:>8.2f}{s['tokens_per_step']:>9.0f}"
+                  f"{s['tokens_per_s']:>10.1f}{s['peak_mib']:>10.0f}{s['begin_mib']:>10.0f}"
                   f"{s['load'][0]:>6.1f}-{s['load'][1]:<5.1f}", flush=True)
-    med = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0] if k != "load"}
-           for side, rs in runs.items()}
-    print("medians over rounds, llavadi / TRL:")
-    for key, label in (("step", "seconds per step"), ("generation", "generation seconds per step"),
-                       ("rest", "rest of the step (teacher, student forward/backward, optimizer)"),
-                       ("tokens_per_s", "tokens generated per second"), ("peak_mib", "peak RSS"),
-                       ("begin_mib", "RSS when training begins")):
-        t, l = med["trl"][key], med["llavadi"][key]
-        print(f"  {label:<66}{t:>10.2f}{l:>10.2f}{l / t:>8.2f}x")
+    for side, rs in runs.items():
+        if any(run["trainable"] != trainable_parameters(args.work) for run in rs):
+            raise SystemExit(f"{side} trained {rs[0]['trainable']} parameters, not the student's "
+                             f"{trainable_parameters(args.work)} outside its vision tower")
+    report(runs, args.work)
     return 0
+
+
+def trainable_parameters(work: str) -> int:
+    """Parameters of the student outside its vision tower (what both trainers train)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        config = LlavaForConditionalGeneration.config_class.from_pretrained(os.path.join(work, "student"))
+        model = LlavaForConditionalGeneration(config)
+    return sum(p.numel() for n, p in model.named_parameters() if ".vision_tower." not in f".{n}")
 
 
 if __name__ == "__main__":

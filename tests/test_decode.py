@@ -49,8 +49,12 @@ def _both(model, tok, ids, mask, pixels, eos, **sampling):
     return ours, reference
 
 
-def test_greedy_tokens_equal_generate_when_rows_finish_at_different_steps(model_and_batch):
+def test_greedy_tokens_equal_generate_when_rows_finish_at_different_steps(model_and_batch, monkeypatch):
     model, tok, ids, mask, pixels = model_and_batch
+    kept = []  # the rows kept at each removal of finished rows
+    select = PreallocatedLayer.batch_select_indices
+    monkeypatch.setattr(PreallocatedLayer, "batch_select_indices",
+                        lambda layer, indices: (kept.append(len(indices)), select(layer, indices))[1])
     assert fast_decode_supported(model)
     never = [tok.eos_token_id]
     ours, reference = _both(model, tok, ids, mask, pixels, never)
@@ -62,6 +66,7 @@ def test_greedy_tokens_equal_generate_when_rows_finish_at_different_steps(model_
     lengths = [len(r) for r in reference]
     assert min(lengths) < MAX_NEW and max(lengths) == MAX_NEW and len(set(lengths)) >= 3
     assert ours == reference
+    assert kept and all(n < ids.shape[0] for n in kept)  # finished rows did leave the batch
 
 
 def test_greedy_tokens_equal_generate_without_padding_or_images(model_and_batch):

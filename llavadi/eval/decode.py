@@ -8,8 +8,9 @@ ones follow the same distribution and the same warpers), for less work:
   attention reads a view of its filled part: the same values and shapes as HF's growing cache, without the
   `torch.cat` that copies the whole cache at every step (most of a decode step's time on a CPU at LLaVA's
   600-token prompts);
-- rows that have emitted an end-of-sequence token leave the batch: cache, mask and positions are narrowed to the
-  running rows, so a batch costs the sum of its answers' lengths, not its longest answer times its size;
+- rows that have emitted an end-of-sequence token leave the batch (once they are a quarter of it: each removal
+  copies the cache): cache, mask and positions are narrowed to the running rows, so a batch costs about the sum
+  of its answers' lengths, not its longest answer times its size;
 - the image features are computed once, in the prefill (pixel values go to the first forward only), and the
   prefill computes the last position's logits only.
 
@@ -28,6 +29,9 @@ from transformers.cache_utils import DynamicLayer
 # model types whose forward takes (input_ids, attention_mask, position_ids, cache, logits_to_keep) as LLaVA does,
 # positions being plain 1-D token positions
 FAST_DECODE_MODEL_TYPES = frozenset({"llava"})
+# finished rows leave the batch once they are at least 1/COMPACT_FRACTION of it: each removal copies the
+# cache, so rows ending one by one are dropped in a few copies, not one copy per step
+COMPACT_FRACTION = 4
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -125,21 +129,24 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     cache = preallocated_cache(model, prompt_len + max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=attention_mask if keep_mask else None, position_ids=positions,
                 cache=cache, use_cache=True, logits_to_keep=1, return_dict=True, **prefill_inputs)
-    rows = torch.arange(batch, device=device)  # original index of each running row
+    rows = torch.arange(batch, device=device)  # original index of each row in the running batch
+    alive = torch.ones(batch, dtype=torch.bool, device=device)  # rows that have not emitted an eos yet
     last = positions[:, -1:]
     answers: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
         tokens = _next_tokens(out.logits[:, -1], suppress, temperature, top_p)
-        for r, t in zip(rows.tolist(), tokens.tolist()):
-            answers[r].append(t)
-        done = torch.isin(tokens, eos)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        for r, t, a in zip(rows.tolist(), tokens.tolist(), alive.tolist()):
+            if a:
+                answers[r].append(t)
+        alive &= ~torch.isin(tokens, eos)
+        n_alive = int(alive.sum())
+        if step == max_new_tokens - 1 or n_alive == 0:
             break
-        if bool(done.any()):  # finished rows leave the batch
-            running = (~done).nonzero().squeeze(1)
-            rows, tokens, last, mask = rows[running], tokens[running], last[running], mask[running]
+        if len(rows) - n_alive >= max(1, len(rows) // COMPACT_FRACTION):  # finished rows leave the batch
+            keep = alive.nonzero().squeeze(1)
+            rows, tokens, last, mask, alive = rows[keep], tokens[keep], last[keep], mask[keep], alive[keep]
             for layer in cache.layers:
-                layer.batch_select_indices(running)
+                layer.batch_select_indices(keep)
         last = last + 1
         width = prompt_len + step + 1  # the prompt, the answers so far and the token fed now
         out = model(input_ids=tokens[:, None], attention_mask=mask[:, :width] if keep_mask else None,
