@@ -175,3 +175,33 @@ def test_export_folder_with_several_variants_asks_for_one(exported):
 
     with pytest.raises(ExportedModelError, match="holds 4 variants"):
         load_exported(exported["gguf"])
+
+
+def test_plain_int8_linear_is_per_channel_absmax_and_matches_torchao():
+    """The PyTorch baseline: weights rounded to int8 with one absmax/127 scale per output row."""
+    from torch import nn
+
+    from llavadi.export.torch_int8 import PerChannelInt8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    x = torch.randn(5, 64)
+    q = PerChannelInt8Linear(linear)
+    w = linear.weight.detach()
+    scale = w.abs().max(dim=1).values / 127  # written plainly: one scale per output channel
+    expected_w = torch.round(w / scale[:, None]) * scale[:, None]
+    assert q.weight_int8.dtype == torch.int8 and int(q.weight_int8.abs().max()) == 127
+    torch.testing.assert_close(q(x), x @ expected_w.T + linear.bias.detach(), atol=1e-5, rtol=0)
+    assert float((expected_w - w).abs().max()) <= float(scale.max()) / 2 + 1e-7
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return  # torchao is optional (pip install 'llavadi[torchao]'): the plain scheme is checked above
+    peer = nn.Sequential(nn.Linear(64, 24))
+    peer[0].load_state_dict(linear.state_dict())
+    quantize_(peer, Int8WeightOnlyConfig())
+    # torchao's scheme (range -128..127) rounds some weights differently: both stay within half a step per weight
+    bound = x.abs() @ (scale[:, None].expand_as(w) / 2).T + 1e-5
+    exact = x @ w.T + linear.bias.detach()
+    with torch.no_grad():
+        assert bool(((peer(x) - exact).abs() <= bound).all()) and bool(((q(x) - exact).abs() <= bound).all())
