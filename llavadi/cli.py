@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llavadi.eval import commands as eval_commands
     from llavadi.eval import suite as eval_suite
     from llavadi.experiments import ablate, study_report
+    from llavadi.export import command as export_command
     from llavadi.teacher import cache_teacher, regenerate
 
-    for command_module in (cache_teacher, regenerate, eval_suite, eval_commands, ablate):
+    for command_module in (cache_teacher, regenerate, eval_suite, eval_commands, ablate, export_command):
         command_module.register(sub)
     study_report.extend_report_command(sub)  # `report` also takes study folders
     for command in sub.choices.values():

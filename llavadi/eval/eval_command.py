@@ -109,7 +109,8 @@ def _usable(eval_questions, images: str | None, on_error: str, progress: bool) -
 def _journal(out: Path, name: str, model_dir: str | None, bundle, settings: dict) -> AnswerJournal:
     """The answer journal of one model in `out`, under what its answers depend on."""
     model = folder_identity(model_dir) if model_dir and os.path.isdir(model_dir) else str(model_dir)
-    dtype = str(next(bundle.model.parameters()).dtype)
+    # an exported model (llavadi.export) names its quantization; a torch model its parameters' dtype
+    dtype = getattr(bundle, "quant", None) or str(next(bundle.model.parameters()).dtype)
     header = {**settings, "model": model, "template": bundle.template, "system": bundle.system, "dtype": dtype}
     return AnswerJournal(out / (name + JOURNAL_SUFFIX), header, log=lambda m: print(m, file=sys.stderr))
 
@@ -133,6 +134,9 @@ def _add_teacher_comparison(result: dict, bench, bench_questions, questions, key
     teacher_ids = journaled_answer_ids(teacher, questions, journal, keys, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, progress=progress, desc="teacher answers",
                                        shard=shard)
+    if hasattr(student, "answer_prompts"):  # an exported student: answers compared, no logits to compare
+        return _add_answer_agreement(result, bench, bench_questions, keep, student, teacher, teacher_id, student_ids,
+                                     teacher_ids, ann)
     agreement = measure_agreement(student, teacher, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   progress=progress, student_answer_ids=student_ids, teacher_answer_ids=teacher_ids,
                                   shard=shard)
@@ -149,6 +153,27 @@ def _add_teacher_comparison(result: dict, bench, bench_questions, questions, key
     result["notes"].append("agreement: % of questions where student and teacher greedy answers match after "
                            "the simple normaliser; teacher_student_kl: mean KL(p_T||p_S) in nats per "
                            "teacher answer token, both models teacher-forced on the teacher's answers")
+    return teacher_records
+
+
+def _add_answer_agreement(result: dict, bench, bench_questions, keep, student, teacher, teacher_id: str,
+                          student_ids, teacher_ids, ann) -> list[dict]:
+    """Agreement of an exported student with the teacher (its runtime gives answers, not teacher-forced logits)."""
+    from llavadi.eval.agreement import agreement_rate
+
+    teacher_answers = [decode_answer(teacher.tokenizer, a) for a in teacher_ids]
+    student_answers = [decode_answer(student.tokenizer, a) for a in student_ids]
+    teacher_records = [{**prediction_record(bench_questions[i], t), "model_id": teacher_id}
+                       for i, t in zip(keep, teacher_answers)]
+    result["metrics"]["agreement"] = round(100.0 * agreement_rate(teacher_answers, student_answers), 4)
+    teacher_scored = _score(bench, bench_questions, teacher_records, ann)
+    if teacher_scored is not None:
+        for key, value in teacher_scored.metrics.items():
+            result["metrics"][f"teacher/{key}"] = value
+    result["headline"] = list(result.get("headline", [])) + ["agreement"]
+    result["notes"].append("agreement: % of questions where student and teacher greedy answers match after the "
+                           "simple normaliser; no teacher_student_kl: the exported student's runtime is not "
+                           "teacher-forced")
     return teacher_records
 
 
@@ -245,8 +270,11 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
                                                   teacher_id, student_ids, ann, journals[1], batch_size,
                                                   max_new_tokens, progress, shard)
     if shard.is_main:  # the main process alone measures cost and writes files
-        if cost and asked:
+        if cost and asked and not hasattr(student, "answer_prompts"):
             _add_costs(result, student, teacher, asked, batch_size, max_new_tokens)
+        elif cost and asked:
+            result["notes"].append("no cost measured for an exported model here: benchmarks/export.py measures "
+                                   "every variant side by side")
         result["question_set"] = {"questions": os.path.basename(str(questions)),
                                   "count": result["counts"]["questions"], "sha256": settings["questions"]}
         _write_outputs(out, records, teacher_records, result, journals)

@@ -87,8 +87,18 @@ def load_for_eval(model_dir: str | os.PathLike, device: str | torch.device = "au
     """A saved model directory loaded for evaluation: on `device`, in `dtype`, in eval mode.
 
     `template` / `system` override how it is prompted (its llavadi.json); `system=""` for none.
+    An export (`llavadi export`: its folder, or one of its model files) is run by its runtime.
     """
     model_dir = str(model_dir)
+    from llavadi.export.gguf_runtime import find_export, load_exported
+
+    if find_export(model_dir) is not None:
+        bundle = load_exported(model_dir)
+        if template is not None:
+            bundle.meta["template"] = template
+        if system is not None:
+            bundle.meta["system"] = system
+        return bundle
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     dev = resolve_device(device)
@@ -208,6 +218,9 @@ def generate_ids(model, prompts: list[list[int]], pixel_values: torch.Tensor | d
 def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: list[EvalQuestion],
                     max_new_tokens: int, pad_id: int, eos_ids: list[int], image_token_id: int) -> list[list[int]]:
     """Greedy answer ids of one batch of questions, each cut after its first eos."""
+    if hasattr(bundle, "answer_prompts"):  # an exported model (llavadi.export): its runtime answers
+        images = [question_image(q) if q.has_image else None for q in questions]
+        return bundle.answer_prompts(prompts, images, max_new_tokens, eos_ids, image_token_id)
     device, dtype = _model_device_dtype(bundle.model)
     pixel_values = _pixel_batch(bundle, questions, device, dtype)
     return generate_ids(bundle.model, prompts, pixel_values, max_new_tokens, pad_id, eos_ids, image_token_id)

@@ -88,6 +88,11 @@ class GgufRuntime:
         n_ctx = n_ctx or int(config.text_config.max_position_embeddings)
         self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
                          n_threads_batch=threads, verbose=False)
+        from llama_cpp._logger import llama_log_callback
+
+        # mtmd's log lines (model loading, one per image encoded) go through llama-cpp-python's logger,
+        # which prints errors only unless verbose, as it does for llama.cpp's own
+        mtmd.mtmd_helper_log_set(llama_log_callback, None)
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False
