@@ -387,7 +387,7 @@ def test_lora_student_trains_and_saves_a_plain_model_of_its_family(ws, tmp_path)
 
 
 def test_on_policy_stage_samples_answers_with_the_images(ws, tmp_path):
-    _only(ws, "qwen2_vl", "llava_onevision")  # a grid family and a multi-image tiled family
+    _only(ws, "qwen2_vl", "llava_onevision", "gemma3")  # grids, tiles, and a fixed count with two images
     raw = _raw(ws, tmp_path / "on_policy", save_steps=2)
     raw["stages"][0]["on_policy"] = {"fraction": 1.0, "max_new_tokens": 3}
     final = run_recipe(recipe_from_dict(raw), **QUIET)
