@@ -533,3 +533,13 @@ def test_ddp_two_processes_equal_one_batch_of_8(ws, tmp_path):
     diff, where = _max_difference(_weights(single), _weights(tmp_path / "two" / "final"))
     assert diff <= TOLERANCE, f"student differs by {diff:.3g} at {where}"
     assert _max_diff(_weights(root / "student0"), _weights(single)) > 1e-4
+
+
+def test_registry_is_by_exact_model_type_and_names_the_supported_ones():
+    from llavadi.models.families import family_for_type
+
+    assert family_for_type("qwen2_5_vl") is family_for_type("qwen2_vl")  # one adapter, two model types
+    for unknown in ("internvl", "qwen2", "llava_next_video", "Qwen2_VL"):  # no substring or case matching
+        with pytest.raises(ValueError, match=rf"teacher path x: model_type '{unknown}' is not a family llavadi "
+                                             r"supports; supported: gemma3, idefics3, llava, llava_next"):
+            family_for_type(unknown, "teacher path x")
