@@ -108,7 +108,8 @@ def qwen_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
     half = hidden // 4 // 2  # rotary dimensions per head / 2: split over (time, height, width)
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rope_scaling={"type": "mrope", "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]}, eos_token_id=tokenizer.eos_token_id,
+                rope_scaling={"type": "mrope", "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]},
+                eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     if model_type == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, patch_size=8, spatial_merge_size=2,

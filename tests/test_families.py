@@ -387,7 +387,7 @@ def test_lora_student_trains_and_saves_a_plain_model_of_its_family(ws, tmp_path)
 
 
 def test_on_policy_stage_samples_answers_with_the_images(ws, tmp_path):
-    _only(ws, "qwen2_vl", "llava_onevision")  # a grid family and a multi-image tiled family
+    _only(ws, "qwen2_vl", "llava_onevision", "gemma3")  # grids, tiles, and a fixed count with two images
     raw = _raw(ws, tmp_path / "on_policy", save_steps=2)
     raw["stages"][0]["on_policy"] = {"fraction": 1.0, "max_new_tokens": 3}
     final = run_recipe(recipe_from_dict(raw), **QUIET)
@@ -533,3 +533,13 @@ def test_ddp_two_processes_equal_one_batch_of_8(ws, tmp_path):
     diff, where = _max_difference(_weights(single), _weights(tmp_path / "two" / "final"))
     assert diff <= TOLERANCE, f"student differs by {diff:.3g} at {where}"
     assert _max_diff(_weights(root / "student0"), _weights(single)) > 1e-4
+
+
+def test_registry_is_by_exact_model_type_and_names_the_supported_ones():
+    from llavadi.models.families import family_for_type
+
+    assert family_for_type("qwen2_5_vl") is family_for_type("qwen2_vl")  # one adapter, two model types
+    for unknown in ("internvl", "qwen2", "llava_next_video", "Qwen2_VL"):  # no substring or case matching
+        with pytest.raises(ValueError, match=rf"teacher path x: model_type '{unknown}' is not a family llavadi "
+                                             r"supports; supported: gemma3, idefics3, llava, llava_next"):
+            family_for_type(unknown, "teacher path x")

@@ -40,10 +40,12 @@ class ConversationEncoder:
                  max_length: int = 2048, *, image_marker: str = IMAGE_PLACEHOLDER,
                  tokens_per_image: Callable[[tuple[int, int], int], int] | None = None, multi_image: bool = False,
                  family: str = "llava", template_image_text: str | None = None):
-        """`image_marker`: the text an `<image>` placeholder becomes, holding the image token once;
-        `n_image_tokens`: copies of it per image, or None with `tokens_per_image((width, height), n_images)`
-        when the count depends on the image (and on how many the sample holds); `multi_image`: whether a sample may hold several images (else refused,
-        naming `family`)."""
+        """`image_marker`: the text one image becomes, holding the image token once; `n_image_tokens`: copies
+        of it per image, or None with `tokens_per_image((width, height), n_images)` when the count depends on
+        the image (and on how many the sample holds); `multi_image`: whether a sample may hold several images
+        (else refused, naming `family`); `template_image_text`: what the family's chat template writes for an
+        image (and what `<image>` first becomes) when it is not the marker itself (Gemma 3 writes
+        `<start_of_image>`, which its processor expands around the image token)."""
         self.tokenizer = tokenizer
         self.template = template
         self.image_token_id = int(image_token_id)

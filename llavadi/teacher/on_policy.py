@@ -85,12 +85,21 @@ def unbatch(batch: dict, prefixes: tuple[str, ...]) -> list[dict]:
                 for key in ("pixel_values", "pixel_attention_mask"):
                     item[p + key] = batch[p + key][row:row + 1]
             continue
+        # one pixel row per image, in order (LLaVA-1.5: one image per sample; Gemma 3: one per run of image tokens)
+        runs = [_image_runs(item[p + "token_types"]) for item in items]
+        several = any(n > 1 for n in runs)
         pixel_row = 0
-        for item in items:
-            if IMAGE in item[p + "token_types"]:  # the collator stacked pixels of the samples with images, in order
-                item[p + "pixel_values"] = batch[p + "pixel_values"][pixel_row]
-                pixel_row += 1
+        for item, n in zip(items, runs):
+            if n:
+                pixels = batch[p + "pixel_values"]
+                item[p + "pixel_values"] = pixels[pixel_row:pixel_row + n] if several else pixels[pixel_row]
+                pixel_row += n
     return items
+
+
+def _image_runs(token_types: list[int]) -> int:
+    """How many separate runs of image tokens a sample has (one per image where images do not touch)."""
+    return sum(1 for i, t in enumerate(token_types) if t == IMAGE and (i == 0 or token_types[i - 1] != IMAGE))
 
 
 def _split_tiled_images(batch: dict, items: list[dict], p: str) -> None:

@@ -15,6 +15,7 @@ from llavadi.distill.cross_vocab import MatchedTokens
 from llavadi.distill.terms import term_class
 from llavadi.distill.objective import DistillObjective
 from llavadi.models.build import LoadedModel
+from llavadi.models.families import FAMILIES
 from llavadi.teacher.cache import cached_objective
 
 TEACHER_PREFIX = "teacher_"
@@ -57,10 +58,15 @@ def build_dataset(stage: StageConfig, student: LoadedModel, teacher: LoadedModel
                         max_pixels=stage.data.max_pixels, progress=progress, aligner=aligner)
 
 
+def _family_name(loaded) -> str | None:
+    model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
+    return FAMILIES[model_type].name if model_type in FAMILIES else None
+
+
 def check_same_family(student: LoadedModel, teacher: LoadedModel, logit_terms: list[str]) -> None:
     """Refuse, by family name, logit terms between a teacher and a student of different model families."""
-    s_family, t_family = student.family.name, teacher.family.name
-    if s_family != t_family:
+    s_family, t_family = _family_name(student), _family_name(teacher)
+    if s_family and t_family and s_family != t_family:
         raise ValueError(f"logit terms {logit_terms} compare next-token distributions of one tokenizer and one prompt "
                          f"layout, but the teacher is a {t_family} model and the student a {s_family} model; "
                          "cross-family pairs take the state terms (hidden_mse, visual_align, ...) where the token "

@@ -15,7 +15,8 @@ from llavadi.models.families.llava_next import LlavaNextFamily, LlavaOnevisionFa
 from llavadi.models.families.qwen2_vl import Qwen2VLFamily
 
 FAMILIES: dict[str, Family] = {}
-for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), Qwen2VLFamily(), Gemma3Family(), Idefics3Family()):
+_ADAPTERS = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), Qwen2VLFamily(), Gemma3Family(), Idefics3Family())
+for _family in _ADAPTERS:
     for _model_type in _family.model_types:
         FAMILIES[_model_type] = _family
 

@@ -100,3 +100,22 @@ class Family:
         from transformers import AutoImageProcessor
 
         return AutoImageProcessor.from_pretrained(path, **source)
+
+
+class FolderProcessor:
+    """What a saved model carries when its family's processor class cannot be built without torchvision: its
+    tokenizer (with its chat template) and its image processor, written as transformers writes them."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @property
+    def chat_template(self):
+        """The tokenizer's chat template (what the saved folder renders prompts with)."""
+        return self.tokenizer.chat_template
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write the tokenizer and the image processor into `directory`."""
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)

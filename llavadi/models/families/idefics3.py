@@ -70,7 +70,7 @@ class Idefics3Family(Family):
         from llavadi.models.chat_template import llavadi_chat_template
 
         if loaded.model.config.model_type == "smolvlm":
-            from llavadi.models.families.qwen2_vl import FolderProcessor
+            from llavadi.models.families.base import FolderProcessor
 
             return FolderProcessor(loaded.tokenizer, loaded.image_processor)
         from transformers import Idefics3Processor

@@ -137,6 +137,6 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return {**super().image_feature_kwargs(config), "vision_aspect_ratio": config.vision_aspect_ratio}
 
     def saved_processor(self, loaded):
-        from llavadi.models.families.qwen2_vl import FolderProcessor
+        from llavadi.models.families.base import FolderProcessor
 
         return FolderProcessor(loaded.tokenizer, loaded.image_processor)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llavadi.models.families.base import Family, Parts
+from llavadi.models.families.base import Family, FolderProcessor, Parts
 
 
 class Qwen2VLFamily(Family):
@@ -66,22 +66,3 @@ class Qwen2VLFamily(Family):
 
     def saved_processor(self, loaded):
         return FolderProcessor(loaded.tokenizer, loaded.image_processor)
-
-
-class FolderProcessor:
-    """What a saved model of a family without a torchvision-free processor carries: its tokenizer (with its
-    chat template) and its image processor, written by `save_pretrained` as transformers writes them."""
-
-    def __init__(self, tokenizer, image_processor):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-
-    @property
-    def chat_template(self):
-        """The tokenizer's chat template (what the saved folder renders prompts with)."""
-        return self.tokenizer.chat_template
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write the tokenizer and the image processor into `directory`."""
-        self.tokenizer.save_pretrained(directory)
-        self.image_processor.save_pretrained(directory)
