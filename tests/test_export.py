@@ -113,24 +113,6 @@ def _answer_ids(model_path, questions):
     return generate_answer_ids(bundle, questions, batch_size=8, max_new_tokens=8, progress=False), bundle
 
 
-def _cls_last(vision_tower):
-    """Make a HF CLIP tower read its tokens as llama.cpp's LLaVA graph does: [patches, CLS] + positions 0..n.
-
-    llama.cpp (the llama-cpp-python 0.3.36 build, and upstream's tools/mtmd/models/llava.cpp at the time
-    of writing: ggml-org/llama.cpp issue 25814) concatenates the class embedding after the patches
-    while it still adds position embeddings 0..n in order and keeps rows 1..n: every patch gets its
-    neighbour's position embedding, patch 0 is dropped and the CLS output becomes the last image token.
-    """
-    emb = vision_tower.embeddings
-
-    def forward(pixel_values, interpolate_pos_encoding=False):
-        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat([patches, cls], 1) + emb.position_embedding.weight[None]
-
-    emb.forward = forward
-
-
 def _llama_cpp_image_embeddings(runtime, image) -> np.ndarray:
     """The projected image embeddings llama.cpp's mtmd computes from the mmproj file."""
     mtmd = runtime._mtmd
@@ -150,7 +132,7 @@ def test_f16_export_against_the_hf_student(exported):
     """The f16 files run by llama.cpp against the HF student, on 24 held-out questions of the demo's format.
 
     - Image embeddings: llama.cpp's equal the HF tower + projector's when the HF tower reads its
-      tokens in llama.cpp's order (`_cls_last`) within 1e-2 (f16 weights, activations rounded to f16
+      tokens in llama.cpp's order (`read_tokens_as_llama_cpp`) within 1e-2 (f16 weights, activations rounded to f16
       in llama.cpp's matrix products, its tanh GELU); in the HF order they differ (llama.cpp's defect).
     - Text: the first answer token's logits of a text-only prompt within 1e-3 (f16 KV cache).
     - Greedy answers (8 tokens) equal the HF student's, no tolerance: as HF runs, and with llama.cpp's
@@ -158,7 +140,7 @@ def test_f16_export_against_the_hf_student(exported):
       checked by the embeddings above, not by the answers.
     """
     from llavadi.eval.generate import EvalQuestion, encode_question, generate_answer_ids, question_image
-    from llavadi.export.gguf_runtime import runtime_image
+    from llavadi.export.gguf_runtime import read_tokens_as_llama_cpp, runtime_image
 
     questions = _eval_questions(exported)
     hf_ids, hf = _answer_ids(exported["hf"], questions)
@@ -170,7 +152,7 @@ def test_f16_export_against_the_hf_student(exported):
     with torch.no_grad():
         hf_order = model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                             vision_feature_select_strategy="default").pooler_output[0].numpy()
-        _cls_last(model.vision_tower)
+        read_tokens_as_llama_cpp(model.vision_tower)
         cpp_order = model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                              vision_feature_select_strategy="default").pooler_output[0].numpy()
     scale = float(np.abs(cpp_order).max())

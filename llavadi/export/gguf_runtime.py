@@ -266,3 +266,25 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> Export
     return ExportedModel(runtime, AutoTokenizer.from_pretrained(folder),
                          AutoImageProcessor.from_pretrained(folder), read_model_meta(folder, config),
                          source=folder, quant=quant, files=files)
+
+
+def read_tokens_as_llama_cpp(vision_tower) -> None:
+    """Make a HF CLIP tower read its tokens as llama.cpp's LLaVA graph does, in place: [patches, CLS] + positions 0..n.
+
+    llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp; ggml-org/llama.cpp issue 25814) appends the
+    class embedding after the patches while it adds position embeddings 0..n in order and keeps rows
+    1..n: every patch gets its neighbour's position embedding, patch 0 is dropped and the CLS output
+    becomes the last image token. A HF model patched so computes what the exported files compute:
+    it separates that runtime defect from conversion and quantization in tests and benchmarks.
+    """
+    import torch
+
+    tower = getattr(vision_tower, "vision_model", vision_tower)
+    emb = tower.embeddings
+
+    def forward(pixel_values, interpolate_pos_encoding=False):
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([patches, cls], 1) + emb.position_embedding.weight[None]
+
+    emb.forward = forward
