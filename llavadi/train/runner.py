@@ -42,7 +42,7 @@ from llavadi.models.dtypes import torch_dtype
 from llavadi.models.lora import apply_lora, quantization_config
 from llavadi.models.model_card import write_model_card
 from llavadi.teacher.cache import cached_teacher, stage_cache
-from llavadi.eval.generate import eos_token_ids
+from llavadi.eval.decode import eos_token_ids
 from llavadi.teacher.on_policy import OnPolicySampler, TeacherRetokenizer
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
