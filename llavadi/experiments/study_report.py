@@ -50,19 +50,6 @@ class Study:
         return self.summary["columns"][0] if self.summary["columns"] else None
 
 
-def is_study_folder(path: str) -> bool:
-    """Whether `path` is a folder holding an ablation's results.json."""
-    p = os.path.join(path, ablate.RESULTS_FILE)
-    if not os.path.isfile(p):
-        return False
-    try:
-        with open(p) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "grid" in data and "runs" in data
-
-
 def load_study(folder: str) -> Study:
     """A study folder's results, its summary and table recomputed from the runs' metrics."""
     path = os.path.join(folder, ablate.RESULTS_FILE)
