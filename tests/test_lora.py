@@ -127,7 +127,7 @@ def test_merging_on_the_reloaded_base_equals_merging_the_state(workspace):
     peft_model = apply_lora(student.model, LoraSpec(**LORA), base_path=student.source)
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for _name, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))  # as if trained: B != 0, the projector's copy moved
     state = peft_model.state_dict()
