@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llavadi.data.token_types import TokenType
-from llavadi.distill.compat import logit_vocab
 from llavadi.data.tokenizer_pair import classify_pair
+from llavadi.distill.compat import logit_vocab
 from llavadi.distill.module import PROJECTOR_FILE, load_projectors, save_projectors
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.selection import Pairs, Predictions, Targets, Tokens

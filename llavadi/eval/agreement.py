@@ -25,15 +25,15 @@ from llavadi.distill.divergences import ForwardKL
 from llavadi.eval.decode import pad_token_id
 from llavadi.eval.generate import (
     EvalQuestion,
-    model_device_dtype,
-    pixel_batch,
     decode_answer,
     encode_question,
     generate_answer_ids,
     length_sorted_batches,
+    model_device_dtype,
+    pixel_batch,
 )
-from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.eval.normalize import normalize_simple
+from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.models.build import LoadedModel
 
 

@@ -21,8 +21,8 @@ from PIL import Image
 
 from llavadi.data.collator import pad_sequences
 from llavadi.data.dataset import load_image
-from llavadi.data.images import open_image
 from llavadi.data.encode import ConversationEncoder, SampleError
+from llavadi.data.images import open_image
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 from llavadi.device import resolve_device
 from llavadi.eval.decode import decode, eos_token_ids, pad_token_id

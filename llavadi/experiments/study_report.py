@@ -19,8 +19,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from llavadi.experiments import ablate
 from llavadi.atomic import write_text_atomic
+from llavadi.experiments import ablate
 from llavadi.experiments.curves import loss_curves, plot_curves
 from llavadi.experiments.page import to_html, to_markdown
 from llavadi.experiments.stats import significance_mark
