@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench soak clean
+.PHONY: setup demo lint test bench soak clean
 
 setup: $(VENV)/.llavadi-installed
 
@@ -25,6 +25,14 @@ $(VENV)/.llavadi-test-installed: $(VENV)/.llavadi-installed pyproject.toml
 
 demo: setup
 	$(VENV)/bin/llavadi demo --out $(DEMO_OUT)
+
+# ruff: pyflakes, import order and bugbear on the code, the tests and the benchmarks ([tool.ruff] in pyproject.toml)
+$(VENV)/.llavadi-lint-installed: $(VENV)/.llavadi-installed pyproject.toml
+	$(PY) -m pip install -q -e ".[lint]"
+	touch $@
+
+lint: setup $(VENV)/.llavadi-lint-installed
+	$(VENV)/bin/ruff check llavadi tests benchmarks
 
 test: setup $(VENV)/.llavadi-test-installed
 	$(PY) -m pytest -q -p no:cacheprovider tests

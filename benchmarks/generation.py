@@ -75,24 +75,18 @@ def one_at_a_time(bundle, questions, max_new_tokens):
 def plain_generate(bundle, questions, batch_size, max_new_tokens):
     """HF `model.generate` on the length-sorted, left-padded batches llavadi generates."""
     from llavadi.data.collator import pad_sequences
-    from llavadi.eval.decode import hf_generate
-    from llavadi.eval.generate import (
-        _pad_id,
-        _pixel_batch,
-        encode_question,
-        eos_token_ids,
-        length_sorted_batches,
-    )
+    from llavadi.eval.decode import eos_token_ids, hf_generate, pad_token_id
+    from llavadi.eval.generate import encode_question, length_sorted_batches, pixel_batch
 
     model, encoder = bundle.model, bundle.encoder()
-    pad_id, eos_ids = _pad_id(bundle.tokenizer), eos_token_ids(model, bundle.tokenizer)
+    pad_id, eos_ids = pad_token_id(bundle.tokenizer), eos_token_ids(model, bundle.tokenizer)
     prompts = [encode_question(encoder, q) for q in questions]
     answers = [None] * len(questions)
     with torch.inference_mode():
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             ids = pad_sequences([prompts[i] for i in batch], pad_id, side="left")
             mask = pad_sequences([[1] * len(prompts[i]) for i in batch], 0, side="left")
-            pixels = _pixel_batch(bundle, [questions[i] for i in batch], "cpu", torch.float32)
+            pixels = pixel_batch(bundle, [questions[i] for i in batch], "cpu", torch.float32)
             kwargs = {} if pixels is None else {"pixel_values": pixels}
             out = hf_generate(model, ids, mask, max_new_tokens, pad_id, eos_ids, [encoder.image_token_id], **kwargs)
             for i, row in zip(batch, out):

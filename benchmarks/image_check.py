@@ -42,7 +42,7 @@ def header_only(paths: list[str]) -> None:
     """The header check: opens each file, reads its size, decodes nothing."""
     for p in paths:
         with Image.open(p) as im:
-            im.size
+            _ = im.size
 
 
 def full_serial(paths: list[str]) -> None:

@@ -115,7 +115,6 @@ def _llavadi_step(variant: str, p: Problem):
     from llavadi.distill.view import ModelView
 
     n, width = p.hidden_s.shape
-    vocab = p.weight_s.shape[0]
 
     class Cfg:
         hidden_size = width

@@ -62,9 +62,16 @@ def anyres_image_processor(model_type: str):
 
 def anyres_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
     """A tiny random LLaVA-NeXT (CLIP + Llama) or LLaVA-OneVision (SigLIP + Qwen2, anyres_max_1) of text width `hidden`."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(seed)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -98,8 +105,12 @@ def qwen_image_processor():
 
 def qwen_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
     """A tiny random Qwen2-VL or Qwen2.5-VL of text width `hidden`."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
@@ -204,8 +215,12 @@ def idefics_image_processor(model_type: str):
 
 def idefics_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
     """A tiny random Idefics3 or SmolVLM (SigLIP 28 px, 7 px patches, pixel shuffle 2: 4 tokens per image)."""
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
-                              SmolVLMForConditionalGeneration)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,

@@ -8,8 +8,15 @@ import json
 import pytest
 
 from llavadi.cli import build_parser
-from llavadi.eval.benchmarks import (OPTION_LETTER_SUFFIX, SHORT_ANSWER_SUFFIX, EvalDataError, get_benchmark,
-                                     prediction_record, predictions_from_records, read_predictions)
+from llavadi.eval.benchmarks import (
+    OPTION_LETTER_SUFFIX,
+    SHORT_ANSWER_SUFFIX,
+    EvalDataError,
+    get_benchmark,
+    prediction_record,
+    predictions_from_records,
+    read_predictions,
+)
 from llavadi.eval.report import combine, load_result
 
 

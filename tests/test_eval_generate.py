@@ -11,8 +11,8 @@ import torch
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, plain_greedy_ids, write_images
 
 from llavadi.data.dataset import pixel_values_for
-from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
 from llavadi.eval import generate as generate_module
+from llavadi.eval.agreement import agreement_rate, measure_agreement, teacher_forced_kl
 from llavadi.eval.generate import EvalQuestion, encode_question, generate_answer_ids, generate_answers, question_image
 from llavadi.models.build import LoadedModel, save_model
 

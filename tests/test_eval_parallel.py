@@ -15,7 +15,6 @@ import yaml
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, only_teardown_abort, write_images
 
 from llavadi.cli import main
-from llavadi.eval import suite as suite_module
 from llavadi.eval.eval_command import evaluate
 from llavadi.models.build import LoadedModel, save_model
 

@@ -6,12 +6,23 @@ import itertools
 
 import pytest
 
-from llavadi.eval.normalize import (normalize_simple, normalize_vqa_answer, process_digits_articles,
-                                    process_punctuation)
-from llavadi.eval.scorers import (binary_metrics, circular_accuracy, exact_match,
-                                  llava_gqa_answer, mme_scores, parse_mmbench_answer, parse_mme_answer,
-                                  parse_pope_answer, parse_scienceqa_answer, pope_metrics, rotate_options,
-                                  scienceqa_choice_index, synthetic_accuracy, vqa_soft_accuracy)
+from llavadi.eval.normalize import normalize_simple, normalize_vqa_answer, process_digits_articles, process_punctuation
+from llavadi.eval.scorers import (
+    binary_metrics,
+    circular_accuracy,
+    exact_match,
+    llava_gqa_answer,
+    mme_scores,
+    parse_mmbench_answer,
+    parse_mme_answer,
+    parse_pope_answer,
+    parse_scienceqa_answer,
+    pope_metrics,
+    rotate_options,
+    scienceqa_choice_index,
+    synthetic_accuracy,
+    vqa_soft_accuracy,
+)
 
 # --------------------------------------------------------------------------- normalisation
 

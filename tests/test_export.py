@@ -20,7 +20,6 @@ from llavadi.export.gguf_target import parse_quants
 from llavadi.export.support import ExportRefused, check_gguf_support
 
 
-
 def _save_config(folder, config) -> str:
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)

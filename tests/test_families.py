@@ -13,9 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CrashAt, write_json
-from family_models import (LLAVA_CHAT_TEMPLATE, anyres_image_processor, anyres_model, gemma_image_processor, gemma_model,
-                           gemma_tokenizer, idefics_image_processor, idefics_model, idefics_tokenizer,
-                           qwen_image_processor, qwen_model, qwen_tokenizer)
+from family_models import (
+    LLAVA_CHAT_TEMPLATE,
+    anyres_image_processor,
+    anyres_model,
+    gemma_image_processor,
+    gemma_model,
+    gemma_tokenizer,
+    idefics_image_processor,
+    idefics_model,
+    idefics_tokenizer,
+    qwen_image_processor,
+    qwen_model,
+    qwen_tokenizer,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,6 +45,7 @@ from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
 from llavadi.teacher.cache_teacher import cache_teacher
 from llavadi.train.runner import run_recipe
 from llavadi.train.stage_inputs import build_dataset
+
 
 def _anyres(model_type):
     return {"tokenizer": lambda: qwen_tokenizer("<image>", LLAVA_CHAT_TEMPLATE),
@@ -157,8 +169,14 @@ def trained(ws):
 def reference_count(model_dir, model_type, image, n_images=1):
     """An image's token count as transformers computes it: Qwen2-VL's processor output grid / merge^2, LlavaNextProcessor's
     expansion, LLaVA-OneVision's processor's counting method (its class needs torchvision to be built)."""
-    from transformers import (AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaNextProcessor,
-                              LlavaOnevisionProcessor)
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoProcessor,
+        AutoTokenizer,
+        LlavaNextProcessor,
+        LlavaOnevisionProcessor,
+    )
 
     config, processor = AutoConfig.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
     if model_type.startswith("qwen"):

@@ -116,18 +116,18 @@ def test_lora_resume_rebuilds_the_adapter(workspace, tmp_path):
 def test_merging_on_the_reloaded_base_equals_merging_the_state(workspace):
     """The QLoRA merge path (the adapter on the student re-read unquantized from its directory) gives the
     same plain model as the merge of the whole state; run here on an unquantized student."""
+    from conftest import probe_inputs
+
     from llavadi.config import LoraSpec
     from llavadi.models.build import load_llava_dir, set_trainable
     from llavadi.models.lora import apply_lora, merged_llava, merged_on_base
-
-    from conftest import probe_inputs
 
     student = load_llava_dir(str(workspace / "student0"))
     set_trainable(student.model, projector=True, llm=True)
     peft_model = apply_lora(student.model, LoraSpec(**LORA), base_path=student.source)
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for _name, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))  # as if trained: B != 0, the projector's copy moved
     state = peft_model.state_dict()

@@ -9,8 +9,7 @@ import torch
 from conftest import make_image_processor, make_tiny_llava
 
 from llavadi.config import ModelSpec
-from llavadi.models.build import (LoadedModel, load_llava_dir, load_model, n_image_tokens, save_model,
-                                  set_trainable)
+from llavadi.models.build import LoadedModel, load_llava_dir, load_model, n_image_tokens, save_model, set_trainable
 
 
 def _vm(tower):

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llavadi.data.token_types import TokenType
-from llavadi.distill.compat import logit_vocab
 from llavadi.data.tokenizer_pair import classify_pair
+from llavadi.distill.compat import logit_vocab
 from llavadi.distill.module import PROJECTOR_FILE, load_projectors, save_projectors
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.selection import Pairs, Predictions, Targets, Tokens
@@ -380,7 +380,7 @@ def test_text_only_micro_batch_gives_zero_visual_terms_and_keeps_the_graph():
 
 def test_needs_and_selections():
     objective, _, _ = build()
-    assert objective.needs_teacher and objective.needs_attentions and objective.has_logit_terms
+    assert objective.needs_teacher and objective.needs_attentions
     student, teacher = objective.student_needs, objective.teacher_needs
     assert student.last_hidden and student.image_features and student.hidden_layers == {1, -1}
     assert student.attention_layers == {-1} and teacher.attention_layers == {-1}

@@ -19,9 +19,6 @@ import sys
 import pytest
 from conftest import final_logits, probe_inputs
 from safetensors.torch import load_file
-
-from llavadi.config import recipe_from_dict
-from llavadi.train.runner import run_recipe
 from test_equivalence import (  # noqa: F401  (workspace and batch_of_8 are fixtures used here)
     TOLERANCE,
     _assert_same_step,
@@ -32,6 +29,9 @@ from test_equivalence import (  # noqa: F401  (workspace and batch_of_8 are fixt
     batch_of_8,
     workspace,
 )
+
+from llavadi.config import recipe_from_dict
+from llavadi.train.runner import run_recipe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "configs")

@@ -11,7 +11,6 @@ import torch
 from llavadi.experiments import page, stats
 from llavadi.experiments.progress import Progress, format_duration
 
-
 # ----------------------------------------------------------------------------- paired t-test
 
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 7.0, 60.0])

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
 from llavadi.data.encode import ConversationEncoder, SampleError
-from llavadi.data.templates import ChatTemplate, VicunaV1
-from llavadi.data.templates import Turn
+from llavadi.data.templates import ChatTemplate, Turn, VicunaV1
 from llavadi.data.token_alignment import (
     ALIGNMENT_KEY,
     AlignmentError,

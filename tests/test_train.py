@@ -158,8 +158,8 @@ def test_teacher_with_other_image_layout_gets_its_own_inputs(workspace, tmp_path
     rec = _recipe(workspace, tmp_path / "run", [_finetune(workspace, steps=2, terms=terms)])
     rec.teacher.path = str(tmp_path / "teacher64")
 
-    from llavadi.train.stage_inputs import build_dataset
     from llavadi.models.build import load_llava_dir
+    from llavadi.train.stage_inputs import build_dataset
 
     ds = build_dataset(rec.stages[0], load_llava_dir(str(workspace / "student0")), load_llava_dir(str(tmp_path / "teacher64")))
     item = ds[0]

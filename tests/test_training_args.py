@@ -9,8 +9,8 @@ import yaml
 from transformers import TrainingArguments
 
 from llavadi.config import ConfigError, load_recipe, recipe_from_dict, recipe_to_dict
-from llavadi.training_args import DEFAULTS, RENAMED, training_argument_kwargs
 from llavadi.train import runner
+from llavadi.training_args import DEFAULTS, RENAMED, training_argument_kwargs
 
 
 def _raw(train: dict, **kw) -> dict:

@@ -240,6 +240,7 @@ def test_make_bench_installs_what_the_benchmarks_import():
     """`make bench` from a fresh clone: the benchmarks' extra (trl) is installed before they run."""
     import os
     import re
+
     import tomllib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -160,7 +160,7 @@ def _checked_image(name: str, image: str, image_problems: dict[str, str] | None)
     else:
         try:
             with Image.open(image) as im:  # reads the header only: cheap, catches non-images
-                im.size
+                _ = im.size
         except Exception as e:  # PIL raises several types for unreadable files
             raise SampleError(f"{name}: unreadable image {image} ({e})") from e
     return image

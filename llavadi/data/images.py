@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from typing import BinaryIO
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image
 

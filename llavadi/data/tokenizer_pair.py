@@ -66,11 +66,6 @@ class TokenizerPair:
         """Student LM-head rows that no token maps to."""
         return self.student_rows - self.student_size
 
-    @property
-    def comparable_logits(self) -> bool:
-        """Whether logit terms can compare the two distributions over the shared tokens (not `different`)."""
-        return self.kind != DIFFERENT
-
     def teacher_to_student(self) -> torch.Tensor:
         """A (teacher_rows,) long tensor: the student id of each teacher id, -1 where the student has no such token."""
         return _id_map(self.teacher_rows, self.teacher_ids, self.student_ids)
@@ -159,17 +154,3 @@ def classify_pair(teacher_tokenizer: Any, student_tokenizer: Any, teacher_rows: 
         kind = ADDITIONS
     return TokenizerPair(kind, tuple(i_t for _, i_t, _ in shared), tuple(i_s for i_s, _, _ in shared), only_t,
                          only_s, moved, size_t, size_s, rows_t, rows_s, tuple(differences))
-
-
-def lm_head_rows(config: Any) -> int:
-    """LM-head rows of a (LLaVA or plain LM) config: its text config's vocab_size."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
-
-
-def classify_folders(teacher_dir: str, student_dir: str) -> TokenizerPair:
-    """`classify_pair` of two saved model folders: their tokenizers and config.json vocab sizes (no weights)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    rows = [lm_head_rows(AutoConfig.from_pretrained(d)) for d in (teacher_dir, student_dir)]
-    return classify_pair(AutoTokenizer.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(student_dir), *rows)

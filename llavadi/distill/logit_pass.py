@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llavadi.distill.logits import LogitRows, upcast, target_nll
+from llavadi.distill.logits import LogitRows, target_nll, upcast
 from llavadi.distill.positions import prediction_rows, require_mapped
 from llavadi.distill.selection import IGNORE_INDEX, shifted_labels
 from llavadi.distill.view import ModelView

@@ -113,11 +113,6 @@ class DistillObjective(nn.Module):
         return len(self.terms) > 0
 
     @property
-    def has_logit_terms(self) -> bool:
-        """Whether any term compares logits (then teacher and student must share a tokenizer)."""
-        return any(t.is_logit_term for t in self.terms)
-
-    @property
     def student_needs(self) -> Needs:
         """What the student's forward must give (CE always reads the last hidden state)."""
         needs = Needs(last_hidden=True)

@@ -22,18 +22,18 @@ from llavadi.data.collator import pad_sequences
 from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL, TokenizerPair
 from llavadi.distill.compat import tokenizer_pair
 from llavadi.distill.divergences import ForwardKL
+from llavadi.eval.decode import pad_token_id
 from llavadi.eval.generate import (
     EvalQuestion,
-    _model_device_dtype,
-    _pad_id,
-    _pixel_batch,
     decode_answer,
     encode_question,
     generate_answer_ids,
     length_sorted_batches,
+    model_device_dtype,
+    pixel_batch,
 )
-from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.eval.normalize import normalize_simple
+from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.models.build import LoadedModel
 
 
@@ -93,17 +93,17 @@ def _student_answers(pair: TokenizerPair | None, questions: list[EvalQuestion],
 def _answer_hidden(bundle: LoadedModel, questions: list[EvalQuestion], prompts: list[list[int]],
                    answers: list[list[int]]) -> torch.Tensor:
     """Last hidden states at the positions that predict each answer token, (sum of answer lengths, H), in order."""
-    device, dtype = _model_device_dtype(bundle.model)
+    device, dtype = model_device_dtype(bundle.model)
     seqs = [p + a for p, a in zip(prompts, answers)]
     # right padding: positions 0.. are the same as unpadded
-    input_ids = pad_sequences(seqs, _pad_id(bundle.tokenizer), side="right")
+    input_ids = pad_sequences(seqs, pad_token_id(bundle.tokenizer), side="right")
     attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="right")
     rows, cols = [], []
     for b, (p, a) in enumerate(zip(prompts, answers)):
         rows += [b] * len(a)
         cols += range(len(p) - 1, len(p) - 1 + len(a))  # the logit at t predicts token t+1
     kwargs = {}
-    image_inputs = _pixel_batch(bundle, questions, device, dtype)
+    image_inputs = pixel_batch(bundle, questions, device, dtype)
     if image_inputs is not None:
         kwargs.update(image_inputs)
         kwargs.update(bundle.family.text_inputs(input_ids.to(device), bundle.model.config))

@@ -154,6 +154,28 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     return answers
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the pad token, else the eos token."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:  # LLaMA tokenizers often have no pad token
+        return int(tokenizer.eos_token_id)
+    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos plus the model's generation eos ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    if not ids:
+        raise ValueError("no eos token: the tokenizer and the model's generation config both lack one")
+    return sorted(ids)
+
+
 def cut_after_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
     """Each row up to and including its first eos (the padding `generate` writes after it dropped)."""
     eos = set(eos_ids)

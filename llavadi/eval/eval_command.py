@@ -50,7 +50,7 @@ def _score(benchmark, questions, records, annotations):
     return benchmark.score(predictions_from_records(records), annotations, questions)
 
 
-def _questions(bench, questions: str, images: str | None, limit: int | None):
+def read_eval_questions(bench, questions: str, images: str | None, limit: int | None):
     """The benchmark's questions (first `limit`) and their EvalQuestions; repeated questions raise."""
     bench_questions = bench.load_questions(questions)
     if limit is not None:
@@ -94,7 +94,7 @@ def _image_problems(eval_questions, images: str | None, progress: bool) -> dict[
     return problems
 
 
-def _usable(eval_questions, images: str | None, on_error: str, progress: bool) -> tuple[list[int], list[dict]]:
+def usable_questions(eval_questions, images: str | None, on_error: str, progress: bool) -> tuple[list[int], list[dict]]:
     """Indices of the questions to answer, and the skipped ones with reasons (on_error='skip')."""
     problems = _image_problems(eval_questions, images, progress)
     if problems and on_error == "raise":
@@ -236,8 +236,8 @@ def evaluate(model_dir: str, benchmark: str, questions: str, images: str | None,
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     shard = shard or ONE_PROCESS
     bench = get_benchmark(benchmark, **(benchmark_options or {}))
-    bench_questions, eval_questions = _questions(bench, questions, images, limit)
-    keep, skipped = _usable(eval_questions, images, on_error, progress and shard.is_main)
+    bench_questions, eval_questions = read_eval_questions(bench, questions, images, limit)
+    keep, skipped = usable_questions(eval_questions, images, on_error, progress and shard.is_main)
     notes: list[str] = []
     ann = _annotations(bench, annotations, questions, notes)
     out = Path(out_dir)

@@ -21,11 +21,11 @@ from PIL import Image
 
 from llavadi.data.collator import pad_sequences
 from llavadi.data.dataset import load_image
-from llavadi.data.images import open_image
 from llavadi.data.encode import ConversationEncoder, SampleError
+from llavadi.data.images import open_image
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
 from llavadi.device import resolve_device
-from llavadi.eval.decode import decode
+from llavadi.eval.decode import decode, eos_token_ids, pad_token_id
 from llavadi.eval.parallel import ONE_PROCESS, Shard
 from llavadi.models.build import LoadedModel, load_llava_dir
 from llavadi.models.dtypes import DTYPES as _DTYPES
@@ -139,28 +139,7 @@ def question_image(question: EvalQuestion) -> Image.Image:
         raise SampleError(f"question {question.question_id!r}: undecodable base64 image ({e})") from e
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:  # LLaMA tokenizers often have no pad token
-        return int(tokenizer.eos_token_id)
-    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the tokenizer's eos plus the model's generation eos ids."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-    if not ids:
-        raise ValueError("no eos token: the tokenizer and the model's generation config both lack one")
-    return sorted(ids)
-
-
-def _pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dtype) -> dict | None:
+def pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dtype) -> dict | None:
     """The image inputs of the questions that have an image, in batch order (None: no image)."""
     inputs = bundle.batch_image_inputs([[question_image(q)] for q in questions if q.has_image])
     if not inputs:
@@ -168,7 +147,8 @@ def _pixel_batch(bundle: LoadedModel, questions: list[EvalQuestion], device, dty
     return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
-def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's first parameter."""
     param = next(model.parameters())
     return param.device, param.dtype
 
@@ -194,7 +174,7 @@ def generate_ids(model, prompts: list[list[int]], pixel_values: torch.Tensor | d
     after its first eos. `pixel_values`: one per prompt that has image tokens, in batch order, or a dict of
     the batch's image inputs (a family's: pixel_values, image_grid_thw, ...).
     Decoded by `llavadi.eval.decode.decode` (the same tokens as HF `generate`, faster)."""
-    device, _ = _model_device_dtype(model)
+    device, _ = model_device_dtype(model)
     input_ids = pad_sequences(prompts, pad_id, side="left").to(device)
     attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
     if pixel_values is None:
@@ -221,8 +201,8 @@ def _generate_batch(bundle: LoadedModel, prompts: list[list[int]], questions: li
     if hasattr(bundle, "answer_prompts"):  # an exported model (llavadi.export): its runtime answers
         images = [question_image(q) if q.has_image else None for q in questions]
         return bundle.answer_prompts(prompts, images, max_new_tokens, eos_ids, image_token_id)
-    device, dtype = _model_device_dtype(bundle.model)
-    pixel_values = _pixel_batch(bundle, questions, device, dtype)
+    device, dtype = model_device_dtype(bundle.model)
+    pixel_values = pixel_batch(bundle, questions, device, dtype)
     return generate_ids(bundle.model, prompts, pixel_values, max_new_tokens, pad_id, eos_ids, image_token_id)
 
 
@@ -244,9 +224,9 @@ def generate_answer_ids(bundle: LoadedModel, questions: list[EvalQuestion], batc
     net, tok = bundle.model, bundle.tokenizer
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    if device is not None and resolve_device(device) != _model_device_dtype(net)[0]:
+    if device is not None and resolve_device(device) != model_device_dtype(net)[0]:
         net.to(resolve_device(device))  # run where asked: the model moves there
-    pad_id, eos_ids = _pad_id(tok), eos_token_ids(net, tok)
+    pad_id, eos_ids = pad_token_id(tok), eos_token_ids(net, tok)
     if prompt_ids is not None and len(prompt_ids) != len(questions):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(questions)} questions")
     shard = shard or ONE_PROCESS

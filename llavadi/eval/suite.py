@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from llavadi.eval.benchmarks import BENCHMARKS, EvalDataError, get_benchmark
-from llavadi.eval.eval_command import _questions, _usable, evaluate
+from llavadi.eval.eval_command import evaluate, read_eval_questions, usable_questions
 from llavadi.eval.parallel import Shard, start_data_parallel, stop_data_parallel
 
 SUITE_RESULTS = "results"
@@ -124,8 +124,8 @@ def check_inputs(entries: list[SuiteEntry], on_error: str = "raise") -> None:
     for entry in entries:
         try:
             bench = get_benchmark(entry.benchmark, **entry.options)
-            _, eval_questions = _questions(bench, entry.questions, entry.images, entry.limit)
-            _usable(eval_questions, entry.images, on_error, progress=False)
+            _, eval_questions = read_eval_questions(bench, entry.questions, entry.images, entry.limit)
+            usable_questions(eval_questions, entry.images, on_error, progress=False)
             if entry.annotations is not None and not os.path.exists(entry.annotations):
                 raise EvalDataError(f"annotations {entry.annotations} not found")
         except ValueError as e:

@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from llavadi.config import ConfigError, Recipe, load_recipe, recipe_to_dict
 from llavadi.atomic import atomic_path, write_text_atomic
+from llavadi.config import ConfigError, Recipe, load_recipe, recipe_to_dict
 from llavadi.experiments.stats import mean_std, paired_t, significance_mark
 
 RUN_RECORD = "ablate_run.json"

@@ -19,8 +19,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from llavadi.experiments import ablate
 from llavadi.atomic import write_text_atomic
+from llavadi.experiments import ablate
 from llavadi.experiments.curves import loss_curves, plot_curves
 from llavadi.experiments.page import to_html, to_markdown
 from llavadi.experiments.stats import significance_mark
@@ -48,19 +48,6 @@ class Study:
     def headline(self) -> str | None:
         """The first column of the table (the metric variants are ranked by)."""
         return self.summary["columns"][0] if self.summary["columns"] else None
-
-
-def is_study_folder(path: str) -> bool:
-    """Whether `path` is a folder holding an ablation's results.json."""
-    p = os.path.join(path, ablate.RESULTS_FILE)
-    if not os.path.isfile(p):
-        return False
-    try:
-        with open(p) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "grid" in data and "runs" in data
 
 
 def load_study(folder: str) -> Study:

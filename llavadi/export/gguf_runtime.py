@@ -79,8 +79,8 @@ class GgufRuntime:
 
     def __init__(self, model_path: str, mmproj_path: str, config, generation_config, threads: int = 1,
                  n_ctx: int = 0, quant: str = ""):
-        from llama_cpp import Llama
         import llama_cpp.mtmd_cpp as mtmd
+        from llama_cpp import Llama
 
         self.config, self.generation_config, self.quant = config, generation_config, quant
         self.model_path, self.mmproj_path = model_path, mmproj_path

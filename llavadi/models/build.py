@@ -36,8 +36,8 @@ from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
 from llavadi.models.dtypes import torch_dtype
 from llavadi.models.families import Family, family_for_type, family_of
 from llavadi.models.hub import hub_error, source_kwargs
-from llavadi.models.meta import DEFAULT_TEMPLATE, TOKENIZER_CHAT_TEMPLATE, read_model_meta, write_model_meta
 from llavadi.models.image_tokens import n_image_tokens  # noqa: F401  (part of this module's API)
+from llavadi.models.meta import TOKENIZER_CHAT_TEMPLATE, read_model_meta, write_model_meta
 
 
 @dataclass

@@ -31,7 +31,8 @@ from llavadi.data.collator import IMAGE_INPUT_KEYS, combine_image_inputs
 from llavadi.data.encode import IGNORE_INDEX
 from llavadi.data.token_alignment import ALIGNMENT_KEY, PieceReader, retokenized_answer
 from llavadi.data.token_types import TokenType
-from llavadi.eval.generate import Sampling, _pad_id, eos_token_ids, generate_ids
+from llavadi.eval.decode import eos_token_ids, pad_token_id
+from llavadi.eval.generate import Sampling, generate_ids
 from llavadi.models.families import family_of
 
 RESPONSE, INSTRUCTION, IMAGE = int(TokenType.RESPONSE), int(TokenType.INSTRUCTION), int(TokenType.IMAGE)
@@ -212,7 +213,7 @@ class OnPolicySampler:
         self.config = config
         self.seed = seed
         self.max_length = max_length
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = eos_token_ids(student, tokenizer)
         self.image_token_id = family_of(student.config).image_token_id(student.config)
         self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}

@@ -28,7 +28,8 @@ from llavadi.data.dataset import image_problems, parse_record, read_json_records
 from llavadi.data.encode import SampleError
 from llavadi.data.images import DEFAULT_MAX_PIXELS, check_images
 from llavadi.data.templates import IMAGE_PLACEHOLDER, Turn
-from llavadi.eval.generate import EvalQuestion, decode_answer, eos_token_ids, load_for_eval
+from llavadi.eval.decode import eos_token_ids
+from llavadi.eval.generate import EvalQuestion, decode_answer, load_for_eval
 from llavadi.eval.journal import AnswerJournal, journaled_answer_ids
 from llavadi.identity import file_sha256, folder_identity, json_digest
 from llavadi.models.describe import describe_llava_dir

@@ -112,7 +112,7 @@ def latest_complete_checkpoint(ckpt_dir: str, log=print, set_aside: bool = True)
     """The newest usable checkpoint-N in `ckpt_dir`; newer unusable ones are reported (and set aside)."""
     found = sorted(((checkpoint_step(d), d) for d in glob.glob(os.path.join(ckpt_dir, "checkpoint-*"))
                     if os.path.isdir(d) and checkpoint_step(d) is not None), reverse=True)
-    for step, folder in found:
+    for _step, folder in found:
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder

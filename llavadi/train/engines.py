@@ -28,7 +28,6 @@ from llavadi.config import ConfigError
 from llavadi.distill.objective import text_width
 from llavadi.distill.view import base_llava, decoder_layers
 
-
 # ----------------------------------------------------------------------------- processes
 
 def world_size() -> int:

@@ -34,11 +34,11 @@ from llavadi.atomic import write_json_atomic
 from llavadi.config import ConfigError, Recipe, StageConfig
 from llavadi.data.dataset import LlavaDataset, Skipped, read_json_records, record_image_paths
 from llavadi.data.encode import SampleError
+from llavadi.data.images import check_images
 from llavadi.device import resolve_device
 from llavadi.distill.compat import tokenizer_pair
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
-from llavadi.data.images import check_images
 from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
 from llavadi.teacher.cache_format import CacheError
 from llavadi.train import stage_inputs

@@ -34,17 +34,18 @@ from llavadi.atomic import write_json_atomic, write_text_atomic
 from llavadi.config import ConfigError, ModelSpec, Recipe, StageConfig, recipe_to_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset
+from llavadi.device import resolve_device
 from llavadi.distill.module import DistillationModule
 from llavadi.distill.objective import DistillObjective
-from llavadi.device import resolve_device
+from llavadi.eval.decode import eos_token_ids
 from llavadi.models.build import LoadedModel, llava_processor, load_model, publish_copy, set_trainable
 from llavadi.models.dtypes import torch_dtype
 from llavadi.models.lora import apply_lora, quantization_config
 from llavadi.models.model_card import write_model_card
 from llavadi.teacher.cache import cached_teacher, stage_cache
-from llavadi.eval.generate import eos_token_ids
 from llavadi.teacher.on_policy import OnPolicySampler, TeacherRetokenizer
 from llavadi.teacher.online import OnlineTeacher
+from llavadi.train import stage_inputs
 from llavadi.train.checkpoints import checkpoint_finished, latest_complete_checkpoint, read_checkpoint_marker
 from llavadi.train.engines import (
     barrier,
@@ -54,7 +55,6 @@ from llavadi.train.engines import (
     require_engine,
 )
 from llavadi.train.guard import NonFiniteLossError
-from llavadi.train import stage_inputs
 from llavadi.train.preflight import preflight
 from llavadi.train.stages import (
     StageFingerprint,
@@ -64,8 +64,9 @@ from llavadi.train.stages import (
     publish_stage,
     stage_fingerprints,
 )
-from llavadi.training_args import training_argument_kwargs
 from llavadi.train.trainer import DistillTrainer
+from llavadi.training_args import training_argument_kwargs
+
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
     """The newest complete, intact checkpoint-N directory, or None (read-only: nothing is set aside)."""

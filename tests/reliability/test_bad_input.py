@@ -166,9 +166,9 @@ def test_train_section_mistakes_are_named_together(ws, tmp_path, no_model_loads,
 
 def test_tokenizer_mismatch_for_logit_terms_is_reported_up_front(ws, tmp_path, no_model_loads, capsys):
     from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer
-    from llavadi.models.build import LoadedModel, save_model
-
     from tokenizers import models
+
+    from llavadi.models.build import LoadedModel, save_model
 
     tok = make_word_tokenizer()  # another base vocabulary: a different tokenizer (an added token alone is not)
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from workspace import (FINETUNE_STEPS, assert_same_tensors, killed, leftovers, make_workspace, report,
-                       write_recipe)
+from workspace import FINETUNE_STEPS, assert_same_tensors, killed, leftovers, make_workspace, report, write_recipe
 
 from llavadi.cli import main
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import CrashAt
 from transformers import TrainerCallback
 from workspace import FINETUNE_STEPS, assert_same_tensors, leftovers, make_workspace, one_stage, report, tensors
-from conftest import CrashAt
 
 import llavadi.train.runner as runner
 import llavadi.train.stage_inputs as stage_inputs

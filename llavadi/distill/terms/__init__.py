@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # registration, in the order of the paper's table of methods (logits, tokens, relations)
-from llavadi.distill.terms import logit_terms  # noqa: F401, I001
+# isort: off
+from llavadi.distill.terms import logit_terms  # noqa: F401
 from llavadi.distill.terms import alignment_terms  # noqa: F401
 from llavadi.distill.terms import relation_terms  # noqa: F401
 from llavadi.distill.terms import cross_vocab_terms  # noqa: F401
+# isort: on
 from llavadi.distill.terms.base import TERMS, Term, TermContext, register, term_class
 
 __all__ = ["TERMS", "Term", "TermContext", "TermSpec", "register", "term_class", "build_term", "describe_terms",

@@ -23,8 +23,14 @@ import torch
 import torch.nn as nn
 
 from llavadi.data.token_types import TokenType, type_mask
-from llavadi.distill.hidden import ALIGNMENT_LOSSES, PROJECTOR_KINDS, build_projector, pool_image_grid, \
-    pool_image_tokens, token_alignment_loss
+from llavadi.distill.hidden import (
+    ALIGNMENT_LOSSES,
+    PROJECTOR_KINDS,
+    build_projector,
+    pool_image_grid,
+    pool_image_tokens,
+    token_alignment_loss,
+)
 from llavadi.distill.options import LAYER_PAIRS, Option
 from llavadi.distill.positions import teacher_rows
 from llavadi.distill.relation import visual_self_correlation_loss

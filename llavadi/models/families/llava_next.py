@@ -20,7 +20,7 @@ import math
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from llavadi.models.families.base import Family, Parts
+from llavadi.models.families.base import Parts
 from llavadi.models.families.llava import LlavaFamily
 
 
