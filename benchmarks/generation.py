@@ -54,7 +54,7 @@ def build_model(tokenizer):
 def one_at_a_time(bundle, questions, max_new_tokens):
     """LLaVA's model_vqa loop: tokenize, load the image, generate, decode, one question after another."""
     from llavadi.data.dataset import load_image, pixel_values_for
-    from llavadi.eval.generate import encode_question
+    from llavadi.eval.generate import encode_question, eos_token_ids
 
     model, tok, encoder = bundle.model, bundle.tokenizer, bundle.encoder()
     answers = []
@@ -66,7 +66,7 @@ def one_at_a_time(bundle, questions, max_new_tokens):
                 img = load_image(q.image, q.question_id)
                 kwargs["pixel_values"] = pixel_values_for(bundle.image_processor, img, bundle.pad_to_square)[None]
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                                 max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=tok.eos_token_id,
+                                 max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=eos_token_ids(model, tok),
                                  pad_token_id=tok.pad_token_id, **kwargs)
             answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
@@ -126,6 +126,72 @@ def make_frequent_token_an_eos(bundle, questions, batch_size, max_new_tokens):
     return token
 
 
+def synthetic_questions(folder: str, n: int) -> list:
+    """n synthetic eval questions with images, every 16th (from the 6th) replaced by a text-only question."""
+    from llavadi.data.synthetic import TEXT_ONLY_QA, make_synthetic
+    from llavadi.eval.benchmarks import get_benchmark
+    from llavadi.eval.generate import EvalQuestion, from_benchmark_questions
+
+    paths = make_synthetic(f"{folder}/set", n_caption=0, n_instruct=0, n_eval=n)
+    loaded = from_benchmark_questions(get_benchmark("synthetic").load_questions(paths["eval"]), paths["image_dir"])
+    return [EvalQuestion(q.question_id, TEXT_ONLY_QA[i % len(TEXT_ONLY_QA)][0]) if i % 16 == 5 else q
+            for i, q in enumerate(loaded)]
+
+
+def time_methods(bundle, questions, args) -> tuple[dict, dict, dict, list]:
+    """Best wall and CPU seconds of each method over `args.repeats` alternating rounds, their answers, the load."""
+    from llavadi.eval.generate import generate_answer_ids
+
+    def ours(max_new_tokens):
+        return generate_answer_ids(bundle, questions, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
+                                   progress=False)
+
+    # warm-up (allocator, lazy imports) outside the timing
+    generate_answer_ids(bundle, questions[:4], batch_size=4, max_new_tokens=2, progress=False)
+    plain_generate(bundle, questions[:4], 4, 2)
+    best = {k: float("inf") for k in ("plain", "llavadi", "plain_first", "llavadi_first", "single")}
+    best_cpu, answers, load = dict(best), {}, []
+
+    def timed(key, run):
+        t0, c0 = time.perf_counter(), time.process_time()
+        answers[key] = run()
+        best[key] = min(best[key], time.perf_counter() - t0)
+        best_cpu[key] = min(best_cpu[key], time.process_time() - c0)
+
+    for _ in range(args.repeats):
+        load.append(os.getloadavg()[0])
+        timed("plain", lambda: plain_generate(bundle, questions, args.batch_size, args.max_new_tokens))
+        timed("llavadi", lambda: ours(args.max_new_tokens))
+        # the prefill and first token alone: what the decoding steps add is the difference
+        timed("plain_first", lambda: plain_generate(bundle, questions, args.batch_size, 1))
+        timed("llavadi_first", lambda: ours(1))
+        if args.single:
+            timed("single", lambda: one_at_a_time(bundle, questions, args.max_new_tokens))
+    load.append(os.getloadavg()[0])
+    return best, best_cpu, answers, load
+
+
+def _ratio(plain: float, ours: float) -> str:
+    return f"{plain / ours:.2f}x" if plain > 0 and ours > 0 else "n/a (prefill-only run not faster)"
+
+
+def print_speeds(best: dict, best_cpu: dict, tokens: int, n: int, args) -> None:
+    """Seconds and tokens/s of each method, the ratios, with the decoding steps apart."""
+    later = tokens - n  # tokens after each answer's first, made by the decoding steps
+    print(f"{'method':<44}{'seconds':>10}{'tokens/s':>12}{'prefill+1st s':>15}{'later tokens/s':>16}")
+    for name, key in (("plain model.generate, same batches", "plain"), ("llavadi (llavadi.eval.decode)", "llavadi")):
+        steps = best[key] - best[key + "_first"]
+        print(f"{name:<44}{best[key]:>10.2f}{tokens / best[key]:>12.1f}{best[key + '_first']:>15.2f}"
+              f"{later / steps if steps > 0 else float('nan'):>16.1f}")
+    if args.single:
+        print(f"{'one at a time (model_vqa loop)':<44}{best['single']:>10.2f}{tokens / best['single']:>12.1f}")
+    for label, b in (("llavadi / plain generate tokens/s", best), (f"the same in CPU seconds (best of {args.repeats})",
+                                                                    best_cpu)):
+        steps = _ratio(b["plain"] - b["plain_first"], b["llavadi"] - b["llavadi_first"])
+        print(f"{label}: plain {b['plain']:.2f} s, llavadi {b['llavadi']:.2f} s: {_ratio(b['plain'], b['llavadi'])} "
+              f"(decoding steps alone: {steps})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "llava576"], default="tiny")
@@ -139,94 +205,33 @@ def main(argv=None):
     parser.add_argument("--single", action="store_true", help="also time one question at a time")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from llavadi.data.synthetic import TEXT_ONLY_QA, make_synthetic
-    from llavadi.eval.benchmarks import get_benchmark
-    from llavadi.eval.generate import (
-        EvalQuestion,
-        decode_answer,
-        encode_question,
-        from_benchmark_questions,
-        generate_answer_ids,
-    )
+    from llavadi.eval.generate import decode_answer, encode_question
 
     bundle, n_image = build_bundle(args.model)
-    encoder = bundle.encoder()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_synthetic(f"{tmp}/set", n_caption=0, n_instruct=0, n_eval=args.questions)
-        loaded = from_benchmark_questions(get_benchmark("synthetic").load_questions(paths["eval"]), paths["image_dir"])
-        questions = []
-        for i, q in enumerate(loaded):
-            if i % 16 == 5:  # mix text-only questions into the batches
-                questions.append(EvalQuestion(q.question_id, TEXT_ONLY_QA[i % len(TEXT_ONLY_QA)][0]))
-            else:
-                questions.append(q)
-        n_text_only = sum(q.image is None for q in questions)
-        lengths = [len(encode_question(encoder, q)) for q in questions]
+        questions = synthetic_questions(tmp, args.questions)
+        lengths = [len(encode_question(bundle.encoder(), q)) for q in questions]
         extra_eos = None
         if args.eos == "frequent":
             extra_eos = make_frequent_token_an_eos(bundle, questions, args.batch_size, args.max_new_tokens)
+        best, best_cpu, answers, load = time_methods(bundle, questions, args)
 
-        def ours(max_new_tokens):
-            return generate_answer_ids(bundle, questions, batch_size=args.batch_size,
-                                       max_new_tokens=max_new_tokens, progress=False)
-
-        # warm-up (allocator, lazy imports) outside the timing
-        generate_answer_ids(bundle, questions[:4], batch_size=4, max_new_tokens=2, progress=False)
-        plain_generate(bundle, questions[:4], 4, 2)
-
-        best = {k: float("inf") for k in ("plain", "llavadi", "plain_first", "llavadi_first", "single")}
-        best_cpu = dict(best)
-        load = []
-
-        def timed(key, run):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = run()
-            best[key] = min(best[key], time.perf_counter() - t0)
-            best_cpu[key] = min(best_cpu[key], time.process_time() - c0)
-            return out
-
-        for _ in range(args.repeats):
-            load.append(os.getloadavg()[0])
-            plain = timed("plain", lambda: plain_generate(bundle, questions, args.batch_size, args.max_new_tokens))
-            fast = timed("llavadi", lambda: ours(args.max_new_tokens))
-            # the prefill and first token alone: what the decoding steps add is the difference
-            timed("plain_first", lambda: plain_generate(bundle, questions, args.batch_size, 1))
-            timed("llavadi_first", lambda: ours(1))
-            if args.single:
-                single = timed("single", lambda: one_at_a_time(bundle, questions, args.max_new_tokens))
-        load.append(os.getloadavg()[0])
-
-    n = len(questions)
+    plain, fast, n = answers["plain"], answers["llavadi"], len(questions)
     tokens = sum(len(a) for a in plain)
     params = sum(p.numel() for p in bundle.model.parameters())
     print(f"model: random {args.model} LLaVA, {params / 1e6:.1f}M params, {n_image} image tokens; {n} questions "
-          f"({n_text_only} text-only), prompt length {min(lengths)}-{max(lengths)} tokens, batch {args.batch_size}, "
-          f"max_new_tokens {args.max_new_tokens}, end tokens: eos" + (f" + {extra_eos}" if extra_eos else "")
+          f"({sum(q.image is None for q in questions)} text-only), prompt length {min(lengths)}-{max(lengths)} "
+          f"tokens, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, end tokens: eos"
+          + (f" + {extra_eos}" if extra_eos else "")
           + f"; answer lengths {min(len(a) for a in plain)}-{max(len(a) for a in plain)}, {tokens} tokens; "
           f"threads {args.threads}, best of {args.repeats}; load average {min(load):.1f}-{max(load):.1f}")
-    later = tokens - n  # tokens after each answer's first, made by the decoding steps
-    print(f"{'method':<44}{'seconds':>10}{'tokens/s':>12}{'prefill+1st s':>15}{'later tokens/s':>16}")
-    rows = [("plain model.generate, same batches", "plain"), ("llavadi (llavadi.eval.decode)", "llavadi")]
-    for name, key in rows:
-        steps = best[key] - best[key + "_first"]
-        print(f"{name:<44}{best[key]:>10.2f}{tokens / best[key]:>12.1f}{best[key + '_first']:>15.2f}"
-              f"{later / steps if steps > 0 else float('nan'):>16.1f}")
-    if args.single:
-        print(f"{'one at a time (model_vqa loop)':<44}{best['single']:>10.2f}{tokens / best['single']:>12.1f}")
-    decode_ratio = (best["plain"] - best["plain_first"]) / (best["llavadi"] - best["llavadi_first"])
-    print(f"llavadi / plain generate tokens/s: {best['plain'] / best['llavadi']:.2f}x "
-          f"(decoding steps alone: {decode_ratio:.2f}x)")
-    decode_cpu = (best_cpu["plain"] - best_cpu["plain_first"]) / (best_cpu["llavadi"] - best_cpu["llavadi_first"])
-    print(f"the same in CPU seconds (best of {args.repeats}): plain {best_cpu['plain']:.2f}, llavadi "
-          f"{best_cpu['llavadi']:.2f}: {best_cpu['plain'] / best_cpu['llavadi']:.2f}x (decoding steps alone: "
-          f"{decode_cpu:.2f}x)")
+    print_speeds(best, best_cpu, tokens, n, args)
     same = sum(a == b for a, b in zip(plain, fast))
     print(f"identical answers (token ids) llavadi vs plain generate: {same}/{n}" + ("" if same == n else "  <-- MISMATCH"))
     ok = same == n
     if args.single:
         texts = [decode_answer(bundle.tokenizer, a) for a in fast]
-        same_single = sum(a == b for a, b in zip(single, texts))
+        same_single = sum(a == b for a, b in zip(answers["single"], texts))
         print(f"identical answers (text) llavadi vs one at a time: {same_single}/{n}")
         ok = ok and same_single == n
     return 0 if ok else 1
