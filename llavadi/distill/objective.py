@@ -111,7 +111,7 @@ class DistillObjective(nn.Module):
 
     @property
     def has_logit_terms(self) -> bool:
-        """Whether any term compares logits (then teacher and student must share a tokenizer)."""
+        """Whether any term compares logits (then the tokenizer pair must be identical or the same up to additions)."""
         return any(t.is_logit_term for t in self.terms)
 
     @property
