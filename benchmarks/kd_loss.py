@@ -254,7 +254,7 @@ def measure(n: int, variants: list[str], args: argparse.Namespace) -> dict[str, 
                     os.replace(os.path.join(tmp, "baseline", "llavadi.pt"), os.path.join(tmp, "baseline.pt"))
                 else:
                     w.ask(f"check {tmp}")
-            agreement = _agreement(tmp, variants, "llavadi" if args.additions else "trl_dense")
+            agreement = _agreement(tmp, variants, "llavadi" if args.additions or args.no_trl else "trl_dense")
         for _ in range(args.rounds):
             for w in workers:
                 r = w.ask("run")
@@ -282,6 +282,9 @@ def main() -> None:
     parser.add_argument("--baseline", help="also the llavadi variant of this other checkout (side by side)")
     parser.add_argument("--additions", action="store_true",
                         help="same tokenizer up to additions (llava-hf layout) against the identical vocabulary")
+    parser.add_argument("--no-moved", action="store_true", help="--additions without the <pad>-moved variant")
+    parser.add_argument("--no-trl", action="store_true",
+                        help="only llavadi (and --baseline): ratios to the baseline instead of TRL")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -291,6 +294,9 @@ def main() -> None:
         return
     if args.additions:
         additions_table(args)
+        return
+    if args.no_trl:
+        baseline_table(args)
         return
     if importlib.util.find_spec("trl") is None:  # every row is measured against TRL's dense loss
         sys.exit("benchmarks/kd_loss.py compares with TRL's loss functions, and trl is not installed: "
@@ -318,9 +324,28 @@ def main() -> None:
                   f"extra peak {res['llavadi']['extra_peak_mib'] / res['baseline']['extra_peak_mib']:.3f}x", flush=True)
 
 
+def baseline_table(args: argparse.Namespace) -> None:
+    """This checkout's llavadi against --baseline's, side by side (no TRL: less memory), as ratios."""
+    if not args.baseline:
+        raise SystemExit("--no-trl compares with --baseline DIR")
+    variants = ["llavadi", "baseline"]
+    print(f"forward KL from hidden states, forward + backward, H={args.hidden}, V={args.vocab}, fp32, 1 thread per "
+          f"process, median of {args.rounds} interleaved rounds after a warm-up; baseline: {args.baseline}")
+    print("| N | variant | wall (s) | CPU (s) | extra peak (MiB, median / max) | CPU / baseline | peak / baseline "
+          "| max diff vs llavadi |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.positions:
+        res = measure(n, variants, args)
+        for v in variants:
+            r, b = res[v], res["baseline"]
+            print(f"| {n} | {v} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['extra_peak_mib']:.0f} / "
+                  f"{r['max_extra_peak_mib']:.0f} | {r['cpu_seconds'] / b['cpu_seconds']:.3f}x | "
+                  f"{r['extra_peak_mib'] / b['extra_peak_mib']:.3f}x | {r['agreement']:.1e} |", flush=True)
+
+
 def additions_table(args: argparse.Namespace) -> None:
     """The same tokenizer up to additions against the identical case, side by side, as ratios."""
-    variants = ["llavadi", "additions", "additions_moved"]
+    variants = ["llavadi", "additions"] + ([] if args.no_moved else ["additions_moved"])
     print(f"forward KL from hidden states, forward + backward, H={args.hidden}, base V={args.vocab}, fp32, 1 thread "
           f"per process, median of {args.rounds} interleaved rounds after a warm-up")
     print("| N | V | variant | wall (s) | CPU (s) | extra peak (MiB, median / max) | CPU / identical "

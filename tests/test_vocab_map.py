@@ -105,8 +105,9 @@ def _run(spec, student_head, teacher_head, teacher_topk=None, vocab=None, fused=
     hidden_s = torch.randn(B, T, H_S, generator=g, dtype=torch.float64).requires_grad_(True)
     hidden_t = torch.randn(B, T, H_T, generator=g, dtype=torch.float64)
     signal = "dense" if teacher_topk is None else "topk"
-    objective = DistillObjective(spec if isinstance(spec, list) else [spec], ce_weight=ce_weight, teacher_config=Cfg(H_T), student_config=Cfg(H_S),
-                                 chunk_size=4, teacher_signal=signal, vocab=vocab, fused=fused)
+    objective = DistillObjective(spec if isinstance(spec, list) else [spec], ce_weight=ce_weight,
+                                 teacher_config=Cfg(H_T), student_config=Cfg(H_S), chunk_size=4,
+                                 teacher_signal=signal, vocab=vocab, fused=fused)
     for p in student_head.parameters():
         p.grad = None
     student = ModelView(token_types=types, last_hidden=hidden_s, lm_head=student_head, who="student")
