@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -13,8 +14,7 @@ from hypothesis import strategies as st
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset, View
 from llavadi.data.encode import ConversationEncoder, SampleError
-from llavadi.data.templates import ChatTemplate, VicunaV1
-from llavadi.data.templates import Turn
+from llavadi.data.templates import ChatTemplate, Turn, VicunaV1
 from llavadi.data.token_alignment import (
     ALIGNMENT_KEY,
     AlignmentError,
@@ -142,7 +142,7 @@ def test_piece_reader_reproduces_each_tokenizer_kind():
         data = text.encode()
         covered = b"".join(data[a:b] for a, b in spans)
         assert _squeeze(covered.decode()) == _squeeze(text)
-        assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:]))
+        assert all(b0 <= a1 for (_, b0), (a1, _) in itertools.pairwise(spans))
 
 
 def test_dataset_and_collator_carry_alignments(tmp_path):

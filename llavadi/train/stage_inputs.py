@@ -12,8 +12,8 @@ from llavadi.data.token_alignment import PairAligner
 from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL
 from llavadi.distill.compat import logit_vocab, tokenizer_pair
 from llavadi.distill.cross_vocab import MatchedTokens
-from llavadi.distill.terms import term_class
 from llavadi.distill.objective import DistillObjective
+from llavadi.distill.terms import term_class
 from llavadi.models.build import LoadedModel
 from llavadi.teacher.cache import cached_objective
 

@@ -17,8 +17,8 @@ import torch
 
 from llavadi.distill.cross_vocab import (
     MERGES,
-    MatchedTokens,
     AlignedPass,
+    MatchedTokens,
     PairedGroups,
     TeacherSignal,
     aligned_sum,
