@@ -50,7 +50,7 @@ def _groups(n: int):
 
 def _step(variant: str, n: int, width: int, vocab: int):
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     from llavadi.distill.cross_vocab import MatchedTokens, PairedGroups
     from llavadi.distill.objective import DistillObjective

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 CORPUS = [
     "the red circle is left of 12 blue squares, and 3 green triangles.",
@@ -21,7 +21,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def byte_level_bpe(vocab_size: int = 400):
     """A byte-level BPE fast tokenizer with `<image>` and a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,10 +39,17 @@ def byte_level_bpe(vocab_size: int = 400):
     return hf
 
 
-@lru_cache(maxsize=None)
+@cache
 def sentencepiece_bpe(vocab_size: int = 300):
     """A SentencePiece-like BPE fast tokenizer (``▁``, byte fallback) with `<s>` in front and `</s>`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + [f"<0x{i:02X}>" for i in range(256)]

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from llavadi.data.token_alignment import AnswerTokens, align_answers
 from llavadi.distill.cross_vocab import MatchedTokens, PairedGroups

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -141,7 +142,7 @@ def test_piece_reader_reproduces_each_tokenizer_kind():
         data = text.encode()
         covered = b"".join(data[a:b] for a, b in spans)
         assert _squeeze(covered.decode()) == _squeeze(text)
-        assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:]))
+        assert all(b0 <= a1 for (_, b0), (a1, _) in itertools.pairwise(spans))
 
 
 def test_dataset_and_collator_carry_alignments(tmp_path):

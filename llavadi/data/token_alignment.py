@@ -28,6 +28,7 @@ of one side in a group are consecutive.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -245,7 +246,7 @@ def align_answers(student: AnswerTokens, teacher: AnswerTokens, sample_id: str) 
     groups = []
     for s_tokens, t_tokens in zip(student.turns, teacher.turns):
         for side, tokens in (("student", s_tokens), ("teacher", t_tokens)):
-            for (p0, _, e0), (p1, s1, _) in zip(tokens, tokens[1:]):
+            for (p0, _, e0), (p1, s1, _) in itertools.pairwise(tokens):
                 if p1 != p0 + 1 or s1 < e0:
                     raise AlignmentError(f"sample {sample_id!r}: the {side}'s answer tokens at positions {p0}, {p1} "
                                          "are not consecutive and in order")
