@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 TMP_SUFFIX = ".tmp"
-# folders `llavadi.models.build.save_model` writes before renaming them into place
+# folders `staged_folder` writes before renaming them into place
 TMP_DIR_PREFIX = ".tmp-save-"
 
 
@@ -95,6 +95,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> str:
     """Write `obj` as JSON to `path` atomically (NaN refused: it is not JSON); returns the path."""
     return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike) -> Iterator[str]:
+    """A temporary folder beside `out_dir` that replaces it, complete and fsynced, when the block ends without error.
+
+    The folder gets the user's normal mode; on an error (or a kill) `out_dir` is untouched and the
+    temporary folder is removed (or, after a kill, left for `remove_stale_temporaries`).
+    """
+    out_dir = os.fspath(out_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
+    try:
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(root)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:

@@ -20,14 +20,12 @@ the destination and renamed into place, so a failed export leaves no partial fol
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections import Counter
 
 import numpy as np
 import torch
 
-from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode, fsync_dir, write_json_atomic
+from llavadi.atomic import staged_folder, write_json_atomic
 from llavadi.export.support import GgufPlan, check_gguf_support
 
 EXPORT_FILE = "export.json"
@@ -319,11 +317,7 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
     bundle = load_llava_dir(model_dir, dtype=torch.float32)
     name = os.path.basename(os.path.abspath(model_dir))
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
-    try:
-        os.chmod(tmp, default_dir_mode())
+    with staged_folder(out_dir) as tmp:
         write_mmproj_gguf(bundle.model, bundle.image_processor, plan, os.path.join(tmp, MMPROJ_FILE), name)
         variants = _write_variants(bundle, plan, tmp, quants, name, threads)
         bundle.tokenizer.save_pretrained(tmp)  # llavadi encodes the prompts; llama.cpp runs the ids
@@ -334,17 +328,6 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants
         manifest = _manifest(model_dir, bundle, plan, variants)
         manifest["mmproj_bytes"] = os.path.getsize(os.path.join(tmp, MMPROJ_FILE))
         write_json_atomic(os.path.join(tmp, EXPORT_FILE), manifest)
-        for entry in os.listdir(tmp):
-            with open(os.path.join(tmp, entry), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from llavadi.atomic import TMP_DIR_PREFIX, default_dir_mode, fsync_dir
+from llavadi.atomic import staged_folder
 from llavadi.data.dataset import View
 from llavadi.data.encode import ConversationEncoder
 from llavadi.data.templates import IMAGE_PLACEHOLDER, get_template
@@ -339,11 +338,7 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, stat
 
     `state_dict`: the weights to write instead of the model's own (e.g. gathered from a sharded engine).
     """
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
-    try:
-        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
+    with staged_folder(out_dir) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         loaded.tokenizer.save_pretrained(tmp)
         processor = llava_processor(loaded)
@@ -352,31 +347,11 @@ def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, stat
         if getattr(processor, "chat_template", None) != loaded.tokenizer.chat_template:  # what template: chat_template reads
             meta[TOKENIZER_CHAT_TEMPLATE] = loaded.tokenizer.chat_template
         write_model_meta(tmp, meta, loaded.model.config)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def publish_copy(src_dir: str, out_dir: str) -> str:
     """Copy a saved model directory to `out_dir` atomically (a temporary copy, fsynced, then renamed)."""
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    tmp = tempfile.mkdtemp(prefix=TMP_DIR_PREFIX, dir=parent)
-    try:
-        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
+    with staged_folder(out_dir) as tmp:
         shutil.copytree(src_dir, tmp, dirs_exist_ok=True)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
