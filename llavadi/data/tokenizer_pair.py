@@ -67,12 +67,22 @@ class TokenizerPair:
         return self.student_rows - self.student_size
 
     def teacher_to_student(self) -> torch.Tensor:
-        """A (teacher_rows,) long tensor: the student id of each teacher id, -1 where the student has no such token."""
-        return _id_map(self.teacher_rows, self.teacher_ids, self.student_ids)
+        """A (teacher_rows,) long tensor: the student id of each teacher id, -1 where the student has no such token.
+
+        Built once per pair and shared (read it, do not modify it): the teacher cache maps every
+        sample's ids through it at each batch."""
+        return self._id_map("_teacher_to_student", self.teacher_rows, self.teacher_ids, self.student_ids)
 
     def student_to_teacher(self) -> torch.Tensor:
-        """A (student_rows,) long tensor: the teacher id of each student id, -1 where the teacher has no such token."""
-        return _id_map(self.student_rows, self.student_ids, self.teacher_ids)
+        """A (student_rows,) long tensor: the teacher id of each student id, -1 where the teacher has no such token.
+
+        Built once per pair and shared (read it, do not modify it)."""
+        return self._id_map("_student_to_teacher", self.student_rows, self.student_ids, self.teacher_ids)
+
+    def _id_map(self, key: str, rows: int, source: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:
+        if key not in self.__dict__:  # a frozen dataclass: the built map is stored beside the fields
+            object.__setattr__(self, key, _id_map(rows, source, target))
+        return self.__dict__[key]
 
     def describe(self) -> list[str]:
         """Lines for `llavadi train --check`: the kind and everything that differs."""

@@ -30,6 +30,7 @@ there is one definition; ``missing_mass`` says what the rest bucket holds (see `
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -69,7 +70,7 @@ def closed_form_divergences() -> tuple[type[Divergence], ...]:
     return tuple(_NAMED)
 
 
-class Divergence:
+class Divergence(ABC):
     """A closed-form divergence of next-token distributions with its options (an instance holds their values)."""
 
     name: ClassVar[str] = ""
@@ -104,9 +105,11 @@ class Divergence:
     @classmethod
     def check(cls, opts: dict[str, Any], given: set[str], where: str) -> None:
         """Cross-option rules (override); `given` are the option names set explicitly."""
+        return None  # a hook: nothing to refuse by default
 
     def check_topk(self, where: str, covers_vocab: bool = False) -> None:
         """Refuse a top-k teacher for which the value is undefined (override); `covers_vocab`: k = V, no tail."""
+        return None  # a hook: nothing to refuse by default
 
     def reads_raw_logits(self) -> bool:
         """Whether it reads logits themselves, not only their softmax (the fused pass then keeps them)."""
@@ -117,9 +120,9 @@ class Divergence:
         """The divergence's temperature."""
         return self.opts["temperature"]
 
+    @abstractmethod
     def core(self, s: Dist, t: Dist, grad: Tensor | None, coef: float) -> Tensor:
         """Per-row value (N,) of student `s` against teacher `t`; adds coef * d value / d u_S into `grad`."""
-        raise NotImplementedError
 
     def _scale(self) -> float:
         return self.temperature**2 if self.opts["scale_t2"] else 1.0

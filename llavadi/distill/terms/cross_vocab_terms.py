@@ -26,6 +26,7 @@ from llavadi.distill.cross_vocab import (
     identity_groups,
     sorted_l1,
 )
+from llavadi.distill.divergences import TEMPERATURE
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB, head_weights, rows_per_chunk
 from llavadi.distill.options import Option
 from llavadi.distill.selection import Predictions, Selection, prediction_mask
@@ -34,8 +35,6 @@ from llavadi.distill.view import ModelView, Needs
 
 Tensor = torch.Tensor
 
-TEMPERATURE = Option("temperature", float, 1.0, "both sides' logits are divided by it before the softmax",
-                     low=0.0, low_open=True)
 TOP_K = Option("top_k", int, 256, "compare the top_k largest probabilities of each side (0: the whole vocabulary, "
                "the exact sorted distance)", low=0)
 MERGE = Option("merge", str, "first", "a span's distribution: the full one at its first token (both models see the "
@@ -49,7 +48,16 @@ UNMATCHED_WEIGHT = Option("unmatched_weight", float, None, "gold: weight of the 
 
 
 class AlignedLogitTerm(Term):
-    """A divergence of merged next-token distributions on paired answer spans, vocabularies may differ."""
+    """A divergence of merged next-token distributions on paired answer spans, vocabularies may differ.
+
+    A named subclass gives ``divergence(teacher_size)``: a function (log_s, log_t, grad_log) ->
+    per-group values that adds d value / d log_s into grad_log; checked when the class is defined.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name") and not callable(getattr(cls, "divergence", None)):
+            raise TypeError(f"aligned logit term {cls.name!r} gives no divergence(teacher_size)")
 
     default_tokens: ClassVar[str] = "response"
     allowed_tokens: ClassVar[tuple[str, ...]] = ("response",)
@@ -76,10 +84,6 @@ class AlignedLogitTerm(Term):
 
     def teacher_needs(self) -> Needs:
         return Needs(last_hidden=self.ctx.teacher_signal == "dense")
-
-    def divergence(self, teacher_size: int):
-        """(log_s, log_t, grad_log) -> per-group values; adds d value / d log_s into grad_log."""
-        raise NotImplementedError
 
     def groups(self, student: ModelView, teacher: ModelView) -> PairedGroups:
         """The paired spans of the micro-batch (its own answer tokens when both share one tokenization)."""

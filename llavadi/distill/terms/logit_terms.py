@@ -31,8 +31,10 @@ Tensor = torch.Tensor
 class LogitTerm(Term):
     """A divergence of next-token distributions; the objective feeds it LM-head logits chunk by chunk.
 
-    A subclass gives ``dense`` (and ``sparse`` with ``supports_sparse``): per-row values, which the
-    fused pass differentiates by autograd. ``DivergenceTerm`` gives the closed form instead.
+    A named subclass gives ``dense(student_logits, teacher_logits)`` (and ``sparse(student_logits,
+    topk_ids, topk_logprobs)`` with ``supports_sparse``): per-row values (N,), which the fused pass
+    differentiates by autograd; checked when the class is defined. ``DivergenceTerm`` gives the
+    closed form instead.
     """
 
     is_logit_term: ClassVar[bool] = True
@@ -43,9 +45,9 @@ class LogitTerm(Term):
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("name") or issubclass(cls, DivergenceTerm):
             return
-        if cls.dense is LogitTerm.dense:
+        if not callable(getattr(cls, "dense", None)):
             raise TypeError(f"logit term {cls.name!r} gives no dense() (or subclass DivergenceTerm with a Divergence)")
-        if cls.supports_sparse and cls.sparse is LogitTerm.sparse:
+        if cls.supports_sparse and not callable(getattr(cls, "sparse", None)):
             raise TypeError(f"logit term {cls.name!r} sets supports_sparse but gives no sparse()")
 
     def check_setting(self, ctx: TermContext, given: set[str], where: str) -> None:
@@ -67,14 +69,6 @@ class LogitTerm(Term):
     def reads_raw_logits(self) -> bool:
         """Whether the term reads logits themselves, not only their softmax (then the fused pass keeps them)."""
         return True
-
-    def dense(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """Per-row divergence (N,) against dense teacher logits (differentiable by autograd)."""
-        raise NotImplementedError
-
-    def sparse(self, student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
-        """Per-row divergence (N,) against a top-k teacher (read only when `supports_sparse`)."""
-        raise NotImplementedError
 
     def dense_value_grad(self, rows: LogitRows, grad: Tensor | None, coef: float) -> Tensor:
         """Per-row values (N,); adds coef * their gradient w.r.t. the student logits into `grad` (if given)."""

@@ -15,6 +15,7 @@ Composition of a new model from a vision encoder and a language model is LLaVA's
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,20 @@ class Parts:
     projector_params: tuple = ()  # parameters outside the projector module trained with it (LLaVA-NeXT's newline)
 
 
-class Family:
-    """Base class of a family adapter; subclasses set the class attributes and override what differs."""
+class Family(ABC):
+    """Base class of a family adapter; subclasses set the class attributes and override what differs.
+
+    Every adapter gives `image_inputs`, `blank_image_inputs`, `parts` and `saved_processor`
+    (abstract: an adapter without one cannot be instantiated, and every adapter is instantiated
+    when `llavadi.models.families` is imported), and a token count per image: a fixed one
+    (`fixed_tokens_per_image`) or a rule per image size (`tokens_per_image`), checked when the
+    class is defined.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.fixed_tokens_per_image is Family.fixed_tokens_per_image and cls.tokens_per_image is Family.tokens_per_image:
+            raise TypeError(f"family adapter {cls.__name__} gives neither fixed_tokens_per_image nor tokens_per_image")
 
     name = "base"
     model_types: tuple[str, ...] = ()
@@ -56,16 +69,18 @@ class Family:
     def tokens_per_image(self, config, image_processor, size: tuple[int, int], n_images: int = 1) -> int:
         """Image tokens of one image of `size` = (width, height) in a sample of `n_images` images."""
         fixed = self.fixed_tokens_per_image(config)
-        if fixed is None:
-            raise NotImplementedError(f"{self.name}: tokens_per_image")
+        if fixed is None:  # an adapter whose fixed count is conditional overrides this method
+            raise ValueError(f"{self.name}: this model's image-token count depends on the image and the family "
+                             "adapter gives no rule for it")
         return fixed
 
     def check_image_processor(self, image_processor) -> None:
         """Raise, naming the setting, if the image processor is set up in a way this adapter does not support."""
+        return None  # a hook: nothing to refuse by default
 
+    @abstractmethod
     def image_inputs(self, image_processor, images: list, pad_to_square: bool) -> dict[str, torch.Tensor]:
         """The model inputs of one sample's images (RGB PIL images, in prompt order)."""
-        raise NotImplementedError
 
     def text_inputs(self, input_ids: torch.Tensor, config) -> dict[str, torch.Tensor]:
         """Per-token inputs the model needs besides the ids, computed from the ids."""
@@ -75,25 +90,25 @@ class Family:
         """(rows, columns) of each image's tokens in batch order; None: square grids of the fixed count."""
         return None
 
+    @abstractmethod
     def blank_image_inputs(self, config, device, dtype) -> dict[str, torch.Tensor]:
         """The image inputs of one small blank image (runs the image path on a rank whose micro-batch has none)."""
-        raise NotImplementedError
 
     def image_feature_kwargs(self, config) -> dict:
         """Keyword arguments the base model's get_image_features takes besides the image inputs."""
         return {}
 
+    @abstractmethod
     def parts(self, model: nn.Module) -> Parts:
         """The vision tower, projector and language model of a model of this family."""
-        raise NotImplementedError
 
     def used_vision_layers(self, config, n_layers: int) -> int:
         """How many vision encoder layers the model reads (the later ones get no gradient)."""
         return n_layers
 
+    @abstractmethod
     def saved_processor(self, loaded):
         """The processor written with a saved model (has tokenizer, image_processor, save_pretrained)."""
-        raise NotImplementedError
 
     def load_image_processor(self, path: str, source: dict):
         """The image processor of a saved model directory or hub id."""
