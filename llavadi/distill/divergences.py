@@ -30,7 +30,6 @@ there is one definition; ``missing_mass`` says what the rest bucket holds (see `
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +37,6 @@ import torch
 from llavadi.distill.logits import (
     MISSING_MASS_TREATMENTS,
     Collapsed,
-    Dist,
     LogitRows,
     add_scaled,
     kl_rows,
@@ -70,7 +68,7 @@ def closed_form_divergences() -> tuple[type[Divergence], ...]:
     return tuple(_NAMED)
 
 
-class Divergence(ABC):
+class Divergence:
     """A closed-form divergence of next-token distributions with its options (an instance holds their values)."""
 
     name: ClassVar[str] = ""
@@ -83,6 +81,12 @@ class Divergence(ABC):
         super().__init_subclass__(**kwargs)
         cls.options = COMMON_OPTIONS + cls.own_options + ((MISSING_MASS,) if cls.has_topk else ())
         if cls.__dict__.get("name"):
+            # core(s, t, grad, coef) on two distributions (per-row value; adds coef * d value / d u_S into
+            # grad), or dense() of its own for a divergence that reads raw logits (logit_mse)
+            if not callable(getattr(cls, "core", None)) and cls.dense is Divergence.dense:
+                raise TypeError(f"divergence {cls.name!r} gives neither core() nor dense()")
+            if cls.has_topk and not callable(getattr(cls, "core", None)):
+                raise TypeError(f"divergence {cls.name!r} has a top-k form but no core() to apply to it")
             if any(d.name == cls.name for d in _NAMED):
                 raise TypeError(f"divergence {cls.name!r} is defined twice")
             _NAMED.append(cls)
@@ -119,10 +123,6 @@ class Divergence(ABC):
     def temperature(self) -> float:
         """The divergence's temperature."""
         return self.opts["temperature"]
-
-    @abstractmethod
-    def core(self, s: Dist, t: Dist, grad: Tensor | None, coef: float) -> Tensor:
-        """Per-row value (N,) of student `s` against teacher `t`; adds coef * d value / d u_S into `grad`."""
 
     def _scale(self) -> float:
         return self.temperature**2 if self.opts["scale_t2"] else 1.0
