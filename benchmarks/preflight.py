@@ -27,9 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LLAVADI_CACHE_DIR"] = os.path.join(tmp, "cache")
-        from llavadi.config import recipe_from_dict
         from llavadi.data.synthetic import make_synthetic
         from llavadi.models.describe import describe_model
+        from llavadi.recipe import recipe_from_dict
         from llavadi.train.preflight import preflight
         from llavadi.train.stage_inputs import build_dataset
 

@@ -98,7 +98,7 @@ def write_workspace(root, n_samples):
 
 def recipe(root, out, teacher, batch_size):
     """The recipe the cache and the training steps use."""
-    from llavadi.config import recipe_from_dict
+    from llavadi.recipe import recipe_from_dict
 
     return recipe_from_dict({
         "student": {"path": os.path.join(root, "student")}, "teacher": teacher, "output_dir": out, "device": "cpu",

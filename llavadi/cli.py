@@ -8,7 +8,7 @@ import sys
 
 
 def _cmd_train(args) -> int:
-    from llavadi.config import load_recipe
+    from llavadi.recipe import load_recipe
     from llavadi.train.runner import prepare_run, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)

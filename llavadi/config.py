@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
@@ -16,8 +17,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from llavadi.data.images import DEFAULT_MAX_PIXELS
-from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB
-from llavadi.distill.terms import TermSpec
 from llavadi.models.hub import is_hub_id
 from llavadi.training_args import TrainArgsError, train_section, training_argument_default
 
@@ -150,19 +149,70 @@ class TrainableConfig:
     vision_from_layer: int | None = None  # None: vision tower frozen
 
 
+TERM_KEYS = ("name", "weight", "tokens", "options")
+
+
+@dataclass
+class TermSpec:
+    """One entry of a recipe's ``distill.terms`` list: a term's name, weight, token group and options.
+
+    The schema checks the entry's shape; what the name, tokens and options mean is checked against
+    the term's class by ``llavadi.distill.terms.check_term`` (``llavadi.recipe`` reads a recipe so)."""
+
+    name: str
+    weight: float = 1.0
+    tokens: str | None = None  # the token-type group it reads; None: the term's default
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append(f"term name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            problems.append(f"term {self.name!r}: weight must be a finite number, got {self.weight!r}")
+        elif self.weight < 0:
+            problems.append(f"term {self.name!r}: weight must be >= 0, got {self.weight!r}")
+        else:
+            self.weight = float(self.weight)
+        if self.tokens is not None and not isinstance(self.tokens, str):
+            problems.append(f"term {self.name!r}: tokens must be a token-group name, got {self.tokens!r}")
+        if self.options is not None and not isinstance(self.options, dict):
+            problems.append(f"term {self.name!r}: options must be a mapping, got {self.options!r}")
+        self.options = dict(self.options or {})
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, entry: Any, where: str = "distill.terms") -> TermSpec:
+        """A TermSpec from one recipe entry; errors name the entry (e.g. "distill.terms[2]")."""
+        if isinstance(entry, TermSpec):
+            return entry
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: each term is a mapping with name, weight, tokens, options; got {entry!r}")
+        unknown = sorted(set(entry) - set(TERM_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; a term has name, weight, tokens, options")
+        if "name" not in entry:
+            raise ValueError(f"{where}: missing `name` (`llavadi terms` lists the distillation terms)")
+        try:
+            return cls(**entry)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
 @dataclass
 class DistillConfig:
     """The stage's objective: ce_weight * CE + sum of weighted terms."""
 
     ce_weight: float = 1.0
-    terms: list[TermSpec] = field(default_factory=list)  # validated against each term's class on parsing
+    terms: list[TermSpec] = field(default_factory=list)  # each checked against its term's class when a recipe is read
     chunk_size: int | None = None  # positions per LM-head chunk of CE and logit terms (null: from chunk_mib)
-    chunk_mib: float = DEFAULT_CHUNK_MIB  # else as many positions as keep one model's fp32 chunk logits within this many MiB
+    chunk_mib: float | None = None  # else as many positions as keep one model's fp32 chunk logits within this many MiB (null: the LM-head pass's default, 32)
 
     def validate(self, where: str):
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"{where}.chunk_size must be >= 1")
-        if not self.chunk_mib > 0:
+        if self.chunk_mib is not None and not self.chunk_mib > 0:
             raise ConfigError(f"{where}.chunk_mib must be > 0")
         if self.ce_weight == 0 and not self.terms:
             raise ConfigError(f"{where}: ce_weight is 0 and no term is given: nothing to train on")
@@ -447,11 +497,12 @@ def _child(node, part, where, create):
     return node[part]
 
 
-def recipe_from_dict(raw: dict, base_dir: str | None = None) -> Recipe:
-    """A validated Recipe from a raw dict; relative data/model paths resolve against base_dir.
+def parse_recipe(raw: dict, base_dir: str | None = None) -> tuple[Recipe, list[str]]:
+    """A Recipe read from a raw dict by the schema, and every mistake found (none raised).
 
-    Every mistake is named in one ConfigError: unknown keys, wrong value types, bad term options and
-    train fields while reading, then the checks of what was read."""
+    Relative data/model paths resolve against base_dir. The mistakes are unknown keys, wrong value
+    types, malformed term entries and train fields while reading, then the checks of what was read;
+    ``llavadi.recipe.recipe_from_dict`` adds each term's own checks and raises them all at once."""
     raw = dict(raw)
     problems = _Problems()
     defaults = raw.get("data") or {}
@@ -477,8 +528,12 @@ def recipe_from_dict(raw: dict, base_dir: str | None = None) -> Recipe:
     if base_dir:
         _resolve_paths(recipe, base_dir)
     problems.check(recipe.validate)
-    problems.raise_all()
-    return recipe
+    return recipe, list(problems)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError listing every recipe mistake (none: nothing)."""
+    _Problems(problems).raise_all()
 
 
 def _resolve_paths(recipe: Recipe, base_dir: str) -> None:
@@ -498,8 +553,8 @@ def _resolve_paths(recipe: Recipe, base_dir: str) -> None:
         s.data.path, s.data.image_folder = fix(s.data.path), fix(s.data.image_folder)
 
 
-def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply `key=value` overrides, validate. Paths are relative to the file."""
+def read_recipe_file(path: str, overrides: list[str] | None = None) -> dict:
+    """A YAML recipe's raw dict with `key=value` overrides applied; a ConfigError naming the file if unreadable."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -509,14 +564,11 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         raise ConfigError(f"{path}: invalid YAML ({e})") from e
     for o in overrides or []:
         apply_override(raw, o)
-    try:
-        return recipe_from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return raw
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    """Plain dict of a recipe in recipe keys (for writing next to outputs; `load_recipe` reads it back)."""
+    """Plain dict of a recipe in recipe keys (for writing next to outputs; `llavadi.recipe.load_recipe` reads it back)."""
     raw = dataclasses.asdict(recipe)
     for stage, config in zip(raw["stages"], recipe.stages):
         stage["train"] = config.train.to_dict()

@@ -272,7 +272,7 @@ def _teacher_cache(out: str, paths: dict, teacher_dir: str, student_data: str, t
                    smoke: bool) -> str:
     """The teacher's top-64 cache (and last hidden states, for hidden_mse and visual_align) over the students'
     instruction data."""
-    from llavadi.config import recipe_from_dict
+    from llavadi.recipe import recipe_from_dict
     from llavadi.teacher.cache_teacher import cache_teacher
 
     cache_dir = os.path.join(out, "cache", f"teacher-top64{tag}")

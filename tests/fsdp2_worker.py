@@ -27,11 +27,11 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from llavadi.config import recipe_from_dict  # noqa: E402
 from llavadi.data.collator import LlavaCollator  # noqa: E402
 from llavadi.distill.module import DistillationModule  # noqa: E402
 from llavadi.distill.selection import all_reduce_counts  # noqa: E402
 from llavadi.models.build import llava_processor, load_model  # noqa: E402
+from llavadi.recipe import recipe_from_dict  # noqa: E402
 from llavadi.teacher.online import OnlineTeacher  # noqa: E402
 from llavadi.train.engines import layer_classes_to_wrap, teardown_process_group  # noqa: E402
 from llavadi.train.stage_inputs import TEACHER_PREFIX, build_dataset, build_objective  # noqa: E402

@@ -105,8 +105,8 @@ def test_demo_smoke_runs_every_step(tmp_path):
 
 def test_demo_student_runs_use_the_student_recipe_and_preset_stages(tmp_path):
     from llavadi import demo
-    from llavadi.config import recipe_from_dict
     from llavadi.models.presets import PRESETS
+    from llavadi.recipe import recipe_from_dict
 
     written = yaml.safe_load(demo.STUDENT_RECIPE.read_text())
     (finetune,) = [s for s in written["stages"] if s["name"] == "finetune"]

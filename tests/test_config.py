@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from llavadi.config import ConfigError, apply_override, load_recipe, recipe_from_dict
+from llavadi.config import ConfigError, apply_override
+from llavadi.recipe import load_recipe, recipe_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,3 +91,19 @@ def test_paper_recipe_is_valid():
     assert train["learning_rate"] == 2e-5 and train["lr_scheduler_type"] == "cosine" and train["warmup_steps"] == 0.03
     assert ft.trainable.vision_from_layer == 6 and ft.data.max_length == 2048
     assert r.stages[0].trainable.llm is False and r.stages[0].data.template == "plain"
+
+
+def test_the_schema_sits_below_the_method():
+    """Importing the recipe schema loads no distillation code; reading a recipe checks terms by their class."""
+    code = ("import sys, llavadi.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['llavadi', 'distill'], ['llavadi', 'train'])))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    from llavadi.config import parse_recipe
+
+    raw = _raw()
+    raw["stages"][0]["distill"]["terms"][0]["options"] = {"temprature": 2}
+    _, schema_problems = parse_recipe(raw)
+    assert schema_problems == []  # the schema does not know the term's options
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.distill\.terms\[0\]: term 'forward_kl': unknown option"):
+        recipe_from_dict(raw)

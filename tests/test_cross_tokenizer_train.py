@@ -7,8 +7,8 @@ import pytest
 from conftest import make_image_processor, make_tiny_llava, write_images, write_json
 from cross_tokenizers import byte_level_bpe, sentencepiece_bpe
 
-from llavadi.config import recipe_from_dict
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import run_recipe
 
 ANSWERS = ["a red circle", "There are 3 blue squares.", "yes", "the green one, on the left"]

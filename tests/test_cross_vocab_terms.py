@@ -11,7 +11,7 @@ from torch import nn
 
 from llavadi.data.token_alignment import AnswerTokens, align_answers
 from llavadi.distill.cross_vocab import MatchedTokens, PairedGroups
-from llavadi.distill.terms import TermContext, TermSpec, build_term
+from llavadi.distill.terms import TermContext, TermSpec, build_term, check_term
 from llavadi.distill.view import ModelView
 
 V_S, V_T, H_S, H_T = 23, 31, 8, 12
@@ -248,12 +248,12 @@ def test_topk_teacher_matches_its_dense_truncation():
 def test_options_are_checked_up_front():
     ctx = TermContext(student_width=H_S, teacher_width=H_T)
     with pytest.raises(ValueError, match="matched_weight and unmatched_weight"):
-        TermSpec("gold", options={"matched_weight": 1.0})
+        check_term(TermSpec("gold", options={"matched_weight": 1.0}))
     with pytest.raises(ValueError, match="map of token strings"):
         build_term(TermSpec("gold"), "gold", TermContext(cross_tokenizer=True), "distill.terms[0]")
     build_term(TermSpec("gold"), "gold", ctx, "distill.terms[0]")  # one tokenizer: every id matches itself
     with pytest.raises(ValueError, match="tokens 'image' is not accepted"):
-        TermSpec("uld", tokens="image")
+        check_term(TermSpec("uld", tokens="image"))
     with pytest.raises(ValueError, match="run the teacher online"):
         build_term(TermSpec("uld"), "uld", TermContext(teacher_signal="topk", cross_tokenizer=True), "t")
 

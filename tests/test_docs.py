@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from llavadi.cli import build_parser, parse_args
-from llavadi.config import load_recipe
 from llavadi.experiments.ablate import load_grid, plan_runs
+from llavadi.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").rglob("*.md")])

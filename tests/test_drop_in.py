@@ -10,9 +10,9 @@ import torch
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_json
 from PIL import Image
 
-from llavadi.config import recipe_from_dict
 from llavadi.eval.eval_command import evaluate
 from llavadi.models.build import LoadedModel, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import run_recipe
 
 MAX_NEW = 6

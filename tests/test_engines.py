@@ -27,7 +27,8 @@ from test_equivalence import (  # noqa: F401  (workspace and batch_of_8 are fixt
     workspace,
 )
 
-from llavadi.config import ConfigError, recipe_from_dict
+from llavadi.config import ConfigError
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.engines import (
     check_engine_request,
     deepspeed_config,
@@ -203,7 +204,7 @@ def test_dtype_and_attention_implementation_reach_the_model(workspace):
 
 
 def test_a_hub_id_in_a_recipe_stays_a_hub_id(tmp_path):
-    from llavadi.config import load_recipe
+    from llavadi.recipe import load_recipe
 
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / "clip").mkdir()

@@ -18,8 +18,8 @@ import pytest
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
 from safetensors.torch import load_file
 
-from llavadi.config import recipe_from_dict
 from llavadi.models.build import LoadedModel, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.train import runner
 from llavadi.train import trainer as trainer_module
 from llavadi.train.runner import run_recipe

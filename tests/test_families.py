@@ -30,7 +30,6 @@ from family_models import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from llavadi.config import recipe_from_dict
 from llavadi.data.collator import IMAGE_INPUT_KEYS, LlavaCollator
 from llavadi.data.templates import Turn
 from llavadi.distill.hidden import pool_image_grid
@@ -41,6 +40,7 @@ from llavadi.eval.eval_command import evaluate
 from llavadi.eval.generate import eos_token_ids, from_benchmark_questions, generate_answer_ids, load_for_eval
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
 from llavadi.models.families import FAMILIES
+from llavadi.recipe import recipe_from_dict
 from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
 from llavadi.teacher.cache_teacher import cache_teacher
 from llavadi.train.runner import run_recipe
@@ -445,7 +445,7 @@ def test_a_folder_with_the_processor_chat_template_only_is_prompted_with_it(ws, 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "gemma3", "smolvlm"])
 def test_shipped_family_recipes_are_valid(name):
-    from llavadi.config import load_recipe
+    from llavadi.recipe import load_recipe
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     recipe = load_recipe(os.path.join(root, "recipes", "families", f"{name}.yaml"))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
 
-from llavadi.config import recipe_from_dict
 from llavadi.eval.eval_command import evaluate
 from llavadi.models.build import LoadedModel, save_model
 from llavadi.models.model_card import CARD_FILE, read_card_metadata, record_eval_result
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import latest_checkpoint, run_recipe
 
 COLOURS = ["red", "green", "blue", "yellow"]

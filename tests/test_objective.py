@@ -13,7 +13,7 @@ from llavadi.distill.compat import logit_vocab
 from llavadi.distill.module import PROJECTOR_FILE, load_projectors, save_projectors
 from llavadi.distill.objective import DistillObjective
 from llavadi.distill.selection import Pairs, Predictions, Targets, Tokens
-from llavadi.distill.terms import TermSpec
+from llavadi.distill.terms import TermSpec, check_term, is_logit_term
 from llavadi.distill.view import ModelView, Needs
 
 torch.set_num_threads(1)
@@ -209,7 +209,7 @@ def test_every_term_gives_finite_nonzero_gradient():
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7])
 def test_chunked_equals_plain_in_value_and_gradient(chunk_size):
-    terms = [t for t in ALL_TERMS if t.is_logit_term]
+    terms = [t for t in ALL_TERMS if is_logit_term(t)]
     plain, student, teacher = build(terms, chunk_size=None)
     plain.fused = False
     loss_plain, logged_plain = run(plain, student, teacher)
@@ -405,17 +405,17 @@ def test_needs_and_selections():
 
 def test_bad_recipes_fail_with_actionable_errors():
     with pytest.raises(ValueError, match="valid terms: .*forward_kl"):
-        TermSpec("kl_forward")
+        check_term(TermSpec("kl_forward"))
     with pytest.raises(ValueError, match="unknown option.*valid options"):
-        TermSpec("forward_kl", options={"beta": 0.5})
+        check_term(TermSpec("forward_kl", options={"beta": 0.5}))
     with pytest.raises(ValueError, match="option 'beta' must be <= 1.0, got 2"):
-        TermSpec("jsd", options={"beta": 2})
+        check_term(TermSpec("jsd", options={"beta": 2}))
     with pytest.raises(ValueError, match="tokens 'answers' is not accepted"):
-        TermSpec("forward_kl", tokens="answers")
+        check_term(TermSpec("forward_kl", tokens="answers"))
     with pytest.raises(ValueError, match=r"tokens 'response' is not accepted; choose one of \['image'\]"):
-        TermSpec("visual_align", tokens="response")
+        check_term(TermSpec("visual_align", tokens="response"))
     with pytest.raises(ValueError, match="option 'layers' must be a non-empty list"):
-        TermSpec("hidden_mse", options={"layers": [1, 2]})
+        check_term(TermSpec("hidden_mse", options={"layers": [1, 2]}))
     with pytest.raises(ValueError, match=r"distill.terms\[1\]: unknown key\(s\) \['temperature'\]"):
         DistillObjective([{"name": "forward_kl"}, {"name": "jsd", "temperature": 2.0}], teacher_config=Cfg(8))
     with pytest.raises(ValueError, match=r"distill.terms\[0\]: term 'jsd': option 'beta' must be >= 0.0"):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
 from safetensors.torch import load_file
 
-from llavadi.config import ConfigError, OnPolicyConfig, recipe_from_dict
+from llavadi.config import ConfigError, OnPolicyConfig
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.encode import IGNORE_INDEX
 from llavadi.data.token_types import TokenType
@@ -21,6 +21,7 @@ from llavadi.distill.selection import Predictions, Targets
 from llavadi.distill.view import Needs, llava_view
 from llavadi.eval.generate import Sampling, generate_ids
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.teacher.on_policy import OnPolicySampler, is_on_policy
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train.runner import run_recipe

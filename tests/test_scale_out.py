@@ -30,7 +30,7 @@ from test_equivalence import (  # noqa: F401  (workspace and batch_of_8 are fixt
     workspace,
 )
 
-from llavadi.config import recipe_from_dict
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import run_recipe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

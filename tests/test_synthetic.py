@@ -255,8 +255,8 @@ def test_vision_pretraining_learns_patch_contents(tmp_path, tokenizer):
 
 
 def test_preset_stages_are_recipe_stages():
-    from llavadi.config import recipe_from_dict
     from llavadi.models.presets import PRESETS
+    from llavadi.recipe import recipe_from_dict
 
     for preset in PRESETS.values():
         stages = []

@@ -26,11 +26,11 @@ from conftest import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llavadi.config import recipe_from_dict
 from llavadi.data.collator import LlavaCollator
 from llavadi.distill.selection import Predictions, Tokens
 from llavadi.distill.view import Needs
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.teacher.cache import CachedTeacher, open_cache, sample_images
 from llavadi.teacher.cache_format import (
     CacheError,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_objective import PAD, RES, VOCAB, _tiny_llava, make_batch
 
 from llavadi.distill.objective import DistillObjective
-from llavadi.distill.terms import TERMS, TermSpec, term_class
+from llavadi.distill.terms import TERMS, TermSpec, check_term, term_class
 from llavadi.distill.view import ModelView, Needs, llava_view
 
 torch.set_num_threads(1)
@@ -129,20 +129,20 @@ def test_refused_settings_say_why():
     with pytest.raises(ValueError, match="needs dense teacher logits"):
         DistillObjective([TermSpec("reverse_kl")], teacher_signal="topk")
     with pytest.raises(ValueError, match="selects rows and columns: set options rows/cols"):
-        TermSpec("affinity", tokens="response")
+        check_term(TermSpec("affinity", tokens="response"))
     with pytest.raises(ValueError, match="selects rows and columns"):
-        TermSpec("attention", tokens="image")
+        check_term(TermSpec("attention", tokens="image"))
     with pytest.raises(ValueError, match="temperature cancels in z-scored logits"):
-        TermSpec("logit_mse", options={"zscore": True, "temperature": 2.0})
-    TermSpec("logit_mse", options={"zscore": True, "temperature": 2.0, "scale_t2": True})  # T acts through T^2
+        check_term(TermSpec("logit_mse", options={"zscore": True, "temperature": 2.0}))
+    check_term(TermSpec("logit_mse", options={"zscore": True, "temperature": 2.0, "scale_t2": True}))  # T acts through T^2
     with pytest.raises(ValueError, match="`layer` applies to source 'hidden' only"):
-        TermSpec("visual_align", options={"source": "projector", "layer": 1})
+        check_term(TermSpec("visual_align", options={"source": "projector", "layer": 1}))
     with pytest.raises(ValueError, match="option 'rows' must be a token group"):
-        TermSpec("affinity", options={"rows": "answers"})
+        check_term(TermSpec("affinity", options={"rows": "answers"}))
     with pytest.raises(ValueError, match="option 'temperature' must be a number"):
-        TermSpec("forward_kl", options={"temperature": "hot"})
+        check_term(TermSpec("forward_kl", options={"temperature": "hot"}))
     with pytest.raises(ValueError, match="option 'scale_t2' must be true or false"):
-        TermSpec("forward_kl", options={"scale_t2": 1})
+        check_term(TermSpec("forward_kl", options={"scale_t2": 1}))
     with pytest.raises(ValueError, match="weight must be >= 0"):
         TermSpec("forward_kl", weight=-1)
     with pytest.raises(ValueError, match="unknown distillation term 'fkl'; valid terms: forward_kl, reverse_kl"):
@@ -152,7 +152,7 @@ def test_refused_settings_say_why():
 def test_unknown_option_lists_the_declared_ones_with_defaults():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['temp'\]; valid options: temperature \(0.0 < x, "
                                          r"default 1.0\)"):
-        TermSpec("forward_kl", options={"temp": 2})
+        check_term(TermSpec("forward_kl", options={"temp": 2}))
 
 
 def test_defaults_match_the_documented_paper_recipe():

@@ -10,8 +10,8 @@ import torch
 from conftest import CrashAt, make_image_processor, make_tiny_llava, make_word_tokenizer, write_images, write_json
 from safetensors.torch import load_file
 
-from llavadi.config import recipe_from_dict
 from llavadi.models.build import LoadedModel, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import run_recipe
 
 COLOURS = ["red", "green", "blue", "yellow"]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from transformers import TrainingArguments
 
-from llavadi.config import ConfigError, load_recipe, recipe_from_dict, recipe_to_dict
+from llavadi.config import ConfigError, recipe_to_dict
+from llavadi.recipe import load_recipe, recipe_from_dict
 from llavadi.train import runner
 from llavadi.training_args import DEFAULTS, RENAMED, training_argument_kwargs
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from llavadi.cli import main
-from llavadi.config import ConfigError, recipe_from_dict
+from llavadi.config import ConfigError
+from llavadi.recipe import recipe_from_dict
 
 
 def _raw(**kw):

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB, logit_loss
 from llavadi.distill.selection import Selection, Targets, count_selections, selection_name
-from llavadi.distill.terms import TermContext, TermSpec, build_term
+from llavadi.distill.terms import TermContext, TermSpec, build_term, check_term
 from llavadi.distill.terms.base import TEACHER_SIGNALS
 from llavadi.distill.view import ModelView, Needs
 from llavadi.distill.vocab import SharedVocab
@@ -66,13 +66,16 @@ class DistillObjective(nn.Module):
     def __init__(self, terms: list, ce_weight: float = 1.0, student_config: Any = None, teacher_config: Any = None,
                  chunk_size: int | None = None, student_tokens_per_image: int | None = None,
                  teacher_tokens_per_image: int | None = None, teacher_signal: str = "dense",
-                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True, vocab: SharedVocab | None = None,
+                 chunk_mib: float | None = None, fused: bool = True, vocab: SharedVocab | None = None,
                  cross_tokenizer: bool = False, matched_tokens: Any = None) -> None:
         super().__init__()
         specs = [TermSpec.from_dict(t, f"distill.terms[{i}]") for i, t in enumerate(terms)]
+        for i, spec in enumerate(specs):
+            check_term(spec, f"distill.terms[{i}]")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of positions or None (from chunk_mib), "
                              f"got {chunk_size}")
+        chunk_mib = DEFAULT_CHUNK_MIB if chunk_mib is None else chunk_mib
         if not chunk_mib > 0:
             raise ValueError(f"chunk_mib must be > 0, got {chunk_mib}")
         if teacher_signal not in TEACHER_SIGNALS:

@@ -44,8 +44,9 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from llavadi.atomic import atomic_path, write_text_atomic
-from llavadi.config import ConfigError, Recipe, load_recipe, recipe_to_dict
+from llavadi.config import ConfigError, Recipe, recipe_to_dict
 from llavadi.experiments.stats import mean_std, paired_t, significance_mark
+from llavadi.recipe import load_recipe
 
 RUN_RECORD = "ablate_run.json"
 RESULTS_FILE = "results.json"

@@ -332,7 +332,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cache_teacher(args: argparse.Namespace) -> int:
     """The `cache-teacher` subcommand: write or resume the cache, print the stats JSON."""
-    from llavadi.config import load_recipe
+    from llavadi.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     stats = cache_teacher(recipe, args.out, args.stage, top_k=args.top_k, hidden=args.hidden, values=args.values,

@@ -37,6 +37,7 @@ from llavadi.data.encode import SampleError
 from llavadi.data.images import check_images
 from llavadi.device import resolve_device
 from llavadi.distill.compat import tokenizer_pair
+from llavadi.distill.terms import is_logit_term
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
 from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
@@ -212,7 +213,7 @@ def preflight(recipe: Recipe, log=print, progress: bool = True, report_dir: str 
     teacher = _describe(recipe.teacher, "teacher", problems) if has_teacher_model(recipe) else None
     problems += feature_layer_problems(recipe.student, student, "student")
     problems += feature_layer_problems(recipe.teacher, teacher, "teacher")
-    if student is not None and teacher is not None and any(t.is_logit_term for s in recipe.stages
+    if student is not None and teacher is not None and any(is_logit_term(t) for s in recipe.stages
                                                            for t in s.distill.terms):
         for line in tokenizer_pair(student, teacher).describe():  # the kind of the pair, and what differs
             log(line)

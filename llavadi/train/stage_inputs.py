@@ -13,7 +13,7 @@ from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL
 from llavadi.distill.compat import logit_vocab, tokenizer_pair
 from llavadi.distill.cross_vocab import MatchedTokens
 from llavadi.distill.objective import DistillObjective
-from llavadi.distill.terms import term_class
+from llavadi.distill.terms import is_logit_term, term_class
 from llavadi.models.build import LoadedModel
 from llavadi.models.families import FAMILIES
 from llavadi.teacher.cache import cached_objective
@@ -86,11 +86,11 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     terms = stage.distill.terms
     if cache is not None:
         return cached_objective(stage, student, cache)
-    if teacher is not None and any(t.is_logit_term for t in terms):
-        check_same_family(student, teacher, [t.name for t in terms if t.is_logit_term])
+    if teacher is not None and any(is_logit_term(t) for t in terms):
+        check_same_family(student, teacher, [t.name for t in terms if is_logit_term(t)])
     pair = tokenizer_pair(student, teacher) if teacher is not None and terms else None
     vocab = None
-    if pair is not None and any(t.is_logit_term for t in terms):
+    if pair is not None and any(is_logit_term(t) for t in terms):
         vocab = logit_vocab(pair)
     matched = None
     if pair is not None:  # gold compares the tokens both vocabularies hold, by exact string

@@ -18,8 +18,8 @@ from workspace import make_workspace, one_stage, report, truncate
 import llavadi.train.runner as runner
 import llavadi.train.stage_inputs as stage_inputs
 from llavadi.cli import main
-from llavadi.config import recipe_from_dict
 from llavadi.data.encode import SampleError
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.preflight import PreflightError
 
 

@@ -18,8 +18,8 @@ from workspace import FINETUNE_STEPS, assert_same_tensors, leftovers, make_works
 import llavadi.train.runner as runner
 import llavadi.train.stage_inputs as stage_inputs
 from llavadi.cli import main
-from llavadi.config import recipe_from_dict
 from llavadi.distill.module import DistillationModule
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.guard import NonFiniteLossError
 from llavadi.train.stages import StageChangedError
 
