@@ -417,7 +417,6 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(ws, trained, tmp_path):
 
 
 def test_lora_student_trains_and_saves_a_plain_model_of_its_family(ws, tmp_path):
-    _only(ws, "qwen2_vl", "llava_next")
     pytest.importorskip("peft", reason="LoRA students need peft: pip install 'llavadi[peft]'")
     from transformers import AutoModelForImageTextToText
 
