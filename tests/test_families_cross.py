@@ -67,7 +67,7 @@ def root(tmp_path_factory):
     return root
 
 
-def _recipe(root, out, teacher, student, terms):
+def _recipe(root, out, teacher, student, terms, **stage_extra):
     train = {"learning_rate": 0.02, "max_steps": 2, "per_device_train_batch_size": 4, "optim": "sgd",
              "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1, "save_steps": 2}
     return recipe_from_dict({
@@ -75,7 +75,7 @@ def _recipe(root, out, teacher, student, terms):
         "output_dir": str(out), "device": "cpu", "seed": 0,
         "data": {"image_folder": str(root / "imgs"), "template": "chat_template"},
         "stages": [{"name": "finetune", "data": {"path": str(root / "data.json")}, "train": train,
-                    "distill": {"terms": terms}}]})
+                    "distill": {"terms": terms}, **stage_extra}]})
 
 
 TERMS = [{"name": "uld"}, {"name": "gold", "options": {"top_k": 8}}, {"name": "hidden_mse", "weight": 0.5}]
@@ -131,3 +131,4 @@ def test_the_family_check_lets_uld_gold_and_state_terms_through():
     specs = [TermSpec.from_dict(t, "t") for t in [{"name": "forward_kl"}, *TERMS, {"name": "tvd"},
                                                   {"name": "visual_align"}]]
     assert one_vocabulary_logit_terms(specs) == ["forward_kl", "tvd"]
+
