@@ -192,6 +192,10 @@ def gemma_model(tokenizer, hidden: int = 32, seed: int = 0):
                           boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                           image_token_index=ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projector's weight to zeros: every image would then be the same zero features
+    # and the tiny model blind; a random weight makes its image path (and the visual terms) depend on the image
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.05)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -17,7 +17,7 @@ import os
 import sys
 
 import pytest
-from conftest import final_logits, probe_inputs
+from conftest import final_logits, probe_inputs, write_json
 from safetensors.torch import load_file
 from test_equivalence import (  # noqa: F401  (workspace and batch_of_8 are fixtures used here)
     TOLERANCE,
@@ -244,3 +244,90 @@ def test_zero2_on_policy_two_processes_generate_train_and_save(workspace, tmp_pa
     start = load_file(os.path.join(workspace, "student0", "model.safetensors"))
     trained = load_file(os.path.join(out, "final", "model.safetensors"))
     assert set(trained) == set(start) and any(not start[k].equal(trained[k]) for k in start)  # it trained
+
+
+# ---------------------------------------------------------------- a dynamic-resolution family (Qwen2-VL, M-RoPE)
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    """A tiny Qwen2-VL pair (text 32 and 64), images of four sizes (4, 8, 6 and 9 image tokens) in 5 of the 8
+    samples, 3 text-only samples (a rank whose micro-batch has no image runs the image path on a blank one), and
+    the student after one SGD step of one process on the batch of 8."""
+    from family_models import qwen_image_processor, qwen_model, qwen_tokenizer
+    from PIL import Image
+    from test_equivalence import SAMPLE_IDS
+    from test_families import IMAGES
+
+    from llavadi.models.build import LoadedModel, save_model
+
+    root = tmp_path_factory.mktemp("qwen2_vl_pair")
+    tok, processor = qwen_tokenizer(), qwen_image_processor()
+    save_model(LoadedModel(qwen_model("qwen2_vl", tok, 32, 0), tok, processor, {}), str(root / "student0"))
+    save_model(LoadedModel(qwen_model("qwen2_vl", tok, 64, 1), tok, processor, {}), str(root / "teacher0"))
+    (root / "imgs").mkdir()
+    for name, size, rgb in IMAGES:
+        Image.new("RGB", size, rgb).save(root / "imgs" / f"{name}.png")
+    data = [{"id": sid, "conversations": [{"from": "human", "value": "what color is the square ?"},
+                                          {"from": "gpt", "value": f"the square is {IMAGES[i % 4][0]}"}]}
+            for i, sid in enumerate(SAMPLE_IDS)]
+    for i, sample in enumerate(data[:5]):
+        sample["image"] = f"{IMAGES[i % 4][0]}.png"
+        sample["conversations"][0]["value"] = "<image>\nwhat color is the square ?"
+    write_json(root / "data.json", data)
+    single = root / "one"
+    run_recipe(recipe_from_dict(_family_recipe(root, single, batch_size=8)), log=lambda *_: None)
+    start, trained = (load_file(d / "model.safetensors") for d in (root / "student0", single / "final"))
+    assert _max_difference(start, trained)[0] > 1e-4  # the reference step did change the student
+    return root
+
+
+def _family_recipe(root, out, batch_size, **train_extra) -> dict:
+    """One SGD step of the Qwen2-VL pair with forward KL + hidden MSE + visual alignment, the model's chat template."""
+    from test_families import TERMS
+
+    train = {"learning_rate": 0.02, "max_steps": 1, "per_device_train_batch_size": batch_size, "optim": "sgd",
+             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1e9, "logging_steps": 1,
+             "save_steps": 100, **train_extra}
+    return {"student": {"path": str(root / "student0")}, "teacher": {"path": str(root / "teacher0")},
+            "output_dir": str(out), "device": "cpu", "seed": 0,
+            "data": {"image_folder": str(root / "imgs"), "template": "chat_template"},
+            "stages": [{"name": "finetune", "data": {"path": str(root / "data.json")}, "train": train,
+                        "distill": {"terms": TERMS}}]}
+
+
+def _same_qwen_step(root, out) -> None:
+    """The 2-process run's student and projectors equal the one-process step's; final/ loads in plain transformers."""
+    from transformers import AutoModelForImageTextToText
+
+    for name in ("final/model.safetensors", "finetune/distill_projectors.safetensors"):
+        diff, where = _max_difference(load_file(root / "one" / name), load_file(os.path.join(out, name)))
+        assert diff <= TOLERANCE, f"{name} differs by {diff:.3g} at {where}"
+    model = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "final"), local_files_only=True)
+    assert model.config.model_type == "qwen2_vl"
+
+
+@pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
+def test_qwen2_vl_ddp_two_processes_equal_one_batch_of_8(qwen_pair, tmp_path):
+    out = tmp_path / "ddp"
+    _torchrun(tmp_path, _family_recipe(qwen_pair, out, batch_size=4, ddp_backend="gloo"))
+    _same_qwen_step(qwen_pair, out)
+
+
+@needs_deepspeed
+def test_qwen2_vl_zero2_two_processes_equal_one_batch_of_8(qwen_pair, tmp_path):
+    out = tmp_path / "zero2"
+    _torchrun(tmp_path, _family_recipe(qwen_pair, out, batch_size=4, deepspeed=os.path.join(CONFIGS, "zero2.json")),
+              timeout=DEEPSPEED_TIMEOUT)
+    _same_qwen_step(qwen_pair, out)
+
+
+@needs_deepspeed
+def test_qwen2_vl_zero3_partitioned_two_processes_equal_one_batch_of_8(qwen_pair, tmp_path):
+    """Every weight partitioned (student with its vision tower, projectors, teacher), the teacher for inference."""
+    with open(os.path.join(CONFIGS, "zero3.json")) as f:
+        config = json.load(f)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    out = tmp_path / "zero3"
+    ranks = _torchrun(tmp_path, _family_recipe(qwen_pair, out, batch_size=4, deepspeed=config),
+                      timeout=DEEPSPEED_TIMEOUT)
+    _same_qwen_step(qwen_pair, out)
+    assert all(0 < r["teacher_weights"]["local"] < 0.6 * r["teacher_weights"]["total"] for r in ranks), ranks

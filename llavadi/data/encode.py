@@ -120,11 +120,16 @@ class ConversationEncoder:
             text = text.replace(self.template_image_text, self.image_marker)
         return text
 
+    def segments(self, turns: list[Turn]) -> list[Segment]:
+        """The template's segments of `turns`, each image written as this model's image marker (the text `encode`
+        tokenizes before expanding the image token)."""
+        return [Segment(self._with_marker(s.text), s.trained) for s in self.template.segments(turns, self.tokenizer)]
+
     def encode(self, sample_id: str, turns: list[Turn], n_images: int,
                image_sizes: list[tuple[int, int]] | None = None) -> Encoded:
         """Ids, token types and labels of a whole conversation (truncated to max_length); `image_sizes`:
         (width, height) of each image, needed when the image-token count depends on the image."""
-        segments = [Segment(self._with_marker(s.text), s.trained) for s in self.template.segments(turns, self.tokenizer)]
+        segments = self.segments(turns)
         text = "".join(s.text for s in segments)
         starts, pos = [], 0
         for s in segments:

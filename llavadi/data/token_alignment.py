@@ -174,7 +174,7 @@ class AnswerTokens:
 
 def _answer_ranges(encoder: ConversationEncoder, turns: list[Turn], sample_id: str) -> tuple[str, list]:
     """The rendered text and, per assistant turn, the byte range of its (stripped) answer in it."""
-    segments = encoder.template.segments(turns, encoder.tokenizer)
+    segments = encoder.segments(turns)
     text = "".join(s.text for s in segments)
     c2b = _char_to_byte(text)
     answers = [t.text.strip() for t in turns if t.role == "assistant"]
@@ -205,10 +205,13 @@ def answer_tokens(encoder: ConversationEncoder, reader: PieceReader, sample_id: 
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     spans = token_byte_spans(reader, text, ids, offsets, sample_id, checked=ranges)
     positions, pos = [], 0
-    for token_id in ids:  # each image placeholder becomes n_image_tokens positions
-        positions.append(pos)
-        pos += encoder.n_image_tokens if token_id == encoder.image_token_id else 1
     n = len(encoded.input_ids)
+    for token_id in ids:  # each image token of the text became a run of image tokens (its count may depend on the image)
+        positions.append(pos)
+        if token_id != encoder.image_token_id:
+            pos += 1
+        while token_id == encoder.image_token_id and pos < n and encoded.input_ids[pos] == token_id:
+            pos += 1  # two adjacent images make one run: the first skips it whole, the second nothing
     out: list[list[tuple[int, int, int]]] = [[] for _ in ranges]
     for k, (a0, a1) in enumerate(ranges):
         for token_id, p, (s, e) in zip(ids, positions, spans):

@@ -37,9 +37,19 @@ def is_peft_model(model: nn.Module) -> bool:
     return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
 
 
-def language_model_targets(names: list[str]) -> str:
-    """A peft target regex: linear layers called `names` inside the language model's decoder layers."""
-    return r".*language_model\.layers\.\d+\..*\.(?:" + "|".join(re.escape(n) for n in names) + ")"
+def language_model_targets(names: list[str], language_model: str = "language_model") -> str:
+    """A peft target regex: linear layers called `names` inside the decoder layers of the module `language_model`
+    (its attribute name: `language_model`, or Idefics3's / SmolVLM's `text_model`)."""
+    return (r".*" + re.escape(language_model) + r"\.layers\.\d+\..*\.(?:" + "|".join(re.escape(n) for n in names)
+            + ")")
+
+
+def language_model_name(model: nn.Module) -> str:
+    """The attribute name of `model`'s language model (the first of its family's language parts)."""
+    from llavadi.models.families import family_of
+
+    language = family_of(model.config).parts(model).language[0]
+    return next(name for name, m in model.named_modules() if m is language).rsplit(".", 1)[-1]
 
 
 def fully_trained_modules(model: nn.Module) -> list[str]:
@@ -61,14 +71,15 @@ def apply_lora(model: nn.Module, spec, base_path: str | None = None) -> nn.Modul
     """
     peft = _peft()
     full = fully_trained_modules(model)
-    missing = [n for n in spec.target_modules if not any(name.endswith("." + n) and ".language_model." in name
+    lm = language_model_name(model)
+    missing = [n for n in spec.target_modules if not any(name.endswith("." + n) and f".{lm}." in name
                                                          for name, _ in model.named_modules())]
     if missing:
         raise ValueError(f"student.lora.target_modules {missing}: no such layer in the language model")
     if spec.quantize:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
-                             target_modules=language_model_targets(spec.target_modules),
+                             target_modules=language_model_targets(spec.target_modules, lm),
                              modules_to_save=full or None, base_model_name_or_path=base_path)
     return peft.get_peft_model(model, config)
 

@@ -64,13 +64,19 @@ def _family_name(loaded) -> str | None:
 
 
 def check_same_family(student: LoadedModel, teacher: LoadedModel, logit_terms: list[str]) -> None:
-    """Refuse, by family name, logit terms between a teacher and a student of different model families."""
+    """Refuse, by family name, `logit_terms` (of one vocabulary) between a teacher and a student of different families."""
     s_family, t_family = _family_name(student), _family_name(teacher)
-    if s_family and t_family and s_family != t_family:
+    if logit_terms and s_family and t_family and s_family != t_family:
         raise ValueError(f"logit terms {logit_terms} compare next-token distributions of one tokenizer and one prompt "
                          f"layout, but the teacher is a {t_family} model and the student a {s_family} model; "
-                         "cross-family pairs take the state terms (hidden_mse, visual_align, ...) where the token "
-                         "types align, not logit terms")
+                         "cross-family pairs take uld or gold (they pair the answer spans of the two renderings) and "
+                         "the state terms (hidden_mse, visual_align, ...) where the token types align")
+
+
+def one_vocabulary_logit_terms(terms) -> list[str]:
+    """The logit terms that compare the two models position by position (uld and gold pair answer spans instead)."""
+    return [t.name for t in terms if is_logit_term(t)
+            and not term_class(t.name).pairs_answer_tokens(*term_class(t.name).resolve(t.tokens, t.options, ""))]
 
 
 def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedModel | None,
@@ -86,8 +92,8 @@ def build_objective(stage: StageConfig, student: LoadedModel, teacher: LoadedMod
     terms = stage.distill.terms
     if cache is not None:
         return cached_objective(stage, student, cache)
-    if teacher is not None and any(is_logit_term(t) for t in terms):
-        check_same_family(student, teacher, [t.name for t in terms if is_logit_term(t)])
+    if teacher is not None:
+        check_same_family(student, teacher, one_vocabulary_logit_terms(terms))
     pair = tokenizer_pair(student, teacher) if teacher is not None and terms else None
     vocab = None
     if pair is not None and any(is_logit_term(t) for t in terms):
