@@ -175,8 +175,8 @@ class PhaseMeter:
     anywhere inside it, its nested phases included."""
 
     def __init__(self):
-        self.stack: list[list] = []  # [name, start time, peak KiB so far]
-        self.records: list[tuple] = []  # (name, start time, peak KiB, RSS KiB at the end)
+        self.stack: list[list] = []  # [name, start time, peak KiB so far, CPU time at the start]
+        self.records: list[tuple] = []  # (name, start time, peak KiB, RSS KiB at the end, CPU seconds)
 
     @staticmethod
     def take_peak() -> int:
@@ -194,13 +194,13 @@ class PhaseMeter:
     def enter(self, name: str) -> None:
         """A phase begins."""
         self._fold()
-        self.stack.append([name, time.perf_counter(), _status_kib("VmRSS")])
+        self.stack.append([name, time.perf_counter(), _status_kib("VmRSS"), time.process_time()])
 
     def exit(self) -> None:
         """The innermost open phase ends."""
         self._fold()
-        name, start, peak = self.stack.pop()
-        self.records.append((name, start, peak, _status_kib("VmRSS")))
+        name, start, peak, cpu = self.stack.pop()
+        self.records.append((name, start, peak, _status_kib("VmRSS"), time.process_time() - cpu))
 
     def wrap(self, cls, method: str, name: str, when=None) -> None:
         """Measure every call of cls.method (those for which `when(args)` holds) as phase `name`."""
@@ -291,15 +291,15 @@ class Clock:
                             + [r[2] for r in self.meter.records])
 
     def phases(self) -> list[dict]:
-        """Per optimisation step: per phase, its peak RSS and its RSS at the end (KiB)."""
+        """Per optimisation step: per phase, its peak RSS, its RSS at the end (KiB) and its CPU seconds."""
         bounds = [self.train_begin[0]] + [e[0] for e in self.step_ends]
         out = []
         for start, end in itertools.pairwise(bounds):
             step: dict = {}
-            for name, begin, peak, rss_end in self.meter.records:
+            for name, begin, peak, rss_end, cpu in self.meter.records:
                 if start <= begin < end:
-                    prior = step.get(name, (0, 0))
-                    step[name] = (max(prior[0], peak), rss_end)
+                    prior = step.get(name, (0, 0, 0.0))
+                    step[name] = (max(prior[0], peak), rss_end, prior[2] + cpu)
             out.append(step)
         return out
 
@@ -491,6 +491,7 @@ def summarize(info: dict, warmup: int) -> dict:
         if all(name in step for step in phases):
             out["phase_peak_mib", name] = statistics.median(step[name][0] for step in phases) / 1024
             out["phase_end_mib", name] = statistics.median(step[name][1] for step in phases) / 1024
+            out["phase_cpu", name] = statistics.median(step[name][2] for step in phases)
     return out
 
 
@@ -516,8 +517,9 @@ def report(runs: dict, work: str) -> None:
         t, l = med["trl"][key], med["llavadi"][key]
         print(f"  {label:<66}{t:>10.0f}{l:>10.0f}{l / t:>7.2f}x")
     print("RSS by phase (MiB; medians over the timed steps, then over rounds): the peak inside the phase and "
-          "the RSS when it ends")
-    print(f"  {'phase':<44}{'TRL peak':>10}{'llavadi peak':>14}{'ratio':>8}{'TRL end':>10}{'llavadi end':>13}")
+          "the RSS when it ends; CPU seconds inside it")
+    print(f"  {'phase':<44}{'TRL peak':>10}{'llavadi peak':>14}{'ratio':>8}{'TRL end':>10}{'llavadi end':>13}"
+          f"{'TRL cpu s':>11}{'llavadi cpu s':>15}{'ratio':>8}")
     for label, key in (("before training (load, checks, dataset)", "before_train_peak_mib"),
                        ("after training (writing the student)", "after_train_peak_mib")):
         t, l = med["trl"][key], med["llavadi"][key]
@@ -526,7 +528,9 @@ def report(runs: dict, work: str) -> None:
         if ("phase_peak_mib", name) in med["trl"] and ("phase_peak_mib", name) in med["llavadi"]:
             t, l = med["trl"]["phase_peak_mib", name], med["llavadi"]["phase_peak_mib", name]
             te, le = med["trl"]["phase_end_mib", name], med["llavadi"]["phase_end_mib", name]
-            print(f"  {name:<44}{t:>10.0f}{l:>14.0f}{l / t:>7.2f}x{te:>10.0f}{le:>13.0f}")
+            tc, lc = med["trl"]["phase_cpu", name], med["llavadi"]["phase_cpu", name]
+            print(f"  {name:<44}{t:>10.0f}{l:>14.0f}{l / t:>7.2f}x{te:>10.0f}{le:>13.0f}{tc:>11.2f}{lc:>15.2f}"
+                  f"{lc / max(tc, 1e-9):>7.2f}x")
     trainable = trainable_parameters(work)
     print(f"the same in both: {trainable / 1e6:.1f}M trainable parameters (projector + language model), whose "
           f"gradients and AdamW states take {12 * trainable / 2**20:.0f} MiB (fp32: 4 B each x 3)")
