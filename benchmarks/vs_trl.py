@@ -336,6 +336,10 @@ def run_llavadi(work: str, out: str, args, clock: Clock) -> dict:
 
     clock.install(OnPolicySampler, "_generate", lambda answers: sum(len(a) for a in answers))
     clock.install(OnlineTeacher, "view", lambda _: 0, record=clock.teacher)
+    if args.no_tower_reuse:  # the ablation: the frozen tower runs again in the training forward
+        from llavadi.teacher.on_policy import VisionOutputReuse
+
+        VisionOutputReuse.applies = lambda self: False
     clock.meter.wrap(DistillTrainer, "get_batch_samples", "batch: fetch + on-policy answers")
     clock.meter.wrap(OnPolicySampler, "_generate", "generation")
     clock.meter.wrap(DistillTrainer, "compute_loss", "forward + loss (teacher, student)")
@@ -451,6 +455,7 @@ def launch(side: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--work", args.work, "--result", result,
            "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--no-tower-reuse"] if args.no_tower_reuse else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log_path = os.path.join(args.work, f"log-{side}.txt")
@@ -546,6 +551,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=None, help="folder for the job (kept and reused when given)")
+    parser.add_argument("--no-tower-reuse", action="store_true",
+                        help="llavadi runs its frozen vision tower again in the training forward (an ablation)")
     parser.add_argument("--child", choices=["trl", "llavadi"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

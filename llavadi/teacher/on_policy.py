@@ -226,7 +226,7 @@ class VisionOutputReuse:
         self.layers = [layer] if isinstance(layer, int) else list(layer or [])
         self.entries: list[tuple[torch.Tensor, dict, object]] = []  # (pixel values, keyword arguments, output)
         self.recording = False
-        self.reused = 0  # tower forwards skipped (a count for tests and logs)
+        self.reused = 0  # tower forwards skipped (tests read it)
 
     def applies(self) -> bool:
         """Whether the tower's outputs can be reused now: a LLaVA-1.5 tower, frozen, without dropout."""
