@@ -13,8 +13,11 @@ gradient checkpointing off, one process each with the same thread count.
 Each trainer runs in its own process, alternately (TRL, llavadi, TRL, llavadi, ...) so machine drift hits
 both. Per optimisation step after the warm-up steps: wall seconds, the seconds spent generating (TRL:
 `_generate_single_turn`; llavadi: `OnPolicySampler._generate`; both pad the prompts, generate, cut at eos)
-and the rest; tokens generated per second of generation; the peak RSS of the process (`wait4`'s
-ru_maxrss) and its RSS when training begins (models, optimizer not yet built).
+and the rest; tokens generated per second of generation; the peak RSS of the process and its RSS when training
+begins (models, optimizer not yet built; weights read through mmap count once touched). RSS by phase: VmHWM is
+reset at every phase boundary (PhaseMeter), so each phase (generation, teacher forward, student forward, the
+LM-head loss, backward, optimizer step, and before / after training) gets its own peak and its RSS at its end,
+on both sides at the same points.
 
     python benchmarks/vs_trl.py [--batch-size 8] [--max-new-tokens 64] [--steps 3] [--warmup 1] [--rounds 2]
                                 [--threads 1] [--work DIR]
@@ -164,6 +167,58 @@ def llavadi_recipe(work: str, out: str, args) -> str:
 
 # ----------------------------------------------------------------------------- inside a child process
 
+class PhaseMeter:
+    """Peak and end RSS of named phases (nested ones too), from VmHWM reset at every phase boundary.
+
+    Writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM) to its current RSS; the peak
+    read at a boundary is folded into every phase open at that moment, so a phase's peak is the highest RSS
+    anywhere inside it, its nested phases included."""
+
+    def __init__(self):
+        self.stack: list[list] = []  # [name, start time, peak KiB so far, CPU time at the start]
+        self.records: list[tuple] = []  # (name, start time, peak KiB, RSS KiB at the end, CPU seconds)
+
+    @staticmethod
+    def take_peak() -> int:
+        """VmHWM since the last reset, then reset it."""
+        peak = _status_kib("VmHWM")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak
+
+    def _fold(self) -> None:
+        peak = self.take_peak()
+        for entry in self.stack:
+            entry[2] = max(entry[2], peak)
+
+    def enter(self, name: str) -> None:
+        """A phase begins."""
+        self._fold()
+        self.stack.append([name, time.perf_counter(), _status_kib("VmRSS"), time.process_time()])
+
+    def exit(self) -> None:
+        """The innermost open phase ends."""
+        self._fold()
+        name, start, peak, cpu = self.stack.pop()
+        self.records.append((name, start, peak, _status_kib("VmRSS"), time.process_time() - cpu))
+
+    def wrap(self, cls, method: str, name: str, when=None) -> None:
+        """Measure every call of cls.method (those for which `when(args)` holds) as phase `name`."""
+        original = getattr(cls, method)
+        meter = self
+
+        def measured(*a, **k):
+            if when is not None and not when(a):
+                return original(*a, **k)
+            meter.enter(name)
+            try:
+                return original(*a, **k)
+            finally:
+                meter.exit()
+
+        setattr(cls, method, measured)
+
+
 class Clock:
     """Step ends and generation calls, timed around the trainers' own functions (nothing else changes)."""
 
@@ -174,6 +229,9 @@ class Clock:
         self.step_ends: list[float] = []
         self.generations: list[tuple] = []  # (start, seconds, tokens, CPU seconds)
         self.teacher: list[tuple] = []  # (start, seconds, 0, CPU seconds): the teacher's forward
+        self.meter = PhaseMeter()
+        self.peak_before_train = None  # KiB: loading the models, checks, building the dataset
+        self.peak_kib = 0  # the highest RSS any reset saw (resetting VmHWM also lowers wait4's ru_maxrss)
 
     def install(self, cls, method: str, count_tokens, record=None, when=None):
         """Time every call of cls.method (those for which `when(args)` holds) into `record`."""
@@ -191,22 +249,59 @@ class Clock:
         setattr(cls, method, timed)
 
     def install_steps(self):
+        from accelerate import Accelerator
         from transformers.trainer_callback import CallbackHandler
 
         on_begin, on_end = CallbackHandler.on_train_begin, CallbackHandler.on_step_end
-        clock = self
+        before_opt, after_opt = CallbackHandler.on_pre_optimizer_step, CallbackHandler.on_optimizer_step
+        clock, meter = self, self.meter
 
         def begin(handler, *a, **k):
             clock.train_begin = (time.perf_counter(), time.process_time())
             clock.rss_at_begin = _status_kib("VmRSS")
+            clock.peak_before_train = meter.take_peak()
             clock.trainable = sum(p.numel() for p in handler.model.parameters() if p.requires_grad)
+            meter.enter("whole step")
             return on_begin(handler, *a, **k)
 
         def end(handler, *a, **k):
             clock.step_ends.append((time.perf_counter(), time.process_time()))
+            meter.exit()
+            meter.enter("whole step")
             return on_end(handler, *a, **k)
 
+        def optimizer_begins(handler, *a, **k):
+            meter.enter("optimizer step")
+            return before_opt(handler, *a, **k)
+
+        def optimizer_ends(handler, *a, **k):
+            meter.exit()
+            return after_opt(handler, *a, **k)
+
         CallbackHandler.on_train_begin, CallbackHandler.on_step_end = begin, end
+        CallbackHandler.on_pre_optimizer_step, CallbackHandler.on_optimizer_step = optimizer_begins, optimizer_ends
+        meter.wrap(Accelerator, "backward", "backward")
+
+    def finish(self) -> None:
+        """Close the open step phase; the peak after training (writing the student) goes to `peak_after_train`."""
+        if self.meter.stack:
+            self.meter.exit()
+        self.peak_after_train = self.meter.take_peak()
+        self.peak_kib = max([self.peak_before_train or 0, self.peak_after_train]
+                            + [r[2] for r in self.meter.records])
+
+    def phases(self) -> list[dict]:
+        """Per optimisation step: per phase, its peak RSS, its RSS at the end (KiB) and its CPU seconds."""
+        bounds = [self.train_begin[0]] + [e[0] for e in self.step_ends]
+        out = []
+        for start, end in itertools.pairwise(bounds):
+            step: dict = {}
+            for name, begin, peak, rss_end, cpu in self.meter.records:
+                if start <= begin < end:
+                    prior = step.get(name, (0, 0, 0.0))
+                    step[name] = (max(prior[0], peak), rss_end, prior[2] + cpu)
+            out.append(step)
+        return out
 
     def steps(self) -> list[dict]:
         """Per optimisation step: wall and CPU seconds, and the generation and teacher calls inside it."""
@@ -233,11 +328,24 @@ def _status_kib(field: str) -> int:
 def run_llavadi(work: str, out: str, args, clock: Clock) -> dict:
     """`llavadi train` on the job's recipe, in this process."""
     from llavadi.cli import main
+    from llavadi.distill import module
+    from llavadi.distill.objective import DistillObjective
     from llavadi.teacher.on_policy import OnPolicySampler
     from llavadi.teacher.online import OnlineTeacher
+    from llavadi.train.trainer import DistillTrainer
 
     clock.install(OnPolicySampler, "_generate", lambda answers: sum(len(a) for a in answers))
     clock.install(OnlineTeacher, "view", lambda _: 0, record=clock.teacher)
+    if args.no_tower_reuse:  # the ablation: the frozen tower runs again in the training forward
+        from llavadi.teacher.on_policy import VisionOutputReuse
+
+        VisionOutputReuse.applies = lambda self: False
+    clock.meter.wrap(DistillTrainer, "get_batch_samples", "batch: fetch + on-policy answers")
+    clock.meter.wrap(OnPolicySampler, "_generate", "generation")
+    clock.meter.wrap(DistillTrainer, "compute_loss", "forward + loss (teacher, student)")
+    clock.meter.wrap(OnlineTeacher, "view", "teacher forward")
+    clock.meter.wrap(module, "llava_view", "student forward")
+    clock.meter.wrap(DistillObjective, "forward", "loss (LM-head pass)")
     recipe = llavadi_recipe(work, out, args)
     code = main(["train", recipe])
     if code not in (0, None):
@@ -287,6 +395,7 @@ def run_trl(work: str, out: str, args, clock: Clock) -> dict:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from trl import DistillationConfig, DistillationTrainer
+    from trl.trainer import distillation_trainer
 
     processor = AutoProcessor.from_pretrained(os.path.join(work, "student"), padding_side="left")
     student = LlavaForConditionalGeneration.from_pretrained(os.path.join(work, "student"), dtype=torch.float32)
@@ -303,6 +412,17 @@ def run_trl(work: str, out: str, args, clock: Clock) -> dict:
     clock.install(DistillationTrainer, "_generate_single_turn", lambda completions: sum(len(c) for c in completions))
     clock.install(DistillationTrainer, "_get_last_hidden_state", lambda _: 0, record=clock.teacher,
                   when=lambda a: a[1] is a[0].teacher_model)  # the teacher's backbone (its head is in the loss)
+    meter = clock.meter
+    meter.wrap(DistillationTrainer, "get_batch_samples", "batch: fetch + on-policy answers")
+    meter.wrap(DistillationTrainer, "_prepare_inputs", "batch: fetch + on-policy answers",
+               when=lambda a: a[0].model.training)
+    meter.wrap(DistillationTrainer, "_generate_single_turn", "generation")
+    meter.wrap(DistillationTrainer, "compute_loss", "forward + loss (teacher, student)")
+    meter.wrap(DistillationTrainer, "_get_last_hidden_state", "teacher forward",
+               when=lambda a: a[1] is a[0].teacher_model)
+    meter.wrap(DistillationTrainer, "_get_last_hidden_state", "student forward",
+               when=lambda a: a[1] is not a[0].teacher_model)
+    meter.wrap(distillation_trainer, "_chunked_divergence_loss", "loss (LM-head pass)")
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=trl_dataset(work),
                                   processing_class=processor)
     trainer.train()
@@ -317,7 +437,10 @@ def child(args) -> None:
     clock.install_steps()
     out = tempfile.mkdtemp(prefix=f"vs_trl-{args.child}-", dir=args.work)
     info = (run_trl if args.child == "trl" else run_llavadi)(args.work, out, args, clock)
-    info.update({"steps": clock.steps(), "rss_at_begin_kib": clock.rss_at_begin, "hwm_kib": _status_kib("VmHWM"),
+    clock.finish()
+    info.update({"steps": clock.steps(), "rss_at_begin_kib": clock.rss_at_begin, "phases": clock.phases(),
+                 "peak_before_train_kib": clock.peak_before_train, "peak_after_train_kib": clock.peak_after_train,
+                 "peak_kib": clock.peak_kib,
                  "trainable": clock.trainable,
                  "threads": torch.get_num_threads()})
     with open(args.result, "w") as f:
@@ -332,6 +455,7 @@ def launch(side: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--work", args.work, "--result", result,
            "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--no-tower-reuse"] if args.no_tower_reuse else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log_path = os.path.join(args.work, f"log-{side}.txt")
@@ -344,7 +468,8 @@ def launch(side: str, args) -> dict:
         raise SystemExit(f"{side} failed (status {status}); see {log_path}")
     with open(result) as f:
         info = json.load(f)
-    info["peak_rss_kib"] = usage.ru_maxrss
+    # the child resets its VmHWM at phase boundaries, which lowers ru_maxrss: its own record of the peak counts
+    info["peak_rss_kib"] = max(usage.ru_maxrss, info["peak_kib"])
     info["load"] = (load_before, os.getloadavg()[0])
     return info
 
@@ -363,8 +488,20 @@ def summarize(info: dict, warmup: int) -> dict:
         out["tokens_per_s" + suffix] = sum(s["tokens"] for s in steps) / spent if spent else float("nan")
     out.update({"tokens_per_step": statistics.median(s["tokens"] for s in steps),
                 "peak_mib": info["peak_rss_kib"] / 1024, "begin_mib": info["rss_at_begin_kib"] / 1024,
-                "load": info["load"], "trainable": info["trainable"]})
+                "load": info["load"], "trainable": info["trainable"],
+                "before_train_peak_mib": info["peak_before_train_kib"] / 1024,
+                "after_train_peak_mib": info["peak_after_train_kib"] / 1024})
+    phases = info["phases"][warmup:]
+    for name in PHASES:
+        if all(name in step for step in phases):
+            out["phase_peak_mib", name] = statistics.median(step[name][0] for step in phases) / 1024
+            out["phase_end_mib", name] = statistics.median(step[name][1] for step in phases) / 1024
+            out["phase_cpu", name] = statistics.median(step[name][2] for step in phases)
     return out
+
+
+PHASES = ("whole step", "batch: fetch + on-policy answers", "generation", "forward + loss (teacher, student)",
+          "teacher forward", "student forward", "loss (LM-head pass)", "backward", "optimizer step")
 
 
 ROWS = (("step", "seconds per step"), ("generation", "generation seconds per step"),
@@ -384,6 +521,21 @@ def report(runs: dict, work: str) -> None:
     for key, label in (("peak_mib", "peak RSS (MiB)"), ("begin_mib", "RSS when training begins (MiB)")):
         t, l = med["trl"][key], med["llavadi"][key]
         print(f"  {label:<66}{t:>10.0f}{l:>10.0f}{l / t:>7.2f}x")
+    print("RSS by phase (MiB; medians over the timed steps, then over rounds): the peak inside the phase and "
+          "the RSS when it ends; CPU seconds inside it")
+    print(f"  {'phase':<44}{'TRL peak':>10}{'llavadi peak':>14}{'ratio':>8}{'TRL end':>10}{'llavadi end':>13}"
+          f"{'TRL cpu s':>11}{'llavadi cpu s':>15}{'ratio':>8}")
+    for label, key in (("before training (load, checks, dataset)", "before_train_peak_mib"),
+                       ("after training (writing the student)", "after_train_peak_mib")):
+        t, l = med["trl"][key], med["llavadi"][key]
+        print(f"  {label:<44}{t:>10.0f}{l:>14.0f}{l / t:>7.2f}x")
+    for name in PHASES:
+        if ("phase_peak_mib", name) in med["trl"] and ("phase_peak_mib", name) in med["llavadi"]:
+            t, l = med["trl"]["phase_peak_mib", name], med["llavadi"]["phase_peak_mib", name]
+            te, le = med["trl"]["phase_end_mib", name], med["llavadi"]["phase_end_mib", name]
+            tc, lc = med["trl"]["phase_cpu", name], med["llavadi"]["phase_cpu", name]
+            print(f"  {name:<44}{t:>10.0f}{l:>14.0f}{l / t:>7.2f}x{te:>10.0f}{le:>13.0f}{tc:>11.2f}{lc:>15.2f}"
+                  f"{lc / max(tc, 1e-9):>7.2f}x")
     trainable = trainable_parameters(work)
     print(f"the same in both: {trainable / 1e6:.1f}M trainable parameters (projector + language model), whose "
           f"gradients and AdamW states take {12 * trainable / 2**20:.0f} MiB (fp32: 4 B each x 3)")
@@ -399,6 +551,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=None, help="folder for the job (kept and reused when given)")
+    parser.add_argument("--no-tower-reuse", action="store_true",
+                        help="llavadi runs its frozen vision tower again in the training forward (an ablation)")
     parser.add_argument("--child", choices=["trl", "llavadi"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -239,3 +239,41 @@ def test_on_policy_recipe_validation(ws, tmp_path):
     raw["teacher"]["cache"] = str(tmp_path)
     with pytest.raises(ConfigError, match=r"teacher.cache: stages \['finetune'\] use on_policy"):
         recipe_from_dict(raw)
+
+
+def test_a_frozen_tower_runs_once_per_step_and_the_loss_and_gradients_are_the_plain_ones(ws):
+    from llavadi.distill.view import model_inputs
+
+    student = load_llava_dir(str(ws / "student0"))
+    tower = student.model.model.vision_tower
+    tower.requires_grad_(False)
+    ds, collator, batch = _collated(ws, student)
+    teacher = OnlineTeacher(load_llava_dir(str(ws / "teacher0")).model)
+    objective = DistillObjective([{"name": "forward_kl"}], student_config=student.model.config,
+                                 teacher_config=teacher.model.config)
+    runs = []  # the tower's own computations (its embeddings run only when it really runs)
+    getattr(tower, "vision_model", tower).embeddings.register_forward_hook(lambda *_: runs.append(1))
+
+    def loss_and_grads(new):
+        student.model.train().zero_grad(set_to_none=True)
+        view = llava_view(student.model, model_inputs(new), new["token_types"], objective.student_needs)
+        loss, _ = objective(view, teacher.view(new, objective.teacher_needs), new["labels"])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in student.model.named_parameters() if p.grad is not None}
+
+    sampler = OnPolicySampler(student.model, student.tokenizer, collator,
+                              OnPolicyConfig(fraction=1.0, max_new_tokens=5, temperature=1.0), seed=0, max_length=64)
+    (new,) = sampler([batch], step=0)
+    assert len(runs) == 1 and len(sampler.vision_outputs.entries) == 1  # the prefill's outputs wait
+    loss, grads = loss_and_grads(new)
+    assert len(runs) == 1 and sampler.vision_outputs.reused == 1  # the training forward reused them
+    assert not sampler.vision_outputs.entries and "forward" not in tower.__dict__  # used once, then gone
+    plain_loss, plain_grads = loss_and_grads(new)  # nothing waits: the tower runs
+    assert len(runs) == 2
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    assert any(".multi_modal_projector." in f".{n}" for n in grads)  # the projector trains on the reused states
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+
+    tower.requires_grad_(True)  # a tower that trains: nothing kept, it runs in both
+    sampler([batch], step=1)
+    assert len(runs) == 3 and not sampler.vision_outputs.entries and "forward" not in tower.__dict__

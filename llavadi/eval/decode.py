@@ -14,10 +14,14 @@ ones follow the same distribution and the same warpers), for less work:
 - the image features are computed once, in the prefill (pixel values go to the first forward only), and the
   prefill computes the last position's logits only.
 
-Position ids follow the attention mask as in `generate` (each row's first real token is position 0), and a mask
-without padding is dropped as `generate` drops it. Families are served by exact model type
-(`FAST_DECODE_MODEL_TYPES`) when every decoder layer is full attention; anything else (sliding windows, linear
-attention, multimodal rotary positions) goes to `model.generate` with the same settings.
+Position ids are the ones `generate` passes: they follow the attention mask (each row's first real token is
+position 0), and each decoding step adds 1 to the last ones; Qwen2-VL's multimodal rotary positions (M-RoPE) are
+(4, B, T): the text positions, then the (time, height, width) positions of `get_rope_index`. A mask without padding
+is dropped as `generate` drops it. Families are served by exact model type (`FAST_DECODE_MODEL_TYPES`) when every
+decoder layer is full attention: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL.
+Anything else goes to `model.generate` with the same settings: Gemma 3 (its sliding-window layers keep a rolling
+window of keys, not a growing cache, and its prefill attends both ways inside an image through `token_type_ids`),
+and any model type not named.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 # model types whose forward takes (input_ids, attention_mask, position_ids, cache, logits_to_keep) as LLaVA does,
-# positions being plain 1-D token positions
-FAST_DECODE_MODEL_TYPES = frozenset({"llava"})
+# the image inputs in the prefill only; tests/test_decode.py checks each against `generate`
+FAST_DECODE_MODEL_TYPES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "qwen2_vl",
+                                     "qwen2_5_vl"})
+# model types whose positions are M-RoPE's (4, B, T): text positions, then get_rope_index's (time, height, width)
+MROPE_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 # finished rows leave the batch once they are at least 1/COMPACT_FRACTION of it: each removal copies the
 # cache, so rows ending one by one are dropped in a few copies, not one copy per step
 COMPACT_FRACTION = 4
@@ -86,6 +93,21 @@ def preallocated_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
+def prompt_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefill_inputs: dict) -> torch.Tensor:
+    """The position ids `generate` gives a left-padded prompt: (B, T) from the mask, or M-RoPE's (4, B, T)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    if model.config.model_type not in MROPE_MODEL_TYPES:
+        return positions
+    grids = {k: prefill_inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+             if prefill_inputs.get(k) is not None}
+    if grids and prefill_inputs.get("mm_token_type_ids") is not None:
+        spatial, _ = model.model.get_rope_index(input_ids, prefill_inputs["mm_token_type_ids"],
+                                                attention_mask=attention_mask, **grids)
+    else:  # text only: every rotary section reads the text position
+        spatial = positions[None].expand(3, -1, -1)
+    return torch.cat([positions[None], spatial.to(positions)], dim=0)
+
+
 def _next_tokens(logits: torch.Tensor, suppress: torch.Tensor | None, temperature: float | None,
                  top_p: float) -> torch.Tensor:
     """The next token per row, as `generate` picks it: suppressed tokens removed, then argmax, or
@@ -122,7 +144,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     suppress = torch.tensor(list(suppress_ids), device=device, dtype=torch.long) if len(suppress_ids) else None
     # as generate: positions count the real tokens; a mask without padding is dropped
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    positions = prompt_positions(model, input_ids, attention_mask, prefill_inputs)
     mask = torch.ones((batch, prompt_len + max_new_tokens), dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
     keep_mask = not bool(attention_mask.all())
@@ -131,7 +153,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
                 cache=cache, use_cache=True, logits_to_keep=1, return_dict=True, **prefill_inputs)
     rows = torch.arange(batch, device=device)  # original index of each row in the running batch
     alive = torch.ones(batch, dtype=torch.bool, device=device)  # rows that have not emitted an eos yet
-    last = positions[:, -1:]
+    last = positions[..., -1:]  # (B, 1), or (4, B, 1) for M-RoPE: each step adds 1 as generate does
     answers: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
         tokens = _next_tokens(out.logits[:, -1], suppress, temperature, top_p)
@@ -144,7 +166,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         if len(rows) - n_alive >= max(1, len(rows) // COMPACT_FRACTION):  # finished rows leave the batch
             keep = alive.nonzero().squeeze(1)
-            rows, tokens, last, mask, alive = rows[keep], tokens[keep], last[keep], mask[keep], alive[keep]
+            rows, tokens, last, mask, alive = rows[keep], tokens[keep], last[..., keep, :], mask[keep], alive[keep]
             for layer in cache.layers:
                 layer.batch_select_indices(keep)
         last = last + 1

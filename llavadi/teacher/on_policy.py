@@ -15,6 +15,11 @@ process count, and after a resume. The draw of the answers is seeded the same wa
 deterministic under a seed on CPU. Sampled image tokens are impossible: the generator suppresses
 the image token. Generation is the evaluation's batched generator (``llavadi.eval.generate``).
 
+The student's vision tower runs once per image and step when it is frozen: the tower outputs of the generation's
+prefill are kept (``VisionOutputReuse``) and handed back when the training forward gives the tower the same pixel
+values (LLaVA-1.5 models, a tower without dropout; the layers the projector reads only). The outputs are the same
+tensors the tower would compute: the same weights, the same inputs, no gradient through a frozen tower.
+
 A teacher whose tokenizer is the student's up to additions (``llavadi.data.tokenizer_pair``) reads
 the sampled answer through the fixed id map (``id_maps``: per view prefix, student id -> that
 view's id); a sampled token the teacher does not have is an error naming the sample.
@@ -26,11 +31,13 @@ import hashlib
 import time
 
 import torch
+import torch.nn as nn
 
 from llavadi.data.collator import IMAGE_INPUT_KEYS, combine_image_inputs
 from llavadi.data.encode import IGNORE_INDEX
 from llavadi.data.token_alignment import ALIGNMENT_KEY, PieceReader, retokenized_answer
 from llavadi.data.token_types import TokenType
+from llavadi.distill.view import base_llava
 from llavadi.eval.decode import eos_token_ids, pad_token_id
 from llavadi.eval.generate import Sampling, generate_ids
 from llavadi.models.families import family_of
@@ -196,6 +203,79 @@ class TeacherRetokenizer:
         return out
 
 
+# model types whose projector reads `vision_feature_layer` of the tower's hidden states and nothing else of them
+REUSE_MODEL_TYPES = frozenset({"llava"})
+# options the model passes on to its tower that a vision encoder ignores (the decoder's cache switch)
+UNUSED_BY_TOWERS = frozenset({"use_cache"})
+
+
+class VisionOutputReuse:
+    """A frozen vision tower's outputs from the generation's prefill, handed back to the training forward that
+    gives the tower the same pixel values (equal values, dtype and shape) and options; each is used once, and
+    forgotten at the next generation.
+
+    Only while the tower is frozen and has no dropout; only the hidden states the projector reads are kept (the
+    others are None), so CLIP-L's 25 layers of states are not held. Installed as the tower's forward while
+    entries wait, removed when none does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        llava = base_llava(model)
+        config = llava.config
+        self.tower = llava.model.vision_tower if config.model_type in REUSE_MODEL_TYPES else None
+        layer = getattr(config, "vision_feature_layer", None)
+        self.layers = [layer] if isinstance(layer, int) else list(layer or [])
+        self.entries: list[tuple[torch.Tensor, dict, object]] = []  # (pixel values, keyword arguments, output)
+        self.recording = False
+        self.reused = 0  # tower forwards skipped (tests read it)
+
+    def applies(self) -> bool:
+        """Whether the tower's outputs can be reused now: a LLaVA-1.5 tower, frozen, without dropout."""
+        tower = self.tower
+        if tower is None or any(p.requires_grad for p in tower.parameters()):
+            return False
+        dropout = getattr(getattr(tower, "config", None), "attention_dropout", 0.0) or 0.0
+        return not dropout and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in tower.modules())
+
+    def start(self) -> None:
+        """Before a generation: forget the earlier entries, record the tower's outputs from now on."""
+        self.entries.clear()
+        self.recording = self.applies()
+        if self.recording:
+            self.tower.forward = self._forward  # an instance attribute: the class's forward is untouched
+
+    def stop(self) -> None:
+        """After a generation: stop recording; the tower's own forward comes back if nothing waits."""
+        self.recording = False
+        if not self.entries:
+            self._uninstall()
+
+    def _uninstall(self) -> None:
+        if self.tower is not None and "forward" in self.tower.__dict__:
+            del self.tower.forward
+
+    def _forward(self, pixel_values, *args, **kwargs):
+        original = type(self.tower).forward.__get__(self.tower)
+        plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in kwargs.values())
+        if args or not plain or not isinstance(pixel_values, torch.Tensor):
+            return original(pixel_values, *args, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k not in UNUSED_BY_TOWERS}
+        for k, (stored, stored_options, output) in enumerate(self.entries):
+            if (stored_options == options and stored.shape == pixel_values.shape and stored.dtype == pixel_values.dtype
+                    and stored.device == pixel_values.device and torch.equal(stored, pixel_values)
+                    and self.applies()):
+                del self.entries[k]
+                if not self.entries and not self.recording:
+                    self._uninstall()
+                self.reused += 1
+                return type(output)(**output)  # a fresh object: the model writes pooler_output into it
+        output = original(pixel_values, **kwargs)
+        if self.recording and getattr(output, "hidden_states", None) is not None:
+            kept = {i % len(output.hidden_states) for i in self.layers}
+            thin = tuple(h if i in kept else None for i, h in enumerate(output.hidden_states))
+            self.entries.append((pixel_values, options, type(output)(**{**output, "hidden_states": thin})))
+        return output
+
+
 class OnPolicySampler:
     """Replaces a fraction of each training batch's samples by the student's sampled answers.
 
@@ -217,12 +297,17 @@ class OnPolicySampler:
         self.eos_ids = eos_token_ids(student, tokenizer)
         self.image_token_id = family_of(student.config).image_token_id(student.config)
         self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}
+        self.vision_outputs = VisionOutputReuse(student)
         if retokenize is not None:
             self.stats["not_text"] = 0
 
     def __call__(self, batches: list[dict], step: int) -> list[dict]:
         """The micro-batches of one optimisation step, some samples replaced by on-policy ones."""
-        return [self._replace(batch, step) for batch in batches]
+        self.vision_outputs.start()
+        try:
+            return [self._replace(batch, step) for batch in batches]
+        finally:
+            self.vision_outputs.stop()
 
     def _replace(self, batch: dict, step: int) -> dict:
         ids = batch["sample_ids"]
