@@ -30,7 +30,7 @@ from llavadi.distill.divergences import TEMPERATURE
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB, head_weights, rows_per_chunk
 from llavadi.distill.options import Option
 from llavadi.distill.selection import Predictions, Selection, prediction_mask
-from llavadi.distill.terms.base import Term, TermContext, register
+from llavadi.distill.terms.base import Term, register
 from llavadi.distill.view import ModelView, Needs
 
 Tensor = torch.Tensor
@@ -70,11 +70,6 @@ class AlignedLogitTerm(Term):
     @classmethod
     def pairs_answer_tokens(cls, tokens, opts):
         return True
-
-    def check_setting(self, ctx: TermContext, given: set[str], where: str) -> None:
-        if ctx.teacher_signal == "topk" and getattr(ctx, "cross_tokenizer", False):
-            raise ValueError(f"{where}: a top-k cache holds the teacher's rows at the student's positions, which exist "
-                             "only with one tokenizer; with different tokenizers run the teacher online")
 
     def selection(self) -> Selection:
         return Predictions(self.tokens)
@@ -148,7 +143,6 @@ class GOLD(AlignedLogitTerm):
                              "share of the teacher's vocabulary weighs the matched part)")
 
     def check_setting(self, ctx, given, where):
-        super().check_setting(ctx, given, where)
         if ctx.matched_tokens is None and ctx.cross_tokenizer:
             raise ValueError(f"{where} needs the map of token strings shared by the two tokenizers")
         if ctx.teacher_signal == "topk" and self.opts["beta"] == 1.0:
