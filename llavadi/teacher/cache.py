@@ -317,7 +317,8 @@ def cached_objective(stage, student, reader: CacheReader):
                                 torch.tensor(pair.teacher_ids, dtype=torch.long), pair.teacher_rows)
     return DistillObjective(stage.distill.terms, ce_weight=stage.distill.ce_weight,
                             student_config=student.model.config, teacher_config=teacher_config(reader),
-                            chunk_size=stage.distill.chunk_size, teacher_signal="topk", vocab=vocab,
+                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib,
+                            teacher_signal="topk", vocab=vocab,
                             cross_tokenizer=cross, matched_tokens=matched)
 
 

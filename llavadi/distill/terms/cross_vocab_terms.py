@@ -7,6 +7,8 @@ each answer token pairs with itself. Each term runs its own chunked pass over th
 LM heads at those rows only, closed-form gradients) and returns its sum over the groups; the
 objective divides it by the number of the student's answer-predicting positions, as for the other
 logit terms. End-of-turn tokens are not answer text: they are not compared (CE still trains them).
+Chunks: the stage's ``chunk_size`` rows, or as many as keep one model's fp32 chunk logits within
+``chunk_mib`` (as the fused pass).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class AlignedLogitTerm(Term):
             head = head_weights(teacher)
             signal = TeacherSignal(hidden=teacher.last_hidden.detach().reshape(-1, teacher.last_hidden.shape[-1]),
                                    head=head, size=head[0].shape[0])
-        step = rows_per_chunk(max(weight.shape[0], signal.size), None, DEFAULT_CHUNK_MIB)
+        step = rows_per_chunk(max(weight.shape[0], signal.size), self.ctx.chunk_size,
+                              self.ctx.chunk_mib or DEFAULT_CHUNK_MIB)
         work = AlignedPass(self.divergence(signal.size), self.opts["temperature"], rows_s, rows_t, signal, step)
         hidden = student.last_hidden.reshape(-1, student.last_hidden.shape[-1])
         return aligned_sum(work, hidden, weight, bias).float()
