@@ -260,6 +260,12 @@ def test_a_frozen_teachers_reordered_head_is_gathered_once_and_again_when_it_cha
     assert vocab.teacher_copy.gathers == 3 and rows[0].abs().sum() == 0 and torch.equal(rows[1], head.bias[ids])
     head.weight = nn.Parameter(torch.ones_like(head.weight), requires_grad=False)  # another tensor
     assert torch.equal(shared()[0], head.weight[ids]) and vocab.teacher_copy.gathers == 4
+    import copy
+    import pickle
+
+    for other in (copy.deepcopy(vocab), pickle.loads(pickle.dumps(vocab))):  # a copy starts without the rows
+        assert other.teacher_copy._rows is None and torch.equal(other.teacher_heads(head.weight, head.bias)[0][0],
+                                                                 head.weight[ids])
     trained = nn.Linear(H_T, V + 3).double()  # requires grad: gathered at every read, nothing kept
     for _ in range(2):
         assert torch.equal(vocab.teacher_heads(trained.weight, trained.bias)[0][0], trained.weight[ids])

@@ -72,6 +72,10 @@ class FrozenRowCopy:
         self._rows: tuple[Tensor, Tensor | None] | None = None
         self.gathers = 0  # how many times the rows were gathered (a test and the benchmark read it)
 
+    def __getstate__(self) -> dict:
+        """A pickled or deep-copied vocabulary map starts without the copy (weak references do not pickle)."""
+        return {"_refs": None, "_stamps": None, "_rows": None, "gathers": self.gathers}
+
     def _same(self, weight: Tensor, bias: Tensor | None) -> bool:
         if self._refs is None:
             return False
