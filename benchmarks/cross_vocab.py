@@ -9,8 +9,10 @@ Variants (each in its own process, one thread), forward + backward from hidden s
   ``gold`` with half of each vocabulary matched by string. Default options (top_k 256, merge first).
 Each variant runs once to warm up, then once measured (CPU time of its one thread, and the extra peak
 RSS above the RSS before the step: VmHWM reset). Ratios are against ``forward_kl`` of the same run.
+``--baseline DIR`` also runs the uld / gold variants of another checkout DIR (its own copy of this
+script and its package), side by side with this checkout's: before / after a change.
 
-Usage: python benchmarks/cross_vocab.py [--vocab 32000 151646] [--positions 4096] [--hidden 2048]
+Usage: python benchmarks/cross_vocab.py [--vocab 32000 151646] [--positions 4096] [--hidden 2048] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--variants", nargs="+", default=["forward_kl", "uld", "gold"])
+    parser.add_argument("--baseline", help="also the uld / gold variants of this other checkout (side by side)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -133,16 +136,20 @@ def main() -> None:
     print(f"N={args.positions} student answer tokens, H={args.hidden}, fp32, forward + backward, 1 thread per process")
     print("| V | variant | groups | CPU (s) | wall (s) | extra peak (MiB) | CPU / forward_kl | peak / forward_kl |")
     print("|---|---|---|---|---|---|---|---|")
+    runs = [(v, os.path.abspath(__file__), v) for v in args.variants]
+    if args.baseline:  # interleaved: each aligned variant of the other checkout next to this one's
+        other = os.path.join(os.path.abspath(args.baseline), "benchmarks", "cross_vocab.py")
+        runs = [r for v in args.variants for r in ([(v, runs[0][1], v)] if v == "forward_kl" else
+                                                    [(v + " (baseline)", other, v), (v, runs[0][1], v)])]
     for vocab in args.vocab:
         res = {}
-        for variant in args.variants:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(args.positions),
-                   str(args.hidden), str(vocab)]
+        for label, script, variant in runs:
+            cmd = [sys.executable, script, "--worker", variant, str(args.positions), str(args.hidden), str(vocab)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            res[variant] = json.loads(out.strip().splitlines()[-1])
-            base = res[args.variants[0]]
-            r = res[variant]
-            print(f"| {vocab} | {variant} | {r['groups']} | {r['cpu_seconds']:.2f} | {r['seconds']:.2f} | "
+            res[label] = json.loads(out.strip().splitlines()[-1])
+            base = res[runs[0][0]]
+            r = res[label]
+            print(f"| {vocab} | {label} | {r['groups']} | {r['cpu_seconds']:.2f} | {r['seconds']:.2f} | "
                   f"{r['extra_peak_mib']:.0f} | {r['cpu_seconds'] / base['cpu_seconds']:.2f}x | "
                   f"{r['extra_peak_mib'] / base['extra_peak_mib']:.2f}x |", flush=True)
 

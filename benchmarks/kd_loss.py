@@ -18,7 +18,9 @@ it); extra peak: peak RSS above the RSS before the step (VmHWM reset).
 has V + 1 tokens, <image> at V; the teacher V + 2, <pad> at V + 1, its LM head padded to a multiple of
 64 rows; the V + 1 shared tokens are a prefix on both sides, so no head is reordered), and
 ``additions_moved`` the same with the teacher's <pad> at id 3 (its shared rows are gathered in the
-student's order once per step). Same hidden states and base weights; the extra rows are random.
+student's order once, and the copy kept across steps: the teacher is frozen), and
+``additions_moved_regather`` the same with the copy made again at every step (as before the copy
+was kept). Same hidden states and base weights; the extra rows are random.
 
 ``--baseline DIR`` adds ``baseline``: the ``llavadi`` variant of another checkout DIR (its own copy of
 this script and its own package), measured side by side with this checkout's (before/after a change).
@@ -122,7 +124,9 @@ def _llavadi_step(variant: str, p: Problem):
     kwargs = {}
     weight_s, weight_t = p.weight_s, p.weight_t
     if variant.startswith("additions"):
-        weight_s, weight_t, kwargs["vocab"] = _additions(p, moved=variant == "additions_moved")
+        weight_s, weight_t, kwargs["vocab"] = _additions(p, moved=variant.startswith("additions_moved"))
+        if variant == "additions_moved_regather":  # the teacher's reordered rows gathered at every step
+            object.__setattr__(kwargs["vocab"], "teacher_copy", _Regather())
     if variant.startswith("llavadi@"):
         kwargs["chunk_mib"] = float(variant.split("@")[1])
     elif variant == "llavadi_plain":
@@ -147,6 +151,14 @@ def _llavadi_step(variant: str, p: Problem):
 
     step.weights = (weight_s,)
     return step
+
+
+class _Regather:
+    """A teacher row copy that is never kept (the reordered rows gathered at every read)."""
+
+    def rows(self, weight, bias, order):
+        """weight[order], bias[order], gathered now."""
+        return weight.index_select(0, order), None if bias is None else bias.index_select(0, order)
 
 
 def _additions(p: Problem, moved: bool):
@@ -345,7 +357,7 @@ def baseline_table(args: argparse.Namespace) -> None:
 
 def additions_table(args: argparse.Namespace) -> None:
     """The same tokenizer up to additions against the identical case, side by side, as ratios."""
-    variants = ["llavadi", "additions"] + ([] if args.no_moved else ["additions_moved"])
+    variants = ["llavadi", "additions"] + ([] if args.no_moved else ["additions_moved", "additions_moved_regather"])
     print(f"forward KL from hidden states, forward + backward, H={args.hidden}, base V={args.vocab}, fp32, 1 thread "
           f"per process, median of {args.rounds} interleaved rounds after a warm-up")
     print("| N | V | variant | wall (s) | CPU (s) | extra peak (MiB, median / max) | CPU / identical "

@@ -121,8 +121,8 @@ def _reference(name, opts, paired, h_s, h_t, head_s, head_t, matched):
     return total
 
 
-def _ours(name, opts, paired, h_s, h_t, head_s, head_t, matched):
-    ctx = TermContext(student_width=H_S, teacher_width=H_T, cross_tokenizer=True, matched_tokens=matched)
+def _ours(name, opts, paired, h_s, h_t, head_s, head_t, matched, **chunks):
+    ctx = TermContext(student_width=H_S, teacher_width=H_T, cross_tokenizer=True, matched_tokens=matched, **chunks)
     term = build_term(TermSpec(name, options=opts), name, ctx, "distill.terms[0]")
     types_s = torch.full(h_s.shape[:2], 3)
     student = ModelView(token_types=types_s, last_hidden=h_s, lm_head=head_s, who="student")
@@ -186,6 +186,27 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     chunked = _ours("gold", {}, paired, h_s, h_t, head_s, head_t, _matched())
     (g_chunked,) = torch.autograd.grad(chunked, [h_s])
     assert torch.allclose(whole, chunked, rtol=1e-6) and torch.allclose(g_whole, g_chunked, rtol=1e-6, atol=1e-10)
+
+
+def test_the_stage_chunk_size_and_chunk_mib_set_the_passes_chunks(monkeypatch):
+    import llavadi.distill.cross_vocab as cv
+    import llavadi.distill.terms.cross_vocab_terms as terms
+
+    steps = []
+
+    class Recorded(cv.AlignedPass):
+        def __init__(self, *args):
+            steps.append(args[-1])
+            super().__init__(*args)
+
+    monkeypatch.setattr(terms, "AlignedPass", Recorded)
+    paired, _, h_s, h_t, head_s, head_t = _setup(seed=1)
+    values = [_ours("gold", {}, paired, h_s, h_t, head_s, head_t, _matched(), **chunks)
+              for chunks in ({}, {"chunk_size": 3}, {"chunk_mib": 1e-6})]
+    vocab = max(head_s.weight.shape[0], head_t.weight.shape[0])
+    assert steps == [max(1, int(32 * 2**20) // (4 * vocab)), 3, 1]
+    assert steps[0] > len(paired) > 3 > steps[2]  # one chunk, a few, one group per chunk: the same value
+    assert torch.allclose(values[0], values[1], rtol=1e-6) and torch.allclose(values[0], values[2], rtol=1e-6)
 
 
 def test_same_tokenization_pairs_each_answer_token_with_itself():
@@ -254,8 +275,10 @@ def test_options_are_checked_up_front():
     build_term(TermSpec("gold"), "gold", ctx, "distill.terms[0]")  # one tokenizer: every id matches itself
     with pytest.raises(ValueError, match="tokens 'image' is not accepted"):
         check_term(TermSpec("uld", tokens="image"))
-    with pytest.raises(ValueError, match="run the teacher online"):
-        build_term(TermSpec("uld"), "uld", TermContext(teacher_signal="topk", cross_tokenizer=True), "t")
+    # a top-k cache across tokenizers holds the teacher's rows of its own rendering (tests/test_cross_tokenizer_cache.py)
+    build_term(TermSpec("uld"), "uld", TermContext(teacher_signal="topk", cross_tokenizer=True), "t")
+    with pytest.raises(ValueError, match="beta 1 \\(reverse KL\\) against a top-k teacher"):
+        build_term(TermSpec("gold", options={"beta": 1.0}), "gold", TermContext(teacher_signal="topk"), "t")
 
 
 @pytest.mark.parametrize("hybrid", [False, True])

@@ -238,3 +238,35 @@ def test_fused_equals_plain_over_the_shared_tokens_with_ce_and_terms_on_other_ro
     assert list(got[1]) == ["ce", "forward_kl", "jsd", "vocab/outside_mass_teacher", "vocab/outside_mass_student"]
     for key in want[1]:
         torch.testing.assert_close(got[1][key], want[1][key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_a_frozen_teachers_reordered_head_is_gathered_once_and_again_when_it_changes():
+    """The <pad>-moved teacher's shared rows are a copy kept across steps while its head tensors are unchanged."""
+    vocab = SharedVocab.from_pair(_pair())
+    head = nn.Linear(H_T, V + 3).double().requires_grad_(False)  # frozen, as an online teacher is
+    ids = list(TEACHER_IDS)
+
+    def shared():
+        return vocab.teacher_heads(head.weight, head.bias)[0]
+
+    first, second = shared(), shared()
+    assert vocab.teacher_copy.gathers == 1 and second[0].data_ptr() == first[0].data_ptr()  # the same copy
+    assert torch.equal(first[0], head.weight[ids]) and torch.equal(first[1], head.bias[ids])
+    with torch.no_grad():
+        head.weight.mul_(2.0)  # written in place: its version counter moves
+    assert torch.equal(shared()[0], head.weight[ids]) and vocab.teacher_copy.gathers == 2
+    head.load_state_dict({"weight": torch.zeros_like(head.weight), "bias": head.bias.detach() + 1})
+    rows = shared()
+    assert vocab.teacher_copy.gathers == 3 and rows[0].abs().sum() == 0 and torch.equal(rows[1], head.bias[ids])
+    head.weight = nn.Parameter(torch.ones_like(head.weight), requires_grad=False)  # another tensor
+    assert torch.equal(shared()[0], head.weight[ids]) and vocab.teacher_copy.gathers == 4
+    import copy
+    import pickle
+
+    for other in (copy.deepcopy(vocab), pickle.loads(pickle.dumps(vocab))):  # a copy starts without the rows
+        assert other.teacher_copy._rows is None and torch.equal(other.teacher_heads(head.weight, head.bias)[0][0],
+                                                                 head.weight[ids])
+    trained = nn.Linear(H_T, V + 3).double()  # requires grad: gathered at every read, nothing kept
+    for _ in range(2):
+        assert torch.equal(vocab.teacher_heads(trained.weight, trained.bias)[0][0], trained.weight[ids])
+    assert vocab.teacher_copy.gathers == 4

@@ -50,10 +50,11 @@ MERGES = ("first", "last")
 
 # ---------------------------------------------------------------- divergences of merged rows
 def sorted_l1(log_s: Tensor, log_t: Tensor, top_k: int, grad_log: Tensor | None = None,
-              coef: float = 1.0) -> Tensor:
+              coef: float = 1.0, columns: Tensor | None = None) -> Tensor:
     """Per row, sum_i |s_(i) - t_(i)| of both rows' probabilities sorted decreasing, zero-padded, first top_k (0: all).
 
-    Rows are given as log-probabilities (-inf: zero). Adds coef * d value / d log_s into `grad_log`.
+    Rows are given as log-probabilities (-inf: zero). Adds coef * d value / d log_s into `grad_log`,
+    at `columns[j]` for column j of log_s when given (log_s holds some columns of grad_log's rows).
     Sorting the logs sorts the probabilities: only the top_k kept are exponentiated.
     """
     k_s = log_s.shape[-1] if top_k == 0 else min(top_k, log_s.shape[-1])
@@ -68,6 +69,8 @@ def sorted_l1(log_s: Tensor, log_t: Tensor, top_k: int, grad_log: Tensor | None 
     width = max(k_s, k_t) if top_k == 0 else top_k
     diff = _pad(vs, width) - _pad(top_t.exp_(), width)
     if grad_log is not None:
+        if columns is not None:
+            idx = columns.to(idx.device)[idx]
         grad_log.scatter_add_(-1, idx, torch.sign(diff[:, :k_s]).mul_(vs).mul_(coef))
     return diff.abs_().sum(-1)
 
@@ -91,11 +94,13 @@ def generalized_jsd(log_a: Tensor, log_b: Tensor, beta: float, grad_log: Tensor 
         d_a = log_a - log_b
         value = _rowdot(a, d_a)
         grad = d_a.add_(1.0).mul_(a)
-    else:
-        log_m = torch.logaddexp(log_b + math.log(beta), log_a + math.log1p(-beta))
-        d_a = log_a - log_m
-        d_b = (log_b - log_m).nan_to_num_(nan=0.0, neginf=0.0)
+    else:  # two row-sized temporaries, reused in place: log m, then the two log ratios
+        log_m, d_a = log_b + math.log(beta), log_a + math.log1p(-beta)
+        torch.logaddexp(log_m, d_a, out=log_m)
+        torch.sub(log_a, log_m, out=d_a)
+        d_b = torch.sub(log_b, log_m, out=log_m).nan_to_num_(nan=0.0, neginf=0.0)
         value = beta * _rowdot(b, d_b) + (1.0 - beta) * _rowdot(a, d_a)
+        del log_m, d_b, b
         grad = d_a.mul_(a).mul_(1.0 - beta)
     if grad_log is not None:
         grad_log.add_(grad, alpha=coef)
@@ -138,10 +143,19 @@ def gold_divergence(log_s: Tensor, log_t: Tensor, matched: MatchedTokens, top_k:
                                               grad_m, coef * w_m)
         if grad_log is not None:
             grad_log.index_add_(-1, ids_s, grad_m)
-    if w_u:  # the matched tokens out (log-prob -inf: probability 0, sorted last, as if removed and zero-padded)
-        value = value + w_u * sorted_l1(log_s.index_fill(-1, ids_s, float("-inf")),
-                                        log_t.index_fill(-1, ids_t, float("-inf")), top_k, grad_log, coef * w_u)
+            del grad_m
+    if w_u:  # the other tokens of each side (zero-padded to one length by sorted_l1)
+        rest_s, rest_t = _complement(ids_s, log_s.shape[-1]), _complement(ids_t, log_t.shape[-1])
+        value = value + w_u * sorted_l1(log_s.index_select(-1, rest_s), log_t.index_select(-1, rest_t), top_k,
+                                        grad_log, coef * w_u, columns=rest_s)
     return value
+
+
+def _complement(ids: Tensor, size: int) -> Tensor:
+    """The columns 0..size-1 not in `ids`, ascending."""
+    keep = torch.ones(size, dtype=torch.bool, device=ids.device)
+    keep[ids] = False
+    return keep.nonzero().squeeze(1)
 
 
 def _adaptive(matched: MatchedTokens, teacher_size: int) -> tuple[float, float]:
@@ -284,8 +298,8 @@ class AlignedPass:
         with torch.no_grad():
             if sig.head is not None:
                 h = sig.hidden[rows.to(sig.hidden.device)]
-                logits = torch.nn.functional.linear(h, *sig.head).to(device=device, dtype=dtype)
-                return _merged(_log_softmax(logits, temp), self.teacher, part, first)
+                logp = _log_softmax(torch.nn.functional.linear(h, *sig.head).to(device=device, dtype=dtype), temp)
+                return _merged(logp, self.teacher, part, first)
             ids = sig.topk_ids[rows.to(sig.topk_ids.device)].to(device).long()
             lp = sig.topk_logprobs[rows.to(sig.topk_logprobs.device)].to(device=device, dtype=dtype)
             shaped = torch.log_softmax(lp / temp, -1) + torch.logsumexp(lp, -1, keepdim=True)  # keeps the top-k mass
@@ -311,24 +325,29 @@ class AlignedPass:
             log_t = self._teacher_rows(part_t, g0, logp.device, logp.dtype)
             grad_log = torch.zeros_like(log_s) if any(needs) else None
             total = total + self.divergence(log_s, log_t, grad_log).sum()
+            del log_s, log_t  # (the merged rows: the chunk's logp is still read below)
             if grad_log is None:
                 continue
             grad = self._logit_grad(logp, grad_log, part_s, g0)
+            del logp, grad_log
             if grad_h is not None:
                 grad_h.index_copy_(0, rows, (grad.to(weight.dtype) @ weight).to(grad_h.dtype))
             if grad_w is not None:
                 grad_w.addmm_(grad.t(), h.to(acc))
             if grad_b is not None:
                 grad_b.add_(grad.sum(0))
+            del grad  # nothing of this chunk outlives it: the next chunk's buffers take its place
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
         return total, grads
 
     def _logit_grad(self, logp: Tensor, grad_log: Tensor, part: slice, first: int) -> Tensor:
-        """d value / d logits of the chunk's rows: base rows G - p sum(G), other rows sum(G) (onehot - p); / T."""
+        """d value / d logits of the chunk's rows: base rows G - p sum(G), other rows sum(G) (onehot - p); / T.
+
+        Written into `logp` (the chunk's log-probs, read no more): one row-sized buffer less."""
         sum_g = grad_log.sum(-1)
         group = (self.student.group[part] - first).to(logp.device)
-        grad = logp.exp().mul_(-sum_g[group].unsqueeze(-1))
+        grad = logp.exp_().mul_(-sum_g[group].unsqueeze(-1))
         is_base = self.student.is_base[part].to(logp.device)
         grad.index_add_(0, is_base.nonzero().squeeze(1), grad_log)
         other = (~is_base).nonzero().squeeze(1)

@@ -96,6 +96,7 @@ class DistillObjective(nn.Module):
             teacher_signal=teacher_signal,
             cross_tokenizer=cross_tokenizer,  # different tokenizers: terms read paired answer spans or refuse
             matched_tokens=matched_tokens,
+            chunk_size=chunk_size, chunk_mib=chunk_mib,  # terms with their own chunked pass (uld, gold)
         )
         self.ctx = ctx
         self.terms = nn.ModuleList(

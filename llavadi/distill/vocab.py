@@ -11,8 +11,11 @@ within every chunk:
   mass outside the shared tokens.
 When a side's shared tokens are its first ``n_shared`` ids in the common order (LLaVA-1.5: the
 32000 base tokens and ``<image>`` on both sides), its order is the identity and nothing is copied;
-otherwise its LM-head weight is gathered in that order once per forward (and its gradient
-scattered back).
+otherwise its LM-head weight is gathered in that order (and the student's gradient scattered
+back). The student's head changes every step: gathered once per forward. A frozen teacher's head
+(no ``requires_grad``) is gathered once and the copy kept (``FrozenRowCopy``) while the head is the
+same tensor with the same version counter: replacing it or writing into it in place
+(``load_state_dict``, ``copy_``, an optimizer step) makes a new copy at the next read.
 
 A top-k teacher's ids (an offline cache stores the teacher's vocabulary ids) are mapped to the
 shared order when read; ids the student does not have become -1: their mass joins the missing mass.
@@ -20,7 +23,8 @@ shared order when read; ids the student does not have become -1: their mass join
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +49,54 @@ def _inverse(order: Tensor) -> Tensor:
     return inverse
 
 
+def _stamp(tensor: Tensor | None) -> tuple | None:
+    """What identifies a tensor's current content without reading it: storage, layout and in-place version."""
+    if tensor is None:
+        return None
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.device, tensor._version
+
+
+class FrozenRowCopy:
+    """A frozen LM head's rows in another order, gathered once and kept while the head is unchanged.
+
+    Unchanged: the very tensors (held by weak reference, so a replaced head is not kept alive) with
+    the same storage and version counter (every in-place write, ``copy_`` as ``load_state_dict``
+    does it or an optimizer's update, bumps it). A head that requires grad is gathered at every
+    read (it is being trained). Writes through ``.data`` bypass version counters (and autograd's own
+    checks): a teacher must not be edited that way between steps.
+    """
+
+    def __init__(self) -> None:
+        self._refs: tuple | None = None
+        self._stamps: tuple | None = None
+        self._rows: tuple[Tensor, Tensor | None] | None = None
+        self.gathers = 0  # how many times the rows were gathered (a test and the benchmark read it)
+
+    def __getstate__(self) -> dict:
+        """A pickled or deep-copied vocabulary map starts without the copy (weak references do not pickle)."""
+        return {"_refs": None, "_stamps": None, "_rows": None, "gathers": self.gathers}
+
+    def _same(self, weight: Tensor, bias: Tensor | None) -> bool:
+        if self._refs is None:
+            return False
+        ref_w, ref_b = self._refs
+        same_bias = (ref_b is None and bias is None) or (ref_b is not None and ref_b() is bias)
+        return ref_w() is weight and same_bias and self._stamps == (_stamp(weight), _stamp(bias))
+
+    def rows(self, weight: Tensor, bias: Tensor | None, order: Tensor) -> tuple[Tensor, Tensor | None]:
+        """weight[order], bias[order]: the kept copy when the head is frozen and unchanged since it was made."""
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return _ordered(weight, bias, order)
+        if not self._same(weight, bias):
+            self._rows = None  # drop the old copy before making the new one
+            with torch.no_grad():
+                self._rows = _ordered(weight, bias, order)
+            self._refs = (weakref.ref(weight), None if bias is None else weakref.ref(bias))
+            self._stamps = (_stamp(weight), _stamp(bias))
+            self.gathers += 1
+        return self._rows
+
+
 @dataclass(frozen=True)
 class SharedVocab:
     """Row orders of both LM heads that put the shared tokens first, in one common order."""
@@ -55,6 +107,7 @@ class SharedVocab:
     student_order: Tensor | None  # (student_rows,) original row of each ordered row; None: identity
     teacher_order: Tensor | None
     teacher_to_shared: Tensor  # (teacher_rows,) position of each teacher id in the common order, -1: not shared
+    teacher_copy: FrozenRowCopy = field(default_factory=FrozenRowCopy, compare=False, repr=False)
 
     @classmethod
     def from_pair(cls, pair: TokenizerPair) -> SharedVocab:
@@ -86,8 +139,11 @@ class SharedVocab:
         return _ordered(weight, bias, self.student_order)
 
     def teacher_heads(self, weight: Tensor, bias: Tensor | None):
-        """The teacher's LM head split into its shared rows (common order) and its other rows (None if none)."""
-        weight, bias = _ordered(weight, bias, self.teacher_order)
+        """The teacher's LM head split into its shared rows (common order) and its other rows (None if none).
+
+        A frozen head's reordered copy is kept across calls while the head is unchanged (``FrozenRowCopy``)."""
+        if self.teacher_order is not None:
+            weight, bias = self.teacher_copy.rows(weight, bias, self.teacher_order)
         n = self.n_shared
         shared = (weight[:n], None if bias is None else bias[:n])
         other = (weight[n:], None if bias is None else bias[n:]) if weight.shape[0] > n else None

@@ -333,13 +333,18 @@ def llava_processor(loaded: LoadedModel):
     return loaded.family.saved_processor(loaded)
 
 
-def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, state_dict: dict | None = None) -> str:
+def save_model(loaded: LoadedModel, out_dir: str, meta: dict | None = None, state_dict: dict | None = None,
+               weights: bool = True) -> str:
     """Save model, tokenizer, processor and llavadi.json as a plain HF directory, atomically.
 
-    `state_dict`: the weights to write instead of the model's own (e.g. gathered from a sharded engine).
+    `state_dict`: the weights to write instead of the model's own (e.g. gathered from a sharded engine);
+    `weights` False: everything but the weights (config.json in their place: the model's description).
     """
     with staged_folder(out_dir) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if weights:
+            loaded.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        else:
+            loaded.model.config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         processor = llava_processor(loaded)
         processor.save_pretrained(tmp)  # its chat template is written for the tokenizer too

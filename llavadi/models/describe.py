@@ -30,7 +30,7 @@ class ConfigOnlyModel:
     config: Any
 
 
-def _folder(path: str | None, what: str) -> str:
+def _folder(path: str | None, what: str, weights: bool = True) -> str:
     if path and not os.path.isdir(path) and is_hub_id(path):
         return path  # a hub id: the hub client reads its files (and says what is missing)
     if not path or not os.path.isdir(path):
@@ -40,7 +40,7 @@ def _folder(path: str | None, what: str) -> str:
         found = sorted(os.listdir(path))[:8]
         raise ModelFilesError(f"{what} {path}: no config.json (the folder holds {found or 'nothing'}); "
                               "is this a saved model directory?")
-    if not any(glob.glob(os.path.join(path, p)) for p in WEIGHT_PATTERNS):
+    if weights and not any(glob.glob(os.path.join(path, p)) for p in WEIGHT_PATTERNS):
         raise ModelFilesError(f"{what} {path}: no weights file (*.safetensors); the save may be incomplete")
     return path
 
@@ -55,15 +55,17 @@ def _read(what: str, path: str, load):
         raise ModelFilesError(f"{path}: cannot read its {what} ({type(e).__name__}: {e})") from None
 
 
-def describe_llava_dir(path: str, what: str = "model path", revision: str | None = None):
-    """A saved model directory's (or hub id's), of a registered family, config, tokenizer, image processor and llavadi.json (no weights)."""
+def describe_llava_dir(path: str, what: str = "model path", revision: str | None = None, weights: bool = True):
+    """A saved model directory's (or hub id's), of a registered family, config, tokenizer, image processor and llavadi.json (no weights).
+
+    `weights` False: a folder saved without weights (``save_model(..., weights=False)``) is accepted."""
     from transformers import AutoConfig, AutoTokenizer
 
     from llavadi.models.build import LoadedModel
     from llavadi.models.families import FAMILIES
     from llavadi.models.meta import read_model_meta
 
-    _folder(path, what)
+    _folder(path, what, weights)
     source = _read("location", path, lambda: source_kwargs(path, what, revision))
     config = _read("config.json", path, lambda: AutoConfig.from_pretrained(path, **source))
     model_type = getattr(config, "model_type", None)

@@ -12,11 +12,17 @@ What a cache can serve is decided before training (``check_terms``): logit terms
 form (``forward_kl``, ``jsd``) on the cached prediction positions, and hidden-state terms on the
 teacher's last hidden state when it was cached (``--hidden``). Any other term is refused, named.
 
-A cache stores the teacher's token ids. A student whose tokenizer is the teacher's up to additions
-(``llavadi.data.tokenizer_pair``; the recipe must name the teacher's folder, whose tokenizer files
-give the pair) reads it through the fixed id map: sample digests are compared in the teacher's ids,
-and the logit terms map the cached top-k ids when they read them (ids the student lacks join the
-missing mass, ``llavadi.distill.vocab``).
+A cache stores the teacher's token ids, at the teacher's positions in its own rendering of each
+sample, and the teacher's tokenizer, config and image processor (``teacher/``), which give the
+tokenizer pair (``llavadi.data.tokenizer_pair``):
+- the same tokenizer up to additions: the student reads the cache through the fixed id map: sample
+  digests are compared in the teacher's ids, and the logit terms map the cached top-k ids when they
+  read them (ids the student lacks join the missing mass, ``llavadi.distill.vocab``);
+- different tokenizers: the dataset renders every sample the teacher's way too (a teacher view from
+  ``teacher/``, as with an online teacher) and pairs the answer tokens of the two views; the cached
+  entry is checked against the teacher view's tokens, and ``uld`` / ``gold`` (and ``hidden_mse`` on
+  paired spans, from ``--hidden``) read the teacher's rows of the pairs: the online computation with
+  the teacher's log-probs restricted to its top-k.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from dataclasses import dataclass
 import torch
 
 from llavadi.data.token_types import TYPE_GROUPS
-from llavadi.data.tokenizer_pair import DIFFERENT, IDENTICAL, TokenizerPair
-from llavadi.distill.compat import CROSS_TOKENIZER_HINT, tokenizer_pair
+from llavadi.data.tokenizer_pair import ADDITIONS, DIFFERENT, IDENTICAL, TokenizerPair
+from llavadi.distill.compat import tokenizer_pair
+from llavadi.distill.cross_vocab import MatchedTokens
 from llavadi.distill.selection import Predictions, Selection, Tokens
 from llavadi.distill.view import ModelView, Needs
 from llavadi.distill.vocab import SharedVocab
 from llavadi.identity import folder_identity
 from llavadi.teacher.cache_format import (
+    TEACHER_DIR,
     VALUE_DTYPES,
     CacheError,
     CacheReader,
@@ -46,6 +54,7 @@ from llavadi.teacher.cache_format import (
 
 Tensor = torch.Tensor
 SHOWN_SAMPLES = 10
+TEACHER_PREFIX = "teacher_"  # batch keys of the teacher's own rendering of the samples (a teacher view)
 ONLINE_HINT = "give the teacher as a model (teacher.path) without `cache` for this stage"
 
 
@@ -131,20 +140,17 @@ def image_layout(image_processor) -> dict:
 def check_stage(reader: CacheReader, data, student, where: str, pair: TokenizerPair | None = None) -> None:
     """The cache was written for this stage's rendering of the data and a student of the same layout.
 
-    With a tokenizer `pair` (the student's tokenizer the teacher's up to additions), the cache's
-    tokenizer and vocabulary size are the teacher's (checked where the pair was made)."""
+    With a tokenizer `pair` (the cache's teacher and the student, tokenizers not identical), the
+    cache's tokenizer and vocabulary size are the teacher's; with different tokenizers the data is
+    rendered the teacher's way from the cache's own files (its image tokens and layout)."""
     m = reader.manifest
     wanted = {"template": data.template, "system": data.system, "max_length": data.max_length,
-              "tokenizer": m.get("tokenizer") if pair else tokenizer_digest(student.tokenizer),
-              "n_image_tokens": student.n_image_tokens,
-              "vocab_size": pair.teacher_rows if pair else vocab_size(student.model.config),
-              "image_layout": image_layout(student.image_processor)}
-    differ = [f"{k}: cache {m.get(k)!r}, here {v!r}" for k, v in wanted.items() if k not in ("tokenizer",)
-              and m.get(k) != v]
-    if m.get("tokenizer") != wanted["tokenizer"]:
-        differ.append("tokenizer: the cache was written with another vocabulary (a student whose tokenizer is the "
-                      "teacher's up to added tokens reads it when the recipe also names the teacher's folder, "
-                      "teacher.path)")
+              "vocab_size": pair.teacher_rows if pair else vocab_size(student.model.config)}
+    if pair is None or pair.kind != DIFFERENT:  # the student's own rendering is read in the teacher's ids
+        wanted.update(n_image_tokens=student.n_image_tokens, image_layout=image_layout(student.image_processor))
+    differ = [f"{k}: cache {m.get(k)!r}, here {v!r}" for k, v in wanted.items() if m.get(k) != v]
+    if pair is None and m.get("tokenizer") != tokenizer_digest(student.tokenizer):
+        differ.append("tokenizer: the cache was written with another vocabulary")
     if differ:
         raise CacheError(f"{where}: teacher cache {reader.directory} was written for another setting: "
                          + "; ".join(differ) + ". Rewrite it with `llavadi cache-teacher` for this recipe")
@@ -167,9 +173,10 @@ IMAGE_DIGESTS = ImageDigests()
 
 
 def teacher_ids(reader: CacheReader, ids: list[int]) -> list[int]:
-    """A sample's student token ids in the cache's (the teacher's) ids: through the tokenizer pair's map, if any."""
+    """A sample's student token ids in the cache's (the teacher's) ids: through the map of a pair of kind `additions`
+    (a teacher view's ids, with different tokenizers, are the teacher's already)."""
     pair = getattr(reader, "tokenizer_pair", None)
-    if pair is None or not ids:
+    if pair is None or pair.kind != ADDITIONS or not ids:
         return list(ids)
     return pair.student_to_teacher()[torch.tensor(ids, dtype=torch.long)].tolist()  # -1: never equals a digest
 
@@ -237,8 +244,9 @@ class CachedTeacher:
         if needs.attention_layers or needs.image_features or (needs.last_hidden and not self.hidden_width):
             raise CacheError(f"teacher cache {self.reader.directory} holds top-k logits"
                              f"{' and last hidden states' if self.hidden_width else ''} only; the terms need {needs}")
-        types = batch["token_types"].cpu()
-        ids, keep = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        prefix = TEACHER_PREFIX if TEACHER_PREFIX + "input_ids" in batch else ""  # a teacher view: its own tokens
+        types = batch[prefix + "token_types"].cpu()
+        ids, keep = batch[prefix + "input_ids"].cpu(), batch[prefix + "attention_mask"].cpu().bool()
         n, length = types.shape
         topk_ids = torch.zeros(n, length, self.topk, dtype=torch.long)
         logprobs = torch.full((n, length, self.topk), float("nan"))  # never a silent zero where nothing is cached
@@ -301,10 +309,17 @@ def cached_objective(stage, student, reader: CacheReader):
     from llavadi.distill.objective import DistillObjective
 
     pair = getattr(reader, "tokenizer_pair", None)
-    vocab = SharedVocab.from_pair(pair) if pair is not None and pair.kind != IDENTICAL else None
+    vocab = SharedVocab.from_pair(pair) if pair is not None and pair.kind == ADDITIONS else None
+    cross = pair is not None and pair.kind == DIFFERENT
+    matched = None
+    if cross:  # gold compares the tokens both vocabularies hold, by exact string
+        matched = MatchedTokens(torch.tensor(pair.student_ids, dtype=torch.long),
+                                torch.tensor(pair.teacher_ids, dtype=torch.long), pair.teacher_rows)
     return DistillObjective(stage.distill.terms, ce_weight=stage.distill.ce_weight,
                             student_config=student.model.config, teacher_config=teacher_config(reader),
-                            chunk_size=stage.distill.chunk_size, teacher_signal="topk", vocab=vocab)
+                            chunk_size=stage.distill.chunk_size, chunk_mib=stage.distill.chunk_mib,
+                            teacher_signal="topk", vocab=vocab,
+                            cross_tokenizer=cross, matched_tokens=matched)
 
 
 def preflight_cache(recipe, stage, student, where: str) -> tuple[CacheReader | None, list[str]]:
@@ -336,33 +351,52 @@ def stage_cache(recipe, stage, student) -> CacheReader | None:
         return None
     where = f"stage {stage.name!r}"
     reader = open_cache(recipe.teacher.cache)
-    reader.tokenizer_pair = _cache_pair(recipe, reader, student, where)
+    reader.tokenizer_pair = _cache_pair(reader, student)
     check_stage(reader, stage.data, student, where, reader.tokenizer_pair)
     if recipe.teacher.path:
         check_teacher(reader, recipe.teacher.path, where)
     return reader
 
 
-def _cache_pair(recipe, reader: CacheReader, student, where: str) -> TokenizerPair | None:
-    """The teacher-student tokenizer pair when the student's tokenizer is not the cache's (from the teacher's folder)."""
-    if tokenizer_digest(student.tokenizer) == reader.manifest.get("tokenizer") or not recipe.teacher.path:
-        return None  # one tokenizer, or no teacher folder to pair with (check_stage names the difference)
-    from llavadi.models.describe import describe_model
+def cached_teacher_files(reader: CacheReader):
+    """The cache's teacher as its files describe it (tokenizer, config, image processor; no weights), read once."""
+    from llavadi.models.describe import ModelFilesError, describe_llava_dir
 
-    teacher = describe_model(recipe.teacher)  # tokenizer and config files only
-    if tokenizer_digest(teacher.tokenizer) != reader.manifest.get("tokenizer"):
-        return None  # the cache is not this teacher's: check_stage and check_teacher say so
-    pair = tokenizer_pair(student, teacher)
-    if pair.kind == DIFFERENT:
-        raise CacheError(f"{where}: the student's tokenizer and the cached teacher's differ:\n    "
-                         + "\n    ".join(pair.describe()) + f"\n  {CROSS_TOKENIZER_HINT}")
-    return pair
+    if getattr(reader, "teacher_files", None) is None:
+        folder = os.path.join(reader.directory, TEACHER_DIR)
+        try:
+            described = describe_llava_dir(folder, "the teacher cache's teacher files", weights=False)
+        except (ModelFilesError, OSError) as e:
+            raise CacheError(f"teacher cache {reader.directory}: {e}; rewrite the cache with `llavadi cache-teacher`") \
+                from None
+        if tokenizer_digest(described.tokenizer) != reader.manifest.get("tokenizer"):
+            raise CacheError(f"teacher cache {reader.directory}: {folder} holds another tokenizer than the one the "
+                             "rows were written with; rewrite the cache with `llavadi cache-teacher`")
+        reader.teacher_files = described
+    return reader.teacher_files
+
+
+def _cache_pair(reader: CacheReader, student) -> TokenizerPair | None:
+    """The pair of the cache's teacher (its tokenizer files, stored in the cache) and the student; None: one tokenizer."""
+    if tokenizer_digest(student.tokenizer) == reader.manifest.get("tokenizer"):
+        return None
+    pair = tokenizer_pair(student, cached_teacher_files(reader))
+    return None if pair.kind == IDENTICAL else pair
+
+
+def dataset_teacher(reader: CacheReader | None):
+    """The teacher whose view the stage's dataset renders for a cache: the cache's teacher files when its
+    tokenizer differs from the student's (answer tokens are paired across the two views); else None."""
+    pair = getattr(reader, "tokenizer_pair", None)
+    return cached_teacher_files(reader) if pair is not None and pair.kind == DIFFERENT else None
 
 
 def check_dataset(reader: CacheReader, dataset, where: str) -> None:
     """Every sample of a dataset is cached, from the same token ids, token types and image bytes."""
     images = sample_images(dataset)
-    check_samples(reader, [r.sample_id for r in dataset.records], [e[0] for e in dataset.encoded], where,
+    prefixes = [v.prefix for v in dataset.views]
+    view = prefixes.index(TEACHER_PREFIX) if TEACHER_PREFIX in prefixes else 0  # the teacher's own rendering, if any
+    check_samples(reader, [r.sample_id for r in dataset.records], [e[view] for e in dataset.encoded], where,
                   [images[r.sample_id] for r in dataset.records])
 
 

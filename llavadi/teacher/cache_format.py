@@ -4,6 +4,10 @@ A cache directory holds:
 - ``manifest.json``: what produced the cache (teacher fingerprint: config + weight hashes; tokenizer
   hash; template, system prompt, max_length; k; the stored dtypes; which positions were cached;
   the data file's hash) and whether the run completed;
+- ``teacher/``: the teacher's description without weights (config.json, tokenizer, image processor,
+  llavadi.json): a student of another tokenizer renders each sample the teacher's way from it, to
+  pair its answer tokens with the cached rows (and a student whose tokenizer is the teacher's up to
+  additions gets its id map from it);
 - ``shards/*.safetensors``: rows of many samples, concatenated. ``topk_ids`` (M, k) in the
   narrowest integer type the vocabulary allows, ``topk_logprobs`` (M, k) fp16 (or fp32) log-probs
   at T=1 normalised over the full vocabulary, ``logit_runs`` (R, 2) int32 the sequence positions
@@ -36,7 +40,10 @@ from llavadi.atomic import TMP_SUFFIX, atomic_path, write_text_atomic
 from llavadi.identity import file_sha256, json_digest
 
 Tensor = torch.Tensor
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the teacher's description (teacher/) is part of the cache
+FORMAT_CHANGES = {1: "version 2 adds the teacher's tokenizer, config and image processor (teacher/), which a student "
+                     "of another tokenizer reads"}
+TEACHER_DIR = "teacher"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.json"
 SHARD_DIR = "shards"
@@ -348,9 +355,12 @@ class CacheReader:
             raise CacheError(f"{self.directory}: not a teacher cache (no {MANIFEST_FILE}); write one with "
                              "`llavadi cache-teacher RECIPE --out DIR`")
         self.manifest = read_json(manifest, "cache manifest")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{manifest}: format version {self.manifest.get('format_version')!r}, this llavadi reads "
-                             f"{FORMAT_VERSION}; rewrite the cache")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            change = f" ({FORMAT_CHANGES[version]})" if version in FORMAT_CHANGES else ""
+            raise CacheError(f"{manifest}: teacher cache format version {version!r}, this llavadi reads "
+                             f"{FORMAT_VERSION}{change}; rewrite it: run the `llavadi cache-teacher` command that wrote "
+                             f"it with another --out (or after deleting {self.directory})")
         index = os.path.join(self.directory, INDEX_FILE)
         if not self.manifest.get("complete") or not os.path.isfile(index):
             raise CacheError(f"{self.directory}: the cache-teacher run that writes it did not finish; run the same "

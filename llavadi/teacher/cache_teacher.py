@@ -6,6 +6,13 @@ prompt and max_length), the teacher runs once; at the positions the stage's logi
 over the full vocabulary) are stored, and with ``--hidden`` its last hidden states of the tokens
 hidden-state terms read. Format and crash safety: ``llavadi.teacher.cache_format``.
 
+The rows are the teacher's own positions in its own rendering of each sample. A student with the
+same tokenizer reads them at its positions; a student of another tokenizer (``uld``, ``gold``,
+``hidden_mse`` on paired answer spans) renders each sample the teacher's way too, from the
+teacher's tokenizer, config and image processor stored beside the rows (``teacher/``), pairs its
+answer tokens with the teacher's, and reads the teacher's rows of the pairs: what the online
+teacher would have computed there.
+
 Resumable: a rerun of the same command keeps every committed entry whose sample is unchanged and
 computes only the missing or changed ones. Under ``torchrun`` each process caches every
 world-size-th remaining sample into its own shards and journal; the first process merges the one
@@ -23,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llavadi.atomic import write_json_atomic
+from llavadi.atomic import remove_stale_temporaries, write_json_atomic
 from llavadi.data.collator import LlavaCollator
 from llavadi.data.dataset import LlavaDataset
 from llavadi.device import resolve_device
@@ -35,6 +42,7 @@ from llavadi.teacher.cache_format import (
     DTYPE_NAMES,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    TEACHER_DIR,
     VALUE_DTYPES,
     CacheError,
     ImageDigests,
@@ -281,7 +289,9 @@ def cache_teacher(recipe, out_dir: str, stage_name: str | None = None, top_k: in
         if rank == 0:  # merge what killed runs committed; drop their temporary and unreferenced shards
             os.makedirs(out_dir, exist_ok=True)
             consolidate(out_dir)
+            remove_stale_temporaries(out_dir)  # a teacher/ folder being written when a run was killed
             write_json_atomic(os.path.join(out_dir, MANIFEST_FILE), manifest)
+            save_teacher_files(teacher, out_dir)
         _barrier(world)
         images = ImageDigests()
         todo = _todo(dataset, read_entries(out_dir), images)
@@ -303,6 +313,13 @@ def cache_teacher(recipe, out_dir: str, stage_name: str | None = None, top_k: in
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def save_teacher_files(teacher, out_dir: str) -> None:
+    """The teacher's tokenizer, config, image processor and llavadi.json in out_dir/teacher/, atomically (no weights)."""
+    from llavadi.models.build import save_model
+
+    save_model(teacher, os.path.join(out_dir, TEACHER_DIR), weights=False)
 
 
 def _size(directory: str) -> int:

@@ -40,7 +40,7 @@ from llavadi.distill.compat import tokenizer_pair
 from llavadi.distill.terms import is_logit_term
 from llavadi.distill.view import normalise_index
 from llavadi.models.describe import describe_model
-from llavadi.teacher.cache import check_dataset, preflight_cache, uses_cache
+from llavadi.teacher.cache import check_dataset, dataset_teacher, preflight_cache, uses_cache
 from llavadi.teacher.cache_format import CacheError
 from llavadi.train import stage_inputs
 from llavadi.train.engines import process_arguments
@@ -154,7 +154,8 @@ def check_stage_data(stage: StageConfig, student, teacher, progress: bool,
     collect = dataclasses.replace(stage, data=dataclasses.replace(stage.data, on_error="skip"))
     try:
         if student is not None:
-            dataset = stage_inputs.build_dataset(collect, student, teacher if stage.distill.terms else None,
+            data_teacher = teacher if cache is None else dataset_teacher(cache)  # as training builds it
+            dataset = stage_inputs.build_dataset(collect, student, data_teacher if stage.distill.terms else None,
                                                  progress=progress)
         else:  # the student's files are unreadable (reported apart): check what needs no tokenizer
             dataset = LlavaDataset(stage.data.path, stage.data.image_folder, [], on_error="skip",

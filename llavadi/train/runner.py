@@ -42,7 +42,7 @@ from llavadi.models.build import LoadedModel, llava_processor, load_model, publi
 from llavadi.models.dtypes import torch_dtype
 from llavadi.models.lora import apply_lora, quantization_config
 from llavadi.models.model_card import write_model_card
-from llavadi.teacher.cache import cached_teacher, stage_cache
+from llavadi.teacher.cache import cached_teacher, dataset_teacher, stage_cache
 from llavadi.teacher.on_policy import OnPolicySampler, TeacherRetokenizer
 from llavadi.teacher.online import OnlineTeacher
 from llavadi.train import stage_inputs
@@ -120,7 +120,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
     use_teacher = teacher if stage.distill.terms else None
     cache = stage_cache(recipe, stage, student)  # None: the teacher runs online
     student, trained, lora = trainable_student(recipe, stage, student, log)
-    dataset = stage_inputs.build_dataset(stage, student, use_teacher)
+    data_teacher = use_teacher if cache is None else dataset_teacher(cache)  # whose view the samples also get
+    dataset = stage_inputs.build_dataset(stage, student, data_teacher)
     log(dataset.report())
     # the projectors' initial weights must not depend on what ran before in this process (a stage
     # found done, or a previous stage trained): seed them from the recipe
@@ -134,8 +135,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, student: LoadedModel, teacher:
         student.model.config.use_cache = False
     prefixes = tuple(v.prefix for v in dataset.views)
     teacher_pad = {}
-    if use_teacher is not None and stage_inputs.different_tokenizers(student, use_teacher):
-        teacher_pad = {stage_inputs.TEACHER_PREFIX: use_teacher.tokenizer.pad_token_id or 0}
+    if data_teacher is not None and stage_inputs.different_tokenizers(student, data_teacher):
+        teacher_pad = {stage_inputs.TEACHER_PREFIX: data_teacher.tokenizer.pad_token_id or 0}
     collator = LlavaCollator(student.tokenizer.pad_token_id, prefixes, pad_token_ids=teacher_pad)
     processor = llava_processor(LoadedModel(student.model, student.tokenizer, student.image_processor, meta))
     where = f"stages.{stage.name}.train"

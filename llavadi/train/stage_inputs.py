@@ -16,9 +16,7 @@ from llavadi.distill.objective import DistillObjective
 from llavadi.distill.terms import is_logit_term, term_class
 from llavadi.models.build import LoadedModel
 from llavadi.models.families import FAMILIES
-from llavadi.teacher.cache import cached_objective
-
-TEACHER_PREFIX = "teacher_"
+from llavadi.teacher.cache import TEACHER_PREFIX, cached_objective
 
 
 def _same_image_layout(a: LoadedModel, b: LoadedModel) -> bool:

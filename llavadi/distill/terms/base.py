@@ -66,6 +66,8 @@ class TermContext:
     teacher_signal: str = "dense"  # "dense": a teacher model's logits; "topk": an offline top-k cache
     cross_tokenizer: bool = False  # teacher and student tokenize text differently (positions paired by alignment)
     matched_tokens: Any = None  # llavadi.distill.cross_vocab.MatchedTokens: ids with the same string on both sides
+    chunk_size: int | None = None  # rows per LM-head chunk of a term's own pass (None: from chunk_mib)
+    chunk_mib: float | None = None  # else as many rows as keep one model's fp32 chunk logits within this (None: default)
 
 
 class Term(nn.Module):

@@ -7,6 +7,8 @@ each answer token pairs with itself. Each term runs its own chunked pass over th
 LM heads at those rows only, closed-form gradients) and returns its sum over the groups; the
 objective divides it by the number of the student's answer-predicting positions, as for the other
 logit terms. End-of-turn tokens are not answer text: they are not compared (CE still trains them).
+Chunks: the stage's ``chunk_size`` rows, or as many as keep one model's fp32 chunk logits within
+``chunk_mib`` (as the fused pass).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from llavadi.distill.divergences import TEMPERATURE
 from llavadi.distill.logit_pass import DEFAULT_CHUNK_MIB, head_weights, rows_per_chunk
 from llavadi.distill.options import Option
 from llavadi.distill.selection import Predictions, Selection, prediction_mask
-from llavadi.distill.terms.base import Term, TermContext, register
+from llavadi.distill.terms.base import Term, register
 from llavadi.distill.view import ModelView, Needs
 
 Tensor = torch.Tensor
@@ -71,11 +73,6 @@ class AlignedLogitTerm(Term):
     def pairs_answer_tokens(cls, tokens, opts):
         return True
 
-    def check_setting(self, ctx: TermContext, given: set[str], where: str) -> None:
-        if ctx.teacher_signal == "topk" and getattr(ctx, "cross_tokenizer", False):
-            raise ValueError(f"{where}: a top-k cache holds the teacher's rows at the student's positions, which exist "
-                             "only with one tokenizer; with different tokenizers run the teacher online")
-
     def selection(self) -> Selection:
         return Predictions(self.tokens)
 
@@ -110,7 +107,8 @@ class AlignedLogitTerm(Term):
             head = head_weights(teacher)
             signal = TeacherSignal(hidden=teacher.last_hidden.detach().reshape(-1, teacher.last_hidden.shape[-1]),
                                    head=head, size=head[0].shape[0])
-        step = rows_per_chunk(max(weight.shape[0], signal.size), None, DEFAULT_CHUNK_MIB)
+        step = rows_per_chunk(max(weight.shape[0], signal.size), self.ctx.chunk_size,
+                              self.ctx.chunk_mib or DEFAULT_CHUNK_MIB)
         work = AlignedPass(self.divergence(signal.size), self.opts["temperature"], rows_s, rows_t, signal, step)
         hidden = student.last_hidden.reshape(-1, student.last_hidden.shape[-1])
         return aligned_sum(work, hidden, weight, bias).float()
@@ -148,7 +146,6 @@ class GOLD(AlignedLogitTerm):
                              "share of the teacher's vocabulary weighs the matched part)")
 
     def check_setting(self, ctx, given, where):
-        super().check_setting(ctx, given, where)
         if ctx.matched_tokens is None and ctx.cross_tokenizer:
             raise ValueError(f"{where} needs the map of token strings shared by the two tokenizers")
         if ctx.teacher_signal == "topk" and self.opts["beta"] == 1.0:
