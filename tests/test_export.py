@@ -272,3 +272,28 @@ def test_plain_int8_linear_is_per_channel_absmax_and_matches_torchao():
     exact = x @ w.T + linear.bias.detach()
     with torch.no_grad():
         assert bool(((peer(x) - exact).abs() <= bound).all()) and bool(((q(x) - exact).abs() <= bound).all())
+
+
+def test_measure_exported_answers_as_eval_does_and_counts_what_it_read(exported):
+    """`measure_exported` (the cost rows' measurement): its answers are `llavadi eval`'s, its counts and size add up."""
+    from llavadi.eval.decode import eos_token_ids
+    from llavadi.eval.generate import encode_question, generate_answer_ids, load_for_eval, question_image
+    from llavadi.export.measure import measure_exported
+
+    path = os.path.join(exported["gguf"], "model-q4_0.gguf")
+    questions = _eval_questions(exported)[:4]
+    bundle = load_for_eval(path)
+    expected = generate_answer_ids(bundle, questions, batch_size=1, max_new_tokens=8, progress=False)
+    prompts = [encode_question(bundle.encoder(), q) for q in questions]
+    images = [question_image(q) if q.has_image else None for q in questions]
+    row = measure_exported(path, prompts, images, 8, eos_token_ids(bundle.model, bundle.tokenizer), n_ttft=2,
+                           threads=1)
+    bundle.model.close()
+    assert row["answers"] == expected and row["n_answers"] == 4 and row["tokens"] == sum(map(len, expected))
+    assert row["file_bytes"] == os.path.getsize(path) + os.path.getsize(os.path.join(exported["gguf"],
+                                                                                     "mmproj-f16.gguf"))
+    assert row["quant"] == "q4_0" and row["threads"] == 1
+    assert row["position_table"] == exported["manifest"]["position_table"]
+    assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+    with pytest.raises(ValueError, match="4 prompts for 3 images"):
+        measure_exported(path, prompts, images[:3], 8, [0])
