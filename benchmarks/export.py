@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,19 +66,6 @@ def _hf_bytes(variant: str, spec: dict, bundle) -> tuple[int, str]:
     return sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*.safetensors"))), "safetensors"
 
 
-def _export_prompter(folder: str):
-    """A LoadedModel of an export folder without weights: what llavadi needs to encode its prompts."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, GenerationConfig
-
-    from llavadi.models.build import LoadedModel
-    from llavadi.models.meta import read_model_meta
-
-    config = AutoConfig.from_pretrained(folder)
-    model = SimpleNamespace(config=config, generation_config=GenerationConfig.from_pretrained(folder))
-    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder),
-                       read_model_meta(folder, config))
-
-
 def run_worker(variant: str, spec: dict, threads: int) -> dict:
     """One variant at one thread count, in this process: load, warm up, time first tokens and whole answers."""
     import torch
@@ -93,6 +79,7 @@ def run_worker(variant: str, spec: dict, threads: int) -> dict:
         generate_answer_ids,
         question_image,
     )
+    from llavadi.export.gguf_runtime import load_export_prompter
     from llavadi.export.measure import measure_answers, measure_exported, status_kib
 
     torch.set_num_threads(threads)
@@ -102,7 +89,7 @@ def run_worker(variant: str, spec: dict, threads: int) -> dict:
     questions = from_benchmark_questions(bench_questions, spec["images"])
     if variant.startswith("gguf-"):
         folder = spec["gguf"]
-        prompter = _export_prompter(folder)  # the export's tokenizer, template and config; no weights
+        prompter = load_export_prompter(folder)  # the export's tokenizer, template and config; no weights
         tokenizer = prompter.tokenizer
         eos = eos_token_ids(prompter.model, tokenizer)
         prompts = [encode_question(prompter.encoder(), q) for q in questions]

@@ -124,7 +124,7 @@ def test_f16_export_against_the_hf_student(exported):
     - Image embeddings (tolerance 1e-2 of their scale: f16 weights, activations rounded to f16 in
       llama.cpp's matrix products, its tanh GELU): the export probed llama.cpp, found its LLaVA graph
       reads [patches, CLS] with table rows 0..n, and wrote the position table rotated; llama.cpp's 9
-      image embeddings then equal HF's features of patches 2..10 and of the class token, in that
+      image embeddings then equal HF's features of patches 2..9 and of the class token, in that
       order (the HF tower's own order, CLS kept: "full"); patch 1 is dropped by llama.cpp.
     - Text: the first answer token's logits of a text-only prompt within 1e-3 (f16 KV cache).
     - Greedy answers (8 tokens) equal the HF student's, no tolerance. This random student's answers do
@@ -278,17 +278,21 @@ def test_measure_exported_answers_as_eval_does_and_counts_what_it_read(exported)
     """`measure_exported` (the cost rows' measurement): its answers are `llavadi eval`'s, its counts and size add up."""
     from llavadi.eval.decode import eos_token_ids
     from llavadi.eval.generate import encode_question, generate_answer_ids, load_for_eval, question_image
+    from llavadi.export.gguf_runtime import load_export_prompter
     from llavadi.export.measure import measure_exported
 
     path = os.path.join(exported["gguf"], "model-q4_0.gguf")
     questions = _eval_questions(exported)[:4]
     bundle = load_for_eval(path)
     expected = generate_answer_ids(bundle, questions, batch_size=1, max_new_tokens=8, progress=False)
-    prompts = [encode_question(bundle.encoder(), q) for q in questions]
-    images = [question_image(q) if q.has_image else None for q in questions]
-    row = measure_exported(path, prompts, images, 8, eos_token_ids(bundle.model, bundle.tokenizer), n_ttft=2,
-                           threads=1)
     bundle.model.close()
+    prompter = load_export_prompter(path)  # no model: the same prompts and eos ids as the loaded bundle's
+    prompts = [encode_question(prompter.encoder(), q) for q in questions]
+    assert prompts == [encode_question(bundle.encoder(), q) for q in questions]
+    assert eos_token_ids(prompter.model, prompter.tokenizer) == eos_token_ids(bundle.model, bundle.tokenizer)
+    images = [question_image(q) if q.has_image else None for q in questions]
+    row = measure_exported(path, prompts, images, 8, eos_token_ids(prompter.model, prompter.tokenizer), n_ttft=2,
+                           threads=1)
     assert row["answers"] == expected and row["n_answers"] == 4 and row["tokens"] == sum(map(len, expected))
     assert row["file_bytes"] == os.path.getsize(path) + os.path.getsize(os.path.join(exported["gguf"],
                                                                                      "mmproj-f16.gguf"))

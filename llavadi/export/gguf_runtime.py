@@ -285,6 +285,28 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> Export
                          source=folder, quant=quant, files=files)
 
 
+def load_export_prompter(path: str | os.PathLike) -> LoadedModel:
+    """An export's tokenizer, image processor, config and prompt settings, without loading a model.
+
+    Its `encoder()` encodes prompts exactly as the exported model's `load_exported` bundle does;
+    `model` holds only `config` and `generation_config`.
+    """
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, GenerationConfig
+
+    from llavadi.models.meta import read_model_meta
+
+    found = find_export(path)
+    if found is None:
+        raise ExportedModelError(f"{path}: not a llavadi export (no {EXPORT_FILE} beside it)")
+    folder = found[0]
+    config = AutoConfig.from_pretrained(folder)
+    model = SimpleNamespace(config=config, generation_config=GenerationConfig.from_pretrained(folder))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder),
+                       read_model_meta(folder, config), source=folder)
+
+
 def read_tokens_as_llama_cpp(vision_tower, position_order: str = "hf") -> None:
     """Make a HF CLIP tower read its tokens as llama.cpp's LLaVA graph does, in place: [patches, CLS] + table rows 0..n.
 
