@@ -29,55 +29,35 @@ import glob
 import importlib.util
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 GGUF_QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
-RAPL = "/sys/class/powercap/intel-rapl:0/energy_uj"
+# HF variants that read the image tokens as llama.cpp's LLaVA graph does, with each position table
+CPP_ORDER = {"student-fp32-cpp-order": "hf", "student-fp32-cpp-rotated": "rotated"}
+RESULTS_SCHEMA = "llavadi-export-bench/1"
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _energy_uj() -> int | None:
-    try:
-        with open(RAPL) as f:
-            return int(f.read())
-    except OSError:
-        return None
-
-
-def _load(variant: str, spec: dict, threads: int):
-    """The variant's bundle (and the int8 backend used, for the PyTorch int8 variant)."""
+def _load(variant: str, spec: dict):
+    """The HF variant's bundle (and the int8 backend used, for the PyTorch int8 variant)."""
     from llavadi.eval.generate import load_for_eval
 
-    if variant.startswith("gguf-"):
-        os.environ["LLAVADI_THREADS"] = str(threads)
-        return load_for_eval(os.path.join(spec["gguf"], f"model-{variant[5:]}.gguf")), None
     bundle = load_for_eval(spec["teacher" if variant == "teacher-fp32" else "student"], device="cpu", dtype="float32")
     if variant == "student-int8":
         from llavadi.export.torch_int8 import quantize_int8_weight_only
 
         return bundle, quantize_int8_weight_only(bundle.model)
-    if variant == "student-fp32-cpp-order":  # the HF model reading image tokens as llama.cpp does
+    if variant in CPP_ORDER:  # the HF model reading image tokens as llama.cpp does, with that position table
         from llavadi.export.gguf_runtime import read_tokens_as_llama_cpp
 
-        read_tokens_as_llama_cpp(bundle.model.model.vision_tower)
+        read_tokens_as_llama_cpp(bundle.model.model.vision_tower, CPP_ORDER[variant])
     return bundle, None
 
 
-def _file_bytes(variant: str, spec: dict, bundle) -> tuple[int, str]:
-    if variant.startswith("gguf-"):
-        return sum(os.path.getsize(p) for p in bundle.files), "model + mmproj GGUF"
+def _hf_bytes(variant: str, spec: dict, bundle) -> tuple[int, str]:
     if variant == "student-int8":
         from llavadi.export.torch_int8 import weight_bytes
 
@@ -87,43 +67,50 @@ def _file_bytes(variant: str, spec: dict, bundle) -> tuple[int, str]:
 
 
 def run_worker(variant: str, spec: dict, threads: int) -> dict:
-    """One variant at one thread count: load, warm up, time first tokens and whole answers."""
+    """One variant at one thread count, in this process: load, warm up, time first tokens and whole answers."""
     import torch
 
     from llavadi.eval.benchmarks import get_benchmark
-    from llavadi.eval.generate import decode_answer, from_benchmark_questions, generate_answer_ids
+    from llavadi.eval.decode import eos_token_ids
+    from llavadi.eval.generate import (
+        decode_answer,
+        encode_question,
+        from_benchmark_questions,
+        generate_answer_ids,
+        question_image,
+    )
+    from llavadi.export.gguf_runtime import load_export_prompter
+    from llavadi.export.measure import measure_answers, measure_exported, status_kib
 
     torch.set_num_threads(threads)
     if importlib.util.find_spec("llama_cpp") is not None:
         import llama_cpp  # noqa: F401  (every process loads the same libraries before the baseline RSS)
-
-    rss_base = _status_kib("VmRSS")
-    bundle, backend = _load(variant, spec, threads)
     bench_questions = get_benchmark("synthetic").load_questions(spec["questions"])[:spec["n_questions"]]
     questions = from_benchmark_questions(bench_questions, spec["images"])
-    max_new = spec["max_new_tokens"]
-    generate_answer_ids(bundle, questions[:1], batch_size=1, max_new_tokens=max_new, progress=False)  # warm-up
-    first = []
-    for q in questions[:spec["n_ttft"]]:
-        t0 = time.perf_counter()
-        generate_answer_ids(bundle, [q], batch_size=1, max_new_tokens=1, progress=False)
-        first.append(time.perf_counter() - t0)
-    usage0, energy0, t0 = resource.getrusage(resource.RUSAGE_SELF), _energy_uj(), time.perf_counter()
-    ids = generate_answer_ids(bundle, questions, batch_size=1, max_new_tokens=max_new, progress=False)
-    seconds = time.perf_counter() - t0
-    usage1, energy1 = resource.getrusage(resource.RUSAGE_SELF), _energy_uj()
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    tokens = sum(len(a) for a in ids)
-    size, size_kind = _file_bytes(variant, spec, bundle)
-    n = len(questions)
-    return {"variant": variant, "threads": threads, "int8_backend": backend, "answers": [
-                decode_answer(bundle.tokenizer, a) for a in ids],
-            "question_ids": [q.question_id for q in bench_questions], "file_bytes": size, "file_kind": size_kind,
-            "peak_rss_mib": _status_kib("VmHWM") / 1024, "rss_growth_mib": (_status_kib("VmHWM") - rss_base) / 1024,
-            "ttft_ms": 1000 * statistics.median(first), "ms_per_answer": 1000 * seconds / n,
-            "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu, "cpu_s_per_answer": cpu / n,
-            "energy_j_per_answer": None if energy0 is None or energy1 is None else (energy1 - energy0) / 1e6 / n,
-            "tokens": tokens, "seconds": seconds}
+    if variant.startswith("gguf-"):
+        folder = spec["gguf"]
+        prompter = load_export_prompter(folder)  # the export's tokenizer, template and config; no weights
+        tokenizer = prompter.tokenizer
+        eos = eos_token_ids(prompter.model, tokenizer)
+        prompts = [encode_question(prompter.encoder(), q) for q in questions]
+        images = [question_image(q) if q.has_image else None for q in questions]
+        row = measure_exported(os.path.join(folder, f"model-{variant[5:]}.gguf"), prompts, images,
+                               spec["max_new_tokens"], eos, spec["n_ttft"], threads)
+        row.update(int8_backend=None, file_kind="model + mmproj GGUF")
+    else:
+        baseline = status_kib("VmRSS")
+        bundle, backend = _load(variant, spec)
+
+        def answer(indices, new_tokens):
+            return generate_answer_ids(bundle, [questions[i] for i in indices], batch_size=1,
+                                       max_new_tokens=new_tokens, progress=False)
+
+        row = measure_answers(answer, len(questions), spec["max_new_tokens"], spec["n_ttft"], baseline)
+        size, kind = _hf_bytes(variant, spec, bundle)
+        row.update(int8_backend=backend, file_bytes=size, file_kind=kind, threads=threads)
+        tokenizer = bundle.tokenizer
+    row["answers"] = [decode_answer(tokenizer, a) for a in row["answers"]]
+    return {"variant": variant, **row, "question_ids": [q.question_id for q in bench_questions]}
 
 
 def _spawn(variant: str, spec_path: str, threads: int) -> dict:
@@ -161,9 +148,9 @@ def _random_models(out: str) -> tuple[str, str]:
     return folders[0], folders[1]
 
 
-def _export(student: str, out: str) -> str:
+def _export(student: str, out: str, position_table: str) -> str:
     """The student's GGUF export (made once; reused when its manifest names the same student files)."""
-    from llavadi.export.gguf_target import export_gguf
+    from llavadi.export.gguf_target import export_gguf, resolve_position_order
     from llavadi.identity import folder_identity
 
     folder = os.path.join(out, "gguf")
@@ -172,9 +159,10 @@ def _export(student: str, out: str) -> str:
         with open(manifest_path) as f:
             manifest = json.load(f)
         if (manifest.get("source_identity") == json.loads(json.dumps(folder_identity(student)))
-                and set(manifest["variants"]) == set(GGUF_QUANTS)):
+                and set(manifest["variants"]) == set(GGUF_QUANTS)
+                and (manifest.get("position_table") or {}).get("order") == resolve_position_order(position_table)["order"]):
             return folder
-    export_gguf(student, folder, GGUF_QUANTS, force=True)
+    export_gguf(student, folder, GGUF_QUANTS, force=True, position_table=position_table)
     return folder
 
 
@@ -194,20 +182,45 @@ def _score(spec: dict, row: dict, teacher_answers: list[str] | None, student_ans
     return out
 
 
-VARIANTS = (["teacher-fp32", "student-fp32", "student-fp32-cpp-order", "student-int8"]
-            + [f"gguf-{q}" for q in GGUF_QUANTS])
+VARIANTS = (["teacher-fp32", "student-fp32", *CPP_ORDER, "student-int8"] + [f"gguf-{q}" for q in GGUF_QUANTS])
+GOAL = {"variant": "gguf-q4_0", "accuracy_vs_student": 0.95, "size_vs_student": 0.3, "tokens_per_s_vs_student": 2.0}
 
 
-def _row_line(row: dict, base: dict, scores: dict) -> str:
+def _ratios(row: dict, base: dict) -> dict:
+    """The row's accuracy, size, tokens/s and tokens per CPU-second over the fp32 student's at its thread count."""
+    def ratio(key):
+        return row[key] / base[key] if row.get(key) is not None and base.get(key) else None
+
+    return {"accuracy_vs_student": ratio("accuracy"), "size_vs_student": ratio("file_bytes"),
+            "tokens_per_s_vs_student": ratio("tokens_per_s"), "tokens_per_cpu_s_vs_student": ratio("tokens_per_cpu_s")}
+
+
+def _goal(rows: list[dict]) -> list[dict]:
+    """Per thread count: whether the 4-bit GGUF keeps the accuracy, size and speed the goal asks."""
+    out = []
+    for row in rows:
+        if row["variant"] == GOAL["variant"]:
+            checks = {"accuracy": (row["accuracy_vs_student"] or 0) >= GOAL["accuracy_vs_student"],
+                      "size": (row["size_vs_student"] or 1e9) <= GOAL["size_vs_student"],
+                      "tokens_per_s": (row["tokens_per_s_vs_student"] or 0) >= GOAL["tokens_per_s_vs_student"]}
+            out.append({"threads": row["threads"], **checks, "met": all(checks.values())})
+    return out
+
+
+def _x(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _row_line(row: dict) -> str:
     name = row["variant"] + (f" ({row['int8_backend']})" if row["int8_backend"] else "")
-    acc = scores["accuracy"]
-    acc_ratio = f"{acc / base['accuracy']:.2f}x" if base["accuracy"] else "n/a"
-    return (f"| {name} | {row['threads']} | {acc:.1f} | {scores.get('agreement', float('nan')):.1f} | "
-            f"{scores['same_as_student']:.1f} | {acc_ratio} | {row['file_bytes'] / 1024:.0f} ({row['file_kind']}) | "
-            f"{row['file_bytes'] / base['file_bytes']:.2f}x | {row['peak_rss_mib']:.0f} / {row['rss_growth_mib']:.1f} | "
-            f"{row['ttft_ms']:.1f} | {row['ms_per_answer']:.1f} | {row['tokens_per_s']:.0f} | "
-            f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x | {row['tokens_per_cpu_s']:.0f} | "
-            f"{row['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x | {1000 * row['cpu_s_per_answer']:.1f} |")
+    agreement = "–" if row.get("agreement") is None else f"{row['agreement']:.1f}"
+    return (f"| {name} | {row['threads']} | {row['accuracy']:.1f} | {agreement} | "
+            f"{row['same_as_student']:.1f} | {_x(row['accuracy_vs_student'])} | "
+            f"{row['file_bytes'] / 1024:.0f} ({row['file_kind']}) | {_x(row['size_vs_student'])} | "
+            f"{row['peak_rss_mib']:.0f} / {row['rss_growth_mib']:.1f} | {row['ttft_ms']:.1f} | "
+            f"{row['ms_per_answer']:.1f} | {row['tokens_per_s']:.0f} | {_x(row['tokens_per_s_vs_student'])} | "
+            f"{row['tokens_per_cpu_s']:.0f} | {_x(row['tokens_per_cpu_s_vs_student'])} | "
+            f"{1000 * row['cpu_s_per_answer']:.1f} |")
 
 
 HEADER = ("| variant | threads | accuracy | agreement with teacher | same answer as student fp32 | "
@@ -229,6 +242,10 @@ def main() -> None:
     p.add_argument("--ttft-questions", type=int, default=50, help="questions timed for the first token")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (the demo's eval: 8)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to run")
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                   help="variants to run (teacher-fp32 and student-fp32 are always run: the ratios' bases)")
+    p.add_argument("--position-table", default="auto", choices=("auto", "rotated", "hf"),
+                   help="the export's mmproj position table (`llavadi export --position-table`)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -246,37 +263,51 @@ def main() -> None:
     paths = {"questions": os.path.join(args.demo, "data-v1", "eval_questions.jsonl"),
              "images": os.path.join(args.demo, "data-v1", "images")}
     os.makedirs(args.out, exist_ok=True)
-    spec = {"teacher": teacher, "student": student, "gguf": _export(student, args.out), **paths,
+    spec = {"teacher": teacher, "student": student, "gguf": _export(student, args.out, args.position_table), **paths,
             "n_questions": args.questions, "n_ttft": args.ttft_questions, "max_new_tokens": args.max_new_tokens}
-    spec_path = os.path.join(args.out, "spec.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f, indent=2)
+    from llavadi.atomic import write_json_atomic
+
+    spec_path = write_json_atomic(os.path.join(args.out, "spec.json"), spec)
+    variants = [v for v in VARIANTS if v in {"teacher-fp32", "student-fp32", *args.variants}]
     rows = []
     for threads in args.threads:
-        for variant in VARIANTS:
+        for variant in variants:
             rows.append(_spawn(variant, spec_path, threads))
             print(f"{variant} x{threads}: {rows[-1]['ms_per_answer']:.1f} ms/answer", file=sys.stderr, flush=True)
     _report(rows, spec, args, results_file)
 
 
 def _report(rows: list[dict], spec: dict, args, results_file: str | None) -> None:
+    """Score every row, print the table, write `--out`/results.json (schema in docs/export.md)."""
+    from llavadi.atomic import write_json_atomic
+    from llavadi.export.measure import RAPL
+
     teacher_answers = {r["threads"]: r["answers"] for r in rows if r["variant"] == "teacher-fp32"}
     student_answers = {r["threads"]: r["answers"] for r in rows if r["variant"] == "student-fp32"}
-    scores = [_score(spec, r, teacher_answers[r["threads"]] if r["variant"] != "teacher-fp32" else None,
-                     student_answers[r["threads"]]) for r in rows]
+    scored = [{k: v for k, v in r.items() if k != "answers"} | _score(
+        spec, r, teacher_answers[r["threads"]] if r["variant"] != "teacher-fp32" else None,
+        student_answers[r["threads"]]) for r in rows]
+    for row in scored:
+        row.update(_ratios(row, next(b for b in scored if b["variant"] == "student-fp32"
+                                     and b["threads"] == row["threads"])))
+    with open(os.path.join(spec["gguf"], "export.json")) as f:
+        positions = json.load(f).get("position_table")
+    energy = "RAPL" if os.path.exists(RAPL) else "no power counter here: CPU-seconds per answer instead"
     print(f"teacher {spec['teacher']}\nstudent {spec['student']}\nresults file {results_file}\n"
-          f"{spec['n_questions']} questions, batch 1, max_new_tokens {spec['max_new_tokens']}; "
-          f"energy: {'RAPL' if os.path.exists(RAPL) else 'no power counter here: CPU-seconds per answer instead'}\n")
+          f"{spec['n_questions']} questions, batch 1, max_new_tokens {spec['max_new_tokens']}; energy: {energy}\n"
+          f"GGUF position table: {json.dumps(positions)}\n")
     print(HEADER)
     for threads in args.threads:
-        base_i = next(i for i, r in enumerate(rows) if r["variant"] == "student-fp32" and r["threads"] == threads)
-        base = {**rows[base_i], **scores[base_i]}
-        for row, score in zip(rows, scores):
+        for row in scored:
             if row["threads"] == threads:
-                print(_row_line(row, base, score))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"spec": spec, "rows": [{k: v for k, v in r.items() if k != "answers"} | s
-                                          for r, s in zip(rows, scores)]}, f, indent=2)
+                print(_row_line(row))
+    goal = _goal(scored)
+    print(f"\ngoal ({json.dumps(GOAL)}): {json.dumps(goal)}")
+    write_json_atomic(os.path.join(args.out, "results.json"), {
+        "schema": RESULTS_SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]), "spec": spec,
+        "position_table": positions, "energy": energy, "goal": {"target": GOAL, "per_threads": goal},
+        "rows": scored})
 
 
 if __name__ == "__main__":

@@ -112,34 +112,26 @@ def _answer_ids(model_path, questions):
     return generate_answer_ids(bundle, questions, batch_size=8, max_new_tokens=8, progress=False), bundle
 
 
-def _llama_cpp_image_embeddings(runtime, image) -> np.ndarray:
-    """The projected image embeddings llama.cpp's mtmd computes from the mmproj file."""
-    mtmd = runtime._mtmd
-    chunks = runtime._image_chunks(image)
-    try:
-        chunk = next(c for c in (mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks)))
-                     if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
-        assert mtmd.mtmd_encode_chunk(runtime._ctx, chunk) == 0
-        n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-        width = runtime.config.text_config.hidden_size
-        return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(runtime._ctx), shape=(n * width,)).reshape(n, width).copy()
-    finally:
-        mtmd.mtmd_input_chunks_free(chunks)
+def _hf_features(model, pixels, strategy: str) -> np.ndarray:
+    with torch.no_grad():
+        return model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                        vision_feature_select_strategy=strategy).pooler_output[0].numpy()
 
 
 def test_f16_export_against_the_hf_student(exported):
     """The f16 files run by llama.cpp against the HF student, on 24 held-out questions of the demo's format.
 
-    - Image embeddings: llama.cpp's equal the HF tower + projector's when the HF tower reads its
-      tokens in llama.cpp's order (`read_tokens_as_llama_cpp`) within 1e-2 (f16 weights, activations rounded to f16
-      in llama.cpp's matrix products, its tanh GELU); in the HF order they differ (llama.cpp's defect).
+    - Image embeddings (tolerance 1e-2 of their scale: f16 weights, activations rounded to f16 in
+      llama.cpp's matrix products, its tanh GELU): the export probed llama.cpp, found its LLaVA graph
+      reads [patches, CLS] with table rows 0..n, and wrote the position table rotated; llama.cpp's 9
+      image embeddings then equal HF's features of patches 2..9 and of the class token, in that
+      order (the HF tower's own order, CLS kept: "full"); patch 1 is dropped by llama.cpp.
     - Text: the first answer token's logits of a text-only prompt within 1e-3 (f16 KV cache).
-    - Greedy answers (8 tokens) equal the HF student's, no tolerance: as HF runs, and with llama.cpp's
-      token order. This random student's answers do not depend on the image, so the image path is
-      checked by the embeddings above, not by the answers.
+    - Greedy answers (8 tokens) equal the HF student's, no tolerance. This random student's answers do
+      not depend on the image, so the image path is checked by the embeddings above, not by the answers.
     """
     from llavadi.eval.generate import EvalQuestion, encode_question, generate_answer_ids, question_image
-    from llavadi.export.gguf_runtime import read_tokens_as_llama_cpp, runtime_image
+    from llavadi.export.gguf_runtime import runtime_image
 
     questions = _eval_questions(exported)
     hf_ids, hf = _answer_ids(exported["hf"], questions)
@@ -147,17 +139,20 @@ def test_f16_export_against_the_hf_student(exported):
     runtime, model = exported_model.model, hf.model.model
     image = runtime_image(hf, question_image(questions[0]))
     pixels = hf.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    theirs = _llama_cpp_image_embeddings(runtime, image)
-    with torch.no_grad():
-        hf_order = model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                            vision_feature_select_strategy="default").pooler_output[0].numpy()
-        read_tokens_as_llama_cpp(model.vision_tower)
-        cpp_order = model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                             vision_feature_select_strategy="default").pooler_output[0].numpy()
-    scale = float(np.abs(cpp_order).max())
-    assert theirs.shape == cpp_order.shape == (9, 128)
-    assert float(np.abs(theirs - cpp_order).max()) <= 1e-2 * scale
-    assert float(np.abs(theirs - hf_order).max()) > 1e-1 * scale  # llama.cpp's token order, not HF's
+    theirs = runtime.image_embeddings(image)
+    full = _hf_features(model, pixels, "full")  # [CLS, patch 1..9], projected
+    positions = exported["manifest"]["position_table"]
+    assert positions["chosen_by"] == "probe" and positions["probe"]["runtime"].startswith("llama-cpp-python")
+    if positions["probe"]["class_token_last"]:
+        assert positions["order"] == "rotated"
+        expected = np.concatenate([full[2:], full[:1]])  # llama.cpp keeps [patch 2..9, CLS]
+    else:  # a llama.cpp that reads CLIP's order: the HF table, HF's own features
+        assert positions["order"] == "hf"
+        expected = full[1:]
+    scale = float(np.abs(expected).max())
+    assert theirs.shape == expected.shape == (9, 128)
+    assert float(np.abs(theirs - expected).max()) <= 1e-2 * scale
+    assert float(np.abs(theirs - full[1:]).max()) > 1e-1 * scale or not positions["probe"]["class_token_last"]
     prompt = encode_question(hf.encoder(), EvalQuestion("text", "What color is the circle?"))
     with torch.no_grad():
         hf_logits = hf.model(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
@@ -165,6 +160,58 @@ def test_f16_export_against_the_hf_student(exported):
     np.testing.assert_allclose(runtime._last_logits(), hf_logits, atol=1e-3, rtol=0)
     assert gguf_ids == hf_ids
     assert gguf_ids == generate_answer_ids(hf, questions, batch_size=8, max_new_tokens=8, progress=False)
+
+
+def test_hf_position_table_is_read_in_llama_cpps_token_order(exported):
+    """The mmproj written with CLIP's own table (--position-table hf), run by llama.cpp.
+
+    Under a graph that reads [patches, CLS] with rows 0..n, every patch gets its neighbour's position
+    embedding: llama.cpp's embeddings equal the HF tower's read that way (`read_tokens_as_llama_cpp`),
+    within 1e-2 of their scale, and differ from HF's own by more than 1e-1. The mmproj records the
+    table it holds. A llama.cpp that reads CLIP's order gives HF's own features instead.
+    """
+    import gguf
+
+    from llavadi.eval.generate import question_image
+    from llavadi.export.gguf_runtime import GgufRuntime, read_tokens_as_llama_cpp, runtime_image
+    from llavadi.export.gguf_target import POSITION_TABLE_KEY, write_mmproj_gguf
+    from llavadi.export.support import check_gguf_support
+    from llavadi.models.build import load_llava_dir
+
+    hf = load_llava_dir(exported["hf"], dtype=torch.float32)
+    mmproj = str(exported["root"] / "mmproj-hf-table.gguf")
+    write_mmproj_gguf(hf.model, hf.image_processor, check_gguf_support(exported["hf"]), mmproj, "hf-table", order="hf")
+    field = gguf.GGUFReader(mmproj).get_field(POSITION_TABLE_KEY)
+    assert bytes(field.parts[field.data[0]]).decode() == "hf"
+    runtime = GgufRuntime(os.path.join(exported["gguf"], "model-f16.gguf"), mmproj, hf.model.config,
+                          hf.model.generation_config, n_ctx=64)
+    image = runtime_image(hf, question_image(_eval_questions(exported)[0]))
+    pixels = hf.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    try:
+        theirs = runtime.image_embeddings(image)
+    finally:
+        runtime.close()
+    hf_order = _hf_features(hf.model.model, pixels, "default")
+    read_tokens_as_llama_cpp(hf.model.model.vision_tower, "hf")
+    cpp_order = _hf_features(hf.model.model, pixels, "default")
+    scale = float(np.abs(cpp_order).max())
+    if exported["manifest"]["position_table"]["probe"]["class_token_last"]:
+        assert float(np.abs(theirs - cpp_order).max()) <= 1e-2 * scale
+        assert float(np.abs(theirs - hf_order).max()) > 1e-1 * scale
+    else:
+        assert float(np.abs(theirs - hf_order).max()) <= 1e-2 * scale
+
+
+def test_position_table_rotation_and_choices():
+    """Row i of the rotated table is HF row i+1, its last row HF row 0; unknown choices are refused by name."""
+    from llavadi.export.gguf_target import position_table, resolve_position_order
+
+    table = torch.arange(10.0)[:, None].expand(10, 3)
+    assert position_table(table, "rotated")[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    assert position_table(table, "hf") is table
+    assert resolve_position_order("hf") == {"order": "hf", "chosen_by": "forced", "probe": None}
+    with pytest.raises(ValueError, match="unknown position table 'cls'; choose from auto, hf, rotated"):
+        resolve_position_order("cls")
 
 
 def test_quantized_variants_load_answer_and_are_scored(exported):
@@ -225,3 +272,32 @@ def test_plain_int8_linear_is_per_channel_absmax_and_matches_torchao():
     exact = x @ w.T + linear.bias.detach()
     with torch.no_grad():
         assert bool(((peer(x) - exact).abs() <= bound).all()) and bool(((q(x) - exact).abs() <= bound).all())
+
+
+def test_measure_exported_answers_as_eval_does_and_counts_what_it_read(exported):
+    """`measure_exported` (the cost rows' measurement): its answers are `llavadi eval`'s, its counts and size add up."""
+    from llavadi.eval.decode import eos_token_ids
+    from llavadi.eval.generate import encode_question, generate_answer_ids, load_for_eval, question_image
+    from llavadi.export.gguf_runtime import load_export_prompter
+    from llavadi.export.measure import measure_exported
+
+    path = os.path.join(exported["gguf"], "model-q4_0.gguf")
+    questions = _eval_questions(exported)[:4]
+    bundle = load_for_eval(path)
+    expected = generate_answer_ids(bundle, questions, batch_size=1, max_new_tokens=8, progress=False)
+    bundle.model.close()
+    prompter = load_export_prompter(path)  # no model: the same prompts and eos ids as the loaded bundle's
+    prompts = [encode_question(prompter.encoder(), q) for q in questions]
+    assert prompts == [encode_question(bundle.encoder(), q) for q in questions]
+    assert eos_token_ids(prompter.model, prompter.tokenizer) == eos_token_ids(bundle.model, bundle.tokenizer)
+    images = [question_image(q) if q.has_image else None for q in questions]
+    row = measure_exported(path, prompts, images, 8, eos_token_ids(prompter.model, prompter.tokenizer), n_ttft=2,
+                           threads=1)
+    assert row["answers"] == expected and row["n_answers"] == 4 and row["tokens"] == sum(map(len, expected))
+    assert row["file_bytes"] == os.path.getsize(path) + os.path.getsize(os.path.join(exported["gguf"],
+                                                                                     "mmproj-f16.gguf"))
+    assert row["quant"] == "q4_0" and row["threads"] == 1
+    assert row["position_table"] == exported["manifest"]["position_table"]
+    assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+    with pytest.raises(ValueError, match="4 prompts for 3 images"):
+        measure_exported(path, prompts, images[:3], 8, [0])

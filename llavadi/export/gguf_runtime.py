@@ -169,6 +169,23 @@ class GgufRuntime:
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """The projected embeddings (image tokens x text width) llama.cpp's mtmd computes for one image."""
+        mtmd = self._mtmd
+        chunks = self._image_chunks(image)
+        try:
+            chunk = next(c for c in (mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+                         if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+            code = mtmd.mtmd_encode_chunk(self._ctx, chunk)
+            if code != 0:
+                raise ExportedModelError(f"llama.cpp could not encode the image (mtmd_encode_chunk returned {code})")
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            width = self.llm.n_embd()
+            out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self._ctx), shape=(n * width,))
+            return out.reshape(n, width).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
     def _last_logits(self) -> np.ndarray:
         pointer = self.llm._ctx.get_logits_ith(-1)
         return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),))
@@ -268,23 +285,50 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> Export
                          source=folder, quant=quant, files=files)
 
 
-def read_tokens_as_llama_cpp(vision_tower) -> None:
-    """Make a HF CLIP tower read its tokens as llama.cpp's LLaVA graph does, in place: [patches, CLS] + positions 0..n.
+def load_export_prompter(path: str | os.PathLike) -> LoadedModel:
+    """An export's tokenizer, image processor, config and prompt settings, without loading a model.
+
+    Its `encoder()` encodes prompts exactly as the exported model's `load_exported` bundle does;
+    `model` holds only `config` and `generation_config`.
+    """
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, GenerationConfig
+
+    from llavadi.models.meta import read_model_meta
+
+    found = find_export(path)
+    if found is None:
+        raise ExportedModelError(f"{path}: not a llavadi export (no {EXPORT_FILE} beside it)")
+    folder = found[0]
+    config = AutoConfig.from_pretrained(folder)
+    model = SimpleNamespace(config=config, generation_config=GenerationConfig.from_pretrained(folder))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder),
+                       read_model_meta(folder, config), source=folder)
+
+
+def read_tokens_as_llama_cpp(vision_tower, position_order: str = "hf") -> None:
+    """Make a HF CLIP tower read its tokens as llama.cpp's LLaVA graph does, in place: [patches, CLS] + table rows 0..n.
 
     llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp; ggml-org/llama.cpp issue 25814) appends the
-    class embedding after the patches while it adds position embeddings 0..n in order and keeps rows
-    1..n: every patch gets its neighbour's position embedding, patch 0 is dropped and the CLS output
-    becomes the last image token. A HF model patched so computes what the exported files compute:
-    it separates that runtime defect from conversion and quantization in tests and benchmarks.
+    class embedding after the patches while it adds the position table's rows 0..n in order and keeps
+    rows 1..n. With the HF table (`position_order` "hf") every patch gets its neighbour's position
+    embedding; with the table the export writes "rotated" (`gguf_target.position_table`) each token
+    gets its own. Either way patch 0 is dropped and the CLS output becomes the last image token. A HF
+    model patched so computes what the exported files compute: it separates that runtime defect from
+    conversion and quantization in tests and benchmarks.
     """
     import torch
 
+    from llavadi.export.gguf_target import position_table
+
     tower = getattr(vision_tower, "vision_model", vision_tower)
     emb = tower.embeddings
+    position_table(emb.position_embedding.weight[:2], position_order)  # an unknown order is refused here
 
     def forward(pixel_values, interpolate_pos_encoding=False):
         patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat([patches, cls], 1) + emb.position_embedding.weight[None]
+        return torch.cat([patches, cls], 1) + position_table(emb.position_embedding.weight, position_order)[None]
 
     emb.forward = forward

@@ -34,6 +34,10 @@ MMPROJ_FILE = "mmproj-f16.gguf"
 # quantization name -> llama.cpp's LLAMA_FTYPE_* value (include/llama.h); f32 and f16 need no quantizer
 QUANT_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 DEFAULT_QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
+# the mmproj's position table layouts ("auto": probe the installed llama.cpp, see llavadi.export.gguf_probe)
+POSITION_ORDERS = ("hf", "rotated")
+POSITION_CHOICES = ("auto", *POSITION_ORDERS)
+POSITION_TABLE_KEY = "llavadi.position_table"  # the mmproj's metadata key recording the layout written
 
 
 def model_file(quant: str) -> str:
@@ -186,7 +190,20 @@ def _finish(writer) -> None:
     writer.close()
 
 
-def _vision_tensors(model, blocks: int):
+def position_table(weight: torch.Tensor, order: str) -> torch.Tensor:
+    """CLIP's position embedding table as written for `order`: "hf" as it is; "rotated" for [patches, CLS].
+
+    "rotated": row i = HF row i+1 for i < n, row n = HF row 0, so that a graph that appends the class
+    token after the n patches and adds rows 0..n in order gives each patch and the class token their own.
+    """
+    if order == "hf":
+        return weight
+    if order == "rotated":
+        return torch.cat([weight[1:], weight[:1]], dim=0)
+    raise ValueError(f"unknown position table order {order!r}; choose from {', '.join(POSITION_ORDERS)}")
+
+
+def _vision_tensors(model, blocks: int, order: str = "hf", half: bool = True):
     """(GGUF name, array) of the CLIP blocks LLaVA reads and the projector, in llama.cpp's mmproj names."""
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)  # transformers 5's CLIPVisionModel holds the parts itself
@@ -195,7 +212,7 @@ def _vision_tensors(model, blocks: int):
     yield "v.patch_embd.weight", _f32(emb.patch_embedding.weight).astype(np.float16)  # ggml's conv takes f16
     if emb.patch_embedding.bias is not None:
         yield "v.patch_embd.bias", _f32(emb.patch_embedding.bias)
-    yield "v.position_embd.weight", _weight(emb.position_embedding.weight, True)
+    yield "v.position_embd.weight", _weight(position_table(emb.position_embedding.weight, order), half)
     yield "v.pre_ln.weight", _f32(tower.pre_layrnorm.weight)
     yield "v.pre_ln.bias", _f32(tower.pre_layrnorm.bias)
     for i, layer in enumerate(tower.encoder.layers[:blocks]):
@@ -203,23 +220,28 @@ def _vision_tensors(model, blocks: int):
                  "attn_out": layer.self_attn.out_proj, "ln1": layer.layer_norm1, "ln2": layer.layer_norm2,
                  "ffn_up": layer.mlp.fc1, "ffn_down": layer.mlp.fc2}
         for part, module in parts.items():
-            yield f"v.blk.{i}.{part}.weight", _weight(module.weight, True)
+            yield f"v.blk.{i}.{part}.weight", _weight(module.weight, half)
             yield f"v.blk.{i}.{part}.bias", _f32(module.bias)
     projector = model.model.multi_modal_projector
     for index, linear in ((0, projector.linear_1), (2, projector.linear_2)):
-        yield f"mm.{index}.weight", _weight(linear.weight, True)
+        yield f"mm.{index}.weight", _weight(linear.weight, half)
         yield f"mm.{index}.bias", _f32(linear.bias)
 
 
-def write_mmproj_gguf(model, image_processor, plan: GgufPlan, path: str, name: str) -> None:
-    """The vision tower + projector as llama.cpp's LLaVA-1.5 `mmproj` GGUF (f16 matrices)."""
+def write_mmproj_gguf(model, image_processor, plan: GgufPlan, path: str, name: str, order: str = "hf",
+                      half: bool = True) -> None:
+    """The vision tower + projector as llama.cpp's LLaVA-1.5 `mmproj` GGUF (f16 matrices unless not `half`).
+
+    `order` is the position table's layout (`position_table`); it is recorded under `llavadi.position_table`.
+    """
     import gguf
 
     v = model.config.vision_config
     writer = gguf.GGUFWriter(path, "clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_name(name)
-    writer.add_file_type(QUANT_FTYPES["f16"])
+    writer.add_file_type(QUANT_FTYPES["f16" if half else "f32"])
+    writer.add_string(POSITION_TABLE_KEY, order)
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_bool("clip.has_llava_projector", True)
     writer.add_string("clip.projector_type", "mlp")
@@ -235,7 +257,7 @@ def write_mmproj_gguf(model, image_processor, plan: GgufPlan, path: str, name: s
     writer.add_array("clip.vision.feature_layer", [plan.feature_layer])
     writer.add_array("clip.vision.image_mean", [float(x) for x in image_processor.image_mean])
     writer.add_array("clip.vision.image_std", [float(x) for x in image_processor.image_std])
-    for tensor_name, array in _vision_tensors(model, plan.feature_layer):
+    for tensor_name, array in _vision_tensors(model, plan.feature_layer, order, half):
         writer.add_tensor(tensor_name, array)
     _finish(writer)
 
@@ -286,6 +308,27 @@ def _write_variants(bundle, plan: GgufPlan, folder: str, quants: list[str], name
     return variants
 
 
+def resolve_position_order(choice: str) -> dict:
+    """The mmproj position table to write for `choice` (auto, hf, rotated) and why: the manifest's `position_table`.
+
+    "auto" probes the installed llama.cpp (`gguf_probe`): "rotated" when its LLaVA graph reads the
+    class token after the patches, "hf" when it reads CLIP's order; without llama-cpp-python, "hf",
+    recorded as not probed.
+    """
+    if choice not in POSITION_CHOICES:
+        raise ValueError(f"unknown position table {choice!r}; choose from {', '.join(POSITION_CHOICES)}")
+    if choice != "auto":
+        return {"order": choice, "chosen_by": "forced", "probe": None}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"order": "hf", "chosen_by": "not probed: llama-cpp-python is not installed", "probe": None}
+    from llavadi.export.gguf_probe import probe_class_token_order
+
+    probe = probe_class_token_order()
+    return {"order": "rotated" if probe["class_token_last"] else "hf", "chosen_by": "probe", "probe": probe}
+
+
 def _manifest(model_dir: str, bundle, plan: GgufPlan, variants: dict) -> dict:
     from llavadi.identity import folder_identity
 
@@ -299,12 +342,13 @@ def _manifest(model_dir: str, bundle, plan: GgufPlan, variants: dict) -> dict:
 
 
 def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants=DEFAULT_QUANTS, force: bool = False,
-                threads: int = 0) -> dict:
+                threads: int = 0, position_table: str = "auto") -> dict:
     """Export a saved LLaVA-1.5 folder to llama.cpp files in `out_dir`; returns the manifest.
 
     Refused before any weights load when llama.cpp cannot take the model (`support`), when a
     quantization needs llama-cpp-python and it is not installed, or when `out_dir` exists
-    (unless `force`: then it is replaced once the new folder is complete).
+    (unless `force`: then it is replaced once the new folder is complete). `position_table`
+    (auto, hf, rotated) lays out the mmproj's position embeddings (`resolve_position_order`).
     """
     from llavadi.models.build import load_llava_dir
     from llavadi.models.meta import write_model_meta
@@ -315,10 +359,12 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants
     _require_packages(quants)
     if os.path.exists(out_dir) and not force:
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+    positions = resolve_position_order(position_table)
     bundle = load_llava_dir(model_dir, dtype=torch.float32)
     name = os.path.basename(os.path.abspath(model_dir))
     with staged_folder(out_dir) as tmp:
-        write_mmproj_gguf(bundle.model, bundle.image_processor, plan, os.path.join(tmp, MMPROJ_FILE), name)
+        write_mmproj_gguf(bundle.model, bundle.image_processor, plan, os.path.join(tmp, MMPROJ_FILE), name,
+                          order=positions["order"])
         variants = _write_variants(bundle, plan, tmp, quants, name, threads)
         bundle.tokenizer.save_pretrained(tmp)  # llavadi encodes the prompts; llama.cpp runs the ids
         bundle.image_processor.save_pretrained(tmp)
@@ -327,6 +373,7 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants
         write_model_meta(tmp, dict(bundle.meta), bundle.model.config)
         manifest = _manifest(model_dir, bundle, plan, variants)
         manifest["mmproj_bytes"] = os.path.getsize(os.path.join(tmp, MMPROJ_FILE))
+        manifest["position_table"] = positions
         write_json_atomic(os.path.join(tmp, EXPORT_FILE), manifest)
     return manifest
 

@@ -89,6 +89,11 @@ def _check_vision(config, where: str) -> int:
     return blocks
 
 
+def vision_blocks(config, where: str) -> int:
+    """The CLIP blocks llama.cpp runs for a LLaVA config; ExportRefused naming a setting it cannot reproduce."""
+    return _check_vision(config, where)
+
+
 def _check_text(config, where: str) -> None:
     text = config.text_config
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
