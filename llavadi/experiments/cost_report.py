@@ -206,10 +206,13 @@ def _draw_cost_panel(ax, label: str, key: str, summary: dict, variants: list[dic
         if (v["study"], v["variant"]) == (best["study"], best["variant"]):
             ax.annotate(f"best: {v['study']}/{v['variant']}", (x, v["accuracy"]), xytext=(8, 0),
                         textcoords="offset points", fontsize=8, va="center")
-    for i, r in enumerate(row for row in summary["rows"] if row.get("file_mb") is not None and x_of(row)):
+    gguf = [row for row in summary["rows"] if row.get("file_mb") is not None]
+    if gguf and key == "peak_memory_mb":
+        label += "; GGUF variants: not measured"
+    for i, r in enumerate(row for row in gguf if x_of(row)):
         rx = x_of(r)
         ax.errorbar([rx[0]], [r["accuracy"]], xerr=[[rx[1]], [rx[2]]], fmt="D", ms=6, capsize=3,
-                    color=f"C{(len(studies) + i) % 10}", zorder=3, label=r["model"].rsplit(", ", 1)[-1])
+                    color=f"C{(len(studies) + i) % 10}", zorder=3, label=r["model"].removeprefix("student, "))
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
