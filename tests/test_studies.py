@@ -101,7 +101,8 @@ def test_a_finished_study_resumes_as_done(study, finished, monkeypatch, capsys):
 
 def test_report_rebuilds_identical_tables_from_the_results(study, finished, tmp_path):
     root, grid_path, out = study
-    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    # --cost-repeats 0: no measuring pass, the cost side from the cells' eval runs (the page is then reproducible)
+    assert main(["report", str(out), "--out", str(tmp_path / "report"), "--cost-repeats", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
     written = (out / "what_matters.md").read_text()
     loaded = study_report.load_study(str(out))
@@ -116,11 +117,78 @@ def test_report_rebuilds_identical_tables_from_the_results(study, finished, tmp_
     fkl = json.loads((out / "fkl" / "seed0" / "eval" / "synthetic.json").read_text())
     speed = fkl["cost"]["batch_1"]["tokens_per_second"] / fkl["teacher_cost"]["batch_1"]["tokens_per_second"]
     memory = fkl["teacher_cost"]["peak_memory_bytes"] / fkl["cost"]["peak_memory_bytes"]
-    assert cost["speedup_batch_1"] == pytest.approx(speed) and cost["memory_ratio"] == pytest.approx(memory)
+    assert cost["source"] == "eval_runs" and cost["pass"] is None
+    assert cost["ratios"]["speed_batch_1"]["median"] == pytest.approx(speed)
+    assert cost["ratios"]["memory"]["median"] == pytest.approx(memory)
     assert f"{memory:.1f}x less memory" in cost["sentence"] and cost["sentence"] in report_md
+    # both cells' students have 1 architecture: one cost, the median over the two eval runs
+    ms = sorted(json.loads((out / v / "seed0" / "eval" / "synthetic.json").read_text())["cost"]["batch_1"]["ms_per_answer"]
+                for v in ("ce", "fkl"))
+    student_rows = [r for r in cost["rows"] if r["model"].startswith("student")]
+    assert [r["ms_per_answer_batch_1"]["median"] for r in student_rows] == [pytest.approx(sum(ms) / 2)] * 2
+    assert student_rows[0]["ms_per_answer_batch_1"]["min"] == ms[0]
     # a second report over the same results gives the same page
-    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "again"), "--cost-repeats", "0"]) == 0
     assert (tmp_path / "again" / "report.md").read_text() == report_md
+
+
+def test_the_cost_pass_measures_each_architecture_once_in_interleaved_rounds(study, finished, tmp_path,
+                                                                             monkeypatch):
+    import statistics
+
+    import llavadi.eval.cost as cost_module
+    import llavadi.eval.generate as generate_module
+
+    root, grid_path, out = study
+    loads, measured = [], []
+    real_load, real_measure = generate_module.load_for_eval, cost_module.measure_cost
+
+    def counting_load(model_dir, *a, **kw):
+        loads.append(str(model_dir))
+        return real_load(model_dir, *a, **kw)
+
+    def counting_measure(bundle, *a, **kw):
+        measured.append(bundle.model.config.text_config.num_hidden_layers)
+        return real_measure(bundle, *a, **kw)
+
+    monkeypatch.setattr(generate_module, "load_for_eval", counting_load)
+    monkeypatch.setattr(cost_module, "measure_cost", counting_measure)
+    assert main(["report", str(out), "--out", str(tmp_path), "--cost-repeats", "3"]) == 0
+    # two cells, one student architecture and the teacher: two loads, three rounds of two measurements
+    assert len(loads) == 2 and str(root / "teacher") in loads
+    teacher_layers = real_load(str(root / "teacher")).model.config.text_config.num_hidden_layers
+    student_layers = next(n for n in measured if n != teacher_layers)
+    assert measured == [teacher_layers, student_layers] * 3  # interleaved: teacher, student, teacher, ...
+    cost = json.loads((tmp_path / "report.json").read_text())["cost"]
+    assert cost["source"] == "pass" and cost["pass"]["repeats"] == 3
+    archs = {a["role"]: a for a in cost["pass"]["architectures"]}
+    assert sorted(map(tuple, archs["student"]["cells"])) == [("tiny-study", "ce", 0), ("tiny-study", "fkl", 0)]
+    rounds = [r["batch_1"]["ms_per_answer"] for r in archs["student"]["rounds"]]
+    student_rows = [r for r in cost["rows"] if r["model"].startswith("student")]
+    assert all(r["ms_per_answer_batch_1"] == {"median": statistics.median(rounds), "min": min(rounds),
+                                              "max": max(rounds), "n": 3} for r in student_rows)
+    teacher_rounds = archs["teacher"]["rounds"]
+    speed = statistics.median(s["batch_1"]["tokens_per_second"] / t["batch_1"]["tokens_per_second"]
+                              for s, t in zip(archs["student"]["rounds"], teacher_rounds))
+    assert cost["ratios"]["speed_batch_1"]["median"] == pytest.approx(speed)
+    assert "median of 3 rounds of one measuring pass" in cost["sentence"]
+
+
+def test_the_cost_pass_exports_the_best_student_and_measures_its_gguf_variants(study, finished, tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    root, grid_path, out = study
+    assert main(["report", str(out), "--out", str(tmp_path), "--cost-repeats", "2", "--export", "q8_0"]) == 0
+    cost = json.loads((tmp_path / "report.json").read_text())["cost"]
+    exported = cost["pass"]["exported"]["gguf-q8_0"]
+    assert cost["pass"]["exported_from"]["variant"] == "fkl" and len(exported["rounds"]) == 2
+    scored = json.loads((tmp_path / "export-gguf" / "eval-q8_0" / "synthetic.json").read_text())
+    row = next(r for r in cost["rows"] if r["model"].endswith("GGUF q8_0"))
+    assert row["accuracy"] == scored["metrics"]["accuracy"] and "agreement" in scored["metrics"]
+    assert row["ms_per_answer_batch_1"]["n"] == 2 and row["peak_memory_mb"] is None
+    assert "GGUF q8_0" in (tmp_path / "report.md").read_text()
+    assert main(["report", str(out), "--out", str(tmp_path / "r"), "--cost-repeats", "0", "--export", "q8_0"]) == 2
+    assert main(["report", str(out), "--out", str(tmp_path / "r"), "--export", "q9"]) == 2
 
 
 def _check_png(data: bytes) -> tuple[int, int]:
@@ -161,12 +229,12 @@ class _StrictHTML(HTMLParser):
 
 def test_the_html_page_and_pngs_are_valid(study, finished, tmp_path):
     root, grid_path, out = study
-    assert main(["report", str(out), "--out", str(tmp_path)]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path), "--cost-repeats", "1"]) == 0
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["cost.png", "tiny-study_bars.png", "tiny-study_curves.png"]
     for name in pngs:
         width, height = _check_png((tmp_path / name).read_bytes())
-        assert width > 100 and height > 100
+        assert 100 < width <= 1000 and height > 100  # readable at a docs page's width
     text = (tmp_path / "report.html").read_text()
     assert text.startswith("<!DOCTYPE html>")
     parser = _StrictHTML()

@@ -156,3 +156,120 @@ def test_parameter_counts_and_weight_bytes(word_tokenizer):
     assert counts["total"] == counts["vision_tower"] + counts["projector"] + counts["language_model"]
     expected = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     assert weight_bytes(model) == expected
+
+
+# ----------------------------------------------------------------------------- cost per architecture
+
+def _model_folder(path, hidden: int, name: str):
+    import json
+
+    path.mkdir(parents=True)
+    config = {"model_type": "llava", "_name_or_path": name, "transformers_version": "5.0.0",
+              "text_config": {"hidden_size": hidden, "num_hidden_layers": 1}}
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_each_architecture_is_measured_once_however_many_cells_use_it(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import llavadi.eval.cost as cost_module
+    from llavadi.experiments import architecture_cost
+
+    teacher = _model_folder(tmp_path / "teacher", 192, "t")
+    runs = []
+    for i, (variant, hidden) in enumerate([("a", 128), ("b", 128), ("c", 128), ("wide", 256)]):
+        run_dir = tmp_path / "cells" / variant
+        model = _model_folder(run_dir / "final", hidden, f"cell-{i}")  # names differ, architectures need not
+        (run_dir / "ablate_run.json").write_text(json.dumps({"eval": {"teacher": teacher}}))
+        runs.append({"variant": variant, "seed": 0, "run_dir": str(run_dir), "model": model})
+    study = SimpleNamespace(name="s", runs=runs)
+    archs = architecture_cost.find_architectures([study])
+    assert [(a.role, len(a.cells)) for a in archs] == [("teacher", 4), ("student", 3), ("student", 1)]
+    assert archs[1].cells == [("s", "a", 0), ("s", "b", 0), ("s", "c", 0)] and archs[2].cells == [("s", "wide", 0)]
+
+    calls = []
+
+    def fake_measure(bundle, questions, batch_size, max_new_tokens):
+        calls.append(bundle)
+        ms = 10.0 * len(calls)
+        return {"parameters": {"total": bundle}, "peak_memory_bytes": 2**20 * bundle,
+                "batch_1": {"ms_per_answer": ms, "tokens_per_second": 1000.0 / ms},
+                "batch_eval": {"ms_per_answer": ms / 4, "tokens_per_second": 4000.0 / ms, "batch_size": 8}}
+
+    monkeypatch.setattr(cost_module, "measure_cost", fake_measure)
+    bundles = {a.key: size for a, size in zip(archs, (300, 100, 200))}  # stand-ins for loaded models
+    out = architecture_cost.measure_architectures(archs, bundles, ["q"], 8, 4, repeats=3, log=lambda *a: None)
+    assert calls == [300, 100, 200] * 3  # 3 architectures, not 4 cells; round by round
+    student = out[archs[1].key]
+    assert student["summary"]["ms_per_answer_batch_1"] == {"median": 50.0, "min": 20.0, "max": 80.0, "n": 3}
+    assert student["summary"]["parameters"] == 100 and archs[1].name == "student (100 parameters)"
+    ratios = architecture_cost.round_ratios(student, out[archs[0].key])
+    # per round: teacher at 10, 40, 70 ms and student at 20, 50, 80 ms: speed ratios 1/2, 4/5, 7/8
+    assert ratios["speed_batch_1"]["median"] == pytest.approx(0.8) and ratios["memory"]["median"] == 3.0
+    with pytest.raises(ValueError, match="repeats"):
+        architecture_cost.measure_architectures(archs, bundles, ["q"], 8, 4, repeats=0)
+    (tmp_path / "teacher" / "config.json").unlink()
+    with pytest.raises(architecture_cost.CostPassError, match="teacher/config.json"):
+        architecture_cost.find_architectures([study])
+
+
+# ----------------------------------------------------------------------------- figure sizes
+
+MAX_WIDTH_PX = 1000  # a docs page shows ~800-1000 px
+
+
+def _png_size(path) -> tuple[int, int]:
+    import struct
+
+    data = open(path, "rb").read(24)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def _variant_names(n: int) -> list[str]:
+    return [f"token_logits_visual_{i}" for i in range(n)]
+
+
+def test_bars_stay_page_wide_with_many_variants_and_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    from llavadi.experiments.ablate import plot, summarise
+
+    names = _variant_names(11)
+    runs = [{"variant": v, "seed": s, "metrics": {"accuracy": 50.0 + i + s, "agreement": 70.0 - i + s,
+                                                  "teacher_student_kl": 0.1 + 0.01 * (i + s)}}
+            for i, v in enumerate(names) for s in range(3)]
+    path = plot(summarise(runs, baseline=names[0]), str(tmp_path / "bars.png"))
+    width, height = _png_size(path)
+    assert width <= MAX_WIDTH_PX and height < width
+
+
+def test_curves_and_cost_plots_stay_page_wide(tmp_path):
+    pytest.importorskip("matplotlib")
+    from llavadi.experiments.cost_report import architecture_cost_summary, architectures_from_eval_runs, plot_cost
+    from llavadi.experiments.curves import plot_curves
+
+    names = _variant_names(11)
+    tags = ["train/loss"] + [f"train/loss/term{k}" for k in range(6)]
+    cells = [{"variant": v, "seed": s, "curves": {"finetune": {t: [(k, 1.0 / (k + i + s + 1)) for k in range(1, 30)]
+                                                             for t in tags}}}
+             for i, v in enumerate(names) for s in range(3)]
+    width, _ = _png_size(plot_curves(cells, str(tmp_path / "curves.png"), "study"))
+    assert width <= MAX_WIDTH_PX
+
+    def cost(ms, params):
+        return {"parameters": {"total": params}, "peak_memory_bytes": params * 40,
+                "batch_1": {"ms_per_answer": ms, "tokens_per_second": 2000 / ms},
+                "batch_eval": {"ms_per_answer": ms / 8, "tokens_per_second": 16000 / ms, "batch_size": 64}}
+
+    points = [{"study": f"study{i % 3}", "variant": v, "seed": s, "baseline": i < 3, "metric": "accuracy",
+               "accuracy": 55.0 + i + s, "teacher_accuracy": 69.5, "cost": cost(3.5 + i % 5, 416_448),
+               "teacher_cost": cost(8.0, 2_029_568)} for i, v in enumerate(names) for s in range(3)]
+    archs = architectures_from_eval_runs(points)
+    best = {"study": "study1", "variant": names[10], "metric": "accuracy"}
+    summary = architecture_cost_summary(points, best, archs, None)
+    assert [a["name"] for a in archs] == ["teacher", "student (416,448 parameters)"]
+    assert summary["rows"][-1]["ms_per_answer_batch_1"] == {"median": 5.5, "min": 3.5, "max": 7.5, "n": 33}
+    width, _ = _png_size(plot_cost(points, archs, summary, best, str(tmp_path / "cost.png")))
+    assert width <= MAX_WIDTH_PX

@@ -640,8 +640,15 @@ def _markdown_page(grid: Grid, summary: dict, table: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOT_WIDTH_INCHES, PLOT_DPI = 9.6, 100  # 960 px wide: readable at a docs page's width
+
+
 def plot(summary: dict, path: str, columns: list[str] | None = None) -> str | None:
-    """Bar plot per metric (mean with std error bars, baseline dashed); None when matplotlib is absent."""
+    """Mean ± std per variant and metric, metrics side by side (baseline red, dashed); None without matplotlib.
+
+    Variant names label the rows once, on the left; the figure is 960 px wide whatever the number of
+    variants or metrics (its height grows with the variants).
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -652,25 +659,31 @@ def plot(summary: dict, path: str, columns: list[str] | None = None) -> str | No
     if not columns or not names:
         return None
     # Figure + Agg canvas directly: no pyplot, so the caller's matplotlib backend is untouched
-    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5) * len(columns), 3.6))
+    fig = Figure(figsize=(PLOT_WIDTH_INCHES, 1.3 + 0.3 * len(names)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    axes = fig.subplots(1, len(columns), squeeze=False, sharey=True)[0]
     baseline = summary["baseline"]
+    rows = range(len(names))
     for ax, c in zip(axes, columns):
         stats = [summary["variants"][n]["metrics"].get(c) for n in names]
         means = [s["mean"] if s else math.nan for s in stats]
         stds = [s["std"] if s else 0.0 for s in stats]
         colours = ["#c44e52" if n == baseline else "#4c72b0" for n in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colours)
+        for row, m, sd, colour in zip(rows, means, stds, colours):  # a dot plot: the axis need not start at 0
+            ax.errorbar([m], [row], xerr=[sd], fmt="o", ms=5, capsize=3, color=colour, lw=1)
         if baseline in summary["variants"] and summary["variants"][baseline]["metrics"].get(c):
-            ax.axhline(summary["variants"][baseline]["metrics"][c]["mean"], color="#c44e52", ls="--", lw=1)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha="right")
-        ax.set_title(c)
-    fig.suptitle(f"mean ± std over seeds (baseline {baseline}, red)", fontsize=9)
+            ax.axvline(summary["variants"][baseline]["metrics"][c]["mean"], color="#c44e52", ls="--", lw=1)
+        ax.set_title(c, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.08, y=0.04)
+    axes[0].set_yticks(list(rows))
+    axes[0].set_yticklabels(names)
+    axes[0].invert_yaxis()  # the grid's order, top to bottom
+    fig.suptitle(f"mean ± std over seeds (baseline {baseline}: red, dashed line)", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=PLOT_DPI, format="png")
     return path
 
 

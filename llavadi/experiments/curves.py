@@ -46,10 +46,28 @@ def loss_curves(run_dir: str, stages: list[str]) -> dict[str, dict[str, list[tup
     return out
 
 
-def plot_curves(cells: list[dict], path: str, title: str) -> str | None:
-    """One panel per (stage, loss tag), one line per cell (colour = variant, style = seed); None if nothing to draw.
+PLOT_WIDTH_INCHES, PLOT_DPI = 9.6, 100  # 960 px wide: readable at a docs page's width
 
-    `cells`: dicts with `variant`, `seed` and `curves` (as `loss_curves` returns).
+
+def seed_band(series: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Every step any series logged, and at each the mean, min and max over the series that logged it."""
+    by_step = [dict(points) for points in series]
+    steps = sorted(set().union(*by_step))
+    values = [[b[s] for b in by_step if s in b] for s in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def _curve_colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_curves(cells: list[dict], path: str, title: str) -> str | None:
+    """One panel per (stage, loss tag), two panels a row; per variant the mean over its seeds, min–max shaded.
+
+    `cells`: dicts with `variant`, `seed` and `curves` (as `loss_curves` returns). None if nothing to draw.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -63,35 +81,49 @@ def plot_curves(cells: list[dict], path: str, title: str) -> str | None:
     from llavadi.atomic import atomic_path
 
     variants = list(dict.fromkeys(c["variant"] for c in cells))
+    colours = _curve_colours(len(variants))
     seeds = sorted({c["seed"] for c in cells})
-    colours = [f"C{i % 10}" for i in range(len(variants))]
-    styles = ["-", "--", ":", "-."]
-    ncols = min(4, len(panels))
+    ncols = min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows + 0.8))
+    spare = nrows * ncols > len(panels)  # the legend goes into the empty last panel, else below the panels
+    legend_rows = 0 if spare else math.ceil(len(variants) / 4)
+    fig = Figure(figsize=(PLOT_WIDTH_INCHES, 2.7 * nrows + 0.3 * legend_rows + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
     for ax, (stage, tag) in zip(axes, panels):
-        for c in cells:
-            points = (c["curves"] or {}).get(stage, {}).get(tag)
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], lw=1,
-                        color=colours[variants.index(c["variant"])], ls=styles[seeds.index(c["seed"]) % len(styles)],
-                        label=c["variant"] if c["seed"] == seeds[0] else None)
+        for i, variant in enumerate(variants):
+            series = [c["curves"][stage][tag] for c in cells if c["variant"] == variant
+                      and (c["curves"] or {}).get(stage, {}).get(tag)]
+            if not series:
+                continue
+            steps, mean, low, high = seed_band(series)
+            ax.plot(steps, mean, lw=1.2, color=colours[i], label=variant)
+            if len(series) > 1:
+                ax.fill_between(steps, low, high, color=colours[i], alpha=0.15, lw=0)
         ax.set_title(f"{stage}: {tag.removeprefix('train/')}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:len(panels)]:
+    handles, labels = [], []
+    for ax in axes[:len(panels)]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.suptitle(f"{title}: training curves (line style = seed {', '.join(map(str, seeds))})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    order = sorted(range(len(labels)), key=lambda k: variants.index(labels[k]))
+    handles, labels = [handles[k] for k in order], [labels[k] for k in order]
+    if spare:
+        axes[-1].set_visible(True)
+        axes[-1].axis("off")
+        axes[-1].legend(handles, labels, loc="center", ncol=2 if len(labels) > 8 else 1, fontsize=8,
+                        title="variant", title_fontsize=8)
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(f"{title}: training curves, mean over seeds {', '.join(map(str, seeds))} (shaded: min–max)",
+                 fontsize=10)
+    bottom = (0.3 * legend_rows + 0.3 * (not spare)) / (2.7 * nrows + 0.3 * legend_rows + 0.6)
+    fig.tight_layout(rect=(0, bottom, 1, 0.97))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=PLOT_DPI, format="png")
     return path

@@ -3,12 +3,15 @@
 A study folder is the `output_dir` of `llavadi ablate` (its `results.json` plus one folder per
 run). The report recomputes every study's table from the per-run metrics, exactly as `ablate`
 writes it (mean ± sample std over seeds, Δ to the baseline paired by seed with the paired
-t-test's significance mark), ranks every variant of every study by its Δ on the headline
-metric, and reads the cost of each answer (parameters, peak memory, generation latency and
-throughput, measured for student and teacher in the same eval run) from the runs' eval results.
+t-test's significance mark), and ranks every variant of every study by its Δ on the headline
+metric. The cost of each answer (parameters, peak memory, generation latency and throughput) is
+measured once per model architecture in one pass next to the teacher (`architecture_cost`),
+not read from the cells' eval runs, whose timings differ with the load of the moment; with
+`--export` the best student's GGUF variants are scored and timed in the same pass.
 Writes `report.md`, `report.html` (the same content, the plots embedded), `report.json` and the
-plots: `<study>_bars.png` (mean ± std per variant), `<study>_curves.png` (training curves of
-every loss term per cell, from the TensorBoard events) and `cost.png` (accuracy against cost).
+plots, each 960 px wide: `<study>_bars.png` (mean ± std per variant), `<study>_curves.png`
+(training curves of every loss term, mean over seeds, from the TensorBoard events) and
+`cost.png` (accuracy against cost).
 """
 
 from __future__ import annotations
@@ -17,10 +20,19 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llavadi.atomic import write_text_atomic
 from llavadi.experiments import ablate
+from llavadi.experiments.architecture_cost import DEFAULT_REPEATS, CostPassError, run_cost_pass
+from llavadi.experiments.cost_report import (
+    architecture_cost_summary,
+    architectures_from_eval_runs,
+    architectures_from_pass,
+    cost_table,
+    plot_cost,
+)
 from llavadi.experiments.curves import loss_curves, plot_curves
 from llavadi.experiments.page import to_html, to_markdown
 from llavadi.experiments.stats import significance_mark
@@ -30,6 +42,15 @@ REPORT_MD, REPORT_HTML, REPORT_JSON, COST_PLOT = "report.md", "report.html", "re
 
 class ReportError(ValueError):
     """A study folder that cannot be reported; the message names it."""
+
+
+@dataclass
+class ReportOptions:
+    """How the cost side is measured: rounds of the measuring pass (0: none) and GGUF variants to export."""
+
+    cost_repeats: int = DEFAULT_REPEATS
+    export_quants: list[str] | None = None
+    log: Callable = field(default=lambda *a: print(*a, file=sys.stderr))
 
 
 @dataclass
@@ -176,59 +197,6 @@ def _cost_row(costs: list[dict], accuracies: list) -> dict:
             "eval_batch_size": costs[0]["batch_eval"]["batch_size"], "cells": len(costs)}
 
 
-def _cost_table(summary: dict) -> str:
-    batch = next(iter(summary["rows"].values()))["eval_batch_size"]
-    lines = ["| model | cells | accuracy | parameters | peak memory (MiB) | ms / answer (batch 1) | tokens/s (batch 1) "
-             f"| tokens/s (batch {batch}) |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in summary["rows"].items():
-        lines.append(f"| {name} | {r['cells']} | {r['accuracy']:.2f} | {r['parameters']:,.0f} | "
-                     f"{r['peak_memory_mb']:.1f} | {r['ms_per_answer_batch_1']:.1f} | "
-                     f"{r['tokens_per_second_batch_1']:.0f} | {r['tokens_per_second_eval_batch']:.0f} |")
-    lines += ["", "Means over the eval runs; the teacher was measured in every student's eval run, next to it."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_cost(points: list[dict], path: str) -> str | None:
-    """Accuracy against ms per answer (batch 1) and against peak memory: teacher, SFT and distilled students."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    paired = [p for p in points if p["teacher_cost"] and p["accuracy"] is not None]
-    if not paired:
-        return None
-    from llavadi.atomic import atomic_path
-
-    groups: dict[tuple, list[dict]] = {}
-    for p in paired:
-        groups.setdefault((p["study"], p["variant"], p["baseline"]), []).append(p)
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    studies = list(dict.fromkeys(p["study"] for p in paired))
-    for ax, (label, x_of) in zip(axes, (("ms per answer, batch 1", lambda c: c["batch_1"]["ms_per_answer"]),
-                                        ("peak memory (MiB)", lambda c: c["peak_memory_bytes"] / 2**20))):
-        ax.scatter([_mean(x_of(p["teacher_cost"]) for p in paired)], [_mean(p["teacher_accuracy"] for p in paired)],
-                   marker="*", s=220, color="black", label="teacher", zorder=3)
-        for (study, variant, baseline), ps in groups.items():
-            colour = f"C{studies.index(study) % 10}"
-            ax.scatter([_mean(x_of(p["cost"]) for p in ps)], [_mean(p["accuracy"] for p in ps)],
-                       marker="s" if baseline else "o", color=colour, alpha=0.8,
-                       label=f"{study}: baseline ({variant})" if baseline else None)
-            ax.annotate(variant, (_mean(x_of(p["cost"]) for p in ps), _mean(p["accuracy"] for p in ps)),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(label + " (log)")
-        ax.set_ylabel(paired[0]["metric"])
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("accuracy against cost (squares: each study's baseline; circles: its variants)", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return path
-
-
 # ----------------------------------------------------------------------------- the page
 
 def _study_curves(study: Study) -> list[dict]:
@@ -275,25 +243,44 @@ def _study_blocks(study: Study, out_dir: str, notes: list[str]) -> list[tuple]:
     return blocks
 
 
-def build_report(studies: list[Study], out_dir: str) -> tuple[list[tuple], dict]:
+def _cost_blocks(studies: list[Study], best: dict | None, out_dir: str, options: ReportOptions,
+                 notes: list[str]) -> tuple[list[tuple], dict | None]:
+    """The cost section: one cost per architecture (a measuring pass, else the cells' eval runs), table and plot."""
+    points = cost_points(studies)
+    pass_result = None
+    if options.cost_repeats > 0 and best is not None:
+        try:
+            pass_result = run_cost_pass(studies, best, out_dir, options.cost_repeats, options.export_quants,
+                                        options.log)
+            notes += pass_result["notes"]
+        except CostPassError as err:
+            notes.append(f"no measuring pass ({err}); the cost side comes from the cells' eval runs")
+    elif options.export_quants:
+        notes.append("no exported variants: they are measured in the cost pass, which --cost-repeats 0 turns off")
+    archs = architectures_from_pass(pass_result) if pass_result else architectures_from_eval_runs(points)
+    summary = architecture_cost_summary(points, best, archs, pass_result)
+    if summary is None:
+        notes.append("no cost: the eval results hold no teacher and student cost (re-evaluate with a teacher)")
+        return [("p", "No cost measured in these results.")], None
+    blocks = [("p", f"**{summary['sentence']}**"), ("table", cost_table(summary, pass_result))]
+    if plot_cost(points, archs, summary, best, os.path.join(out_dir, COST_PLOT)):
+        blocks.append(("img", COST_PLOT, "accuracy against cost"))
+    return blocks, {**summary, "pass": pass_result}
+
+
+def build_report(studies: list[Study], out_dir: str, options: ReportOptions | None = None) -> tuple[list[tuple], dict]:
     """The page's blocks (plots written into `out_dir`) and the numbers behind them."""
+    options = options or ReportOptions()
     notes: list[str] = []
     rows = ranking(studies)
-    points = cost_points(studies)
     best = next((r for r in rows), None)
-    cost = cost_summary(points, best)
     blocks: list[tuple] = [("h", 1, "What matters: " + ", ".join(s.name for s in studies)),
                            ("p", "Per study: mean ± sample std over seeds and the paired difference to the study's "
                                  "baseline; below, every variant ranked by that difference.")]
     blocks += [("h", 2, "Ranking"), ("table", _ranking_table(rows))]
     blocks.append(("h", 2, "Cost"))
-    if cost is None:
-        notes.append("no cost: the eval results hold no teacher and student cost (re-evaluate with a teacher)")
-        blocks.append(("p", "No cost measured in these results."))
-    else:
-        blocks += [("p", f"**{cost['sentence']}**"), ("table", _cost_table(cost))]
-        if plot_cost(points, os.path.join(out_dir, COST_PLOT)):
-            blocks.append(("img", COST_PLOT, "accuracy against cost"))
+    cost_blocks, cost = _cost_blocks(studies, best, out_dir, options, notes)
+    blocks += cost_blocks
     for study in studies:
         blocks += _study_blocks(study, out_dir, notes)
     if notes:
@@ -303,7 +290,7 @@ def build_report(studies: list[Study], out_dir: str) -> tuple[list[tuple], dict]
     return blocks, numbers
 
 
-def write_report(study_folders: list[str], out_dir: str) -> dict:
+def write_report(study_folders: list[str], out_dir: str, options: ReportOptions | None = None) -> dict:
     """Load the studies and write report.md, report.html, report.json and the plots into `out_dir`; returns paths."""
     if not study_folders:
         raise ReportError("no study folder given")
@@ -312,7 +299,7 @@ def write_report(study_folders: list[str], out_dir: str) -> dict:
     if len(set(names)) != len(names):
         raise ReportError(f"two studies share a name ({names}); their plots would overwrite each other")
     os.makedirs(out_dir, exist_ok=True)
-    blocks, numbers = build_report(studies, out_dir)
+    blocks, numbers = build_report(studies, out_dir, options)
     title = "What matters: " + ", ".join(names)
     files = {"markdown": os.path.join(out_dir, REPORT_MD), "html": os.path.join(out_dir, REPORT_HTML),
              "json": os.path.join(out_dir, REPORT_JSON)}
@@ -329,17 +316,23 @@ def extend_report_command(subparsers) -> None:
     parser.epilog = ("Given study folders (the output_dir of `llavadi ablate`) instead of result files, writes "
                      "one report over the studies into the --out folder: report.md, report.html (plots "
                      "embedded), report.json and the plots.")
+    parser.add_argument("--cost-repeats", type=int, default=None, metavar="N",
+                        help="study folders only: measure each model architecture once, in N interleaved rounds "
+                             f"next to the teacher (default {DEFAULT_REPEATS}; 0: use the cells' eval-run costs)")
+    parser.add_argument("--export", default=None, metavar="QUANTS",
+                        help="study folders only: also export the best student to GGUF (e.g. f16,q8_0,q4_0,q4_k_m; "
+                             "needs llama-cpp-python) and score and time each variant in the cost pass")
 
     def run(args) -> int:
         folders = [p for p in args.results if os.path.isdir(p)]
         if not folders:
+            if args.cost_repeats is not None or args.export is not None:
+                print("llavadi report: error: --cost-repeats and --export apply to study folders only",
+                      file=sys.stderr)
+                return 2
             return plain(args)
         try:
-            if len(folders) != len(args.results):
-                raise ReportError("give either study folders or result files, not both")
-            if not args.out:
-                raise ReportError("a report over studies needs --out FOLDER (it writes markdown, HTML and plots)")
-            files = write_report(folders, args.out)
+            files = write_report(folders, args.out, _options(args, folders))
         except ReportError as err:
             print(f"llavadi report: error: {err}", file=sys.stderr)
             return 2
@@ -348,3 +341,23 @@ def extend_report_command(subparsers) -> None:
         return 0
 
     parser.set_defaults(func=run)
+
+
+def _options(args, folders: list[str]) -> ReportOptions:
+    """The report's options from the command line, refused by name when they cannot apply."""
+    from llavadi.export.gguf_target import parse_quants
+
+    if len(folders) != len(args.results):
+        raise ReportError("give either study folders or result files, not both")
+    if not args.out:
+        raise ReportError("a report over studies needs --out FOLDER (it writes markdown, HTML and plots)")
+    repeats = DEFAULT_REPEATS if args.cost_repeats is None else args.cost_repeats
+    if repeats < 0:
+        raise ReportError(f"--cost-repeats must be >= 0, got {repeats}")
+    try:
+        quants = None if args.export is None else parse_quants(args.export)
+    except ValueError as err:
+        raise ReportError(f"--export: {err}") from None
+    if quants and repeats == 0:
+        raise ReportError("--export measures the exported variants in the cost pass; it needs --cost-repeats >= 1")
+    return ReportOptions(cost_repeats=repeats, export_quants=quants)
