@@ -16,8 +16,8 @@ from cross_tokenizers import byte_level_bpe, sentencepiece_bpe
 from safetensors.torch import load_file
 
 from llavadi.cli import main
-from llavadi.config import recipe_from_dict
 from llavadi.models.build import LoadedModel, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.teacher.cache import open_cache
 from llavadi.teacher.cache_format import MANIFEST_FILE, CacheError
 from llavadi.train.runner import run_recipe

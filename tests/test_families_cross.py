@@ -25,9 +25,9 @@ from family_models import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from llavadi.config import recipe_from_dict
 from llavadi.data.tokenizer_pair import DIFFERENT
 from llavadi.models.build import LoadedModel, load_llava_dir, save_model
+from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import latest_checkpoint, run_recipe
 
 IMAGES = (("red", (32, 32), (255, 0, 0)), ("green", (64, 32), (0, 255, 0)), ("blue", (32, 48), (0, 0, 255)),
