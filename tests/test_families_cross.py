@@ -47,12 +47,14 @@ def _models():
                        lambda: idefics_image_processor("smolvlm")),
         "llava_next_64": (lambda t: anyres_model("llava_next", t, 64, 1), llava,
                           lambda: anyres_image_processor("llava_next")),
+        "llava_onevision_32": (lambda t: anyres_model("llava_onevision", t, 32, 0), llava,
+                               lambda: anyres_image_processor("llava_onevision")),
     }
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """The four models, images of four sizes, and LLaVA-format data (one image per sample)."""
+    """The five models, images of four sizes, and LLaVA-format data (one image per sample)."""
     root = tmp_path_factory.mktemp("cross_family")
     for name, (model, tokenizer, processor) in _models().items():
         tok = tokenizer()
@@ -131,4 +133,35 @@ def test_the_family_check_lets_uld_gold_and_state_terms_through():
     specs = [TermSpec.from_dict(t, "t") for t in [{"name": "forward_kl"}, *TERMS, {"name": "tvd"},
                                                   {"name": "visual_align"}]]
     assert one_vocabulary_logit_terms(specs) == ["forward_kl", "tvd"]
+
+
+def test_answers_pair_after_images_of_different_token_counts_and_two_adjacent_images(root, tmp_path):
+    """The answer tokens are found past each image's run of image tokens whatever its count, also where a
+    template writes two images next to each other (LLaVA-OneVision's `<image>` parts, here without a separator):
+    the paired student and teacher positions hold the answer's words."""
+    from llavadi.train.stage_inputs import build_dataset
+
+    data = [{"id": "two", "image": ["green.png", "yellow.png"],
+             "conversations": [{"from": "human", "value": "<image>\n<image>\nhow many ?"},
+                               {"from": "gpt", "value": "one two three"}]},
+            {"id": "one", "image": "blue.png",
+             "conversations": [{"from": "human", "value": "<image>\nwhat color is the square ?"},
+                               {"from": "gpt", "value": "the square is blue"}]}]
+    write_json(tmp_path / "data.json", data)
+    student, teacher = load_llava_dir(str(root / "llava_onevision_32")), load_llava_dir(str(root / "qwen2_vl_64"))
+    stage = _recipe(root, tmp_path / "run", "qwen2_vl_64", "llava_onevision_32", TERMS).stages[0]
+    stage.data.path = str(tmp_path / "data.json")
+    ds = build_dataset(stage, student, teacher)
+    image_id = student.model.config.image_token_id
+    two = ds.encoded[0][0].input_ids
+    start = two.index(image_id)
+    assert two[start + 1] == image_id  # the two images' runs are adjacent
+    words = []
+    for k, (encoded, groups) in enumerate(zip(ds.encoded, ds.alignments)):
+        s_ids, t_ids = encoded[0].input_ids, encoded[1].input_ids
+        s_words = [student.tokenizer.convert_ids_to_tokens(s_ids[g[0]]) for g in groups.tolist()]
+        t_words = [teacher.tokenizer.convert_ids_to_tokens(t_ids[g[2]]) for g in groups.tolist()]
+        assert s_words == t_words, k
+        words.append(s_words)
+    assert words == [["one", "two", "three"], ["the", "square", "is", "blue"]]
 
