@@ -301,6 +301,16 @@ def test_measure_exported_answers_as_eval_does_and_counts_what_it_read(exported)
     assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
     with pytest.raises(ValueError, match="4 prompts for 3 images"):
         measure_exported(path, prompts, images[:3], 8, [0])
+    # the student's own prompts, exported and measured in one call, give the same answers
+    from llavadi.eval.generate import load_for_eval as load_hf
+    from llavadi.export.measure import export_and_measure
+
+    hf = load_hf(exported["hf"], device="cpu", dtype="float32")
+    assert [encode_question(hf.encoder(), q) for q in questions] == prompts
+    one = export_and_measure(exported["hf"], exported["root"] / "one-q4_0", "q4_0", prompts, images, 8,
+                             eos_token_ids(hf.model, hf.tokenizer), n_ttft=1, threads=1)
+    assert one["answers"] == expected and set(one["export"]["variants"]) == {"q4_0"}
+    assert one["model"].endswith("model-q4_0.gguf") and one["file_bytes"] == row["file_bytes"]
 
 
 def test_cli_position_table_forced_is_written_and_recorded(exported, capsys):
