@@ -3,21 +3,28 @@
 Variants: the teacher (HF, fp32), the distilled student (HF, fp32), the student with PyTorch
 weight-only int8 (torchao's Int8WeightOnlyConfig when importable, else llavadi's plain
 per-channel int8, named in the table), and the student exported with `llavadi export --to gguf`
-run by llama.cpp (llama-cpp-python): f16, q8_0, q4_0, q4_k_m. Each variant runs in its own
+run by llama.cpp (llama-cpp-python): f16, q8_0, q4_0, q4_k_m; and, to separate the runtime's
+token order from conversion and quantization, the HF student reading its image tokens as
+llama.cpp's LLaVA graph does with CLIP's position table (student-fp32-cpp-order) and with the
+rotated one the export writes (student-fp32-cpp-rotated), and llama.cpp's features each in its
+own image-token slot (student-fp32-cpp-aligned, an analysis). Each variant runs in its own
 process, once with 1 thread and once with 2, and answers the demo's held-out questions one at a
 time (batch 1, greedy, `--max-new-tokens`) through `llavadi.eval.generate` (the eval's own
 prompts and generation loop; llama.cpp behind it for the GGUF files). Per variant:
 - accuracy (the synthetic benchmark's scorer, as `llavadi eval`) and agreement with the teacher's
-  answers (exact match after the simple normaliser), from the 1-thread run;
+  answers (exact match after the simple normaliser), per run;
 - file size: the HF folder's safetensors; the GGUF language model + the f16 mmproj; for the
   PyTorch int8 model, which has no file, the bytes its weights hold in memory (labelled);
-- peak memory: the process's peak RSS (VmHWM) and its growth over the RSS after the imports
-  (the interpreter, torch and llama.cpp libraries are loaded in every process alike);
+- peak memory: the process's peak RSS (VmHWM) and its growth over the RSS before the model
+  loaded (the interpreter, torch and llama.cpp libraries are loaded in every process alike);
 - time to first token: median over the questions of answering with max_new_tokens=1;
 - ms per answer and tokens/s (answer tokens, eos included, over wall time), at batch 1;
 - CPU-seconds per answer (user + system of the process); this machine exposes no power counter
   (no /sys/class/powercap), so energy is not measured; where RAPL is readable, the energy per
   answer (package counter, the whole machine's) is added.
+
+The rows, their ratios to the fp32 student and the goal's check go to `--out`/results.json
+(schema `llavadi-export-bench/1`, described in docs/export.md).
 
     python benchmarks/export.py --demo runs/demo [--out runs/export-bench] [--questions 600] [--threads 1 2]
 """
@@ -38,6 +45,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF_QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
 # HF variants that read the image tokens as llama.cpp's LLaVA graph does, with each position table
 CPP_ORDER = {"student-fp32-cpp-order": "hf", "student-fp32-cpp-rotated": "rotated"}
+# an analysis, not a runtime: llama.cpp's features with the rotated table, each in its own image-token slot
+# (the class token in the first patch's, whose output llama.cpp drops): what the one-slot shift costs
+ALIGNED = "student-fp32-cpp-aligned"
 RESULTS_SCHEMA = "llavadi-export-bench/1"
 
 
@@ -54,7 +64,28 @@ def _load(variant: str, spec: dict):
         from llavadi.export.gguf_runtime import read_tokens_as_llama_cpp
 
         read_tokens_as_llama_cpp(bundle.model.model.vision_tower, CPP_ORDER[variant])
+    if variant == ALIGNED:
+        _read_tokens_aligned(bundle.model.model.vision_tower)
     return bundle, None
+
+
+def _read_tokens_aligned(vision_tower) -> None:
+    """The HF tower fed [patch 1, CLS, patch 2..n] with their own positions: after it drops row 0 (patch 1),
+    it gives [CLS, patch 2..n], the outputs llama.cpp computes with the rotated table (attention does not
+    depend on the tokens' order), with each patch in its own image-token slot."""
+    import torch
+
+    tower = getattr(vision_tower, "vision_model", vision_tower)
+    emb = tower.embeddings
+    order = [1, 0, *range(2, emb.position_embedding.weight.shape[0])]
+
+    def forward(pixel_values, interpolate_pos_encoding=False):
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        tokens = torch.cat([patches[:, :1], cls, patches[:, 1:]], 1)
+        return tokens + emb.position_embedding.weight[order][None]
+
+    emb.forward = forward
 
 
 def _hf_bytes(variant: str, spec: dict, bundle) -> tuple[int, str]:
@@ -182,7 +213,8 @@ def _score(spec: dict, row: dict, teacher_answers: list[str] | None, student_ans
     return out
 
 
-VARIANTS = (["teacher-fp32", "student-fp32", *CPP_ORDER, "student-int8"] + [f"gguf-{q}" for q in GGUF_QUANTS])
+VARIANTS = (["teacher-fp32", "student-fp32", *CPP_ORDER, ALIGNED, "student-int8"]
+            + [f"gguf-{q}" for q in GGUF_QUANTS])
 GOAL = {"variant": "gguf-q4_0", "accuracy_vs_student": 0.95, "size_vs_student": 0.3, "tokens_per_s_vs_student": 2.0}
 
 

@@ -301,3 +301,37 @@ def test_measure_exported_answers_as_eval_does_and_counts_what_it_read(exported)
     assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
     with pytest.raises(ValueError, match="4 prompts for 3 images"):
         measure_exported(path, prompts, images[:3], 8, [0])
+    # the student's own prompts, exported and measured in one call, give the same answers
+    from llavadi.eval.generate import load_for_eval as load_hf
+    from llavadi.export.measure import export_and_measure
+
+    hf = load_hf(exported["hf"], device="cpu", dtype="float32")
+    assert [encode_question(hf.encoder(), q) for q in questions] == prompts
+    one = export_and_measure(exported["hf"], exported["root"] / "one-q4_0", "q4_0", prompts, images, 8,
+                             eos_token_ids(hf.model, hf.tokenizer), n_ttft=1, threads=1)
+    assert one["answers"] == expected and set(one["export"]["variants"]) == {"q4_0"}
+    assert one["model"].endswith("model-q4_0.gguf") and one["file_bytes"] == row["file_bytes"]
+
+
+def test_cli_position_table_forced_is_written_and_recorded(exported, capsys):
+    """`--position-table rotated|hf` skips the probe, writes that table into the mmproj and records it."""
+    import gguf
+
+    from llavadi.export.gguf_target import POSITION_TABLE_KEY
+    from llavadi.models.build import load_llava_dir
+
+    tower = load_llava_dir(exported["hf"], dtype=torch.float32).model.model.vision_tower
+    weight = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight.detach().numpy()
+    for order, expected in (("hf", weight), ("rotated", np.concatenate([weight[1:], weight[:1]]))):
+        out = exported["root"] / f"cli-{order}"
+        assert main(["export", exported["hf"], "--to", "gguf", "--out", str(out), "--quant", "f16",
+                     "--position-table", order]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["position_table"] == {"order": order, "chosen_by": "forced", "probe": None}
+        reader = gguf.GGUFReader(str(out / "mmproj-f16.gguf"))
+        field = reader.get_field(POSITION_TABLE_KEY)
+        assert bytes(field.parts[field.data[0]]).decode() == order
+        table = next(t for t in reader.tensors if t.name == "v.position_embd.weight")
+        np.testing.assert_allclose(np.asarray(table.data, dtype=np.float32).reshape(expected.shape), expected,
+                                   atol=1e-3, rtol=1e-3)  # stored in f16
+        assert json.loads((out / "export.json").read_text())["position_table"]["order"] == order

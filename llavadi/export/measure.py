@@ -10,7 +10,9 @@ the process's peak resident memory (VmHWM; its growth over the resident memory g
 variant per fresh process for a figure of that variant alone.
 
 `measure_exported` loads one exported variant (`llavadi export --to gguf`) in llama.cpp and
-measures it on prompts already encoded with the model's own template, adding its size on disk.
+measures it on prompts already encoded with the model's own template, adding its size on disk;
+`export_and_measure` exports a saved student in one quantization first. Prompts, eos ids and
+scoring come from the caller (llavadi.eval encodes, decodes and scores; this package sits below it).
 """
 
 from __future__ import annotations
@@ -106,3 +108,20 @@ def measure_exported(path: str | os.PathLike, prompts: Sequence[list[int]], imag
     manifest = read_manifest(find_export(path)[0])
     return {**row, "file_bytes": sum(os.path.getsize(p) for p in bundle.files), "quant": bundle.quant,
             "position_table": manifest.get("position_table"), "threads": bundle.model.llm.n_threads}
+
+
+def export_and_measure(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quant: str,
+                       prompts: Sequence[list[int]], images: Sequence, max_new_tokens: int, eos_ids: Sequence[int],
+                       n_ttft: int = 50, threads: int | None = None, position_table: str = "auto",
+                       force: bool = False) -> dict:
+    """Export a saved student to GGUF in one quantization (`export_gguf`) and measure it (`measure_exported`).
+
+    The prompts may be encoded with the student's own encoder: the export carries its tokenizer and
+    template. Returns `measure_exported`'s row plus `model` (the variant's file) and `export` (the manifest).
+    """
+    from llavadi.export.gguf_target import export_gguf, model_file
+
+    manifest = export_gguf(model_dir, out_dir, [quant], force=force, position_table=position_table)
+    path = os.path.join(os.fspath(out_dir), model_file(quant))
+    row = measure_exported(path, prompts, images, max_new_tokens, eos_ids, n_ttft=n_ttft, threads=threads)
+    return {**row, "model": path, "export": manifest}
