@@ -277,3 +277,33 @@ def test_a_frozen_tower_runs_once_per_step_and_the_loss_and_gradients_are_the_pl
     tower.requires_grad_(True)  # a tower that trains: nothing kept, it runs in both
     sampler([batch], step=1)
     assert len(runs) == 3 and not sampler.vision_outputs.entries and "forward" not in tower.__dict__
+
+
+def test_a_teacher_with_the_same_frozen_tower_is_handed_the_same_outputs(ws):
+    from llavadi.distill.view import model_inputs
+
+    student = load_llava_dir(str(ws / "student0"))
+    teacher_model = load_llava_dir(str(ws / "teacher0")).model
+    s_tower, t_tower = student.model.model.vision_tower, teacher_model.model.vision_tower
+    s_tower.requires_grad_(False)
+    ds, collator, batch = _collated(ws, student)
+    teacher = OnlineTeacher(teacher_model)
+    needs = Needs(last_hidden=True)
+    config = OnPolicyConfig(fraction=1.0, max_new_tokens=3, temperature=1.0)
+    # the two tiny models' towers differ: nothing is shared, the teacher's tower runs
+    assert OnPolicySampler(student.model, student.tokenizer, collator, config, 0, 64,
+                           teacher=teacher_model).vision_outputs.towers == [s_tower]
+    t_tower.load_state_dict(s_tower.state_dict())  # the LLaVADI pair: one frozen tower in both
+    runs = {"student": [], "teacher": []}
+    for who, tower in (("student", s_tower), ("teacher", t_tower)):
+        getattr(tower, "vision_model", tower).embeddings.register_forward_hook(lambda *_, w=who: runs[w].append(1))
+    sampler = OnPolicySampler(student.model, student.tokenizer, collator, config, 0, 64, teacher=teacher_model)
+    assert sampler.vision_outputs.towers == [s_tower, t_tower]
+    (new,) = sampler([batch], step=0)
+    shared = teacher.view(new, needs).last_hidden
+    student_view = llava_view(student.model, model_inputs(new), new["token_types"], needs).last_hidden
+    assert runs == {"student": [1], "teacher": []} and sampler.vision_outputs.reused == 2
+    assert "forward" not in t_tower.__dict__ and "forward" not in s_tower.__dict__
+    assert torch.equal(shared, teacher.view(new, needs).last_hidden)  # the teacher's own tower ran this time
+    assert torch.equal(student_view, llava_view(student.model, model_inputs(new), new["token_types"], needs).last_hidden)
+    assert runs == {"student": [1, 1], "teacher": [1]}

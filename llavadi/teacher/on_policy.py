@@ -17,8 +17,10 @@ the image token. Generation is the evaluation's batched generator (``llavadi.eva
 
 The student's vision tower runs once per image and step when it is frozen: the tower outputs of the generation's
 prefill are kept (``VisionOutputReuse``) and handed back when the training forward gives the tower the same pixel
-values (LLaVA-1.5 models, a tower without dropout; the layers the projector reads only). The outputs are the same
-tensors the tower would compute: the same weights, the same inputs, no gradient through a frozen tower.
+values (LLaVA-1.5 models, a tower without dropout; the layers the projector reads only), and to an online
+teacher whose tower is the same (one class, config and weights: the LLaVADI pair shares one frozen CLIP). The
+outputs are the same tensors the tower would compute: the same weights, the same inputs, no gradient through a
+frozen tower.
 
 A teacher whose tokenizer is the student's up to additions (``llavadi.data.tokenizer_pair``) reads
 the sampled answer through the fixed id map (``id_maps``: per view prefix, student id -> that
@@ -27,6 +29,7 @@ view's id); a sampled token the teacher does not have is an error naming the sam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 
@@ -209,61 +212,98 @@ REUSE_MODEL_TYPES = frozenset({"llava"})
 UNUSED_BY_TOWERS = frozenset({"use_cache"})
 
 
+def _llava_tower(model: nn.Module | None) -> nn.Module | None:
+    """The vision tower of a model whose projector reads only `vision_feature_layer` of it (None: another kind)."""
+    if model is None:
+        return None
+    llava = base_llava(model)
+    return llava.model.vision_tower if llava.config.model_type in REUSE_MODEL_TYPES else None
+
+
+def same_tower(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two towers compute the same outputs: one class, one config, equal weights (dtype, device, values)."""
+    skip = {"_name_or_path", "transformers_version"}
+    if type(a) is not type(b):
+        return False
+    if {k: v for k, v in a.config.to_dict().items() if k not in skip} != \
+            {k: v for k, v in b.config.to_dict().items() if k not in skip}:
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device
+        and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 class VisionOutputReuse:
     """A frozen vision tower's outputs from the generation's prefill, handed back to the training forward that
-    gives the tower the same pixel values (equal values, dtype and shape) and options; each is used once, and
-    forgotten at the next generation.
+    gives the tower the same pixel values (equal values, dtype and shape) and options; forgotten at the next
+    generation.
 
-    Only while the tower is frozen and has no dropout; only the hidden states the projector reads are kept (the
-    others are None), so CLIP-L's 25 layers of states are not held. Installed as the tower's forward while
-    entries wait, removed when none does."""
+    Only while the tower is frozen and has no dropout; only the hidden states the projectors read are kept (the
+    others are None), so CLIP-L's 25 layers of states are not held. A teacher whose tower is the same (`same_tower`:
+    the LLaVADI pair shares one frozen CLIP) is handed the same outputs: each entry serves every tower once.
+    Installed as the towers' forward while entries wait, removed when none does."""
 
-    def __init__(self, model: nn.Module) -> None:
-        llava = base_llava(model)
-        config = llava.config
-        self.tower = llava.model.vision_tower if config.model_type in REUSE_MODEL_TYPES else None
-        layer = getattr(config, "vision_feature_layer", None)
-        self.layers = [layer] if isinstance(layer, int) else list(layer or [])
-        self.entries: list[tuple[torch.Tensor, dict, object]] = []  # (pixel values, keyword arguments, output)
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None) -> None:
+        tower = _llava_tower(model)
+        self.towers = [] if tower is None else [tower]
+        shared = _llava_tower(teacher)
+        self.models = [base_llava(model)]
+        if tower is not None and shared is not None and same_tower(tower, shared):
+            self.towers.append(shared)
+            self.models.append(base_llava(teacher))
+        layers = [getattr(m.config, "vision_feature_layer", None) for m in self.models]
+        self.layers = [i for layer in layers for i in ([layer] if isinstance(layer, int) else list(layer or []))]
+        self.entries: list[list] = []  # [pixel values, keyword arguments, output, uses left]
         self.recording = False
         self.reused = 0  # tower forwards skipped (tests read it)
 
     def applies(self) -> bool:
-        """Whether the tower's outputs can be reused now: a LLaVA-1.5 tower, frozen, without dropout."""
-        tower = self.tower
-        if tower is None or any(p.requires_grad for p in tower.parameters()):
+        """Whether the towers' outputs can be reused now: LLaVA-1.5 towers, frozen, without dropout."""
+        if not self.towers:
             return False
-        dropout = getattr(getattr(tower, "config", None), "attention_dropout", 0.0) or 0.0
-        return not dropout and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in tower.modules())
+        for tower in self.towers:
+            if any(p.requires_grad for p in tower.parameters()):
+                return False
+            if getattr(getattr(tower, "config", None), "attention_dropout", 0.0):
+                return False
+            if any(isinstance(m, nn.Dropout) and m.p > 0 for m in tower.modules()):
+                return False
+        return True
 
     def start(self) -> None:
         """Before a generation: forget the earlier entries, record the tower's outputs from now on."""
         self.entries.clear()
         self.recording = self.applies()
         if self.recording:
-            self.tower.forward = self._forward  # an instance attribute: the class's forward is untouched
+            for tower in self.towers:  # an instance attribute: the class's forward is untouched
+                tower.forward = functools.partial(self._forward, tower)
 
     def stop(self) -> None:
-        """After a generation: stop recording; the tower's own forward comes back if nothing waits."""
+        """After a generation: stop recording; the towers' own forward comes back if nothing waits."""
         self.recording = False
         if not self.entries:
             self._uninstall()
 
     def _uninstall(self) -> None:
-        if self.tower is not None and "forward" in self.tower.__dict__:
-            del self.tower.forward
+        for tower in self.towers:
+            if "forward" in tower.__dict__:
+                del tower.forward
 
-    def _forward(self, pixel_values, *args, **kwargs):
-        original = type(self.tower).forward.__get__(self.tower)
+    def _forward(self, tower, pixel_values, *args, **kwargs):
+        original = type(tower).forward.__get__(tower)
         plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in kwargs.values())
         if args or not plain or not isinstance(pixel_values, torch.Tensor):
             return original(pixel_values, *args, **kwargs)
         options = {k: v for k, v in kwargs.items() if k not in UNUSED_BY_TOWERS}
-        for k, (stored, stored_options, output) in enumerate(self.entries):
+        for k, entry in enumerate(self.entries):
+            stored, stored_options, output, _ = entry
             if (stored_options == options and stored.shape == pixel_values.shape and stored.dtype == pixel_values.dtype
                     and stored.device == pixel_values.device and torch.equal(stored, pixel_values)
                     and self.applies()):
-                del self.entries[k]
+                entry[3] -= 1
+                if not entry[3]:
+                    del self.entries[k]
                 if not self.entries and not self.recording:
                     self._uninstall()
                 self.reused += 1
@@ -272,7 +312,8 @@ class VisionOutputReuse:
         if self.recording and getattr(output, "hidden_states", None) is not None:
             kept = {i % len(output.hidden_states) for i in self.layers}
             thin = tuple(h if i in kept else None for i, h in enumerate(output.hidden_states))
-            self.entries.append((pixel_values, options, type(output)(**{**output, "hidden_states": thin})))
+            self.entries.append([pixel_values, options, type(output)(**{**output, "hidden_states": thin}),
+                                 len(self.towers)])
         return output
 
 
@@ -285,7 +326,8 @@ class OnPolicySampler:
     """
 
     def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int,
-                 id_maps: dict[str, torch.Tensor] | None = None, retokenize: TeacherRetokenizer | None = None) -> None:
+                 id_maps: dict[str, torch.Tensor] | None = None, retokenize: TeacherRetokenizer | None = None,
+                 teacher: nn.Module | None = None) -> None:
         self.retokenize = retokenize
         self.student = student
         self.id_maps = id_maps or {}  # view prefix -> student id to that view's id (a teacher's tokenizer)
@@ -297,7 +339,7 @@ class OnPolicySampler:
         self.eos_ids = eos_token_ids(student, tokenizer)
         self.image_token_id = family_of(student.config).image_token_id(student.config)
         self.stats = {"samples": 0, "on_policy": 0, "generated_tokens": 0, "seconds": 0.0}
-        self.vision_outputs = VisionOutputReuse(student)
+        self.vision_outputs = VisionOutputReuse(student, teacher)  # `teacher`: the online teacher's model
         if retokenize is not None:
             self.stats["not_text"] = 0
 

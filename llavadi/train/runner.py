@@ -97,7 +97,8 @@ def teacher_signals(recipe: Recipe, stage: StageConfig, student: LoadedModel, te
                                             eos_token_ids(student.model, student.tokenizer), dataset.views[1].prefix)
         on_policy = OnPolicySampler(student.model, student.tokenizer, collator, stage.on_policy, recipe.seed,
                                     stage.data.max_length,
-                                    stage_inputs.answer_id_maps(student, teacher, collator.prefixes), retokenize=retokenize)
+                                    stage_inputs.answer_id_maps(student, teacher, collator.prefixes), retokenize=retokenize,
+                                    teacher=source.model if isinstance(source, OnlineTeacher) else None)
     return source, on_policy
 
 
