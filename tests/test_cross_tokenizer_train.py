@@ -110,3 +110,26 @@ def test_retokenized_answer_pairs_the_same_text():
     assert s_text.strip() == t_text.strip() == "the reds €5"
     assert retokenized_answer(PieceReader(student_tok), [student_tok.convert_tokens_to_ids("<0xE2>")], 10, teacher,
                               PieceReader(teacher_tok), 20, set(), "x") is None  # half a character: not text
+
+
+def test_a_sampled_answer_the_teacher_cannot_read_back_keeps_its_sample():
+    """A teacher whose tokenizer maps a sampled word to <unk>: the sample stays as it was (counted), no crash."""
+    from conftest import make_word_tokenizer
+
+    from llavadi.data.encode import ConversationEncoder
+    from llavadi.data.templates import VicunaV1
+    from llavadi.data.token_alignment import AlignmentError, PieceReader, retokenized_answer
+    from llavadi.data.token_types import TokenType
+    from llavadi.teacher.on_policy import TeacherRetokenizer
+
+    student_tok, teacher_tok = sentencepiece_bpe(), make_word_tokenizer()
+    teacher = ConversationEncoder(teacher_tok, VicunaV1(system="", eos=teacher_tok.eos_token),
+                                  teacher_tok.convert_tokens_to_ids("<image>"), n_image_tokens=1)
+    stop = {student_tok.eos_token_id}
+    unreadable = student_tok(" the reds €5", add_special_tokens=False)["input_ids"] + [student_tok.eos_token_id]
+    with pytest.raises(AlignmentError, match="does not reproduce the text"):
+        retokenized_answer(PieceReader(student_tok), unreadable, 3, teacher, PieceReader(teacher_tok), 3, stop, "s0")
+    response = int(TokenType.RESPONSE)
+    item = {"sample_id": "s0", "input_ids": [1, 2, 3, 4], "token_types": [0, 0, 0, response],
+            "t_input_ids": [1, 2, 3, 4], "t_token_types": [0, 0, 0, response]}
+    assert TeacherRetokenizer(student_tok, teacher, stop, "t_")(item, unreadable, 64) is None

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from llavadi.data.collator import IMAGE_INPUT_KEYS, combine_image_inputs
 from llavadi.data.encode import IGNORE_INDEX
-from llavadi.data.token_alignment import ALIGNMENT_KEY, PieceReader, retokenized_answer
+from llavadi.data.token_alignment import ALIGNMENT_KEY, AlignmentError, PieceReader, retokenized_answer
 from llavadi.data.token_types import TokenType
 from llavadi.distill.view import base_llava
 from llavadi.eval.decode import eos_token_ids, pad_token_id
@@ -186,12 +186,18 @@ class TeacherRetokenizer:
         self.stop_ids, self.prefix = set(stop_ids), prefix
 
     def __call__(self, item: dict, answer: list[int], max_length: int) -> dict | None:
-        """The on-policy item (student's own tokens, the teacher's tokens of the same text); None: keep the sample."""
+        """The on-policy item (student's own tokens, the teacher's tokens of the same text).
+
+        None (the sample is kept as it was): the sampled ids spell no valid text, or text the teacher's
+        tokenizer does not reproduce exactly, so no answer token could be paired."""
         p = self.prefix
         start_s, start_t = last_answer_start(item["token_types"]), last_answer_start(item[p + "token_types"])
         answer = answer[:max_length - start_s]
-        made = retokenized_answer(self.student_reader, answer, start_s, self.teacher, self.teacher_reader, start_t,
-                                  self.stop_ids, item["sample_id"])
+        try:
+            made = retokenized_answer(self.student_reader, answer, start_s, self.teacher, self.teacher_reader,
+                                      start_t, self.stop_ids, item["sample_id"])
+        except AlignmentError:  # text the teacher's tokenizer does not reproduce (an unknown token, a normaliser)
+            return None
         if made is None:
             return None
         teacher_ids, groups = made
@@ -321,8 +327,9 @@ class OnPolicySampler:
     """Replaces a fraction of each training batch's samples by the student's sampled answers.
 
     With ``retokenize`` (a teacher of another tokenizer) the teacher reads the sampled answer's text
-    in its own tokens, paired with the student's; a sampled answer that is not valid text leaves
-    its sample as it was (counted in ``stats["not_text"]``).
+    in its own tokens, paired with the student's; a sampled answer that is not valid text, or whose
+    text the teacher's tokenizer does not reproduce, leaves its sample as it was (counted in
+    ``stats["not_text"]``).
     """
 
     def __init__(self, student, tokenizer, collator, config, seed: int, max_length: int,

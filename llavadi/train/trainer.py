@@ -141,7 +141,7 @@ class DistillTrainer(Trainer):
             logs.update({"on_policy/share": round(made["on_policy"] / max(made["samples"], 1), 4),
                          "on_policy/tokens_per_answer": round(made["generated_tokens"] / max(made["on_policy"], 1), 2),
                          "on_policy/generation_seconds": round(made["seconds"] / world_size(), 3)})
-            if "not_text" in made:  # a teacher of another tokenizer: answers that spelled no valid text
+            if "not_text" in made:  # a teacher of another tokenizer: answers it could not read back
                 logs["on_policy/not_text"] = int(made["not_text"])
         return logs
 
