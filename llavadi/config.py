@@ -150,6 +150,7 @@ class TrainableConfig:
 
 
 TERM_KEYS = ("name", "weight", "tokens", "options")
+DEFAULT_CHUNK_MIB = 32.0  # fp32 logits of one model per LM-head chunk; chosen by benchmarks/kd_loss.py --sweep
 
 
 @dataclass
@@ -207,12 +208,12 @@ class DistillConfig:
     ce_weight: float = 1.0
     terms: list[TermSpec] = field(default_factory=list)  # each checked against its term's class when a recipe is read
     chunk_size: int | None = None  # positions per LM-head chunk of CE and logit terms (null: from chunk_mib)
-    chunk_mib: float | None = None  # else as many positions as keep one model's fp32 chunk logits within this many MiB (null: the LM-head pass's default, 32)
+    chunk_mib: float = DEFAULT_CHUNK_MIB  # else as many positions as keep one model's fp32 chunk logits within this many MiB
 
     def validate(self, where: str):
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"{where}.chunk_size must be >= 1")
-        if self.chunk_mib is not None and not self.chunk_mib > 0:
+        if not self.chunk_mib > 0:
             raise ConfigError(f"{where}.chunk_mib must be > 0")
         if self.ce_weight == 0 and not self.terms:
             raise ConfigError(f"{where}: ce_weight is 0 and no term is given: nothing to train on")

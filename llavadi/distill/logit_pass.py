@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llavadi.config import DEFAULT_CHUNK_MIB
 from llavadi.distill.logits import LogitRows, target_nll, upcast
 from llavadi.distill.positions import prediction_rows, require_mapped
 from llavadi.distill.selection import IGNORE_INDEX, shifted_labels
@@ -45,7 +46,6 @@ from llavadi.distill.view import ModelView
 from llavadi.distill.vocab import SharedVocab
 
 Tensor = torch.Tensor
-DEFAULT_CHUNK_MIB = 32.0  # fp32 logits of one model per chunk; chosen by benchmarks/kd_loss.py --sweep
 
 
 def head_weights(view: ModelView) -> tuple[Tensor, Tensor | None]:

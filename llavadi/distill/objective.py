@@ -66,7 +66,7 @@ class DistillObjective(nn.Module):
     def __init__(self, terms: list, ce_weight: float = 1.0, student_config: Any = None, teacher_config: Any = None,
                  chunk_size: int | None = None, student_tokens_per_image: int | None = None,
                  teacher_tokens_per_image: int | None = None, teacher_signal: str = "dense",
-                 chunk_mib: float | None = None, fused: bool = True, vocab: SharedVocab | None = None,
+                 chunk_mib: float = DEFAULT_CHUNK_MIB, fused: bool = True, vocab: SharedVocab | None = None,
                  cross_tokenizer: bool = False, matched_tokens: Any = None) -> None:
         super().__init__()
         specs = [TermSpec.from_dict(t, f"distill.terms[{i}]") for i, t in enumerate(terms)]
@@ -75,7 +75,6 @@ class DistillObjective(nn.Module):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of positions or None (from chunk_mib), "
                              f"got {chunk_size}")
-        chunk_mib = DEFAULT_CHUNK_MIB if chunk_mib is None else chunk_mib
         if not chunk_mib > 0:
             raise ValueError(f"chunk_mib must be > 0, got {chunk_mib}")
         if teacher_signal not in TEACHER_SIGNALS:

@@ -87,7 +87,7 @@ def write_recipe(root: Path, out: Path, name: str = "recipe.yaml", **kw) -> Path
 
 def subprocess_env() -> dict:
     """One thread, as the test process: runs in both give bit-identical floats."""
-    return dict(os.environ, OMP_NUM_THREADS="1", LLAVADI_THREADS="1", PYTHONPATH=f"{HERE.parent}:{HERE}")
+    return dict(os.environ, OMP_NUM_THREADS="1", LLAVADI_THREADS="1", PYTHONPATH=f"{HERE.parents[1]}:{HERE.parent}:{HERE}")
 
 
 def killed(fault: str, at: int, *llavadi_args: str, timeout: int = 300) -> subprocess.CompletedProcess:
