@@ -63,3 +63,24 @@ def sentencepiece_bpe(vocab_size: int = 300):
     # byte pieces are ordinary vocabulary entries of a SentencePiece model, not added tokens
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+ANSWERS = ["a red circle", "There are 3 blue squares.", "yes", "the green one, on the left"]
+
+
+def write_pair(root) -> list[dict]:
+    """A SentencePiece-BPE student (32 px), a wider byte-level-BPE teacher (64 px) and 4 images under `root`;
+    returns 8 samples of LLaVA JSON about them, for the caller to edit and write."""
+    from conftest import make_image_processor, make_tiny_llava, write_images
+
+    from llavadi.models.build import LoadedModel, save_model
+
+    student_tok, teacher_tok = sentencepiece_bpe(), byte_level_bpe()
+    save_model(LoadedModel(make_tiny_llava(student_tok), student_tok, make_image_processor(32), {}),
+               str(root / "student"))
+    save_model(LoadedModel(make_tiny_llava(teacher_tok, text_hidden=48, image_size=64, seed=1), teacher_tok,
+                           make_image_processor(64), {}), str(root / "teacher"))
+    write_images(root / "imgs", 4)
+    return [{"id": f"s{i}", "image": f"img{i % 4}.png",
+             "conversations": [{"from": "human", "value": "<image>\nwhat is there?"},
+                               {"from": "gpt", "value": ANSWERS[i % 4]}]} for i in range(8)]

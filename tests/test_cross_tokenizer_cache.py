@@ -11,18 +11,16 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import make_image_processor, make_tiny_llava, write_images, write_json
-from cross_tokenizers import byte_level_bpe, sentencepiece_bpe
+from conftest import write_json
+from cross_tokenizers import byte_level_bpe, write_pair
 from safetensors.torch import load_file
 
 from llavadi.cli import main
-from llavadi.models.build import LoadedModel, save_model
 from llavadi.recipe import recipe_from_dict
 from llavadi.teacher.cache import open_cache
 from llavadi.teacher.cache_format import MANIFEST_FILE, CacheError
 from llavadi.train.runner import run_recipe
 
-ANSWERS = ["a red circle", "There are 3 blue squares.", "yes", "the green one, on the left"]
 TERMS = [{"name": "uld", "options": {"top_k": 0}}, {"name": "gold", "options": {"top_k": 16}},
          {"name": "hidden_mse"}]
 
@@ -31,15 +29,7 @@ TERMS = [{"name": "uld", "options": {"top_k": 0}}, {"name": "gold", "options": {
 def pair(tmp_path_factory):
     """A SentencePiece-BPE student, a byte-level-BPE teacher (another image size), 8 samples, and a recipe file."""
     root = tmp_path_factory.mktemp("cross_cache")
-    student_tok, teacher_tok = sentencepiece_bpe(), byte_level_bpe()
-    save_model(LoadedModel(make_tiny_llava(student_tok), student_tok, make_image_processor(32), {}),
-               str(root / "student"))
-    save_model(LoadedModel(make_tiny_llava(teacher_tok, text_hidden=48, image_size=64, seed=1), teacher_tok,
-                           make_image_processor(64), {}), str(root / "teacher"))
-    write_images(root / "imgs", 4)
-    data = [{"id": f"s{i}", "image": f"img{i % 4}.png",
-             "conversations": [{"from": "human", "value": "<image>\nwhat is there?"},
-                               {"from": "gpt", "value": ANSWERS[i % 4]}]} for i in range(8)]
+    data = write_pair(root)
     data[5] = {"id": "s5", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world 12"},
                                              {"from": "human", "value": "and?"}, {"from": "gpt", "value": "two dogs"}]}
     write_json(root / "inst.json", data)

@@ -4,28 +4,18 @@ are refused by name before any model loads."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_image_processor, make_tiny_llava, write_images, write_json
-from cross_tokenizers import byte_level_bpe, sentencepiece_bpe
+from conftest import write_json
+from cross_tokenizers import byte_level_bpe, sentencepiece_bpe, write_pair
 
-from llavadi.models.build import LoadedModel, load_llava_dir, save_model
+from llavadi.models.build import load_llava_dir
 from llavadi.recipe import recipe_from_dict
 from llavadi.train.runner import run_recipe
-
-ANSWERS = ["a red circle", "There are 3 blue squares.", "yes", "the green one, on the left"]
 
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cross")
-    student_tok, teacher_tok = sentencepiece_bpe(), byte_level_bpe()
-    save_model(LoadedModel(make_tiny_llava(student_tok), student_tok, make_image_processor(32), {}),
-               str(root / "student"))
-    save_model(LoadedModel(make_tiny_llava(teacher_tok, text_hidden=48, image_size=64, seed=1), teacher_tok,
-                           make_image_processor(64), {}), str(root / "teacher"))
-    write_images(root / "imgs", 4)
-    data = [{"id": f"s{i}", "image": f"img{i % 4}.png",
-             "conversations": [{"from": "human", "value": "<image>\nwhat is there?"},
-                               {"from": "gpt", "value": ANSWERS[i % 4]}]} for i in range(8)]
+    data = write_pair(root)
     write_json(root / "inst.json", data)
     return root
 
