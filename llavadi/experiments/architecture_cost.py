@@ -105,14 +105,15 @@ def summarise_costs(costs: list[dict]) -> dict:
             "eval_batch_size": costs[0]["batch_eval"]["batch_size"], "measurements": len(costs)}
 
 
-def load_architectures(archs: list[Architecture], log=print) -> dict[str, object]:
-    """Each architecture's representative model, loaded once for evaluation (CPU, float32)."""
+def load_architectures(archs: list[Architecture], device: str = "auto", dtype: str = "auto",
+                       log=print) -> dict[str, object]:
+    """Each architecture's representative model, loaded once for evaluation on `device` in `dtype`."""
     from llavadi.eval.generate import load_for_eval
 
     bundles = {}
     for arch in archs:
         log(f"cost pass: loading the {arch.role} architecture from {arch.model_dir}")
-        bundles[arch.key] = load_for_eval(arch.model_dir, device="cpu", dtype="float32")
+        bundles[arch.key] = load_for_eval(arch.model_dir, device=device, dtype=dtype)
     return bundles
 
 
@@ -224,7 +225,7 @@ def run_cost_pass(studies, best: dict | None, out_dir: str, repeats: int = DEFAU
                   quants: list[str] | None = None, log=print) -> dict:
     """Measure every architecture of the studies once (in `repeats` rounds), and optionally the best student's GGUF variants.
 
-    The question set, batch size and answer length are the first study's eval settings.
+    The question set, batch size, answer length, device and dtype are the first study's eval settings.
     """
     import torch
 
@@ -233,7 +234,7 @@ def run_cost_pass(studies, best: dict | None, out_dir: str, repeats: int = DEFAU
         raise CostPassError("no cell has a model folder to measure")
     spec = studies[0].grid["eval"]
     questions = _eval_questions(spec)
-    bundles = load_architectures(archs, log)
+    bundles = load_architectures(archs, spec.get("device") or "auto", spec.get("dtype") or "auto", log)
     notes, exported, best_cell = [], {}, None
     if quants:
         best_cell = _best_cell(studies, best) if best else None

@@ -64,6 +64,25 @@ def _curve_colours(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _legend(fig, panels, spare, variants: list[str]) -> None:
+    """One legend entry per variant (grid order): in the `spare` empty panel if any, else below the panels."""
+    handles, labels = [], []
+    for ax in panels:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    order = sorted(range(len(labels)), key=lambda k: variants.index(labels[k]))
+    handles, labels = [handles[k] for k in order], [labels[k] for k in order]
+    if spare is not None:
+        spare.set_visible(True)
+        spare.axis("off")
+        spare.legend(handles, labels, loc="center", ncol=2 if len(labels) > 8 else 1, fontsize=8,
+                     title="variant", title_fontsize=8)
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+
+
 def plot_curves(cells: list[dict], path: str, title: str) -> str | None:
     """One panel per (stage, loss tag), two panels a row; per variant the mean over its seeds, min–max shaded.
 
@@ -105,21 +124,7 @@ def plot_curves(cells: list[dict], path: str, title: str) -> str | None:
         ax.tick_params(labelsize=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    handles, labels = [], []
-    for ax in axes[:len(panels)]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    order = sorted(range(len(labels)), key=lambda k: variants.index(labels[k]))
-    handles, labels = [handles[k] for k in order], [labels[k] for k in order]
-    if spare:
-        axes[-1].set_visible(True)
-        axes[-1].axis("off")
-        axes[-1].legend(handles, labels, loc="center", ncol=2 if len(labels) > 8 else 1, fontsize=8,
-                        title="variant", title_fontsize=8)
-    else:
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    _legend(fig, axes[:len(panels)], axes[-1] if spare else None, variants)
     fig.suptitle(f"{title}: training curves, mean over seeds {', '.join(map(str, seeds))} (shaded: min–max)",
                  fontsize=10)
     bottom = (0.3 * legend_rows + 0.3 * (not spare)) / (2.7 * nrows + 0.3 * legend_rows + 0.6)

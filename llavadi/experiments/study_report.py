@@ -111,7 +111,8 @@ def _ranking_table(rows: list[dict]) -> str:
     for i, r in enumerate(rows, 1):
         d, a = r["delta"], r["agreement_delta"]
         p = "–" if d.get("p") is None else f"{d['p']:.3f}"
-        delta = f"{d['mean']:+.2f} ± {d['std']:.2f}{significance_mark(d.get('p'))}"
+        spread = f" ± {d['std']:.2f}" if d.get("n", 2) > 1 else ""  # one seed: no spread
+        delta = f"{d['mean']:+.2f}{spread}{significance_mark(d.get('p'))}"
         agree = "–" if a is None else f"{a['mean']:+.2f}{significance_mark(a.get('p'))}"
         lines.append(f"| {i} | {r['study']} | {r['variant']} | {r['metric']} | {r['mean']:.2f} | {delta} | {p} | {agree} |")
     lines += ["", "Δ = variant − baseline of its study, paired by seed (± sample std of the differences); "
