@@ -173,8 +173,8 @@ def test_hf_position_table_is_read_in_llama_cpps_token_order(exported):
     import gguf
 
     from llavadi.eval.generate import question_image
+    from llavadi.export.gguf_files import POSITION_TABLE_KEY, write_mmproj_gguf
     from llavadi.export.gguf_runtime import GgufRuntime, read_tokens_as_llama_cpp, runtime_image
-    from llavadi.export.gguf_target import POSITION_TABLE_KEY, write_mmproj_gguf
     from llavadi.export.support import check_gguf_support
     from llavadi.models.build import load_llava_dir
 
@@ -204,7 +204,8 @@ def test_hf_position_table_is_read_in_llama_cpps_token_order(exported):
 
 def test_position_table_rotation_and_choices():
     """Row i of the rotated table is HF row i+1, its last row HF row 0; unknown choices are refused by name."""
-    from llavadi.export.gguf_target import position_table, resolve_position_order
+    from llavadi.export.gguf_files import position_table
+    from llavadi.export.gguf_target import resolve_position_order
 
     table = torch.arange(10.0)[:, None].expand(10, 3)
     assert position_table(table, "rotated")[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
@@ -317,7 +318,7 @@ def test_cli_position_table_forced_is_written_and_recorded(exported, capsys):
     """`--position-table rotated|hf` skips the probe, writes that table into the mmproj and records it."""
     import gguf
 
-    from llavadi.export.gguf_target import POSITION_TABLE_KEY
+    from llavadi.export.gguf_files import POSITION_TABLE_KEY
     from llavadi.models.build import load_llava_dir
 
     tower = load_llava_dir(exported["hf"], dtype=torch.float32).model.model.vision_tower

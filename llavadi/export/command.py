@@ -11,7 +11,8 @@ from llavadi.export import TARGETS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `export` subcommand to the CLI's subparsers."""
-    from llavadi.export.gguf_target import DEFAULT_QUANTS, POSITION_CHOICES, QUANT_FTYPES
+    from llavadi.export.gguf_files import QUANT_FTYPES
+    from llavadi.export.gguf_target import DEFAULT_QUANTS, POSITION_CHOICES
 
     e = subparsers.add_parser(
         "export", help="write a saved LLaVA model for an on-device runtime (llama.cpp GGUF), quantized")

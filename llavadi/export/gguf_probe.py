@@ -3,7 +3,7 @@
 llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp in the llama-cpp-python 0.3.36 build;
 ggml-org/llama.cpp issue 25814) appends CLIP's class token after the patches while it adds the
 position table's rows 0..n in order and keeps rows 1..n. An mmproj whose table is written
-"rotated" (`gguf_target.position_table`) gives every token its own position embedding under that
+"rotated" (`gguf_files.position_table`) gives every token its own position embedding under that
 graph; under a graph that reads [CLS, patches] as CLIP does, the rotation would be the defect.
 So `llavadi export --position-table auto` asks the runtime: a tiny random LLaVA (the demo's
 student preset) is written with the HF table (f32 matrices) and run through llama.cpp's mtmd;
@@ -69,8 +69,8 @@ def probe_class_token_order() -> dict:
     import llama_cpp
     from PIL import Image
 
+    from llavadi.export.gguf_files import write_mmproj_gguf, write_text_gguf
     from llavadi.export.gguf_runtime import GgufRuntime
-    from llavadi.export.gguf_target import write_mmproj_gguf, write_text_gguf
     from llavadi.export.support import GgufPlan, vision_blocks
 
     model, tokenizer, processor = _tiny_model()

@@ -313,14 +313,14 @@ def read_tokens_as_llama_cpp(vision_tower, position_order: str = "hf") -> None:
     llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp; ggml-org/llama.cpp issue 25814) appends the
     class embedding after the patches while it adds the position table's rows 0..n in order and keeps
     rows 1..n. With the HF table (`position_order` "hf") every patch gets its neighbour's position
-    embedding; with the table the export writes "rotated" (`gguf_target.position_table`) each token
+    embedding; with the table the export writes "rotated" (`gguf_files.position_table`) each token
     gets its own. Either way patch 0 is dropped and the CLS output becomes the last image token. A HF
     model patched so computes what the exported files compute: it separates that runtime defect from
     conversion and quantization in tests and benchmarks.
     """
     import torch
 
-    from llavadi.export.gguf_target import position_table
+    from llavadi.export.gguf_files import position_table
 
     tower = getattr(vision_tower, "vision_model", vision_tower)
     emb = tower.embeddings
