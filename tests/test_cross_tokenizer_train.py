@@ -20,9 +20,9 @@ def pair_dir(tmp_path_factory):
     return root
 
 
-def _recipe(root, out, terms, template="vicuna_v1", **stage_extra):
+def _recipe(root, out, terms, template="vicuna_v1", batch=4, **stage_extra):
     stage = {"name": "finetune", "data": {"path": str(root / "inst.json")}, **stage_extra,
-             "train": {"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
+             "train": {"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": batch, "logging_steps": 1,
                        "save_steps": 100},
              "distill": {"terms": terms}}
     return recipe_from_dict({"student": {"path": str(root / "student")}, "teacher": {"path": str(root / "teacher")},
@@ -69,17 +69,20 @@ def test_terms_that_need_one_tokenizer_are_refused_up_front(pair_dir, tmp_path, 
 
 
 def test_on_policy_answers_are_retokenized_for_the_teacher(pair_dir, tmp_path):
-    """Every sample answered by the student (lambda 1): the teacher reads the same text in its own tokens."""
+    """Every sample answered by the student (lambda 1): the teacher reads the same text in its own tokens.
+
+    A random student's sampled tokens are often not valid text (its byte-fallback pieces split characters): short
+    answers and 16 of them make at least one valid one all but certain whatever the random weights."""
     rec = _recipe(pair_dir, tmp_path / "run", [{"name": "uld", "options": {"top_k": 8}}, {"name": "hidden_mse"}],
-                  on_policy={"fraction": 1.0, "max_new_tokens": 6, "temperature": 1.0})
+                  batch=8, on_policy={"fraction": 1.0, "max_new_tokens": 2, "temperature": 1.0})
     run_recipe(rec, log=lambda *_: None)
     logs = _logs(tmp_path / "run" / "finetune")
     assert len(logs) == 2
     for h in logs:
         answered = h["on_policy/share"]
-        assert answered + h["on_policy/not_text"] / 4 == 1.0  # 4 samples per step: each answered or kept
+        assert answered + h["on_policy/not_text"] / 8 == 1.0  # 8 samples per step: each answered or kept
         assert answered == 0 or (h["loss/uld"] > 0 and h["loss/hidden_mse"] > 0)
-    assert any(h["on_policy/share"] > 0 for h in logs)
+    assert any(h["on_policy/share"] > 0 for h in logs), [h["on_policy/share"] for h in logs]
 
 
 def test_retokenized_answer_pairs_the_same_text():
