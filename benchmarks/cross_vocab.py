@@ -26,13 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from llavadi.process_memory import reset_peak_rss, status_kib  # noqa: E402 (after the path above)
 
 
 def _groups(n: int):
@@ -110,13 +104,12 @@ def worker(variant: str, n: int, width: int, vocab: int) -> None:
     torch.set_num_threads(1)
     step, n_groups = _step(variant, n, width, vocab)
     step()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    before = status_kib("VmRSS")
+    reset_peak_rss()
     start, cpu = time.perf_counter(), time.process_time()
     loss = step()
     print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                      "extra_peak_mib": (_status_kib("VmHWM") - before) / 1024, "loss": loss, "groups": n_groups}))
+                      "extra_peak_mib": (status_kib("VmHWM") - before) / 1024, "loss": loss, "groups": n_groups}))
 
 
 def main() -> None:

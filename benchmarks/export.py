@@ -111,7 +111,8 @@ def run_worker(variant: str, spec: dict, threads: int) -> dict:
         question_image,
     )
     from llavadi.export.gguf_runtime import load_export_prompter
-    from llavadi.export.measure import measure_answers, measure_exported, status_kib
+    from llavadi.export.measure import measure_answers, measure_exported
+    from llavadi.process_memory import status_kib
 
     torch.set_num_threads(threads)
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -43,18 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
+from llavadi.process_memory import reset_peak_rss, status_kib  # noqa: E402 (after the path above)
 
 
 class Problem:
@@ -195,12 +184,12 @@ def worker(args: argparse.Namespace) -> None:
         command = line.split()
         for weight in getattr(step, "weights", (problem.weight_s,)):
             weight.grad = None
-        before = _status_kib("VmRSS")
-        _reset_peak()
+        before = status_kib("VmRSS")
+        reset_peak_rss()
         start, cpu_start = time.perf_counter(), time.process_time()
         loss, grad_h = step()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        extra = (_status_kib("VmHWM") - before) / 1024
+        extra = (status_kib("VmHWM") - before) / 1024
         if command[0] == "check":
             grad_w = getattr(step, "weights", (problem.weight_s,))[0].grad[:args.vocab]  # the V base rows
             sample_w = grad_w.flatten()[::7].clone()  # every 7th entry of the weight gradient

@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 
+from llavadi.process_memory import reset_peak_rss, status_kib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VOCAB = 32000
@@ -181,9 +183,8 @@ class PhaseMeter:
     @staticmethod
     def take_peak() -> int:
         """VmHWM since the last reset, then reset it."""
-        peak = _status_kib("VmHWM")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        peak = status_kib("VmHWM")
+        reset_peak_rss()
         return peak
 
     def _fold(self) -> None:
@@ -194,13 +195,13 @@ class PhaseMeter:
     def enter(self, name: str) -> None:
         """A phase begins."""
         self._fold()
-        self.stack.append([name, time.perf_counter(), _status_kib("VmRSS"), time.process_time()])
+        self.stack.append([name, time.perf_counter(), status_kib("VmRSS"), time.process_time()])
 
     def exit(self) -> None:
         """The innermost open phase ends."""
         self._fold()
         name, start, peak, cpu = self.stack.pop()
-        self.records.append((name, start, peak, _status_kib("VmRSS"), time.process_time() - cpu))
+        self.records.append((name, start, peak, status_kib("VmRSS"), time.process_time() - cpu))
 
     def wrap(self, cls, method: str, name: str, when=None) -> None:
         """Measure every call of cls.method (those for which `when(args)` holds) as phase `name`."""
@@ -258,7 +259,7 @@ class Clock:
 
         def begin(handler, *a, **k):
             clock.train_begin = (time.perf_counter(), time.process_time())
-            clock.rss_at_begin = _status_kib("VmRSS")
+            clock.rss_at_begin = status_kib("VmRSS")
             clock.peak_before_train = meter.take_peak()
             clock.trainable = sum(p.numel() for p in handler.model.parameters() if p.requires_grad)
             meter.enter("whole step")
@@ -315,14 +316,6 @@ class Clock:
                         "tokens": sum(g[2] for g in gens), "teacher_seconds": sum(g[1] for g in teacher),
                         "teacher_cpu": sum(g[3] for g in teacher)})
         return out
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
 
 
 def run_llavadi(work: str, out: str, args, clock: Clock) -> dict:

@@ -23,18 +23,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+from llavadi.process_memory import status_kib
+
 RAPL = "/sys/class/powercap/intel-rapl:0/energy_uj"
 ROW_FIELDS = ("ttft_ms", "ms_per_answer", "tokens_per_s", "tokens_per_cpu_s", "cpu_s_per_answer",
               "energy_j_per_answer", "peak_rss_mib", "rss_growth_mib", "tokens", "seconds", "n_answers")
-
-
-def status_kib(field: str) -> int:
-    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"/proc/self/status has no {field} line")
 
 
 def energy_uj() -> int | None:
