@@ -395,6 +395,18 @@ def _student_data(out: str, paths: dict, teacher_dir: str, fraction: float, dist
     return data
 
 
+def _teacher_ready(out: str, fresh: bool, smoke: bool) -> tuple[str, dict, bool, dict, str]:
+    """The demo's shared start: threads set, the synthetic data, the pretrained vision tower and the teacher.
+
+    Returns (absolute output folder, data paths, whether the data was made anew, tower state, teacher folder)."""
+    torch.set_num_threads(_threads())
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    paths, fresh = _synthetic_data(out, fresh, smoke)
+    vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
+    return out, paths, fresh, vision_state, _train_teacher(out, paths, vision_state, fresh, smoke)
+
+
 def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distill: bool = True,
              student_fraction: float | None = None, smoke: bool = False, teacher_answers: bool = True,
              teacher_cache: bool = False, student_steps: int | None = None) -> dict:
@@ -413,12 +425,7 @@ def run_demo(out: str = "runs/demo", seeds: int = 1, fresh: bool = False, distil
     student_steps = STUDENT_FINETUNE_STEPS if student_steps is None else student_steps
     if student_steps < 1:
         raise ValueError(f"student steps must be >= 1, got {student_steps}")
-    torch.set_num_threads(_threads())
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    paths, fresh = _synthetic_data(out, fresh, smoke)
-    vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
-    teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
+    out, paths, fresh, vision_state, teacher_dir = _teacher_ready(out, fresh, smoke)
     data = _student_data(out, paths, teacher_dir, fraction, distill, teacher_answers, fresh)
     if student_steps != STUDENT_FINETUNE_STEPS:  # students of another length are cached apart
         data = {kind: (path, f"{tag}-n{student_steps}") for kind, (path, tag) in data.items()}
@@ -626,12 +633,7 @@ def run_cross_tokenizer_study(out: str = "runs/demo", seeds: int = 3, smoke: boo
     """
     t_start = time.time()
     steps = student_steps or STUDENT_FINETUNE_STEPS
-    torch.set_num_threads(_threads())
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    paths, fresh = _synthetic_data(out, False, smoke)
-    vision_state = _vision_tower(out, paths["root"], fresh, steps=SMOKE["vision_steps"] if smoke else None)
-    teacher_dir = _train_teacher(out, paths, vision_state, fresh, smoke)
+    out, paths, fresh, vision_state, teacher_dir = _teacher_ready(out, False, smoke)
     data = _student_data(out, paths, teacher_dir, DEFAULT_STUDENT_FRACTION, True, True, fresh)
     data_file, tag = data["student_distilled"]
     tag += "" if steps == STUDENT_FINETUNE_STEPS else f"-n{steps}"
