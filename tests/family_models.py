@@ -28,6 +28,18 @@ QWEN_CHAT_TEMPLATE = (
 LLAVA_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
 
 
+# the vision tower of every tiny family model but Qwen's and Gemma's: 28 px images, 7 px patches
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                   patch_size=7)
+
+
+def tiny_text(tokenizer, hidden: int) -> dict:
+    """The language model's config keys shared by the tiny family models: 2 layers, 4 heads (2 key/value)."""
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 def qwen_tokenizer(image_token: str | None = None, template: str = QWEN_CHAT_TEMPLATE, extra: tuple = ()):
     """A word-level fast tokenizer with Qwen2's special tokens (and `image_token`, `extra`) and a ChatML chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -74,11 +86,8 @@ def anyres_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-                  patch_size=7)
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(TINY_VISION)
+    text = tiny_text(tokenizer, hidden)
     image = tokenizer.convert_tokens_to_ids("<image>")
     if model_type == "llava_next":
         config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
@@ -117,11 +126,8 @@ def qwen_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     half = hidden // 4 // 2  # rotary dimensions per head / 2: split over (time, height, width)
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rope_scaling={"type": "mrope", "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]},
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    text = dict(tiny_text(tokenizer, hidden), bos_token_id=None,
+                rope_scaling={"type": "mrope", "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]})
     if model_type == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, patch_size=8, spatial_merge_size=2,
                       temporal_patch_size=2, mlp_ratio=2)
@@ -227,11 +233,8 @@ def idefics_model(model_type: str, tokenizer, hidden: int = 32, seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-                  patch_size=7)
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(TINY_VISION)
+    text = tiny_text(tokenizer, hidden)
     config_cls, model_cls = ((Idefics3Config, Idefics3ForConditionalGeneration) if model_type == "idefics3"
                              else (SmolVLMConfig, SmolVLMForConditionalGeneration))
     config = config_cls(vision_config=vision, text_config=text, scale_factor=2,
